@@ -1,0 +1,132 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import ProxyMetrics
+
+/// The on-disk cache: `<folder>/blobs/<algo>/<hex[0:2]>/<hex>` for complete,
+/// verified blobs and `<folder>/tmp/` for fills in progress, on the same file
+/// system so that `rename` is the atomic commit point. Nothing partial is ever
+/// visible under `blobs/`.
+///
+/// The in-memory index (digest ─► size) is rebuilt by scanning at start; it
+/// lets `HEAD` and the hit check answer without touching the disk.
+public final class BlobStore: Sendable {
+    public let folder: String
+    let blobsFolder: String
+    let tmpFolder: String
+    private let index = NIOLockedValueBox<[Digest: Int64]>([:])
+    private let tmpCounter = NIOLockedValueBox<UInt64>(0)
+    private let metrics: ProxyMetrics
+
+    /// Creates the folders, deletes what an earlier run left in `tmp/` and
+    /// indexes `blobs/`.
+    public init(folder: String, metrics: ProxyMetrics, logger: Logger) throws {
+        self.folder = folder
+        self.blobsFolder = folder + "/blobs"
+        self.tmpFolder = folder + "/tmp"
+        self.metrics = metrics
+        let fm = FileManager.default
+        try fm.createDirectory(atPath: blobsFolder, withIntermediateDirectories: true)
+        if fm.fileExists(atPath: tmpFolder) {
+            for leftover in (try? fm.contentsOfDirectory(atPath: tmpFolder)) ?? [] {
+                try? fm.removeItem(atPath: tmpFolder + "/" + leftover)
+            }
+        }
+        try fm.createDirectory(atPath: tmpFolder, withIntermediateDirectories: true)
+        let found = Self.scan(blobsFolder: blobsFolder, logger: logger)
+        index.withLockedValue { $0 = found }
+        updateGauges()
+        logger.info("cache indexed", metadata: ["folder": "\(folder)", "blobs": "\(found.count)"])
+    }
+
+    /// Walks `blobs/<algo>/<xx>/<hex>`; anything that is not a well-formed
+    /// digest path in its right place is ignored (and never served).
+    static func scan(blobsFolder: String, logger: Logger) -> [Digest: Int64] {
+        let fm = FileManager.default
+        var found: [Digest: Int64] = [:]
+        for algorithm in Digest.Algorithm.allCases {
+            let algoFolder = blobsFolder + "/" + algorithm.rawValue
+            for prefix in (try? fm.contentsOfDirectory(atPath: algoFolder)) ?? [] {
+                for name in (try? fm.contentsOfDirectory(atPath: algoFolder + "/" + prefix)) ?? [] {
+                    guard let digest = try? Digest(parsing: "\(algorithm.rawValue):\(name)"),
+                          name.hasPrefix(prefix), prefix.count == 2 else { continue }
+                    var st = stat()
+                    guard stat(algoFolder + "/" + prefix + "/" + name, &st) == 0,
+                          (st.st_mode & S_IFMT) == S_IFREG else { continue }
+                    found[digest] = Int64(st.st_size)
+                }
+            }
+        }
+        return found
+    }
+
+    public func path(for digest: Digest) -> String {
+        let hex = digest.hex
+        return "\(blobsFolder)/\(digest.algorithm.rawValue)/\(hex.prefix(2))/\(hex)"
+    }
+
+    /// Size of a complete cached blob, from the index alone.
+    public func size(of digest: Digest) -> Int64? {
+        index.withLockedValue { $0[digest] }
+    }
+
+    /// Opens a complete cached blob for reading. A file that vanished behind
+    /// the index's back (deleted by hand) is dropped from the index and read
+    /// as a miss.
+    public func openCached(_ digest: Digest) -> (fd: CInt, size: Int64)? {
+        guard size(of: digest) != nil else { return nil }
+        let fd = open(path(for: digest), O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+        var st = stat()
+        guard fd >= 0, fstat(fd, &st) == 0 else {
+            if fd >= 0 { close(fd) }
+            forget(digest)
+            return nil
+        }
+        return (fd, Int64(st.st_size))
+    }
+
+    /// A new, empty temporary file for a fill. Its name carries a counter so
+    /// that a fill that failed and a new one for the same digest never meet.
+    public func makeTemporaryFile(for digest: Digest) throws -> (path: String, fd: CInt) {
+        let n = tmpCounter.withLockedValue { $0 += 1; return $0 }
+        let path = "\(tmpFolder)/\(digest.algorithm.rawValue)-\(digest.hex).\(getpid()).\(n)"
+        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw StoreError.system("create \(path)", errno) }
+        return (path, fd)
+    }
+
+    /// Moves a verified temporary file to its final name; the rename is the
+    /// commit point.
+    public func publish(temporaryPath: String, digest: Digest, size: Int64) throws {
+        let final = path(for: digest)
+        let parent = String(final[..<(final.lastIndex(of: "/") ?? final.endIndex)])
+        try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
+        guard rename(temporaryPath, final) == 0 else { throw StoreError.system("rename to \(final)", errno) }
+        index.withLockedValue { $0[digest] = size }
+        updateGauges()
+    }
+
+    public func discard(temporaryPath: String) {
+        unlink(temporaryPath)
+    }
+
+    func forget(_ digest: Digest) {
+        index.withLockedValue { _ = $0.removeValue(forKey: digest) }
+        updateGauges()
+    }
+
+    private func updateGauges() {
+        let (count, bytes) = index.withLockedValue { ($0.count, $0.values.reduce(0, +)) }
+        metrics.cacheEntries.set(Double(count))
+        metrics.cacheSizeBytes.set(Double(bytes))
+    }
+}
+
+public enum StoreError: Error, CustomStringConvertible {
+    case system(String, Int32)
+    public var description: String {
+        switch self {
+        case .system(let what, let code): return "\(what): \(String(cString: strerror(code)))"
+        }
+    }
+}

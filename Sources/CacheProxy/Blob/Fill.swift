@@ -1,0 +1,258 @@
+import AsyncHTTPClient
+import Crypto
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import ProxyMetrics
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a follower needs to answer its client once the upstream has said 200.
+public struct BlobHead: Sendable, Equatable {
+    public var contentLength: Int64?
+    public var contentType: String?
+}
+
+/// A non-200 upstream answer (401, 404, 429, 5xx), handed to the client that
+/// asked, with a bounded body: these are small JSON errors.
+public struct UpstreamAnswer: Sendable {
+    public var status: HTTPResponseStatus
+    public var headers: HTTPHeaders
+    public var body: ByteBuffer
+}
+
+/// What a follower sees of a fill at one moment.
+public struct FillSnapshot: Sendable {
+    public let state: FillStateMachine.State
+    /// Bytes of the file a follower may send now (see `followerMark`).
+    public let mark: Int64
+    public let head: BlobHead?
+    public let answer: UpstreamAnswer?
+}
+
+/// Everything a fill needs from the rest of the proxy.
+struct FillContext: Sendable {
+    let client: UpstreamClient
+    let store: BlobStore
+    let writer: any BlobWriter
+    let metrics: ProxyMetrics
+    let fsync: Bool
+    let logger: Logger
+}
+
+/// One upstream download of one digest, however many clients want it.
+///
+/// The fill writes to a temporary file and hashes as it goes; clients never
+/// get bytes from the fill directly, they follow the growing file (see
+/// `BlobResponder`). So a slow client never slows the download, and a client
+/// that goes away does not stop it.
+public final class Fill: Sendable {
+    public let digest: Digest
+    let upstream: ProxyConfig.Upstream
+    let repository: String
+    let requestHeaders: HTTPHeaders
+
+    private struct Inner {
+        var machine: FillStateMachine
+        var head: BlobHead?
+        var answer: UpstreamAnswer?
+        /// A read-only descriptor of the temporary file; followers `dup` it,
+        /// so a follower can keep reading after the rename (same inode).
+        var readFD: CInt = -1
+        var waiters: [(after: Int64, continuation: CheckedContinuation<FillSnapshot, Never>)] = []
+
+        var snapshot: FillSnapshot {
+            FillSnapshot(state: machine.state, mark: machine.followerMark, head: head, answer: answer)
+        }
+    }
+
+    private let inner: NIOLockedValueBox<Inner>
+
+    init(digest: Digest, upstream: ProxyConfig.Upstream, repository: String, requestHeaders: HTTPHeaders, holdBack: Int64) {
+        self.digest = digest
+        self.upstream = upstream
+        self.repository = repository
+        self.requestHeaders = requestHeaders
+        self.inner = NIOLockedValueBox(Inner(machine: FillStateMachine(holdBack: holdBack)))
+    }
+
+    // MARK: follower side
+
+    /// Returns as soon as the fill has moved past `mark` bytes (or finished).
+    /// Pass -1 to wait for the upstream's answer.
+    public func next(after mark: Int64) async -> FillSnapshot {
+        await withCheckedContinuation { continuation in
+            let ready: FillSnapshot? = inner.withLockedValue { inner in
+                if inner.machine.followerMark > mark { return inner.snapshot }
+                inner.waiters.append((mark, continuation))
+                return nil
+            }
+            if let ready { continuation.resume(returning: ready) }
+        }
+    }
+
+    /// A descriptor of the file being filled, owned by the caller; `nil` once
+    /// the fill is over (then the blob is either in the store or gone).
+    public func openReader() -> CInt? {
+        inner.withLockedValue { $0.readFD >= 0 ? dup($0.readFD) : nil }
+    }
+
+    public var state: FillStateMachine.State { inner.withLockedValue { $0.machine.state } }
+
+    // MARK: fill side
+
+    @discardableResult
+    private func transition(_ body: (inout FillStateMachine) -> FillStateMachine.Action) -> FillStateMachine.Action {
+        let (action, woken, snapshot): (FillStateMachine.Action, [CheckedContinuation<FillSnapshot, Never>], FillSnapshot) =
+            inner.withLockedValue { inner in
+                let action = body(&inner.machine)
+                let mark = inner.machine.followerMark
+                var woken: [CheckedContinuation<FillSnapshot, Never>] = []
+                inner.waiters.removeAll { waiter in
+                    guard mark > waiter.after else { return false }
+                    woken.append(waiter.continuation)
+                    return true
+                }
+                if inner.machine.isFinished, inner.readFD >= 0 {
+                    close(inner.readFD)
+                    inner.readFD = -1
+                }
+                return (action, woken, inner.snapshot)
+            }
+        for continuation in woken { continuation.resume(returning: snapshot) }
+        return action
+    }
+
+    /// Runs the download to its end. Never throws: every failure ends in the
+    /// `failed` state with the temporary file deleted.
+    func run(_ context: FillContext) async {
+        var temporary: (path: String, fd: CInt)?
+        defer {
+            if let temporary { close(temporary.fd) }
+        }
+        do {
+            transition { $0.start() }
+            var headers = requestHeaders
+            headers.replaceOrAdd(name: "accept", value: "*/*")
+            let url = "\(upstream.origin)/v2/\(repository)/blobs/\(digest)"
+            let response: HTTPClientResponse
+            do {
+                response = try await context.client.getFollowingRedirects(url: url, headers: headers)
+            } catch {
+                context.metrics.upstreamResponse(upstream: upstream.host, code: 0)
+                throw error
+            }
+            context.metrics.upstreamResponse(upstream: upstream.host, code: Int(response.status.code))
+            let length = response.headers.first(name: "content-length").flatMap { Int64(digitsOnly: Substring($0)) }
+
+            guard response.status == .ok else {
+                let body = try await Self.collectBounded(response.body, limit: 64 * 1024)
+                inner.withLockedValue {
+                    $0.answer = UpstreamAnswer(status: response.status, headers: response.headers, body: body)
+                }
+                transition { $0.upstreamResponded(status: Int(response.status.code), contentLength: length) }
+                return
+            }
+
+            let file = try context.store.makeTemporaryFile(for: digest)
+            temporary = file
+            let readFD = open(file.path, O_RDONLY | O_CLOEXEC)
+            guard readFD >= 0 else { throw StoreError.system("open \(file.path)", errno) }
+            inner.withLockedValue {
+                $0.readFD = readFD
+                $0.head = BlobHead(contentLength: length, contentType: response.headers.first(name: "content-type"))
+            }
+            transition { $0.upstreamResponded(status: 200, contentLength: length) }
+
+            var hasher = DigestHasher(digest.algorithm)
+            var offset: Int64 = 0
+            for try await chunk in response.body {
+                hasher.update(chunk)
+                do {
+                    try await context.writer.write(chunk, to: file.fd, at: offset)
+                } catch {
+                    throw FillStateMachine.Failure.storage(String(describing: error))
+                }
+                offset += Int64(chunk.readableBytes)
+                if case .discard(let failure) = transition({ $0.bytesWritten(Int64(chunk.readableBytes)) }) {
+                    throw failure
+                }
+            }
+            if case .discard(let failure) = transition({ $0.upstreamEnded() }) { throw failure }
+
+            let matches = hasher.finalizeHex() == digest.hex
+            if case .discard(let failure) = transition({ $0.digestChecked(matches: matches) }) { throw failure }
+            do {
+                if context.fsync { try await context.writer.sync(file.fd) }
+                try context.store.publish(temporaryPath: file.path, digest: digest, size: offset)
+            } catch {
+                throw FillStateMachine.Failure.storage(String(describing: error))
+            }
+            transition { $0.publishSucceeded() }
+            context.logger.debug("fill published", metadata: ["digest": "\(digest)", "bytes": "\(offset)"])
+        } catch {
+            let failure = (error as? FillStateMachine.Failure) ?? .upstream(String(describing: error))
+            if failure == .digestMismatch { context.metrics.digestMismatches.increment() }
+            context.metrics.fillFailures.increment()
+            if let temporary { context.store.discard(temporaryPath: temporary.path) }
+            // An upstream that could not be reached at all is told to the
+            // clients as 502/504; keep the mapped error for them.
+            if state == .requesting {
+                let oci = UpstreamClient.clientError(for: error)
+                inner.withLockedValue {
+                    $0.answer = UpstreamAnswer(
+                        status: oci.status,
+                        headers: ["content-type": "application/json"],
+                        body: ByteBuffer(string: oci.body))
+                }
+            }
+            transition { $0.fail(failure) }
+            context.logger.warning("fill failed", metadata: ["digest": "\(digest)", "error": "\(failure)"])
+        }
+    }
+
+    static func collectBounded(_ body: HTTPClientResponse.Body, limit: Int) async throws -> ByteBuffer {
+        var collected = ByteBuffer()
+        for try await var chunk in body where collected.readableBytes < limit {
+            let room = limit - collected.readableBytes
+            if chunk.readableBytes > room { chunk = chunk.getSlice(at: chunk.readerIndex, length: room) ?? ByteBuffer() }
+            collected.writeBuffer(&chunk)
+        }
+        return collected
+    }
+}
+
+/// An incremental hash of the algorithm a digest names.
+struct DigestHasher {
+    private var sha256: SHA256?
+    private var sha512: SHA512?
+
+    init(_ algorithm: Digest.Algorithm) {
+        switch algorithm {
+        case .sha256: sha256 = SHA256()
+        case .sha512: sha512 = SHA512()
+        }
+    }
+
+    mutating func update(_ buffer: ByteBuffer) {
+        buffer.withUnsafeReadableBytes { bytes in
+            sha256?.update(bufferPointer: bytes)
+            sha512?.update(bufferPointer: bytes)
+        }
+    }
+
+    func finalizeHex() -> String {
+        let bytes: [UInt8]
+        if let sha256 { bytes = Array(sha256.finalize()) } else if let sha512 { bytes = Array(sha512.finalize()) } else { bytes = [] }
+        let digits = Array("0123456789abcdef".utf8)
+        var out = [UInt8]()
+        out.reserveCapacity(bytes.count * 2)
+        for byte in bytes {
+            out.append(digits[Int(byte >> 4)])
+            out.append(digits[Int(byte & 0x0f)])
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+}

@@ -1,0 +1,71 @@
+import NIOConcurrencyHelpers
+import NIOHTTP1
+import ProxyMetrics
+
+/// At most one fill per digest: the first miss starts it, every later miss
+/// for the same digest joins it. Also keeps the fills' tasks, so that
+/// shutdown can wait for them.
+public final class FillRegistry: Sendable {
+    private struct Running {
+        var fills: [Digest: Fill] = [:]
+        var tasks: [ObjectIdentifier: Task<Void, Never>] = [:]
+    }
+
+    private let running = NIOLockedValueBox(Running())
+    private let context: FillContext
+    private let holdBack: Int64
+
+    init(context: FillContext, holdBack: Int64 = 64 * 1024) {
+        self.context = context
+        self.holdBack = holdBack
+    }
+
+    /// The fill for `digest`, started now if none is running. `joined` tells
+    /// whether this caller is a coalesced follower.
+    func fill(
+        for digest: Digest, upstream: ProxyConfig.Upstream, repository: String, headers: HTTPHeaders
+    ) -> (fill: Fill, joined: Bool) {
+        let (fill, created) = running.withLockedValue { running -> (Fill, Bool) in
+            if let existing = running.fills[digest] { return (existing, false) }
+            let fill = Fill(digest: digest, upstream: upstream, repository: repository,
+                            requestHeaders: headers, holdBack: holdBack)
+            running.fills[digest] = fill
+            return (fill, true)
+        }
+        if created {
+            context.metrics.fillsInFlight.increment()
+            let context = self.context
+            let id = ObjectIdentifier(fill)
+            let task = Task {
+                await fill.run(context)
+                self.finished(fill)
+            }
+            running.withLockedValue { running in
+                // The task may have finished before it was recorded.
+                if running.fills[digest] === fill { running.tasks[id] = task }
+            }
+        }
+        return (fill, !created)
+    }
+
+    private func finished(_ fill: Fill) {
+        running.withLockedValue { running in
+            if running.fills[fill.digest] === fill { running.fills[fill.digest] = nil }
+            running.tasks[ObjectIdentifier(fill)] = nil
+        }
+        context.metrics.fillsInFlight.decrement()
+    }
+
+    public var inFlight: Int { running.withLockedValue { $0.fills.count } }
+
+    /// Waits for every fill running now (used by graceful shutdown).
+    public func drain() async {
+        let tasks = running.withLockedValue { Array($0.tasks.values) }
+        for task in tasks { await task.value }
+    }
+
+    /// Stops every fill: their temporary files are deleted on the way out.
+    public func cancelAll() {
+        for task in running.withLockedValue({ Array($0.tasks.values) }) { task.cancel() }
+    }
+}

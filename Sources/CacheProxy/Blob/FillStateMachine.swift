@@ -1,0 +1,135 @@
+/// The life of one fill, without any IO, so that every transition can be
+/// tested on its own (the way async-http-client models a request).
+///
+/// ```
+/// idle ─► requesting ─► streaming ─► verifying ─► published
+///              │             │            │
+///              └► rejected   └────────────┴────► failed
+/// ```
+/// `rejected` is an upstream answer other than 200 (401, 404, 429, 5xx): it
+/// is handed to the client that asked and nothing is stored.
+public struct FillStateMachine: Sendable, Equatable {
+    public enum Failure: Error, Equatable, Sendable {
+        case upstream(String)
+        case tooLong(expected: Int64)
+        case truncated(expected: Int64, received: Int64)
+        case digestMismatch
+        case storage(String)
+    }
+
+    public enum State: Equatable, Sendable {
+        case idle
+        case requesting
+        case streaming(written: Int64, expected: Int64?)
+        case verifying(size: Int64)
+        case published(size: Int64)
+        case rejected(status: Int)
+        case failed(Failure)
+    }
+
+    public enum Action: Equatable, Sendable {
+        case sendRequest
+        case openTemporaryFile
+        case wakeFollowers
+        case verifyDigest
+        case publish(size: Int64)
+        case discard(Failure)
+        case passAnswerOn(status: Int)
+        case none
+    }
+
+    public private(set) var state: State = .idle
+
+    /// Bytes held back from followers until the digest is verified, so that a
+    /// corrupt upstream ends as a cut connection, never as a complete-looking
+    /// wrong body.
+    public let holdBack: Int64
+
+    public init(holdBack: Int64 = 64 * 1024) {
+        self.holdBack = holdBack
+    }
+
+    public mutating func start() -> Action {
+        guard state == .idle else { return .none }
+        state = .requesting
+        return .sendRequest
+    }
+
+    public mutating func upstreamResponded(status: Int, contentLength: Int64?) -> Action {
+        guard state == .requesting else { return .none }
+        guard status == 200 else {
+            state = .rejected(status: status)
+            return .passAnswerOn(status: status)
+        }
+        state = .streaming(written: 0, expected: contentLength)
+        return .openTemporaryFile
+    }
+
+    public mutating func bytesWritten(_ count: Int64) -> Action {
+        guard case .streaming(let written, let expected) = state else { return .none }
+        let total = written + count
+        if let expected, total > expected {
+            return fail(.tooLong(expected: expected))
+        }
+        state = .streaming(written: total, expected: expected)
+        return .wakeFollowers
+    }
+
+    public mutating func upstreamEnded() -> Action {
+        guard case .streaming(let written, let expected) = state else { return .none }
+        if let expected, written != expected {
+            return fail(.truncated(expected: expected, received: written))
+        }
+        state = .verifying(size: written)
+        return .verifyDigest
+    }
+
+    public mutating func digestChecked(matches: Bool) -> Action {
+        guard case .verifying(let size) = state else { return .none }
+        guard matches else { return fail(.digestMismatch) }
+        return .publish(size: size)
+    }
+
+    public mutating func publishSucceeded() -> Action {
+        guard case .verifying(let size) = state else { return .none }
+        state = .published(size: size)
+        return .wakeFollowers
+    }
+
+    /// Any error on the way: the upstream broke, a write or the rename failed.
+    public mutating func fail(_ failure: Failure) -> Action {
+        switch state {
+        case .published, .rejected, .failed:
+            return .none
+        default:
+            state = .failed(failure)
+            return .discard(failure)
+        }
+    }
+
+    public var isFinished: Bool {
+        switch state {
+        case .published, .rejected, .failed: return true
+        default: return false
+        }
+    }
+
+    /// How far followers may read: -1 before the upstream answered, the bytes
+    /// written less the held-back tail while streaming, everything once
+    /// published, `Int64.max` for a finished fill that has nothing to follow.
+    public var followerMark: Int64 {
+        switch state {
+        case .idle, .requesting:
+            return -1
+        case .streaming(let written, let expected):
+            if let expected { return max(0, min(written, expected - holdBack)) }
+            return max(0, written - holdBack)
+        case .verifying(let size):
+            return max(0, size - holdBack)
+        case .published(let size):
+            return size
+        case .rejected, .failed:
+            return Int64.max
+        }
+    }
+}

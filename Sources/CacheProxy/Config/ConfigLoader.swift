@@ -1,0 +1,188 @@
+import Foundation
+import Yams
+
+/// A configuration problem, always naming the key it is about, so that a bad
+/// file stops the start with one line an operator can act on.
+public struct ConfigError: Error, CustomStringConvertible, Equatable {
+    public let key: String
+    public let problem: String
+    public var description: String { "config: \(key): \(problem)" }
+
+    public init(key: String, problem: String) {
+        self.key = key
+        self.problem = problem
+    }
+}
+
+/// Reads `config.yaml`: a superset of the reference design's file, so an
+/// existing one works unchanged. Validation is written out by hand rather than
+/// through `Decodable` because `Decodable`'s errors do not name keys in a form
+/// an operator can read, and unknown keys must be refused.
+public enum ConfigLoader {
+    public static func load(path: String) throws -> ProxyConfig {
+        let text: String
+        do {
+            text = try String(contentsOfFile: path, encoding: .utf8)
+        } catch {
+            throw ConfigError(key: path, problem: "cannot read the file (\(error.localizedDescription))")
+        }
+        return try parse(yaml: text)
+    }
+
+    public static func parse(yaml text: String) throws -> ProxyConfig {
+        let root: Any?
+        do {
+            root = try Yams.load(yaml: text)
+        } catch {
+            throw ConfigError(key: "(file)", problem: "not valid YAML: \(error)")
+        }
+        let top = try Node(value: root ?? [String: Any](), key: "(top level)").mapping(
+            allowed: ["api", "upstreams", "storage", "timeouts", "limits", "log_level"])
+
+        let api = try top.required("api").mapping(allowed: ["hostname", "port", "tls_cert", "tls_key"])
+        if api.has("tls_cert") || api.has("tls_key") {
+            throw ConfigError(key: "api.tls_cert", problem: "a TLS listener is not supported by this version yet; terminate TLS in front of the proxy")
+        }
+        let apiConfig = ProxyConfig.API(
+            hostname: try api.optional("hostname")?.string() ?? "0.0.0.0",
+            port: try api.optional("port")?.port() ?? 5000)
+
+        let upstreamNodes = try top.required("upstreams").sequence()
+        if upstreamNodes.isEmpty {
+            throw ConfigError(key: "upstreams", problem: "at least one upstream is needed")
+        }
+        var seenHosts = Set<String>()
+        let upstreams = try upstreamNodes.map { node -> ProxyConfig.Upstream in
+            let u = try node.mapping(allowed: ["host", "registry", "port", "schema", "aliases"])
+            let schema = try u.optional("schema")?.string() ?? "https"
+            guard schema == "http" || schema == "https" else {
+                throw ConfigError(key: "\(node.key).schema", problem: "must be \"http\" or \"https\", not \"\(schema)\"")
+            }
+            let hostNode = try u.required("host")
+            let host = try hostNode.string().lowercased()
+            guard !host.isEmpty, !host.contains("/"), !host.contains(" ") else {
+                throw ConfigError(key: hostNode.key, problem: "must be a host name, optionally with :port")
+            }
+            guard seenHosts.insert(host).inserted else {
+                throw ConfigError(key: hostNode.key, problem: "\"\(host)\" is already used by another upstream")
+            }
+            let registryNode = try u.required("registry")
+            let registry = try registryNode.string().lowercased()
+            guard !registry.isEmpty, !registry.contains("/"), !registry.contains(" ") else {
+                throw ConfigError(key: registryNode.key, problem: "must be a host name without scheme or path")
+            }
+            let aliases = try u.optional("aliases")?.sequence().map { try $0.string().lowercased() } ?? []
+            return ProxyConfig.Upstream(
+                host: host, registry: registry,
+                port: try u.optional("port")?.port() ?? (schema == "https" ? 443 : 80),
+                schema: schema, aliases: aliases)
+        }
+
+        let storage = try top.required("storage").mapping(allowed: ["folder", "fsync"])
+        let folderNode = try storage.required("folder")
+        let folder = try folderNode.string()
+        if folder.isEmpty { throw ConfigError(key: folderNode.key, problem: "must not be empty") }
+
+        let timeouts = try top.optional("timeouts")?.mapping(allowed: ["connect", "upstream", "header_read", "shutdown"])
+        let limits = try top.optional("limits")?.mapping(allowed: ["max_header_bytes"])
+        let logLevel = try top.optional("log_level")?.string() ?? "info"
+        let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
+        guard levels.contains(logLevel) else {
+            throw ConfigError(key: "log_level", problem: "must be one of \(levels.joined(separator: ", "))")
+        }
+
+        return ProxyConfig(
+            api: apiConfig,
+            upstreams: upstreams,
+            storage: .init(folder: folder, fsync: try storage.optional("fsync")?.bool() ?? true),
+            timeouts: .init(
+                connectSeconds: try timeouts?.optional("connect")?.seconds() ?? 5,
+                upstreamSeconds: try timeouts?.optional("upstream")?.seconds() ?? 30,
+                headerReadSeconds: try timeouts?.optional("header_read")?.seconds() ?? 30,
+                shutdownSeconds: try timeouts?.optional("shutdown")?.seconds() ?? 30),
+            maxHeaderBytes: try limits?.optional("max_header_bytes")?.integer(in: 1024...1_048_576) ?? 65536,
+            logLevel: logLevel)
+    }
+}
+
+/// A YAML value together with the dotted key it was found at.
+struct Node {
+    let value: Any
+    let key: String
+
+    func mapping(allowed: Set<String>) throws -> Mapping {
+        guard let dict = value as? [String: Any] else {
+            if let any = value as? [AnyHashable: Any], any.keys.contains(where: { !($0 is String) }) {
+                throw ConfigError(key: key, problem: "keys must be strings")
+            }
+            throw ConfigError(key: key, problem: "expected a mapping")
+        }
+        for name in dict.keys.sorted() where !allowed.contains(name) {
+            throw ConfigError(key: join(name), problem: "unknown key (allowed: \(allowed.sorted().joined(separator: ", ")))")
+        }
+        return Mapping(values: dict, key: key == "(top level)" ? "" : key)
+    }
+
+    func sequence() throws -> [Node] {
+        guard let items = value as? [Any] else { throw ConfigError(key: key, problem: "expected a list") }
+        return items.enumerated().map { Node(value: $0.element, key: "\(key)[\($0.offset)]") }
+    }
+
+    func string() throws -> String {
+        if let s = value as? String { return s }
+        throw ConfigError(key: key, problem: "expected a string")
+    }
+
+    func bool() throws -> Bool {
+        if let b = value as? Bool { return b }
+        throw ConfigError(key: key, problem: "expected true or false")
+    }
+
+    /// An integer, written as a YAML number or as a string of digits (the
+    /// reference design writes `port: "5000"`).
+    func integer(in range: ClosedRange<Int>) throws -> Int {
+        let number: Int?
+        if let i = value as? Int { number = i }
+        else if let s = value as? String { number = Int(s.trimmingCharacters(in: .whitespaces)) }
+        else { number = nil }
+        guard let n = number else { throw ConfigError(key: key, problem: "expected a whole number") }
+        guard range.contains(n) else {
+            throw ConfigError(key: key, problem: "\(n) is out of range \(range.lowerBound)-\(range.upperBound)")
+        }
+        return n
+    }
+
+    func port() throws -> Int { try integer(in: 1...65535) }
+
+    func seconds() throws -> Double {
+        let number: Double?
+        if let i = value as? Int { number = Double(i) }
+        else if let d = value as? Double { number = d }
+        else { number = nil }
+        guard let n = number, n > 0, n <= 86400 else {
+            throw ConfigError(key: key, problem: "expected a number of seconds between 0 and 86400")
+        }
+        return n
+    }
+
+    fileprivate func join(_ child: String) -> String { key == "(top level)" || key.isEmpty ? child : "\(key).\(child)" }
+}
+
+struct Mapping {
+    let values: [String: Any]
+    let key: String
+
+    func has(_ name: String) -> Bool { values[name] != nil }
+
+    func optional(_ name: String) -> Node? {
+        guard let v = values[name], !(v is NSNull) else { return nil }
+        return Node(value: v, key: key.isEmpty ? name : "\(key).\(name)")
+    }
+
+    func required(_ name: String) throws -> Node {
+        guard let node = optional(name) else {
+            throw ConfigError(key: key.isEmpty ? name : "\(key).\(name)", problem: "missing")
+        }
+        return node
+    }
+}

@@ -1,0 +1,74 @@
+import AsyncAlgorithms
+import AsyncHTTPClient
+import NIOCore
+import NIOHTTP1
+
+/// Serves the requests of one client connection, one after the other.
+struct ClientConnection {
+    let channel: NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>
+    let handler: RequestHandler
+    let tracker: ConnectionTracker
+
+    func serve() async {
+        let raw = channel.channel
+        guard tracker.add(raw) else {
+            try? await channel.executeThenClose { _, _ in }
+            return
+        }
+        defer { tracker.remove(raw) }
+        let remoteAddress = raw.remoteAddress?.ipAddress
+        do {
+            try await channel.executeThenClose { inbound, _ in
+                var parts = inbound.makeAsyncIterator()
+                while let part = try await parts.next() {
+                    // Body parts or ends of a request already answered are
+                    // skipped until the next head.
+                    guard case .head(let head) = part else { continue }
+                    tracker.setIdle(raw, false)
+                    let keepAlive = head.isKeepAlive && !tracker.isDraining
+                    let response = ResponseChannel(channel: raw, keepAlive: keepAlive, version: head.version)
+                    let origin = PassThrough.Origin(clientAddress: remoteAddress, clientHost: head.headers.first(name: "host"))
+                    try await serveRequest(head, parts: &parts, origin: origin, response: response)
+                    guard keepAlive, tracker.setIdle(raw, true), raw.isActive else { break }
+                }
+            }
+        } catch {
+            // A client that went away: nothing to answer.
+        }
+    }
+
+    private func serveRequest(
+        _ head: HTTPRequestHead, parts: inout NIOAsyncChannelInboundStream<HTTPServerRequestPart>.AsyncIterator,
+        origin: PassThrough.Origin, response: ResponseChannel
+    ) async throws {
+        guard handler.needsBodyStream(head) else {
+            // Drain to the end of the request first: blob reads and local
+            // endpoints have no use for a body.
+            while let part = try await parts.next() {
+                if case .end = part { break }
+            }
+            await handler.handle(head, body: .none, origin: origin, response: response)
+            return
+        }
+        let length: HTTPClientRequest.Body.Length =
+            head.headers.first(name: "content-length").flatMap { Int64($0) }.map { .known($0) } ?? .unknown
+        let pipe = AsyncChannel<ByteBuffer>()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask {
+                await handler.handle(head, body: .stream(pipe, length), origin: origin, response: response)
+                // If the upstream answered before taking the whole body, the
+                // rest is still read (and dropped) below.
+                pipe.finish()
+            }
+            // Finishing the pipe on every way out (end, client gone, error)
+            // is what keeps the upstream request from waiting forever.
+            defer { pipe.finish() }
+            while let part = try await parts.next() {
+                if case .body(let buffer) = part { await pipe.send(buffer) }
+                if case .end = part { break }
+            }
+            pipe.finish()
+            try await group.waitForAll()
+        }
+    }
+}

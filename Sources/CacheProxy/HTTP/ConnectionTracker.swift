@@ -1,0 +1,60 @@
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// Knows which client connections are idle (between requests), so that a
+/// graceful shutdown can close those at once and let busy ones finish their
+/// current response.
+final class ConnectionTracker: Sendable {
+    private struct Entry {
+        let channel: any Channel
+        var idle: Bool
+    }
+
+    private struct Table {
+        var entries: [ObjectIdentifier: Entry] = [:]
+        var draining = false
+    }
+
+    private let table = NIOLockedValueBox(Table())
+
+    /// Registers a connection; returns false when shutdown already began.
+    func add(_ channel: any Channel) -> Bool {
+        table.withLockedValue { table in
+            guard !table.draining else { return false }
+            table.entries[ObjectIdentifier(channel)] = Entry(channel: channel, idle: true)
+            return true
+        }
+    }
+
+    func remove(_ channel: any Channel) {
+        table.withLockedValue { _ = $0.entries.removeValue(forKey: ObjectIdentifier(channel)) }
+    }
+
+    /// Marks a connection busy or idle. Returns false when the connection
+    /// should close instead of waiting for another request (shutdown began).
+    @discardableResult
+    func setIdle(_ channel: any Channel, _ idle: Bool) -> Bool {
+        table.withLockedValue { table in
+            table.entries[ObjectIdentifier(channel)]?.idle = idle
+            return !table.draining
+        }
+    }
+
+    var isDraining: Bool { table.withLockedValue { $0.draining } }
+
+    /// Starts draining: idle connections are closed now, busy ones after
+    /// their current response.
+    func drain() {
+        let idle = table.withLockedValue { table -> [any Channel] in
+            table.draining = true
+            return table.entries.values.filter(\.idle).map(\.channel)
+        }
+        for channel in idle { channel.close(promise: nil) }
+    }
+
+    /// Closes every connection, busy or not (shutdown timeout passed).
+    func closeAll() {
+        let all = table.withLockedValue { $0.entries.values.map(\.channel) }
+        for channel in all { channel.close(promise: nil) }
+    }
+}

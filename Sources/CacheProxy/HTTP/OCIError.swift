@@ -1,0 +1,46 @@
+import NIOCore
+import NIOHTTP1
+
+/// The error codes of the OCI distribution spec this proxy itself answers
+/// with. Errors from an upstream are passed through untouched.
+public enum OCIErrorCode: String, Sendable {
+    case nameUnknown = "NAME_UNKNOWN"
+    case nameInvalid = "NAME_INVALID"
+    case digestInvalid = "DIGEST_INVALID"
+    case blobUnknown = "BLOB_UNKNOWN"
+    case rangeInvalid = "RANGE_INVALID"
+    case unsupported = "UNSUPPORTED"
+    case unavailable = "UNAVAILABLE"
+    case timeout = "TIMEOUT"
+    case tooLarge = "TOO_LARGE"
+}
+
+/// An answer the proxy makes up itself: an OCI JSON error.
+public struct OCIError: Error, Sendable {
+    public let status: HTTPResponseStatus
+    public let code: OCIErrorCode
+    public let message: String
+
+    public init(_ status: HTTPResponseStatus, _ code: OCIErrorCode, _ message: String) {
+        self.status = status
+        self.code = code
+        self.message = message
+    }
+
+    public var body: String {
+        #"{"errors":[{"code":"\#(code.rawValue)","message":"\#(Self.escape(message))","detail":null}]}"#
+    }
+
+    static func escape(_ text: String) -> String {
+        var out = ""
+        for scalar in text.unicodeScalars {
+            switch scalar {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case _ where scalar.value < 0x20: out += " "
+            default: out.unicodeScalars.append(scalar)
+            }
+        }
+        return out
+    }
+}

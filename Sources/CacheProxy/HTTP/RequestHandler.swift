@@ -1,0 +1,109 @@
+import AsyncAlgorithms
+import AsyncHTTPClient
+import Logging
+import NIOCore
+import NIOHTTP1
+import ProxyMetrics
+
+/// Where a request goes: local endpoint, blob cache or pass-through. One
+/// call per request, after the head is in.
+struct RequestHandler: Sendable {
+    let router: Router
+    let blobs: BlobResponder
+    let passThrough: PassThrough
+    let metrics: ProxyMetrics
+    let readiness: Readiness
+    let logger: Logger
+
+    /// How the request body reaches whoever needs it.
+    enum Body {
+        /// No body (or one nobody needs): drained before answering.
+        case none
+        /// Streamed while the request is forwarded.
+        case stream(AsyncChannel<ByteBuffer>, HTTPClientRequest.Body.Length)
+    }
+
+    /// Decides whether the request's body is streamed upstream: only a
+    /// pass-through request that has a body needs it.
+    func needsBodyStream(_ head: HTTPRequestHead) -> Bool {
+        guard head.headers.contains(name: "content-length") || head.headers.contains(name: "transfer-encoding") else {
+            return false
+        }
+        if head.headers.first(name: "content-length") == "0" { return false }
+        if case .passThrough = try? RequestTarget.classify(method: head.method.rawValue, uri: head.uri) { return true }
+        return false
+    }
+
+    func handle(_ head: HTTPRequestHead, body: Body, origin: PassThrough.Origin, response: ResponseChannel) async {
+        let started = ContinuousClock.now
+        var kind = "error"
+        var status = HTTPResponseStatus.internalServerError
+        do {
+            (kind, status) = try await route(head, body: body, origin: origin, response: response)
+        } catch {
+            logger.debug("request ended early", metadata: ["uri": "\(head.uri)", "error": "\(error)"])
+            response.abort()
+        }
+        let elapsed = started.duration(to: .now)
+        metrics.requestFinished(kind: kind, method: head.method.rawValue, code: Int(status.code),
+                                seconds: Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18)
+    }
+
+    private func route(_ head: HTTPRequestHead, body: Body, origin: PassThrough.Origin,
+                       response: ResponseChannel) async throws -> (String, HTTPResponseStatus) {
+        let omitBody = head.method == .HEAD
+        let target: RequestTarget
+        do {
+            target = try RequestTarget.classify(method: head.method.rawValue, uri: head.uri)
+        } catch {
+            let oci: OCIError
+            switch error {
+            case .nameInvalid(let message): oci = OCIError(.badRequest, .nameInvalid, message)
+            case .digestInvalid(let message): oci = OCIError(.badRequest, .digestInvalid, message)
+            }
+            try await response.send(oci, omitBody: omitBody)
+            return ("error", oci.status)
+        }
+
+        switch target {
+        case .metrics:
+            try await response.send(.ok, headers: ["content-type": "text/plain; version=0.0.4; charset=utf-8"],
+                                    body: ByteBuffer(string: metrics.exposition()), omitBody: omitBody)
+            return ("local", .ok)
+        case .healthz:
+            try await response.send(.ok, headers: ["content-type": "text/plain"], body: ByteBuffer(string: "ok\n"),
+                                    omitBody: omitBody)
+            return ("local", .ok)
+        case .readyz:
+            let ready = readiness.isReady
+            let status: HTTPResponseStatus = ready ? .ok : .serviceUnavailable
+            try await response.send(status, headers: ["content-type": "text/plain"],
+                                    body: ByteBuffer(string: ready ? "ready\n" : "draining\n"), omitBody: omitBody)
+            return ("local", status)
+        case .blob, .passThrough:
+            break
+        }
+
+        let host = head.headers.first(name: "host")
+        guard let upstream = router.route(host: host, namespace: RequestURI.queryValue("ns", in: head.uri)) else {
+            let oci = OCIError(.notFound, .nameUnknown, "no upstream is configured for host \"\(host ?? "")\"")
+            try await response.send(oci, omitBody: omitBody)
+            return ("error", oci.status)
+        }
+
+        if case .blob(let name, let digest) = target {
+            let status = try await blobs.respond(
+                .init(head: head, name: name, digest: digest, upstream: upstream, origin: origin), response: response)
+            return ("blob", status)
+        }
+        var stream: AsyncChannel<ByteBuffer>?
+        var length = HTTPClientRequest.Body.Length.known(0)
+        if case .stream(let channel, let bodyLength) = body {
+            stream = channel
+            length = bodyLength
+        }
+        let status = try await passThrough.forward(head, to: upstream, body: stream, bodyLength: length,
+                                                   origin: origin, response: response)
+        return ("passthrough", status)
+    }
+}

@@ -1,0 +1,97 @@
+import NIOCore
+import NIOHTTP1
+
+/// Limits on a request head that NIO's decoder does not enforce the way a
+/// proxy facing the network needs: a size cap (431 above it) and a total
+/// deadline for the head to arrive. The deadline is not an idle timer, so a
+/// client trickling one header byte at a time is cut as well.
+///
+/// Two handlers share one state: `RequestHeadLimiter` sees raw bytes before
+/// the decoder, `RequestHeadDeadline` sees decoded parts after it. Both live
+/// on the channel's event loop, which is what makes the shared state safe.
+final class RequestHeadState {
+    var awaitingHead = true
+    var headBytes = 0
+}
+
+final class RequestHeadLimiter: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private let state: RequestHeadState
+    private let limit: Int
+    private var rejected = false
+
+    init(state: RequestHeadState, limit: Int) {
+        self.state = state
+        self.limit = limit
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !rejected else { return }
+        if state.awaitingHead { state.headBytes += unwrapInboundIn(data).readableBytes }
+        context.fireChannelRead(data)
+        // Checked after the decoder ran: if this read completed the head,
+        // `awaitingHead` is false by now and body bytes in the same read
+        // are not held against the limit.
+        if state.awaitingHead, state.headBytes > limit {
+            rejected = true
+            let error = OCIError(.init(statusCode: 431, reasonPhrase: "Request Header Fields Too Large"),
+                                 .tooLarge, "request head is larger than \(limit) bytes")
+            var out = context.channel.allocator.buffer(capacity: 256)
+            out.writeString("HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n")
+            out.writeString("content-length: \(error.body.utf8.count)\r\nconnection: close\r\n\r\n\(error.body)")
+            let channel = context.channel
+            context.writeAndFlush(wrapOutboundOut(out)).whenComplete { _ in channel.close(promise: nil) }
+        }
+    }
+}
+
+final class RequestHeadDeadline: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let state: RequestHeadState
+    private let timeout: TimeAmount
+    private var timer: Scheduled<Void>?
+
+    init(state: RequestHeadState, timeout: TimeAmount) {
+        self.state = state
+        self.timeout = timeout
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) { arm(context) }
+    func handlerRemoved(context: ChannelHandlerContext) { timer?.cancel() }
+    func channelInactive(context: ChannelHandlerContext) {
+        timer?.cancel()
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if case .head = unwrapInboundIn(data) {
+            state.awaitingHead = false
+            state.headBytes = 0
+            timer?.cancel()
+            timer = nil
+        }
+        context.fireChannelRead(data)
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        if case .end = unwrapOutboundIn(data) {
+            state.awaitingHead = true
+            state.headBytes = 0
+            arm(context)
+        }
+        context.write(data, promise: promise)
+    }
+
+    private func arm(_ context: ChannelHandlerContext) {
+        timer?.cancel()
+        let channel = context.channel
+        timer = context.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
+    }
+}

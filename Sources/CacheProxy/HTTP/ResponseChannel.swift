@@ -1,0 +1,66 @@
+import NIOCore
+import NIOHTTP1
+
+/// Writes one response onto a client connection.
+///
+/// Writes go straight to the `Channel` and are awaited where it matters, so
+/// that a file region's descriptor is known to be done with before it is
+/// closed and a slow client pushes back on whoever produces the bytes.
+struct ResponseChannel: Sendable {
+    let channel: any Channel
+    let keepAlive: Bool
+    let version: HTTPVersion
+
+    /// Largest file region handed to one write: NIO gives a region's whole
+    /// length to one `sendfile`, and one huge call would hold the event loop
+    /// (nginx's `sendfile_max_chunk` does the same).
+    static let maxRegion: Int64 = 4 * 1024 * 1024
+
+    func head(_ status: HTTPResponseStatus, _ headers: HTTPHeaders) {
+        var headers = headers
+        if !keepAlive { headers.replaceOrAdd(name: "connection", value: "close") }
+        channel.write(HTTPServerResponsePart.head(HTTPResponseHead(version: version, status: status, headers: headers)),
+                      promise: nil)
+    }
+
+    func body(_ buffer: ByteBuffer) async throws {
+        try await channel.writeAndFlush(HTTPServerResponsePart.body(.byteBuffer(buffer)))
+    }
+
+    /// Sends `range` of the file with `sendfile`, in bounded regions.
+    func file(_ handle: NIOFileHandle, range: Range<Int64>) async throws {
+        var offset = range.lowerBound
+        while offset < range.upperBound {
+            let end = min(range.upperBound, offset + Self.maxRegion)
+            let region = FileRegion(fileHandle: handle, readerIndex: Int(offset), endIndex: Int(end))
+            try await channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region)))
+            offset = end
+        }
+    }
+
+    func end() async throws {
+        try await channel.writeAndFlush(HTTPServerResponsePart.end(nil))
+    }
+
+    /// Cuts the connection mid-response: the client sees a short body, never
+    /// a complete-looking wrong one.
+    func abort() {
+        channel.close(promise: nil)
+    }
+
+    /// A whole small response (local endpoints, errors, upstream error answers).
+    func send(_ status: HTTPResponseStatus, headers: HTTPHeaders = [:], body: ByteBuffer, omitBody: Bool = false) async throws {
+        var headers = headers
+        headers.replaceOrAdd(name: "content-length", value: String(body.readableBytes))
+        head(status, headers)
+        if !omitBody, body.readableBytes > 0 {
+            channel.write(HTTPServerResponsePart.body(.byteBuffer(body)), promise: nil)
+        }
+        try await end()
+    }
+
+    func send(_ error: OCIError, omitBody: Bool = false) async throws {
+        try await send(error.status, headers: ["content-type": "application/json"],
+                       body: ByteBuffer(string: error.body), omitBody: omitBody)
+    }
+}

@@ -1,0 +1,59 @@
+/// A validated content digest (`<algorithm>:<hex>`).
+///
+/// Only digests built through `init?(parsing:)` exist, so every file path the
+/// blob store derives from one is made of a known algorithm name and lowercase
+/// hex: nothing a client sends can steer a path outside the storage folder.
+public struct Digest: Hashable, Sendable, CustomStringConvertible {
+    public enum Algorithm: String, Sendable, CaseIterable {
+        case sha256
+        case sha512
+
+        /// Length of the hex encoding of this algorithm's output.
+        public var hexLength: Int {
+            switch self {
+            case .sha256: return 64
+            case .sha512: return 128
+            }
+        }
+    }
+
+    public let algorithm: Algorithm
+    public let hex: String
+
+    /// Why a digest string was refused; the text goes into the OCI error body.
+    public enum ParseError: Error, Equatable, Sendable {
+        case missingSeparator
+        case unsupportedAlgorithm(String)
+        case badEncoding
+    }
+
+    public init(parsing text: Substring) throws(ParseError) {
+        guard let colon = text.firstIndex(of: ":") else { throw .missingSeparator }
+        let algorithmName = text[..<colon]
+        guard let algorithm = Algorithm(rawValue: String(algorithmName)) else {
+            throw .unsupportedAlgorithm(String(algorithmName.prefix(32)))
+        }
+        let hex = text[text.index(after: colon)...]
+        guard hex.utf8.count == algorithm.hexLength,
+              hex.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) })
+        else { throw .badEncoding }
+        self.algorithm = algorithm
+        self.hex = String(hex)
+    }
+
+    public init(parsing text: String) throws(ParseError) {
+        try self.init(parsing: Substring(text))
+    }
+
+    public var description: String { "\(algorithm.rawValue):\(hex)" }
+}
+
+extension Digest.ParseError: CustomStringConvertible {
+    public var description: String {
+        switch self {
+        case .missingSeparator: return "digest must be <algorithm>:<hex>"
+        case .unsupportedAlgorithm(let name): return "unsupported digest algorithm \"\(name)\" (sha256, sha512 are)"
+        case .badEncoding: return "digest hex part has the wrong length or is not lowercase hex"
+        }
+    }
+}

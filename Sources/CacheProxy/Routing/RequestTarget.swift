@@ -1,0 +1,120 @@
+import Foundation
+
+/// What a request asks for, decided from its method and path alone.
+///
+/// This is the one place that reads the raw request path: everything after it
+/// works with a validated repository name and `Digest`.
+public enum RequestTarget: Equatable, Sendable {
+    case metrics
+    case healthz
+    case readyz
+    /// `GET`/`HEAD /v2/<name>/blobs/<digest>`: served through the blob cache.
+    case blob(name: String, digest: Digest)
+    /// Anything else under the registry API: streamed to the upstream.
+    case passThrough
+
+    public enum Rejection: Error, Equatable, Sendable {
+        case nameInvalid(String)
+        case digestInvalid(String)
+    }
+
+    /// Classifies `uri` (path plus optional query).
+    public static func classify(method: String, uri: String) throws(Rejection) -> RequestTarget {
+        let path = RequestURI.path(of: uri)
+        switch path {
+        case "/metrics": return .metrics
+        case "/healthz": return .healthz
+        case "/readyz": return .readyz
+        default: break
+        }
+        try rejectTraversal(path)
+        guard method == "GET" || method == "HEAD",
+              path.hasPrefix("/v2/"),
+              let blobs = path.range(of: "/blobs/", options: .backwards)
+        else { return .passThrough }
+        let digestPart = path[blobs.upperBound...]
+        // `/v2/<name>/blobs/uploads/...` is the push API, not a blob read.
+        if digestPart == "uploads" || digestPart.hasPrefix("uploads/") || digestPart.contains("/") {
+            return .passThrough
+        }
+        let name = path[path.index(path.startIndex, offsetBy: 4)..<blobs.lowerBound]
+        guard RepositoryName.isValid(name) else {
+            throw .nameInvalid("invalid repository name")
+        }
+        do {
+            return .blob(name: String(name), digest: try Digest(parsing: digestPart))
+        } catch {
+            throw .digestInvalid(error.description)
+        }
+    }
+
+    /// Refuses `.`/`..` segments and encoded dots, slashes and backslashes
+    /// anywhere in the path. No registry path needs them, and refusing them
+    /// here means no later stage has to reason about what an upstream (or a
+    /// file system) would make of them.
+    static func rejectTraversal(_ path: Substring) throws(Rejection) {
+        for segment in path.split(separator: "/", omittingEmptySubsequences: false)
+        where segment == "." || segment == ".." {
+            throw .nameInvalid("path traversal is not allowed")
+        }
+        let lowered = path.lowercased()
+        for bad in ["%2e", "%2f", "%5c", "\\", "%00"] where lowered.contains(bad) {
+            throw .nameInvalid("encoded path separators are not allowed")
+        }
+    }
+}
+
+/// Splitting of a request target into path and query.
+public enum RequestURI {
+    public static func path(of uri: String) -> Substring {
+        if let q = uri.firstIndex(of: "?") { return uri[..<q] }
+        return Substring(uri)
+    }
+
+    /// The value of the first `key=value` pair with that key, percent-decoding
+    /// nothing: registry host names need no escaping.
+    public static func queryValue(_ key: String, in uri: String) -> Substring? {
+        guard let q = uri.firstIndex(of: "?") else { return nil }
+        for pair in uri[uri.index(after: q)...].split(separator: "&") {
+            let parts = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            if parts.count == 2, parts[0] == key { return parts[1] }
+        }
+        return nil
+    }
+}
+
+/// The OCI distribution spec's repository name grammar:
+/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*`.
+public enum RepositoryName {
+    public static func isValid(_ name: Substring) -> Bool {
+        guard !name.isEmpty, name.utf8.count <= 255 else { return false }
+        return name.split(separator: "/", omittingEmptySubsequences: false).allSatisfy(isValidComponent)
+    }
+
+    static func isValidComponent(_ component: Substring) -> Bool {
+        var previousWasAlnum = false
+        var separator: [UInt8] = []
+        for byte in component.utf8 {
+            if (byte >= 0x61 && byte <= 0x7a) || (byte >= 0x30 && byte <= 0x39) {
+                if !separator.isEmpty {
+                    guard isSeparator(separator) else { return false }
+                    separator.removeAll()
+                }
+                previousWasAlnum = true
+            } else if byte == 0x2e || byte == 0x5f || byte == 0x2d {
+                guard previousWasAlnum || !separator.isEmpty else { return false }
+                separator.append(byte)
+                previousWasAlnum = false
+            } else {
+                return false
+            }
+        }
+        return previousWasAlnum
+    }
+
+    /// `.`, `_`, `__` or one or more `-` may stand between two alphanumeric runs.
+    private static func isSeparator(_ sep: [UInt8]) -> Bool {
+        if sep == [0x2e] || sep == [0x5f] || sep == [0x5f, 0x5f] { return true }
+        return sep.allSatisfy { $0 == 0x2d }
+    }
+}

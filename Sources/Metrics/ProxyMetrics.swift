@@ -1,0 +1,87 @@
+import Prometheus
+
+/// Every metric the proxy exposes, in one place, so that names, help texts
+/// and label sets are defined once and `docs/metrics.md` can be checked
+/// against a single file.
+///
+/// Labels are bounded by construction: `upstream` comes from the
+/// configuration, `kind`, `method` and `source` from small enums, `code` from
+/// HTTP status codes. Never an image name or a digest.
+public final class ProxyMetrics: Sendable {
+    public let registry: PrometheusCollectorRegistry
+
+    public let blobHits: Counter
+    public let blobMisses: Counter
+    public let coalescedFollowers: Counter
+    public let digestMismatches: Counter
+    public let fillFailures: Counter
+    public let bytesFromCache: Counter
+    public let bytesFromUpstream: Counter
+    public let fillsInFlight: Gauge
+    public let cacheSizeBytes: Gauge
+    public let cacheEntries: Gauge
+    public let connectedClients: Gauge
+
+    public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
+        self.registry = registry
+        blobHits = registry.makeCounter(descriptor: Self.describe("cacheproxy_blob_hits_total", "Blob reads answered from a complete cached file."))
+        blobMisses = registry.makeCounter(descriptor: Self.describe("cacheproxy_blob_misses_total", "Blob reads that started an upstream fill."))
+        coalescedFollowers = registry.makeCounter(descriptor: Self.describe("cacheproxy_blob_coalesced_total", "Blob reads that joined a fill already in flight instead of asking the upstream again."))
+        digestMismatches = registry.makeCounter(descriptor: Self.describe("cacheproxy_digest_mismatches_total", "Fills whose bytes did not hash to the requested digest; nothing was stored."))
+        fillFailures = registry.makeCounter(descriptor: Self.describe("cacheproxy_fill_failures_total", "Fills that ended without storing the blob (upstream cut, write error, mismatch)."))
+        bytesFromCache = registry.makeCounter(descriptor: Self.describe("cacheproxy_served_bytes_total", "Blob body bytes sent to clients, by where the blob was when the read began."), labels: [("source", "cache")])
+        bytesFromUpstream = registry.makeCounter(descriptor: Self.describe("cacheproxy_served_bytes_total", "Blob body bytes sent to clients, by where the blob was when the read began."), labels: [("source", "upstream")])
+        fillsInFlight = registry.makeGauge(descriptor: Self.describe("cacheproxy_fills_in_flight", "Upstream blob downloads now running."))
+        cacheSizeBytes = registry.makeGauge(descriptor: Self.describe("cacheproxy_cache_size_bytes", "Bytes of complete blobs in the cache folder."))
+        cacheEntries = registry.makeGauge(descriptor: Self.describe("cacheproxy_cache_entries", "Complete blobs in the cache folder."))
+        connectedClients = registry.makeGauge(descriptor: Self.describe("cacheproxy_connected_clients", "Client connections now open."))
+    }
+
+    /// One finished client request. `kind` is `blob`, `passthrough`, `local`
+    /// or `error`.
+    public func requestFinished(kind: String, method: String, code: Int, seconds: Double) {
+        registry.makeCounter(descriptor: Self.describe("cacheproxy_requests_total", "Client requests by kind, method and response status."), labels: [("kind", kind), ("method", Self.boundedMethod(method)), ("code", String(code))]).increment()
+        registry.makeDurationHistogram(descriptor: Self.describe("cacheproxy_request_duration_seconds", "Time from request head to the last response byte written."), labels: [("kind", kind)], buckets: Self.durationBuckets)
+            .record(.nanoseconds(Int64(seconds * 1e9)))
+    }
+
+    /// Time from request head to response head, the figure a client's pull
+    /// timeout is measured against.
+    public func timeToFirstByte(kind: String, seconds: Double) {
+        registry.makeDurationHistogram(descriptor: Self.describe("cacheproxy_time_to_first_byte_seconds", "Time from request head to response head."), labels: [("kind", kind)], buckets: Self.durationBuckets)
+            .record(.nanoseconds(Int64(seconds * 1e9)))
+    }
+
+    public func upstreamResponse(upstream: String, code: Int) {
+        registry.makeCounter(descriptor: Self.describe("cacheproxy_upstream_requests_total", "Requests sent to upstream registries, by upstream and response status (0: no response)."), labels: [("upstream", upstream), ("code", String(code))])
+            .increment()
+    }
+
+    public func setIOBackend(_ backend: String) {
+        for name in ["io_uring", "threadpool"] {
+            registry.makeGauge(descriptor: Self.describe("cacheproxy_io_backend", "The storage write backend in use (1) and the one not in use (0)."), labels: [("backend", name)])
+                .set(to: name == backend ? 1.0 : 0.0)
+        }
+    }
+
+    /// The registry's text plus the `process_*` family.
+    public func exposition() -> String {
+        registry.emitToString() + ProcessMetrics.exposition()
+    }
+
+    static func describe(_ name: String, _ help: String) -> MetricNameDescriptor {
+        MetricNameDescriptor(metricName: name, unitName: "", helpText: help)
+    }
+
+    static let durationBuckets: [Duration] = [
+        .milliseconds(1), .milliseconds(5), .milliseconds(25), .milliseconds(100),
+        .milliseconds(500), .seconds(1), .seconds(5), .seconds(30), .seconds(120),
+    ]
+
+    static func boundedMethod(_ method: String) -> String {
+        switch method {
+        case "GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS": return method
+        default: return "other"
+        }
+    }
+}
