@@ -5,6 +5,7 @@ import Logging
 import ServiceLifecycle
 
 /// `cache-proxy --config PATH [--port N] [--storage DIR]`
+@main
 struct CacheProxyCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cache-proxy",
@@ -58,4 +59,3 @@ func printError(_ message: String) {
     FileHandle.standardError.write(Data((message + "\n").utf8))
 }
 
-await CacheProxyCommand.main()

@@ -1,0 +1,82 @@
+import XCTest
+@testable import CacheProxy
+
+final class FillStateMachineTests: XCTestCase {
+    func testHappyPathHoldsBackTheTailUntilVerified() {
+        var m = FillStateMachine(holdBack: 10)
+        XCTAssertEqual(m.followerMark, -1)
+        XCTAssertEqual(m.start(), .sendRequest)
+        XCTAssertEqual(m.start(), .none, "a second start does nothing")
+        XCTAssertEqual(m.upstreamResponded(status: 200, contentLength: 100), .openTemporaryFile)
+        XCTAssertEqual(m.followerMark, 0)
+        XCTAssertEqual(m.bytesWritten(50), .wakeFollowers)
+        XCTAssertEqual(m.followerMark, 50)
+        XCTAssertEqual(m.bytesWritten(50), .wakeFollowers)
+        XCTAssertEqual(m.followerMark, 90, "the last 10 bytes wait for the digest")
+        XCTAssertEqual(m.upstreamEnded(), .verifyDigest)
+        XCTAssertEqual(m.followerMark, 90)
+        XCTAssertEqual(m.digestChecked(matches: true), .publish(size: 100))
+        XCTAssertEqual(m.publishSucceeded(), .wakeFollowers)
+        XCTAssertEqual(m.state, .published(size: 100))
+        XCTAssertEqual(m.followerMark, 100)
+        XCTAssertTrue(m.isFinished)
+    }
+
+    func testUnknownLengthHoldsBackFromWhatWasWritten() {
+        var m = FillStateMachine(holdBack: 10)
+        _ = m.start()
+        _ = m.upstreamResponded(status: 200, contentLength: nil)
+        _ = m.bytesWritten(5)
+        XCTAssertEqual(m.followerMark, 0)
+        _ = m.bytesWritten(20)
+        XCTAssertEqual(m.followerMark, 15)
+        XCTAssertEqual(m.upstreamEnded(), .verifyDigest)
+    }
+
+    func testMismatchDiscards() {
+        var m = FillStateMachine(holdBack: 10)
+        _ = m.start()
+        _ = m.upstreamResponded(status: 200, contentLength: 4)
+        _ = m.bytesWritten(4)
+        _ = m.upstreamEnded()
+        XCTAssertEqual(m.digestChecked(matches: false), .discard(.digestMismatch))
+        XCTAssertEqual(m.state, .failed(.digestMismatch))
+        XCTAssertEqual(m.followerMark, Int64.max, "followers wake and see the failure")
+        XCTAssertEqual(m.publishSucceeded(), .none)
+    }
+
+    func testUpstreamErrorStatusIsRejectedNotStored() {
+        for status in [401, 404, 429, 500, 206] {
+            var m = FillStateMachine()
+            _ = m.start()
+            XCTAssertEqual(m.upstreamResponded(status: status, contentLength: 10), .passAnswerOn(status: status))
+            XCTAssertEqual(m.state, .rejected(status: status))
+            XCTAssertEqual(m.bytesWritten(10), .none)
+        }
+    }
+
+    func testTooLongAndTruncatedFail() {
+        var m = FillStateMachine()
+        _ = m.start()
+        _ = m.upstreamResponded(status: 200, contentLength: 10)
+        XCTAssertEqual(m.bytesWritten(11), .discard(.tooLong(expected: 10)))
+
+        var t = FillStateMachine()
+        _ = t.start()
+        _ = t.upstreamResponded(status: 200, contentLength: 10)
+        _ = t.bytesWritten(4)
+        XCTAssertEqual(t.upstreamEnded(), .discard(.truncated(expected: 10, received: 4)))
+    }
+
+    func testFailureAfterTheEndChangesNothing() {
+        var m = FillStateMachine()
+        _ = m.start()
+        _ = m.upstreamResponded(status: 200, contentLength: 1)
+        _ = m.bytesWritten(1)
+        _ = m.upstreamEnded()
+        _ = m.digestChecked(matches: true)
+        _ = m.publishSucceeded()
+        XCTAssertEqual(m.fail(.upstream("late")), .none)
+        XCTAssertEqual(m.state, .published(size: 1))
+    }
+}

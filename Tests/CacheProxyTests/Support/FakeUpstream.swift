@@ -1,0 +1,106 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// An in-process upstream for what a real registry will not do: wrong bytes,
+/// cut connections, redirects, slow streams, silence.
+final class FakeUpstream: Sendable {
+    struct Reply: Sendable {
+        var status: HTTPResponseStatus = .ok
+        var headers: HTTPHeaders = [:]
+        var body: [UInt8] = []
+        /// Body sent in pieces of this size with `delay` between them.
+        var chunkSize = 64 * 1024
+        var delay: TimeAmount = .zero
+        /// Close the connection after this many body bytes.
+        var cutAfter: Int?
+        /// Never answer at all.
+        var silent = false
+    }
+
+    struct Seen: Sendable {
+        let method: HTTPMethod
+        let uri: String
+        let headers: HTTPHeaders
+    }
+
+    private let seen = NIOLockedValueBox<[Seen]>([])
+    private let listener: NIOAsyncChannel<NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>, Never>
+    private let task: Task<Void, Never>
+    let port: Int
+
+    var requests: [Seen] { seen.withLockedValue { $0 } }
+
+    init(_ reply: @escaping @Sendable (HTTPRequestHead) -> Reply) async throws {
+        let listener = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .bind(host: "127.0.0.1", port: 0) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline()
+                    return try NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>(
+                        wrappingChannelSynchronously: channel)
+                }
+            }
+        self.listener = listener
+        self.port = listener.channel.localAddress?.port ?? 0
+        let seen = self.seen
+        self.task = Task {
+            try? await withThrowingDiscardingTaskGroup { group in
+                try await listener.executeThenClose { connections in
+                    for try await connection in connections {
+                        group.addTask {
+                            try? await Self.serve(connection, seen: seen, reply: reply)
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    private static func serve(
+        _ connection: NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>,
+        seen: NIOLockedValueBox<[Seen]>, reply: @Sendable (HTTPRequestHead) -> Reply
+    ) async throws {
+        try await connection.executeThenClose { inbound, outbound in
+            var head: HTTPRequestHead?
+            for try await part in inbound {
+                switch part {
+                case .head(let h): head = h
+                case .body: break
+                case .end:
+                    guard let h = head else { continue }
+                    seen.withLockedValue { $0.append(Seen(method: h.method, uri: h.uri, headers: h.headers)) }
+                    let r = reply(h)
+                    if r.silent {
+                        try await Task.sleep(for: .seconds(60))
+                        return
+                    }
+                    var headers = r.headers
+                    if !headers.contains(name: "content-length") {
+                        headers.add(name: "content-length", value: String(r.body.count))
+                    }
+                    try await outbound.write(.head(HTTPResponseHead(version: h.version, status: r.status, headers: headers)))
+                    if h.method != .HEAD {
+                        var offset = 0
+                        let end = min(r.body.count, r.cutAfter ?? Int.max)
+                        while offset < end {
+                            let next = min(end, offset + r.chunkSize)
+                            try await outbound.write(.body(.byteBuffer(ByteBuffer(bytes: r.body[offset..<next]))))
+                            offset = next
+                            if r.delay > .zero { try await Task.sleep(for: .nanoseconds(r.delay.nanoseconds)) }
+                        }
+                        if r.cutAfter != nil { return }
+                    }
+                    try await outbound.write(.end(nil))
+                }
+            }
+        }
+    }
+
+    func stop() async {
+        try? await listener.channel.close()
+        task.cancel()
+        _ = await task.value
+    }
+}
