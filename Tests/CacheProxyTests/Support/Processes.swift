@@ -8,7 +8,7 @@ import Glibc
 /// Runs a command to completion (bounded by `timeout`) and returns its exit
 /// status and combined output.
 @discardableResult
-func run(_ command: String, _ arguments: [String], timeout: TimeInterval = 120,
+func shell(_ command: String, _ arguments: [String], timeout: TimeInterval = 120,
          file: StaticString = #filePath, line: UInt = #line) throws -> (status: Int32, output: String) {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: try which(command))
@@ -112,4 +112,31 @@ func makeTemporaryFolder(_ name: String) throws -> String {
     let path = NSTemporaryDirectory() + "cache-proxy-test-\(name)-\(UUID().uuidString.prefix(8))"
     try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
     return path
+}
+
+/// One `curl` GET: exit status, body, HTTP status.
+func curl(_ url: String, _ extra: [String] = []) throws -> (exit: Int32, body: Data, code: Int) {
+    try curlAtOnce(url, count: 1, extra)[0]
+}
+
+/// `count` curl processes started together (so they really overlap, whatever
+/// the test runner's thread pool), then waited for.
+func curlAtOnce(_ url: String, count: Int, _ extra: [String] = []) throws -> [(exit: Int32, body: Data, code: Int)] {
+    let started = try (0..<count).map { _ -> (Process, String, Pipe) in
+        let out = NSTemporaryDirectory() + "curl-\(UUID().uuidString)"
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try which("curl"))
+        process.arguments = ["-s", "-o", out, "-w", "%{http_code}", "--max-time", "60"] + extra + [url]
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        try process.run()
+        return (process, out, pipe)
+    }
+    return started.map { process, out, pipe in
+        let text = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        let body = (try? Data(contentsOf: URL(fileURLWithPath: out))) ?? Data()
+        try? FileManager.default.removeItem(atPath: out)
+        return (process.terminationStatus, body, Int(text.suffix(3)) ?? 0)
+    }
 }

@@ -57,7 +57,7 @@ final class TestProxy: @unchecked Sendable {
     /// The value of one series, named as the exposition writes it
     /// (`cacheproxy_blob_hits_total`, `x_total{source="cache"}`); 0 if absent.
     func metric(_ series: String) throws -> Double {
-        let (_, text) = try run("curl", ["-s", base + "/metrics"])
+        let (_, text) = try shell("curl", ["-s", base + "/metrics"])
         for line in text.split(separator: "\n") where line.hasPrefix(series + " ") {
             return Double(line.split(separator: " ").last ?? "") ?? 0
         }

@@ -1,0 +1,183 @@
+import Crypto
+import Foundation
+import NIOCore
+import NIOHTTP1
+import XCTest
+@testable import CacheProxy
+
+/// Faults a real registry cannot produce, from an in-process fake upstream,
+/// against the proxy running in-process. Clients are real `curl` processes.
+final class FaultInjectionTests: XCTestCase {
+    static func digest(of bytes: [UInt8]) -> String {
+        "sha256:" + SHA256.hash(data: bytes).map { String(format: "%02x", $0) }.joined()
+    }
+
+    static func randomBytes(_ count: Int) -> [UInt8] {
+        var generator = SystemRandomNumberGenerator()
+        return (0..<count).map { _ in UInt8.random(in: 0...255, using: &generator) }
+    }
+
+    func upstreamYAML(_ port: Int, host: String = "127.0.0.1") -> String {
+        "  - {host: \"\(host)\", registry: \"127.0.0.1\", port: \(port), schema: \"http\"}"
+    }
+
+    func testWrongBytesAreNeverServedWholeNorStored() async throws {
+        let claimed = Self.randomBytes(300_000)
+        let digest = Self.digest(of: claimed)
+        var corrupted = claimed
+        corrupted[corrupted.count - 1] ^= 0xff  // differs only in the very last byte
+        let wrong = corrupted
+        let upstream = try await FakeUpstream { _ in .init(body: wrong) }
+        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(upstream.port))
+        let result = try curl("\(proxy.base)/v2/a/blobs/\(digest)")
+        XCTAssertNotEqual(result.exit, 0, "curl must see a cut connection, not a complete body")
+        XCTAssertLessThan(result.body.count, wrong.count)
+        XCTAssertEqual(Array(result.body), Array(wrong.prefix(result.body.count)))
+        try await Task.sleep(for: .milliseconds(200))
+        XCTAssertEqual(proxy.files(in: "blobs"), [])
+        XCTAssertEqual(proxy.files(in: "tmp"), [])
+        XCTAssertEqual(try proxy.metric("cacheproxy_digest_mismatches_total"), 1)
+        // The next request tries again: nothing bad was remembered.
+        _ = try curl("\(proxy.base)/v2/a/blobs/\(digest)")
+        XCTAssertEqual(upstream.requests.count, 2)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    func testUpstreamCutMidBlobLeavesNothing() async throws {
+        let bytes = Self.randomBytes(1_000_000)
+        let upstream = try await FakeUpstream { _ in .init(body: bytes, cutAfter: 400_000) }
+        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(upstream.port))
+        let result = try curl("\(proxy.base)/v2/a/blobs/\(Self.digest(of: bytes))")
+        XCTAssertNotEqual(result.exit, 0)
+        XCTAssertLessThanOrEqual(result.body.count, 400_000)
+        try await Task.sleep(for: .milliseconds(200))
+        XCTAssertEqual(proxy.files(in: "blobs"), [])
+        XCTAssertEqual(proxy.files(in: "tmp"), [])
+        XCTAssertEqual(try proxy.metric("cacheproxy_fill_failures_total"), 1)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    func testRedirectToAnotherHostDoesNotGetAuthorization() async throws {
+        let bytes = Self.randomBytes(50_000)
+        let digest = Self.digest(of: bytes)
+        let cdn = try await FakeUpstream { _ in .init(body: bytes) }
+        let registry = try await FakeUpstream { _ in
+            .init(status: .temporaryRedirect,
+                  headers: ["location": "http://localhost:\(cdn.port)/signed/blob?sig=abc"])
+        }
+        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(registry.port))
+        let result = try curl("\(proxy.base)/v2/a/blobs/\(digest)", ["-H", "Authorization: Bearer secret-token"])
+        XCTAssertEqual(result.exit, 0)
+        XCTAssertEqual(result.code, 200)
+        XCTAssertEqual(Array(result.body), bytes)
+        XCTAssertEqual(registry.requests.first?.headers.first(name: "authorization"), "Bearer secret-token")
+        XCTAssertEqual(cdn.requests.count, 1)
+        XCTAssertEqual(cdn.requests.first?.uri, "/signed/blob?sig=abc")
+        XCTAssertNil(cdn.requests.first?.headers.first(name: "authorization"), "credentials leaked to the redirect target")
+        XCTAssertEqual(proxy.files(in: "blobs").count, 1, "the blob is cached, the signed URL is not")
+        await proxy.stop()
+        await registry.stop()
+        await cdn.stop()
+    }
+
+    func testSixteenClientsOnASlowStreamMakeOneUpstreamRequest() async throws {
+        let bytes = Self.randomBytes(2_000_000)
+        let digest = Self.digest(of: bytes)
+        // ~2 s of streaming: all 16 clients arrive while the fill runs.
+        let upstream = try await FakeUpstream { _ in .init(body: bytes, chunkSize: 50_000, delay: .milliseconds(50)) }
+        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(upstream.port))
+        let url = "\(proxy.base)/v2/a/blobs/\(digest)"
+        let results = try curlAtOnce(url, count: 16)
+        XCTAssertEqual(results.count, 16)
+        for (exit, body, _) in results {
+            XCTAssertEqual(exit, 0)
+            XCTAssertEqual(Self.digest(of: Array(body)), digest)
+        }
+        XCTAssertEqual(upstream.requests.count, 1, "one fill for all clients")
+        XCTAssertEqual(try proxy.metric("cacheproxy_blob_misses_total") + proxy.metric("cacheproxy_blob_coalesced_total")
+                       + proxy.metric("cacheproxy_blob_hits_total"), 16)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    func testClientThatLeavesDoesNotStopTheFill() async throws {
+        let bytes = Self.randomBytes(1_000_000)
+        let digest = Self.digest(of: bytes)
+        let upstream = try await FakeUpstream { _ in .init(body: bytes, chunkSize: 100_000, delay: .milliseconds(50)) }
+        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(upstream.port))
+        let socket = try RawSocket(port: proxy.port)
+        socket.send("GET /v2/a/blobs/\(digest) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        XCTAssertTrue(socket.receiveHead().hasPrefix("HTTP/1.1 200"))
+        socket.close()
+        for _ in 0..<100 where proxy.files(in: "blobs").isEmpty {
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        XCTAssertEqual(proxy.files(in: "blobs").count, 1)
+        let hit = try curl("\(proxy.base)/v2/a/blobs/\(digest)")
+        XCTAssertEqual(Array(hit.body), bytes)
+        XCTAssertEqual(upstream.requests.count, 1)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    func testUpstreamErrorStatusPassesThroughAndIsNotStored() async throws {
+        let challenge = "Bearer realm=\"https://auth.example/token\",service=\"registry\",scope=\"repository:a:pull\""
+        let upstream = try await FakeUpstream { head in
+            head.uri.contains("/blobs/sha256:0")
+                ? .init(status: .unauthorized, headers: ["www-authenticate": challenge, "content-type": "application/json"],
+                        body: Array(#"{"errors":[{"code":"UNAUTHORIZED"}]}"#.utf8))
+                : .init(status: .tooManyRequests, headers: ["retry-after": "7"], body: Array("slow down".utf8))
+        }
+        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(upstream.port))
+        let unauthorized = try shell("curl", ["-si", "\(proxy.base)/v2/a/blobs/sha256:\(String(repeating: "0", count: 64))"]).output
+        XCTAssertTrue(unauthorized.hasPrefix("HTTP/1.1 401"), unauthorized)
+        XCTAssertTrue(unauthorized.contains(challenge), "WWW-Authenticate must be passed on unchanged")
+        XCTAssertTrue(unauthorized.contains("UNAUTHORIZED"))
+        let limited = try curl("\(proxy.base)/v2/a/blobs/sha256:\(String(repeating: "1", count: 64))")
+        XCTAssertEqual(limited.code, 429)
+        XCTAssertEqual(String(decoding: limited.body, as: UTF8.self), "slow down")
+        XCTAssertEqual(proxy.files(in: "blobs"), [])
+        XCTAssertEqual(proxy.files(in: "tmp"), [])
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    func testSilentUpstreamGets504InTime() async throws {
+        let upstream = try await FakeUpstream { _ in .init(silent: true) }
+        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(upstream.port), extraYAML: "timeouts: {upstream: 1}")
+        let started = Date()
+        let manifest = try curl("\(proxy.base)/v2/a/manifests/latest")
+        XCTAssertEqual(manifest.code, 504)
+        XCTAssertTrue(String(decoding: manifest.body, as: UTF8.self).contains(#""code":"TIMEOUT""#))
+        let blob = try curl("\(proxy.base)/v2/a/blobs/sha256:\(String(repeating: "2", count: 64))")
+        XCTAssertEqual(blob.code, 504)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 10)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    func testUnreachableUpstreamGets502() async throws {
+        let port = try freePort()
+        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(port))
+        let manifest = try curl("\(proxy.base)/v2/a/manifests/latest")
+        XCTAssertEqual(manifest.code, 502)
+        XCTAssertTrue(String(decoding: manifest.body, as: UTF8.self).contains(#""errors""#))
+        let blob = try curl("\(proxy.base)/v2/a/blobs/sha256:\(String(repeating: "3", count: 64))")
+        XCTAssertEqual(blob.code, 502)
+        await proxy.stop()
+    }
+
+    func testRangeOnAMissIsServedFromTheFill() async throws {
+        let bytes = Self.randomBytes(500_000)
+        let upstream = try await FakeUpstream { _ in .init(body: bytes, chunkSize: 100_000, delay: .milliseconds(20)) }
+        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(upstream.port))
+        let result = try shell("curl", ["-si", "-H", "Range: bytes=1000-1999", "\(proxy.base)/v2/a/blobs/\(Self.digest(of: bytes))"]).output
+        XCTAssertTrue(result.hasPrefix("HTTP/1.1 206"), result)
+        XCTAssertTrue(result.lowercased().contains("content-range: bytes 1000-1999/500000"))
+        XCTAssertNil(upstream.requests.first?.headers.first(name: "range"), "the fill asks for the whole blob")
+        await proxy.stop()
+        await upstream.stop()
+    }
+}
