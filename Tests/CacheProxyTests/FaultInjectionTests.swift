@@ -160,7 +160,7 @@ final class FaultInjectionTests: XCTestCase {
 
     func testUnreachableUpstreamGets502() async throws {
         let port = try freePort()
-        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(port))
+        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(port), extraYAML: "timeouts: {connect: 1}")
         let manifest = try curl("\(proxy.base)/v2/a/manifests/latest")
         XCTAssertEqual(manifest.code, 502)
         XCTAssertTrue(String(decoding: manifest.body, as: UTF8.self).contains(#""errors""#))
