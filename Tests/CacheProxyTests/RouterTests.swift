@@ -57,6 +57,12 @@ final class RequestTargetTests: XCTestCase {
         XCTAssertEqual(try RequestTarget.classify(method: "GET", uri: "/readyz"), .readyz)
     }
 
+    func testQueryValueIsPercentDecoded() {
+        XCTAssertEqual(RequestURI.queryValue("ns", in: "/v2/a/manifests/x?ns=127.0.0.1%3A5001"), "127.0.0.1:5001")
+        XCTAssertEqual(RequestURI.queryValue("ns", in: "/v2/?n=1&ns=docker.io"), "docker.io")
+        XCTAssertNil(RequestURI.queryValue("ns", in: "/v2/"))
+    }
+
     func testRejectsBadNamesDigestsAndTraversal() {
         let bad: [(String, RequestTarget.Rejection)] = [
             ("/v2/a/blobs/md5:abc", .digestInvalid("")),

@@ -71,13 +71,13 @@ public enum RequestURI {
         return Substring(uri)
     }
 
-    /// The value of the first `key=value` pair with that key, percent-decoding
-    /// nothing: registry host names need no escaping.
+    /// The percent-decoded value of the first `key=value` pair with that key
+    /// (containerd sends `ns=127.0.0.1%3A5000`).
     public static func queryValue(_ key: String, in uri: String) -> Substring? {
         guard let q = uri.firstIndex(of: "?") else { return nil }
         for pair in uri[uri.index(after: q)...].split(separator: "&") {
             let parts = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-            if parts.count == 2, parts[0] == key { return parts[1] }
+            if parts.count == 2, parts[0] == key { return String(parts[1]).removingPercentEncoding.map { Substring($0) } }
         }
         return nil
     }
