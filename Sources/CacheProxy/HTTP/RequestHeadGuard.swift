@@ -22,6 +22,9 @@ final class RequestHeadLimiter: ChannelInboundHandler, RemovableChannelHandler {
     private let state: RequestHeadState
     private let limit: Int
     private var rejected = false
+    /// How much of the `\r\n\r\n` that ends a head the last bytes matched,
+    /// so a terminator split across two reads is still found.
+    private var matched = 0
 
     init(state: RequestHeadState, limit: Int) {
         self.state = state
@@ -30,21 +33,41 @@ final class RequestHeadLimiter: ChannelInboundHandler, RemovableChannelHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !rejected else { return }
-        if state.awaitingHead { state.headBytes += unwrapInboundIn(data).readableBytes }
-        context.fireChannelRead(data)
-        // Checked after the decoder ran: if this read completed the head,
-        // `awaitingHead` is false by now and body bytes in the same read
-        // are not held against the limit.
-        if state.awaitingHead, state.headBytes > limit {
-            rejected = true
-            let error = OCIError(.init(statusCode: 431, reasonPhrase: "Request Header Fields Too Large"),
-                                 .tooLarge, "request head is larger than \(limit) bytes")
-            var out = context.channel.allocator.buffer(capacity: 256)
-            out.writeString("HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n")
-            out.writeString("content-length: \(error.body.utf8.count)\r\nconnection: close\r\n\r\n\(error.body)")
-            let channel = context.channel
-            context.writeAndFlush(wrapOutboundOut(out)).whenComplete { _ in channel.close(promise: nil) }
+        if state.awaitingHead {
+            // Count only up to the end of the head, before the decoder sees
+            // anything: body bytes in the same read are not held against the
+            // limit, and an oversized head never reaches the decoder.
+            let buffer = unwrapInboundIn(data)
+            let headPart = buffer.withUnsafeReadableBytes { bytes -> Int in
+                for (index, byte) in bytes.enumerated() {
+                    switch (matched, byte) {
+                    case (0, 13), (2, 13): matched += 1
+                    case (1, 10): matched = 2
+                    case (3, 10): matched = 0; return index + 1
+                    case (_, 13): matched = 1
+                    default: matched = 0
+                    }
+                }
+                return bytes.count
+            }
+            state.headBytes += headPart
+            if state.headBytes > limit {
+                reject(context)
+                return
+            }
         }
+        context.fireChannelRead(data)
+    }
+
+    private func reject(_ context: ChannelHandlerContext) {
+        rejected = true
+        let error = OCIError(.init(statusCode: 431, reasonPhrase: "Request Header Fields Too Large"),
+                             .tooLarge, "request head is larger than \(limit) bytes")
+        var out = context.channel.allocator.buffer(capacity: 256)
+        out.writeString("HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n")
+        out.writeString("content-length: \(error.body.utf8.count)\r\nconnection: close\r\n\r\n\(error.body)")
+        let channel = context.channel
+        context.writeAndFlush(wrapOutboundOut(out)).whenComplete { _ in channel.close(promise: nil) }
     }
 }
 

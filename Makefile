@@ -1,0 +1,39 @@
+# cache-proxy: the two set-up commands on a fresh Debian machine.
+#   make run    install what is missing, build (release), start with config.yaml
+#   make test   install what is missing, build, run every test
+SHELL := /bin/bash
+export PATH := /opt/swift/usr/bin:$(PATH)
+
+# Debian packages: liburing for the build; the rest are the real parts the
+# tests drive (the distribution registry, skopeo, containerd's ctr, promtool,
+# curl).
+BUILD_PACKAGES := liburing-dev pkg-config
+TEST_PACKAGES  := docker-registry skopeo containerd prometheus curl
+CONFIG ?= config.yaml
+
+.PHONY: run test build release deps-build deps-test bench clean
+
+run: deps-build release
+	.build/release/cache-proxy --config $(CONFIG)
+
+test: deps-build deps-test
+	swift build --build-tests
+	swift test --skip-build --disable-swift-testing
+
+build: deps-build
+	swift build
+
+release: deps-build
+	swift build -c release
+
+bench: deps-build release
+	benchmarks/run.sh
+
+deps-build:
+	@./scripts/apt-install.sh $(BUILD_PACKAGES)
+
+deps-test:
+	@./scripts/apt-install.sh $(TEST_PACKAGES)
+
+clean:
+	rm -rf .build
