@@ -78,9 +78,7 @@ struct BlobResponder: Sendable {
             try await response.send(status, headers: headers, body: ByteBuffer())
             return status
         }
-        response.head(status, headers)
-        try await response.file(handle, range: range)
-        try await response.end()
+        try await response.fileResponse(status, headers, handle, range: range)
         source.increment(by: Int64(range.count))
         return status
     }

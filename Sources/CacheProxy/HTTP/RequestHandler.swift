@@ -44,9 +44,15 @@ struct RequestHandler: Sendable {
             logger.debug("request ended early", metadata: ["uri": "\(head.uri)", "error": "\(error)"])
             response.abort()
         }
-        let elapsed = started.duration(to: .now)
         metrics.requestFinished(kind: kind, method: head.method.rawValue, code: Int(status.code),
-                                seconds: Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18)
+                                seconds: Self.seconds(started.duration(to: .now)))
+        if let headSent = response.headSentAt.withLockedValue({ $0 }) {
+            metrics.timeToFirstByte(kind: kind, seconds: Self.seconds(started.duration(to: headSent)))
+        }
+    }
+
+    static func seconds(_ duration: Duration) -> Double {
+        Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
     }
 
     private func route(_ head: HTTPRequestHead, body: Body, origin: PassThrough.Origin,

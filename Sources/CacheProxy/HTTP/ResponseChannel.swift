@@ -1,3 +1,4 @@
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 
@@ -10,6 +11,8 @@ struct ResponseChannel: Sendable {
     let channel: any Channel
     let keepAlive: Bool
     let version: HTTPVersion
+    /// When the response head went out, for the time-to-first-byte histogram.
+    let headSentAt = NIOLockedValueBox<ContinuousClock.Instant?>(nil)
 
     /// Largest file region handed to one write: NIO gives a region's whole
     /// length to one `sendfile`, and one huge call would hold the event loop
@@ -19,6 +22,7 @@ struct ResponseChannel: Sendable {
     func head(_ status: HTTPResponseStatus, _ headers: HTTPHeaders) {
         var headers = headers
         if !keepAlive { headers.replaceOrAdd(name: "connection", value: "close") }
+        headSentAt.withLockedValue { $0 = $0 ?? .now }
         channel.write(HTTPServerResponsePart.head(HTTPResponseHead(version: version, status: status, headers: headers)),
                       promise: nil)
     }
@@ -36,6 +40,29 @@ struct ResponseChannel: Sendable {
             try await channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region)))
             offset = end
         }
+    }
+
+    /// A whole response whose body is one file region: head, body and end
+    /// are handed to the event loop in one hop (the hit path for small blobs).
+    func fileResponse(_ status: HTTPResponseStatus, _ headers: HTTPHeaders, _ handle: NIOFileHandle,
+                      range: Range<Int64>) async throws {
+        guard range.count <= Self.maxRegion else {
+            head(status, headers)
+            try await file(handle, range: range)
+            try await end()
+            return
+        }
+        var headers = headers
+        if !keepAlive { headers.replaceOrAdd(name: "connection", value: "close") }
+        headSentAt.withLockedValue { $0 = $0 ?? .now }
+        let head = HTTPResponseHead(version: version, status: status, headers: headers)
+        let region = FileRegion(fileHandle: handle, readerIndex: Int(range.lowerBound), endIndex: Int(range.upperBound))
+        let channel = self.channel
+        try await channel.eventLoop.flatSubmit {
+            channel.write(HTTPServerResponsePart.head(head), promise: nil)
+            if !range.isEmpty { channel.write(HTTPServerResponsePart.body(.fileRegion(region)), promise: nil) }
+            return channel.writeAndFlush(HTTPServerResponsePart.end(nil))
+        }.get()
     }
 
     func end() async throws {
