@@ -52,6 +52,8 @@ public final class ProxyServer: Service, Sendable {
     public func run() async throws {
         let config = self.config
         let headTimeout = TimeAmount.milliseconds(Int64(config.timeouts.headerReadSeconds * 1000))
+        let hits = CacheHitResponder(router: Router(upstreams: config.upstreams), store: store,
+                                     metrics: metrics, tracker: tracker)
         let listener = try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -64,6 +66,7 @@ public final class ProxyServer: Service, Sendable {
                     try sync.configureHTTPServerPipeline(withErrorHandling: true)
                     try sync.addHandler(RequestHeadLimiter(state: state, limit: config.maxHeaderBytes), position: .first)
                     try sync.addHandler(RequestHeadDeadline(state: state, timeout: headTimeout))
+                    try sync.addHandler(CacheHitHandler(hits: hits))
                     return try NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>(
                         wrappingChannelSynchronously: channel)
                 }

@@ -1,3 +1,4 @@
+import NIOConcurrencyHelpers
 import Prometheus
 
 /// Every metric the proxy exposes, in one place, so that names, help texts
@@ -22,6 +23,18 @@ public final class ProxyMetrics: Sendable {
     public let cacheEntries: Gauge
     public let connectedClients: Gauge
 
+    /// Series looked up per request are kept here, so the hot path does one
+    /// small dictionary lookup instead of the registry's name-and-label
+    /// validation.
+    private struct RequestKey: Hashable {
+        let kind: String
+        let method: String
+        let code: Int
+    }
+
+    private let requestCounters = NIOLockedValueBox<[RequestKey: Counter]>([:])
+    private let histograms = NIOLockedValueBox<[String: DurationHistogram]>([:])
+
     public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
         self.registry = registry
         blobHits = registry.makeCounter(descriptor: Self.describe("cacheproxy_blob_hits_total", "Blob reads answered from a complete cached file."))
@@ -40,16 +53,36 @@ public final class ProxyMetrics: Sendable {
     /// One finished client request. `kind` is `blob`, `passthrough`, `local`
     /// or `error`.
     public func requestFinished(kind: String, method: String, code: Int, seconds: Double) {
-        registry.makeCounter(descriptor: Self.describe("cacheproxy_requests_total", "Client requests by kind, method and response status."), labels: [("kind", kind), ("method", Self.boundedMethod(method)), ("code", String(code))]).increment()
-        registry.makeDurationHistogram(descriptor: Self.describe("cacheproxy_request_duration_seconds", "Time from request head to the last response byte written."), labels: [("kind", kind)], buckets: Self.durationBuckets)
-            .record(.nanoseconds(Int64(seconds * 1e9)))
+        let key = RequestKey(kind: kind, method: Self.boundedMethod(method), code: code)
+        let counter = requestCounters.withLockedValue { counters in
+            if let counter = counters[key] { return counter }
+            let counter = registry.makeCounter(
+                descriptor: Self.describe("cacheproxy_requests_total", "Client requests by kind, method and response status."),
+                labels: [("kind", key.kind), ("method", key.method), ("code", String(code))])
+            counters[key] = counter
+            return counter
+        }
+        counter.increment()
+        histogram("cacheproxy_request_duration_seconds", "Time from request head to the last response byte written.",
+                  kind: kind).record(.nanoseconds(Int64(seconds * 1e9)))
     }
 
     /// Time from request head to response head, the figure a client's pull
     /// timeout is measured against.
     public func timeToFirstByte(kind: String, seconds: Double) {
-        registry.makeDurationHistogram(descriptor: Self.describe("cacheproxy_time_to_first_byte_seconds", "Time from request head to response head."), labels: [("kind", kind)], buckets: Self.durationBuckets)
+        histogram("cacheproxy_time_to_first_byte_seconds", "Time from request head to response head.", kind: kind)
             .record(.nanoseconds(Int64(seconds * 1e9)))
+    }
+
+    private func histogram(_ name: String, _ help: String, kind: String) -> DurationHistogram {
+        let key = name + "|" + kind
+        return histograms.withLockedValue { cache in
+            if let histogram = cache[key] { return histogram }
+            let histogram = registry.makeDurationHistogram(
+                descriptor: Self.describe(name, help), labels: [("kind", kind)], buckets: Self.durationBuckets)
+            cache[key] = histogram
+            return histogram
+        }
     }
 
     public func upstreamResponse(upstream: String, code: Int) {

@@ -27,7 +27,7 @@ struct BlobResponder: Sendable {
         let isHead = request.head.method == .HEAD
         if isHead, let size = store.size(of: request.digest) {
             metrics.blobHits.increment()
-            response.head(.ok, headers(for: request.digest, length: size, contentType: nil))
+            response.head(.ok, BlobResponsePlan.headers(for: request.digest, length: size, contentType: nil))
             try await response.end()
             return .ok
         }
@@ -37,7 +37,7 @@ struct BlobResponder: Sendable {
         }
         if isHead {
             // A HEAD miss asks the upstream and stores nothing: no bytes to keep.
-            return try await passThrough.forward(request.head, to: request.upstream, body: nil, bodyLength: .known(0),
+            return try await passThrough.forward(request.head, to: request.upstream, body: nil, bodyLength: .known(Int64(0)),
                                                  origin: request.origin, response: response)
         }
 
@@ -50,7 +50,7 @@ struct BlobResponder: Sendable {
             if joined, first.answer?.status != .badGateway, first.answer?.status != .gatewayTimeout {
                 // Another client's credentials got this answer; this client
                 // asks with its own, uncached.
-                return try await passThrough.forward(request.head, to: request.upstream, body: nil, bodyLength: .known(0),
+                return try await passThrough.forward(request.head, to: request.upstream, body: nil, bodyLength: .known(Int64(0)),
                                                      origin: request.origin, response: response)
             }
             if let answer = first.answer {
@@ -74,7 +74,7 @@ struct BlobResponder: Sendable {
         let handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: fd)
         defer { try? handle.close() }
         let (status, range, headers) = plan(request, length: size, contentType: nil)
-        guard let range else {
+        guard let range, !range.isEmpty else {
             try await response.send(status, headers: headers, body: ByteBuffer())
             return status
         }
@@ -104,7 +104,7 @@ struct BlobResponder: Sendable {
             (status, range, headers) = plan(request, length: length, contentType: contentType)
         } else {
             // Unknown length (a chunked upstream): the whole blob, chunked.
-            var h = self.headers(for: request.digest, length: nil, contentType: contentType)
+            var h = BlobResponsePlan.headers(for: request.digest, length: nil, contentType: contentType)
             h.remove(name: "accept-ranges")
             (status, range, headers) = (.ok, 0..<Int64.max, h)
         }
@@ -137,33 +137,11 @@ struct BlobResponder: Sendable {
         return status
     }
 
-    /// Status, byte range and headers for a blob of known length, honouring
-    /// `Range`. A `nil` range means "no body" (416).
     private func plan(_ request: Request, length: Int64, contentType: String?)
         -> (HTTPResponseStatus, Range<Int64>?, HTTPHeaders) {
-        var headers = headers(for: request.digest, length: length, contentType: contentType)
-        guard let value = request.head.headers.first(name: "range"), let byteRange = ByteRange(header: value) else {
-            return (.ok, 0..<length, headers)
-        }
-        guard let closed = byteRange.resolve(size: length) else {
-            headers.replaceOrAdd(name: "content-range", value: "bytes */\(length)")
-            headers.replaceOrAdd(name: "content-type", value: "application/json")
-            return (.rangeNotSatisfiable, nil, headers)
-        }
-        headers.replaceOrAdd(name: "content-length", value: String(closed.count))
-        headers.replaceOrAdd(name: "content-range", value: "bytes \(closed.lowerBound)-\(closed.upperBound)/\(length)")
-        return (.partialContent, closed.lowerBound..<(closed.upperBound + 1), headers)
-    }
-
-    private func headers(for digest: Digest, length: Int64?, contentType: String?) -> HTTPHeaders {
-        var headers: HTTPHeaders = [
-            "content-type": contentType ?? "application/octet-stream",
-            "docker-content-digest": digest.description,
-            "etag": "\"\(digest)\"",
-            "accept-ranges": "bytes",
-        ]
-        if let length { headers.add(name: "content-length", value: String(length)) }
-        return headers
+        let plan = BlobResponsePlan(digest: request.digest, length: length, contentType: contentType,
+                                    rangeHeader: request.head.headers.first(name: "range"))
+        return (plan.status, plan.range, plan.headers)
     }
 
     /// The client's headers the fill may send upstream: its credentials and

@@ -103,7 +103,7 @@ struct RequestHandler: Sendable {
             return ("blob", status)
         }
         var stream: AsyncChannel<ByteBuffer>?
-        var length = HTTPClientRequest.Body.Length.known(0)
+        var length = HTTPClientRequest.Body.Length.known(Int64(0))
         if case .stream(let channel, let bodyLength) = body {
             stream = channel
             length = bodyLength

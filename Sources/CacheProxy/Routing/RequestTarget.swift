@@ -1,5 +1,4 @@
 import Foundation
-
 /// What a request asks for, decided from its method and path alone.
 ///
 /// This is the one place that reads the raw request path: everything after it
@@ -30,7 +29,7 @@ public enum RequestTarget: Equatable, Sendable {
         try rejectTraversal(path)
         guard method == "GET" || method == "HEAD",
               path.hasPrefix("/v2/"),
-              let blobs = path.range(of: "/blobs/", options: .backwards)
+              let blobs = lastBlobsSegment(in: path)
         else { return .passThrough }
         let digestPart = path[blobs.upperBound...]
         // `/v2/<name>/blobs/uploads/...` is the push API, not a blob read.
@@ -53,14 +52,46 @@ public enum RequestTarget: Equatable, Sendable {
     /// here means no later stage has to reason about what an upstream (or a
     /// file system) would make of them.
     static func rejectTraversal(_ path: Substring) throws(Rejection) {
-        for segment in path.split(separator: "/", omittingEmptySubsequences: false)
-        where segment == "." || segment == ".." {
-            throw .nameInvalid("path traversal is not allowed")
+        // One pass over the bytes: this runs on every request, hits included.
+        let bytes = Array(path.utf8)
+        var segmentStart = 0
+        for index in 0...bytes.count {
+            if index == bytes.count || bytes[index] == UInt8(ascii: "/") {
+                let length = index - segmentStart
+                if (length == 1 || length == 2), bytes[segmentStart..<index].allSatisfy({ $0 == UInt8(ascii: ".") }) {
+                    throw .nameInvalid("path traversal is not allowed")
+                }
+                segmentStart = index + 1
+                continue
+            }
+            switch bytes[index] {
+            case UInt8(ascii: "\\"):
+                throw .nameInvalid("encoded path separators are not allowed")
+            case UInt8(ascii: "%") where index + 2 < bytes.count:
+                let high = bytes[index + 1], low = bytes[index + 2] | 0x20  // ASCII lower case
+                if (high == UInt8(ascii: "2") && (low == UInt8(ascii: "e") || low == UInt8(ascii: "f")))
+                    || (high == UInt8(ascii: "5") && low == UInt8(ascii: "c"))
+                    || (high == UInt8(ascii: "0") && bytes[index + 2] == UInt8(ascii: "0")) {
+                    throw .nameInvalid("encoded path separators are not allowed")
+                }
+            default:
+                break
+            }
         }
-        let lowered = path.lowercased()
-        for bad in ["%2e", "%2f", "%5c", "\\", "%00"] where lowered.contains(bad) {
-            throw .nameInvalid("encoded path separators are not allowed")
+    }
+
+    /// The range of the last `/blobs/` in `path`.
+    static func lastBlobsSegment(in path: Substring) -> Range<Substring.Index>? {
+        let marker = "/blobs/".utf8
+        var end = path.endIndex
+        while let slash = path[..<end].lastIndex(of: "/") {
+            let start = slash
+            if path[start...].utf8.starts(with: marker) {
+                return start..<path.utf8.index(start, offsetBy: marker.count)
+            }
+            end = slash
         }
+        return nil
     }
 }
 

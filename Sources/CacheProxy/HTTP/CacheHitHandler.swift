@@ -1,0 +1,110 @@
+import NIOCore
+import NIOHTTP1
+import ProxyMetrics
+
+/// Answers cache hits on the event loop, without a hop to a task.
+///
+/// A hit is the hot path: the blob is complete on disk, so there is nothing to
+/// wait for, and handing it to the async request loop would cost two thread
+/// hops per request for no gain. Anything that is not a plain hit (misses,
+/// pass-through, errors, local endpoints, a draining server) goes on to the
+/// async side unchanged, which answers hits too, so declining is always safe.
+///
+/// Sits after the pipelining handler, so it only ever sees a request head
+/// when no other response is in flight on the connection.
+final class CacheHitHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let hits: CacheHitResponder
+    /// True between a head this handler answered and that request's end:
+    /// its body parts (there should be none) are dropped.
+    private var consuming = false
+
+    init(hits: CacheHitResponder) {
+        self.hits = hits
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let part = unwrapInboundIn(data)
+        switch part {
+        case .head(let head):
+            if hits.answer(head, context: context, wrap: wrapOutboundOut) {
+                consuming = true
+                return
+            }
+        case .body:
+            if consuming { return }
+        case .end:
+            if consuming {
+                consuming = false
+                return
+            }
+        }
+        context.fireChannelRead(data)
+    }
+}
+
+/// The decision and the writing behind `CacheHitHandler`.
+struct CacheHitResponder: Sendable {
+    let router: Router
+    let store: BlobStore
+    let metrics: ProxyMetrics
+    let tracker: ConnectionTracker
+
+    /// Writes the whole response and returns true when the request is a hit.
+    func answer(_ head: HTTPRequestHead, context: ChannelHandlerContext,
+                wrap: (HTTPServerResponsePart) -> NIOAny) -> Bool {
+        guard head.method == .GET || head.method == .HEAD,
+              case .blob(_, let digest)? = try? RequestTarget.classify(method: head.method.rawValue, uri: head.uri),
+              let size = store.size(of: digest),
+              router.route(host: head.headers.first(name: "host"),
+                           namespace: RequestURI.queryValue("ns", in: head.uri)) != nil,
+              !tracker.isDraining
+        else { return false }
+        let started = ContinuousClock.now
+        let keepAlive = head.isKeepAlive
+
+        let plan: BlobResponsePlan
+        var file: NIOFileHandle?
+        if head.method == .HEAD {
+            plan = BlobResponsePlan(digest: digest, length: size, contentType: nil, rangeHeader: nil)
+        } else {
+            guard let (fd, actualSize) = store.openCached(digest) else { return false }
+            file = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: fd)
+            plan = BlobResponsePlan(digest: digest, length: actualSize, contentType: nil,
+                                    rangeHeader: head.headers.first(name: "range"))
+        }
+        var headers = plan.headers
+        if !keepAlive { headers.replaceOrAdd(name: "connection", value: "close") }
+        context.write(wrap(.head(HTTPResponseHead(version: head.version, status: plan.status, headers: headers))),
+                      promise: nil)
+        var sent: Int64 = 0
+        if let file, let range = plan.range {
+            var offset = range.lowerBound
+            while offset < range.upperBound {
+                let end = min(range.upperBound, offset + ResponseChannel.maxRegion)
+                let region = FileRegion(fileHandle: file, readerIndex: Int(offset), endIndex: Int(end))
+                context.write(wrap(.body(.fileRegion(region))), promise: nil)
+                offset = end
+            }
+            sent = Int64(range.count)
+        }
+        let channel = context.channel
+        let metrics = self.metrics
+        let status = plan.status
+        let method = head.method.rawValue
+        context.writeAndFlush(wrap(.end(nil))).assumeIsolated().whenComplete { result in
+            try? file?.close()
+            if case .success = result {
+                metrics.blobHits.increment()
+                metrics.bytesFromCache.increment(by: sent)
+            }
+            let seconds = RequestHandler.seconds(started.duration(to: .now))
+            metrics.requestFinished(kind: "blob", method: method, code: Int(status.code), seconds: seconds)
+            if !keepAlive { channel.close(promise: nil) }
+        }
+        return true
+    }
+}
