@@ -53,7 +53,7 @@ public final class ProxyServer: Service, Sendable {
         let config = self.config
         let headTimeout = TimeAmount.milliseconds(Int64(config.timeouts.headerReadSeconds * 1000))
         let hits = CacheHitResponder(router: Router(upstreams: config.upstreams), store: store,
-                                     metrics: metrics, tracker: tracker)
+                                     metrics: metrics, tracker: tracker, smallBlobs: SmallBlobCache())
         let listener = try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)

@@ -1,4 +1,7 @@
 import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
 import NIOHTTP1
 import ProxyMetrics
 
@@ -52,6 +55,7 @@ struct CacheHitResponder: Sendable {
     let store: BlobStore
     let metrics: ProxyMetrics
     let tracker: ConnectionTracker
+    let smallBlobs: SmallBlobCache
 
     /// Writes the whole response and returns true when the request is a hit.
     func answer(_ head: HTTPRequestHead, context: ChannelHandlerContext,
@@ -68,20 +72,36 @@ struct CacheHitResponder: Sendable {
 
         let plan: BlobResponsePlan
         var file: NIOFileHandle?
+        var inline = smallBlobs.get(digest)
         if head.method == .HEAD {
             plan = BlobResponsePlan(digest: digest, length: size, contentType: nil, rangeHeader: nil)
+        } else if let bytes = inline {
+            plan = BlobResponsePlan(digest: digest, length: Int64(bytes.readableBytes), contentType: nil,
+                                    rangeHeader: head.headers.first(name: "range"))
         } else {
             guard let (fd, actualSize) = store.openCached(digest) else { return false }
             file = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: fd)
             plan = BlobResponsePlan(digest: digest, length: actualSize, contentType: nil,
                                     rangeHeader: head.headers.first(name: "range"))
+            if actualSize <= smallBlobs.maxBlobSize, let file,
+               let bytes = Self.read(file, range: 0..<actualSize, allocator: context.channel.allocator) {
+                smallBlobs.put(digest, bytes)
+                inline = bytes
+            }
         }
         var headers = plan.headers
         if !keepAlive { headers.replaceOrAdd(name: "connection", value: "close") }
         context.write(wrap(.head(HTTPResponseHead(version: head.version, status: plan.status, headers: headers))),
                       promise: nil)
         var sent: Int64 = 0
-        if let file, let range = plan.range {
+        if head.method != .HEAD, let bytes = inline, let range = plan.range {
+            // Small blobs go out with the head in one writev: for a few KiB a
+            // copy is cheaper than a second syscall and a second packet.
+            if let slice = bytes.getSlice(at: bytes.readerIndex + Int(range.lowerBound), length: range.count) {
+                context.write(wrap(.body(.byteBuffer(slice))), promise: nil)
+            }
+            sent = Int64(range.count)
+        } else if let file, let range = plan.range {
             var offset = range.lowerBound
             while offset < range.upperBound {
                 let end = min(range.upperBound, offset + ResponseChannel.maxRegion)
@@ -106,5 +126,18 @@ struct CacheHitResponder: Sendable {
             if !keepAlive { channel.close(promise: nil) }
         }
         return true
+    }
+
+    /// Reads a small range of a cached file; `nil` (fall back to sendfile)
+    /// if the file came up short.
+    static func read(_ file: NIOFileHandle, range: Range<Int64>, allocator: ByteBufferAllocator) -> ByteBuffer? {
+        var buffer = allocator.buffer(capacity: Int(range.count))
+        let count = Int(range.count)
+        let read = try? file.withUnsafeFileDescriptor { fd in
+            buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { pointer in
+                max(0, pread(fd, pointer.baseAddress, count, off_t(range.lowerBound)))
+            }
+        }
+        return read == count ? buffer : nil
     }
 }

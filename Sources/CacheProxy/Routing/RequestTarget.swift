@@ -33,7 +33,7 @@ public enum RequestTarget: Equatable, Sendable {
         else { return .passThrough }
         let digestPart = path[blobs.upperBound...]
         // `/v2/<name>/blobs/uploads/...` is the push API, not a blob read.
-        if digestPart == "uploads" || digestPart.hasPrefix("uploads/") || digestPart.contains("/") {
+        if digestPart.utf8.contains(UInt8(ascii: "/")) || digestPart == "uploads" {
             return .passThrough
         }
         let name = path[path.index(path.startIndex, offsetBy: 4)..<blobs.lowerBound]
@@ -84,7 +84,7 @@ public enum RequestTarget: Equatable, Sendable {
     static func lastBlobsSegment(in path: Substring) -> Range<Substring.Index>? {
         let marker = "/blobs/".utf8
         var end = path.endIndex
-        while let slash = path[..<end].lastIndex(of: "/") {
+        while let slash = path.utf8[..<end].lastIndex(of: UInt8(ascii: "/")) {
             let start = slash
             if path[start...].utf8.starts(with: marker) {
                 return start..<path.utf8.index(start, offsetBy: marker.count)
@@ -98,14 +98,14 @@ public enum RequestTarget: Equatable, Sendable {
 /// Splitting of a request target into path and query.
 public enum RequestURI {
     public static func path(of uri: String) -> Substring {
-        if let q = uri.firstIndex(of: "?") { return uri[..<q] }
+        if let q = uri.utf8.firstIndex(of: UInt8(ascii: "?")) { return uri[..<q] }
         return Substring(uri)
     }
 
     /// The percent-decoded value of the first `key=value` pair with that key
     /// (containerd sends `ns=127.0.0.1%3A5000`).
     public static func queryValue(_ key: String, in uri: String) -> Substring? {
-        guard let q = uri.firstIndex(of: "?") else { return nil }
+        guard let q = uri.utf8.firstIndex(of: UInt8(ascii: "?")) else { return nil }
         for pair in uri[uri.index(after: q)...].split(separator: "&") {
             let parts = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
             if parts.count == 2, parts[0] == key { return String(parts[1]).removingPercentEncoding.map { Substring($0) } }

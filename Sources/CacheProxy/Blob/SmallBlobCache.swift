@@ -1,0 +1,54 @@
+import DequeModule
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// The bytes of small cached blobs (configs, tiny layers), kept in memory.
+///
+/// For a blob of a few KiB, opening, reading and closing the file costs more
+/// than sending it (measured: the hit path spent most of its time in those
+/// syscalls). Blobs are immutable and named by digest, so an entry never
+/// goes stale; it only has to go when the file does. Eviction is first-in,
+/// first-out within a byte budget: cheap, and small blobs are cheap to
+/// reload.
+final class SmallBlobCache: Sendable {
+    private struct State {
+        var entries: [Digest: ByteBuffer] = [:]
+        var order: Deque<Digest> = []
+        var bytes = 0
+    }
+
+    let maxBlobSize: Int
+    let capacity: Int
+    private let state = NIOLockedValueBox(State())
+
+    init(maxBlobSize: Int = 64 * 1024, capacity: Int = 64 * 1024 * 1024) {
+        self.maxBlobSize = maxBlobSize
+        self.capacity = capacity
+    }
+
+    func get(_ digest: Digest) -> ByteBuffer? {
+        state.withLockedValue { $0.entries[digest] }
+    }
+
+    func put(_ digest: Digest, _ bytes: ByteBuffer) {
+        guard bytes.readableBytes <= maxBlobSize, capacity > 0 else { return }
+        state.withLockedValue { state in
+            guard state.entries[digest] == nil else { return }
+            state.entries[digest] = bytes
+            state.order.append(digest)
+            state.bytes += bytes.readableBytes
+            while state.bytes > capacity, let oldest = state.order.popFirst() {
+                state.bytes -= state.entries.removeValue(forKey: oldest)?.readableBytes ?? 0
+            }
+        }
+    }
+
+    func remove(_ digest: Digest) {
+        state.withLockedValue { state in
+            if let gone = state.entries.removeValue(forKey: digest) {
+                state.bytes -= gone.readableBytes
+                state.order.removeAll { $0 == digest }
+            }
+        }
+    }
+}

@@ -1,0 +1,21 @@
+import NIOCore
+import XCTest
+@testable import CacheProxy
+
+final class SmallBlobCacheTests: XCTestCase {
+    func digest(_ n: Int) throws -> Digest {
+        try Digest(parsing: "sha256:" + String(repeating: String(format: "%02x", n), count: 32))
+    }
+
+    func testKeepsWithinItsBudgetOldestFirst() throws {
+        let cache = SmallBlobCache(maxBlobSize: 100, capacity: 250)
+        for n in 0..<3 { cache.put(try digest(n), ByteBuffer(repeating: UInt8(n), count: 100)) }
+        XCTAssertNil(cache.get(try digest(0)), "the oldest went to make room")
+        XCTAssertEqual(cache.get(try digest(1))?.readableBytes, 100)
+        XCTAssertEqual(cache.get(try digest(2)).map { Array($0.readableBytesView) }, Array(repeating: 2, count: 100))
+        cache.put(try digest(9), ByteBuffer(repeating: 9, count: 101))
+        XCTAssertNil(cache.get(try digest(9)), "larger than maxBlobSize is never kept")
+        cache.remove(try digest(1))
+        XCTAssertNil(cache.get(try digest(1)))
+    }
+}
