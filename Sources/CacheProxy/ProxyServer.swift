@@ -92,6 +92,13 @@ public final class ProxyServer: Service, Sendable {
             self.readiness.drain()
             self.tracker.drain()
             listener.channel.close(promise: nil)
+            // Responses still running when the shutdown timeout passes are cut.
+            let tracker = self.tracker
+            let timeout = Duration.milliseconds(Int64(config.timeouts.shutdownSeconds * 1000))
+            Task {
+                try? await Task.sleep(for: timeout)
+                tracker.closeAll()
+            }
         }
         await finishFills()
         try? await client.shutdown()

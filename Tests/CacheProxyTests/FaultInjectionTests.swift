@@ -180,4 +180,21 @@ final class FaultInjectionTests: XCTestCase {
         await proxy.stop()
         await upstream.stop()
     }
+
+    func testGracefulShutdownLetsAnInFlightFillAndItsClientFinish() async throws {
+        let bytes = Self.randomBytes(1_000_000)
+        let digest = Self.digest(of: bytes)
+        let upstream = try await FakeUpstream { _ in .init(body: bytes, chunkSize: 100_000, delay: .milliseconds(100)) }
+        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(upstream.port))
+        let url = "\(proxy.base)/v2/a/blobs/\(digest)"
+        let download = Task.detached { try curl(url) }
+        try await Task.sleep(for: .milliseconds(300))
+        await proxy.stop()  // SIGTERM's path: drain, then return
+        let result = try await download.value
+        XCTAssertEqual(result.exit, 0)
+        XCTAssertEqual(Self.digest(of: Array(result.body)), digest, "the client got the whole, right blob")
+        XCTAssertEqual(proxy.files(in: "blobs").count, 1, "the fill was published before exit")
+        XCTAssertEqual(proxy.files(in: "tmp"), [])
+        await upstream.stop()
+    }
 }

@@ -68,7 +68,11 @@ struct CacheHitResponder: Sendable {
               !tracker.isDraining
         else { return false }
         let started = ContinuousClock.now
-        let keepAlive = head.isKeepAlive
+        let channel = context.channel
+        let tracker = self.tracker
+        // Busy until the last byte is written, so a draining server lets a
+        // large hit finish instead of closing it as an idle connection.
+        let keepAlive = head.isKeepAlive && tracker.setIdle(channel, false)
 
         let plan: BlobResponsePlan
         var file: NIOFileHandle?
@@ -111,7 +115,6 @@ struct CacheHitResponder: Sendable {
             }
             sent = Int64(range.count)
         }
-        let channel = context.channel
         let metrics = self.metrics
         let status = plan.status
         let method = head.method.rawValue
@@ -123,7 +126,7 @@ struct CacheHitResponder: Sendable {
             }
             let seconds = RequestHandler.seconds(started.duration(to: .now))
             metrics.requestFinished(kind: "blob", method: method, code: Int(status.code), seconds: seconds)
-            if !keepAlive { channel.close(promise: nil) }
+            if !tracker.setIdle(channel, true) || !keepAlive { channel.close(promise: nil) }
         }
         return true
     }
