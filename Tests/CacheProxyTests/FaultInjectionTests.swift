@@ -197,4 +197,28 @@ final class FaultInjectionTests: XCTestCase {
         XCTAssertEqual(proxy.files(in: "tmp"), [])
         await upstream.stop()
     }
+
+    func testAClientJoiningAFillRefusedForOthersCredentialsAsksWithItsOwn() async throws {
+        let bytes = Self.randomBytes(200_000)
+        let digest = Self.digest(of: bytes)
+        let upstream = try await FakeUpstream { head in
+            head.headers.first(name: "authorization") == "Bearer good"
+                ? .init(body: bytes)
+                : .init(status: .unauthorized, headers: ["www-authenticate": "Bearer realm=\"x\""], headDelay: .milliseconds(500))
+        }
+        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(upstream.port))
+        let url = "\(proxy.base)/v2/a/blobs/\(digest)"
+        let refused = Task.detached { try curl(url, ["-H", "Authorization: Bearer bad"]) }
+        try await Task.sleep(for: .milliseconds(150))
+        let allowed = try await Task.detached { try curl(url, ["-H", "Authorization: Bearer good"]) }.value
+        let refusedCode = try await refused.value.code
+        XCTAssertEqual(refusedCode, 401)
+        XCTAssertEqual(allowed.code, 200)
+        XCTAssertEqual(Array(allowed.body), bytes)
+        XCTAssertEqual(try proxy.metric("cacheproxy_blob_coalesced_total"), 1, "the second client did join first")
+        XCTAssertEqual(upstream.requests.map { $0.headers.first(name: "authorization") }, ["Bearer bad", "Bearer good"])
+        XCTAssertEqual(proxy.files(in: "blobs").count, 1, "the retry was a verified fill, not an unchecked pass-through")
+        await proxy.stop()
+        await upstream.stop()
+    }
 }

@@ -41,29 +41,34 @@ struct BlobResponder: Sendable {
                                                  origin: request.origin, response: response)
         }
 
-        let (fill, joined) = fills.fill(for: request.digest, upstream: request.upstream,
-                                        repository: request.name, headers: Self.upstreamHeaders(request.head))
-        (joined ? metrics.coalescedFollowers : metrics.blobMisses).increment()
-        let first = await fill.next(after: -1)
-        switch first.state {
-        case .rejected, .failed:
-            if joined, first.answer?.status != .badGateway, first.answer?.status != .gatewayTimeout {
-                // Another client's credentials got this answer; this client
-                // asks with its own, uncached.
-                return try await passThrough.forward(request.head, to: request.upstream, body: nil, bodyLength: .known(Int64(0)),
-                                                     origin: request.origin, response: response)
+        // A blob GET is never passed through: every byte a client gets has
+        // gone through a fill that checks the digest.
+        var attempt = 0
+        while true {
+            attempt += 1
+            let (fill, joined) = fills.fill(for: request.digest, upstream: request.upstream,
+                                            repository: request.name, headers: Self.upstreamHeaders(request.head))
+            (joined ? metrics.coalescedFollowers : metrics.blobMisses).increment()
+            let first = await fill.next(after: -1)
+            switch first.state {
+            case .rejected where joined && attempt == 1:
+                // The upstream refused someone else's credentials (401, 403,
+                // 404...): ask again, as the leader of a fill with this
+                // client's own.
+                continue
+            case .rejected, .failed:
+                if let answer = first.answer {
+                    var headers = PassThrough.endToEnd(answer.headers)
+                    headers.remove(name: "content-length")
+                    try await response.send(answer.status, headers: headers, body: answer.body)
+                    return answer.status
+                }
+                let error = OCIError(.badGateway, .unavailable, "upstream blob download failed")
+                try await response.send(error)
+                return error.status
+            default:
+                return try await follow(fill, first: first, request, response: response)
             }
-            if let answer = first.answer {
-                var headers = PassThrough.endToEnd(answer.headers)
-                headers.remove(name: "content-length")
-                try await response.send(answer.status, headers: headers, body: answer.body)
-                return answer.status
-            }
-            let error = OCIError(.badGateway, .unavailable, "upstream blob download failed")
-            try await response.send(error)
-            return error.status
-        default:
-            return try await follow(fill, first: first, request, response: response)
         }
     }
 

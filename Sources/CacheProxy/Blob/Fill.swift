@@ -101,6 +101,8 @@ public final class Fill: Sendable {
 
     public var state: FillStateMachine.State { inner.withLockedValue { $0.machine.state } }
 
+    public var isFinished: Bool { inner.withLockedValue { $0.machine.isFinished } }
+
     // MARK: fill side
 
     @discardableResult

@@ -26,7 +26,9 @@ public final class FillRegistry: Sendable {
         for digest: Digest, upstream: ProxyConfig.Upstream, repository: String, headers: HTTPHeaders
     ) -> (fill: Fill, joined: Bool) {
         let (fill, created) = running.withLockedValue { running -> (Fill, Bool) in
-            if let existing = running.fills[digest] { return (existing, false) }
+            // A finished fill may linger here for a moment after it woke its
+            // followers; a new request must not join it.
+            if let existing = running.fills[digest], !existing.isFinished { return (existing, false) }
             let fill = Fill(digest: digest, upstream: upstream, repository: repository,
                             requestHeaders: headers, holdBack: holdBack)
             running.fills[digest] = fill

@@ -17,6 +17,8 @@ final class FakeUpstream: Sendable {
         var cutAfter: Int?
         /// Never answer at all.
         var silent = false
+        /// Wait this long before the response head.
+        var headDelay: TimeAmount = .zero
     }
 
     struct Seen: Sendable {
@@ -76,6 +78,7 @@ final class FakeUpstream: Sendable {
                         try await Task.sleep(for: .seconds(60))
                         return
                     }
+                    if r.headDelay > .zero { try await Task.sleep(for: .nanoseconds(r.headDelay.nanoseconds)) }
                     var headers = r.headers
                     if !headers.contains(name: "content-length") {
                         headers.add(name: "content-length", value: String(r.body.count))
