@@ -170,17 +170,55 @@ public final class Fill: Sendable {
 
             var hasher = DigestHasher(digest.algorithm)
             var offset: Int64 = 0
-            for try await chunk in response.body {
-                hasher.update(chunk)
+            // Chunks arrive as the socket delivers them (tens of KiB); each
+            // write is a hop to the thread pool and each progress step wakes
+            // every follower, so they are gathered into batches first. One
+            // batch is hashed and written while the next is read, so hashing,
+            // disk and network overlap instead of taking turns.
+            var pending = ByteBuffer()
+            var writing: (task: Task<DigestHasher, Error>, count: Int64)?
+            func finishWrite() async throws {
+                guard let (task, count) = writing else { return }
+                writing = nil
                 do {
-                    try await context.writer.write(chunk, to: file.fd, at: offset)
+                    hasher = try await task.value
                 } catch {
                     throw FillStateMachine.Failure.storage(String(describing: error))
                 }
-                offset += Int64(chunk.readableBytes)
-                if case .discard(let failure) = transition({ $0.bytesWritten(Int64(chunk.readableBytes)) }) {
-                    throw failure
+                if case .discard(let failure) = transition({ $0.bytesWritten(count) }) { throw failure }
+            }
+            func flush() async throws {
+                try await finishWrite()
+                guard pending.readableBytes > 0 else { return }
+                let batch = pending
+                let at = offset
+                let writer = context.writer
+                let fd = file.fd
+                // Hashing goes with the write: one batch is hashed and
+                // written while the next one is read.
+                let state = hasher
+                writing = (Task {
+                    var state = state
+                    state.update(batch)
+                    try await writer.write(batch, to: fd, at: at)
+                    return state
+                }, Int64(batch.readableBytes))
+                offset += Int64(batch.readableBytes)
+                pending = ByteBuffer()
+                pending.reserveCapacity(Self.writeBatch + 64 * 1024)
+            }
+            do {
+                for try await chunk in response.body {
+                    pending.writeImmutableBuffer(chunk)
+                    if pending.readableBytes >= Self.writeBatch { try await flush() }
                 }
+                try await flush()
+                try await finishWrite()
+            } catch {
+                // The descriptor is closed on the way out: no write may still
+                // be using it (the number could be reused by then).
+                if let (task, _) = writing { _ = try? await task.value }
+                throw error
             }
             if case .discard(let failure) = transition({ $0.upstreamEnded() }) { throw failure }
 
@@ -215,6 +253,9 @@ public final class Fill: Sendable {
         }
     }
 
+    /// Bytes gathered before one disk write and one wake-up of the followers.
+    static let writeBatch = 256 * 1024
+
     static func collectBounded(_ body: HTTPClientResponse.Body, limit: Int) async throws -> ByteBuffer {
         var collected = ByteBuffer()
         for try await var chunk in body where collected.readableBytes < limit {
@@ -227,7 +268,7 @@ public final class Fill: Sendable {
 }
 
 /// An incremental hash of the algorithm a digest names.
-struct DigestHasher {
+struct DigestHasher: Sendable {
     private var sha256: SHA256?
     private var sha512: SHA512?
 
