@@ -16,6 +16,9 @@ final class FillStateMachineTests: XCTestCase {
         XCTAssertEqual(m.upstreamEnded(), .verifyDigest)
         XCTAssertEqual(m.followerMark, 90)
         XCTAssertEqual(m.digestChecked(matches: true), .publish(size: 100))
+        XCTAssertEqual(m.state, .verified(size: 100))
+        XCTAssertEqual(m.followerMark, 100, "verified bytes go out before the fsync and rename")
+        XCTAssertFalse(m.isFinished)
         XCTAssertEqual(m.publishSucceeded(), .wakeFollowers)
         XCTAssertEqual(m.state, .published(size: 100))
         XCTAssertEqual(m.followerMark, 100)
@@ -66,6 +69,17 @@ final class FillStateMachineTests: XCTestCase {
         _ = t.upstreamResponded(status: 200, contentLength: 10)
         _ = t.bytesWritten(4)
         XCTAssertEqual(t.upstreamEnded(), .discard(.truncated(expected: 10, received: 4)))
+    }
+
+    func testStorageFailureAfterVerificationFails() {
+        var m = FillStateMachine()
+        _ = m.start()
+        _ = m.upstreamResponded(status: 200, contentLength: 1)
+        _ = m.bytesWritten(1)
+        _ = m.upstreamEnded()
+        _ = m.digestChecked(matches: true)
+        XCTAssertEqual(m.fail(.storage("ENOSPC")), .discard(.storage("ENOSPC")))
+        XCTAssertEqual(m.state, .failed(.storage("ENOSPC")))
     }
 
     func testFailureAfterTheEndChangesNothing() {

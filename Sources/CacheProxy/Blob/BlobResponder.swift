@@ -126,7 +126,7 @@ struct BlobResponder: Sendable {
             case .failed, .rejected:
                 response.abort()
                 return status
-            case .published(let size):
+            case .verified(let size), .published(let size):
                 limit = min(range.upperBound, size)
             default:
                 limit = min(range.upperBound, snapshot.mark)
@@ -136,6 +136,7 @@ struct BlobResponder: Sendable {
                 metrics.bytesFromUpstream.increment(by: limit - sent)
                 sent = limit
             }
+            if case .verified = snapshot.state { break }
             if case .published = snapshot.state { break }
         }
         try await response.end()

@@ -2,10 +2,13 @@
 /// tested on its own (the way async-http-client models a request).
 ///
 /// ```
-/// idle ─► requesting ─► streaming ─► verifying ─► published
-///              │             │            │
-///              └► rejected   └────────────┴────► failed
+/// idle ─► requesting ─► streaming ─► verifying ─► verified ─► published
+///              │             │            │            │
+///              └► rejected   └────────────┴────────────┴──► failed
 /// ```
+/// `verified` releases the held-back tail to followers at once: the bytes
+/// are known good, so clients need not wait for the fsync and rename that
+/// make the cache entry durable.
 /// `rejected` is an upstream answer other than 200 (401, 404, 429, 5xx): it
 /// is handed to the client that asked and nothing is stored.
 public struct FillStateMachine: Sendable, Equatable {
@@ -22,6 +25,7 @@ public struct FillStateMachine: Sendable, Equatable {
         case requesting
         case streaming(written: Int64, expected: Int64?)
         case verifying(size: Int64)
+        case verified(size: Int64)
         case published(size: Int64)
         case rejected(status: Int)
         case failed(Failure)
@@ -87,11 +91,12 @@ public struct FillStateMachine: Sendable, Equatable {
     public mutating func digestChecked(matches: Bool) -> Action {
         guard case .verifying(let size) = state else { return .none }
         guard matches else { return fail(.digestMismatch) }
+        state = .verified(size: size)
         return .publish(size: size)
     }
 
     public mutating func publishSucceeded() -> Action {
-        guard case .verifying(let size) = state else { return .none }
+        guard case .verified(let size) = state else { return .none }
         state = .published(size: size)
         return .wakeFollowers
     }
@@ -126,7 +131,7 @@ public struct FillStateMachine: Sendable, Equatable {
             return max(0, written - holdBack)
         case .verifying(let size):
             return max(0, size - holdBack)
-        case .published(let size):
+        case .verified(let size), .published(let size):
             return size
         case .rejected, .failed:
             return Int64.max
