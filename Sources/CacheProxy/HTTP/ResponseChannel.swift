@@ -27,8 +27,16 @@ struct ResponseChannel: Sendable {
                       promise: nil)
     }
 
+    /// Waits for the write only when the channel has stopped being writable:
+    /// a fast client costs no round trip per chunk, a slow one still pushes
+    /// back. (A failed unawaited write shows up at `end()`.)
     func body(_ buffer: ByteBuffer) async throws {
-        try await channel.writeAndFlush(HTTPServerResponsePart.body(.byteBuffer(buffer)))
+        let part = HTTPServerResponsePart.body(.byteBuffer(buffer))
+        if channel.isWritable {
+            channel.writeAndFlush(part, promise: nil)
+        } else {
+            try await channel.writeAndFlush(part)
+        }
     }
 
     /// Sends `range` of the file with `sendfile`, in bounded regions.
