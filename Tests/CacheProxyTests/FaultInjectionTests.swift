@@ -109,7 +109,8 @@ final class FaultInjectionTests: XCTestCase {
         let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(upstream.port))
         let socket = try RawSocket(port: proxy.port)
         socket.send("GET /v2/a/blobs/\(digest) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        XCTAssertTrue(socket.receiveHead().hasPrefix("HTTP/1.1 200"))
+        let head = socket.receiveHead()
+        XCTAssertTrue(head.hasPrefix("HTTP/1.1 200"), head)
         socket.close()
         for _ in 0..<100 where proxy.files(in: "blobs").isEmpty {
             try await Task.sleep(for: .milliseconds(50))
@@ -218,6 +219,27 @@ final class FaultInjectionTests: XCTestCase {
         XCTAssertEqual(try proxy.metric("cacheproxy_blob_coalesced_total"), 1, "the second client did join first")
         XCTAssertEqual(upstream.requests.map { $0.headers.first(name: "authorization") }, ["Bearer bad", "Bearer good"])
         XCTAssertEqual(proxy.files(in: "blobs").count, 1, "the retry was a verified fill, not an unchecked pass-through")
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    func testHeadersGoOutAsSoonAsTheUpstreamAnswers() async throws {
+        // Smaller than the held-back tail: no body byte may go out before
+        // the digest is checked, but the head must not wait for that.
+        let bytes = Self.randomBytes(10_000)
+        let upstream = try await FakeUpstream { _ in .init(body: bytes, chunkSize: 5000, delay: .milliseconds(700)) }
+        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(upstream.port))
+        let socket = try RawSocket(port: proxy.port)
+        let started = Date()
+        socket.send("GET /v2/a/blobs/\(Self.digest(of: bytes)) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        let head = socket.receiveHead()
+        let headAfter = Date().timeIntervalSince(started)
+        XCTAssertTrue(head.hasPrefix("HTTP/1.1 200"), head)
+        XCTAssertTrue(head.lowercased().contains("content-length: 10000"), head)
+        XCTAssertLessThan(headAfter, 0.5, "the head waited for the body")
+        let body = socket.receive()
+        XCTAssertEqual(body, bytes)
+        XCTAssertGreaterThan(Date().timeIntervalSince(started), 0.6, "the body came after the upstream finished")
         await proxy.stop()
         await upstream.stop()
     }

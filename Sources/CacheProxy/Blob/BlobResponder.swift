@@ -118,6 +118,7 @@ struct BlobResponder: Sendable {
             return status
         }
         response.head(status, headers)
+        response.flush()
         var sent = range.lowerBound
         while sent < range.upperBound {
             let snapshot = await fill.next(after: sent)

@@ -30,6 +30,12 @@ struct ResponseChannel: Sendable {
     /// Waits for the write only when the channel has stopped being writable:
     /// a fast client costs no round trip per chunk, a slow one still pushes
     /// back. (A failed unawaited write shows up at `end()`.)
+    /// Sends what was written so far, without waiting (a head whose body is
+    /// not ready yet: clients time out waiting for headers, not for bytes).
+    func flush() {
+        channel.flush()
+    }
+
     func body(_ buffer: ByteBuffer) async throws {
         let part = HTTPServerResponsePart.body(.byteBuffer(buffer))
         if channel.isWritable {

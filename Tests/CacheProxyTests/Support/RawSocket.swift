@@ -41,6 +41,7 @@ final class RawSocket {
         var offset = 0
         while offset < bytes.count {
             let n = bytes[offset...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n < 0, errno == EINTR { continue }
             if n <= 0 { return false }
             offset += n
         }
@@ -54,6 +55,9 @@ final class RawSocket {
         var buffer = [UInt8](repeating: 0, count: 65536)
         while out.count < limit {
             let n = recv(fd, &buffer, buffer.count, 0)
+            // A receive timeout makes recv return EINTR on any signal
+            // (no SA_RESTART for it): that is not the peer closing.
+            if n < 0, errno == EINTR { continue }
             if n <= 0 { break }
             out.append(contentsOf: buffer[..<n])
         }
@@ -64,7 +68,10 @@ final class RawSocket {
     func receiveHead() -> String {
         var out: [UInt8] = []
         var byte: UInt8 = 0
-        while recv(fd, &byte, 1, 0) == 1 {
+        while true {
+            let n = recv(fd, &byte, 1, 0)
+            if n < 0, errno == EINTR { continue }
+            guard n == 1 else { break }
             out.append(byte)
             if out.count >= 4, out.suffix(4) == [13, 10, 13, 10] { break }
         }
