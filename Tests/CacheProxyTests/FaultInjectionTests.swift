@@ -243,4 +243,21 @@ final class FaultInjectionTests: XCTestCase {
         await proxy.stop()
         await upstream.stop()
     }
+
+    func testSHA512BlobsAreVerifiedAndStoredUnderTheirAlgorithm() async throws {
+        let bytes = Self.randomBytes(100_000)
+        let digest = "sha512:" + SHA512.hash(data: bytes).map { String(format: "%02x", $0) }.joined()
+        let upstream = try await FakeUpstream { _ in .init(body: bytes) }
+        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(upstream.port))
+        let first = try curl("\(proxy.base)/v2/a/blobs/\(digest)")
+        XCTAssertEqual(first.code, 200)
+        XCTAssertEqual(Array(first.body), bytes)
+        let stored = proxy.files(in: "blobs")
+        XCTAssertEqual(stored.count, 1)
+        XCTAssertTrue(stored.first?.hasPrefix("sha512/") ?? false, "\(stored)")
+        XCTAssertEqual(Array(try curl("\(proxy.base)/v2/a/blobs/\(digest)").body), bytes)
+        XCTAssertEqual(upstream.requests.count, 1)
+        await proxy.stop()
+        await upstream.stop()
+    }
 }
