@@ -26,6 +26,11 @@ struct BlobResponsePlan {
         (status, range, self.headers) = (.partialContent, closed.lowerBound..<(closed.upperBound + 1), headers)
     }
 
+    /// A whole-blob 200 with headers built earlier.
+    init(whole length: Int, headers: HTTPHeaders) {
+        (status, range, self.headers) = (.ok, 0..<Int64(length), headers)
+    }
+
     /// The headers every blob answer carries. The proxy sets
     /// `Docker-Content-Digest` itself: CDNs behind a registry do not.
     static func headers(for digest: Digest, length: Int64?, contentType: String?) -> HTTPHeaders {

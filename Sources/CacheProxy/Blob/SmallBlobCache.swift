@@ -1,6 +1,7 @@
 import DequeModule
 import NIOConcurrencyHelpers
 import NIOCore
+import NIOHTTP1
 
 /// The bytes of small cached blobs (configs, tiny layers), kept in memory.
 ///
@@ -11,8 +12,14 @@ import NIOCore
 /// first-out within a byte budget: cheap, and small blobs are cheap to
 /// reload.
 final class SmallBlobCache: Sendable {
+    struct Entry: Sendable {
+        let bytes: ByteBuffer
+        /// The headers of a plain 200 answer, built once.
+        let headers: HTTPHeaders
+    }
+
     private struct State {
-        var entries: [Digest: ByteBuffer] = [:]
+        var entries: [Digest: Entry] = [:]
         var order: Deque<Digest> = []
         var bytes = 0
     }
@@ -26,7 +33,7 @@ final class SmallBlobCache: Sendable {
         self.capacity = capacity
     }
 
-    func get(_ digest: Digest) -> ByteBuffer? {
+    func get(_ digest: Digest) -> Entry? {
         state.withLockedValue { $0.entries[digest] }
     }
 
@@ -34,11 +41,13 @@ final class SmallBlobCache: Sendable {
         guard bytes.readableBytes <= maxBlobSize, capacity > 0 else { return }
         state.withLockedValue { state in
             guard state.entries[digest] == nil else { return }
-            state.entries[digest] = bytes
+            state.entries[digest] = Entry(
+                bytes: bytes,
+                headers: BlobResponsePlan.headers(for: digest, length: Int64(bytes.readableBytes), contentType: nil))
             state.order.append(digest)
             state.bytes += bytes.readableBytes
             while state.bytes > capacity, let oldest = state.order.popFirst() {
-                state.bytes -= state.entries.removeValue(forKey: oldest)?.readableBytes ?? 0
+                state.bytes -= state.entries.removeValue(forKey: oldest)?.bytes.readableBytes ?? 0
             }
         }
     }
@@ -46,7 +55,7 @@ final class SmallBlobCache: Sendable {
     func remove(_ digest: Digest) {
         state.withLockedValue { state in
             if let gone = state.entries.removeValue(forKey: digest) {
-                state.bytes -= gone.readableBytes
+                state.bytes -= gone.bytes.readableBytes
                 state.order.removeAll { $0 == digest }
             }
         }

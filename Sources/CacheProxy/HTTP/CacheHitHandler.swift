@@ -76,17 +76,20 @@ struct CacheHitResponder: Sendable {
 
         let plan: BlobResponsePlan
         var file: NIOFileHandle?
-        var inline = smallBlobs.get(digest)
+        let entry = head.method == .HEAD ? nil : smallBlobs.get(digest)
+        var inline = entry?.bytes
+        let rangeHeader = head.headers.first(name: "range")
         if head.method == .HEAD {
             plan = BlobResponsePlan(digest: digest, length: size, contentType: nil, rangeHeader: nil)
-        } else if let bytes = inline {
-            plan = BlobResponsePlan(digest: digest, length: Int64(bytes.readableBytes), contentType: nil,
-                                    rangeHeader: head.headers.first(name: "range"))
+        } else if let entry, rangeHeader == nil {
+            plan = BlobResponsePlan(whole: entry.bytes.readableBytes, headers: entry.headers)
+        } else if let entry {
+            plan = BlobResponsePlan(digest: digest, length: Int64(entry.bytes.readableBytes), contentType: nil,
+                                    rangeHeader: rangeHeader)
         } else {
             guard let (fd, actualSize) = store.openCached(digest) else { return false }
             file = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: fd)
-            plan = BlobResponsePlan(digest: digest, length: actualSize, contentType: nil,
-                                    rangeHeader: head.headers.first(name: "range"))
+            plan = BlobResponsePlan(digest: digest, length: actualSize, contentType: nil, rangeHeader: rangeHeader)
             if actualSize <= smallBlobs.maxBlobSize, let file,
                let bytes = Self.read(file, range: 0..<actualSize, allocator: context.channel.allocator) {
                 smallBlobs.put(digest, bytes)

@@ -52,32 +52,42 @@ public enum RequestTarget: Equatable, Sendable {
     /// here means no later stage has to reason about what an upstream (or a
     /// file system) would make of them.
     static func rejectTraversal(_ path: Substring) throws(Rejection) {
-        // One pass over the bytes: this runs on every request, hits included.
-        let bytes = Array(path.utf8)
-        var segmentStart = 0
-        for index in 0...bytes.count {
-            if index == bytes.count || bytes[index] == UInt8(ascii: "/") {
+        // One pass over the bytes, without copying them: this runs on every
+        // request, hits included.
+        let found = path.utf8.withContiguousStorageIfAvailable(findTraversal) ?? findTraversal(Array(path.utf8))
+        if let found { throw found }
+    }
+
+    private static func findTraversal<Bytes: RandomAccessCollection>(_ bytes: Bytes) -> Rejection?
+    where Bytes.Element == UInt8, Bytes.Index == Int {
+        var segmentStart = bytes.startIndex
+        var index = bytes.startIndex
+        while index <= bytes.endIndex {
+            if index == bytes.endIndex || bytes[index] == UInt8(ascii: "/") {
                 let length = index - segmentStart
                 if (length == 1 || length == 2), bytes[segmentStart..<index].allSatisfy({ $0 == UInt8(ascii: ".") }) {
-                    throw .nameInvalid("path traversal is not allowed")
+                    return .nameInvalid("path traversal is not allowed")
                 }
                 segmentStart = index + 1
+                index += 1
                 continue
             }
             switch bytes[index] {
             case UInt8(ascii: "\\"):
-                throw .nameInvalid("encoded path separators are not allowed")
-            case UInt8(ascii: "%") where index + 2 < bytes.count:
+                return .nameInvalid("encoded path separators are not allowed")
+            case UInt8(ascii: "%") where index + 2 < bytes.endIndex:
                 let high = bytes[index + 1], low = bytes[index + 2] | 0x20  // ASCII lower case
                 if (high == UInt8(ascii: "2") && (low == UInt8(ascii: "e") || low == UInt8(ascii: "f")))
                     || (high == UInt8(ascii: "5") && low == UInt8(ascii: "c"))
                     || (high == UInt8(ascii: "0") && bytes[index + 2] == UInt8(ascii: "0")) {
-                    throw .nameInvalid("encoded path separators are not allowed")
+                    return .nameInvalid("encoded path separators are not allowed")
                 }
             default:
                 break
             }
+            index += 1
         }
+        return nil
     }
 
     /// The range of the last `/blobs/` in `path`.
