@@ -1,5 +1,4 @@
 import AsyncHTTPClient
-import Crypto
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -168,70 +167,31 @@ public final class Fill: Sendable {
             }
             transition { $0.upstreamResponded(status: 200, contentLength: length) }
 
-            var hasher = DigestHasher(digest.algorithm)
-            var offset: Int64 = 0
-            // Chunks arrive as the socket delivers them (tens of KiB); each
-            // write is a hop to the thread pool and each progress step wakes
-            // every follower, so they are gathered into batches first. One
-            // batch is hashed and written while the next is read, so hashing,
-            // disk and network overlap instead of taking turns.
-            var pending = ByteBuffer()
-            var writing: (task: Task<DigestHasher, Error>, count: Int64)?
-            func finishWrite() async throws {
-                guard let (task, count) = writing else { return }
-                writing = nil
-                do {
-                    hasher = try await task.value
-                } catch {
-                    throw FillStateMachine.Failure.storage(String(describing: error))
-                }
-                if case .discard(let failure) = transition({ $0.bytesWritten(count) }) { throw failure }
-            }
-            func flush() async throws {
-                try await finishWrite()
-                guard pending.readableBytes > 0 else { return }
-                let batch = pending
-                let at = offset
-                let writer = context.writer
-                let fd = file.fd
-                // Hashing goes with the write: one batch is hashed and
-                // written while the next one is read.
-                let state = hasher
-                writing = (Task {
-                    var state = state
-                    state.update(batch)
-                    try await writer.write(batch, to: fd, at: at)
-                    return state
-                }, Int64(batch.readableBytes))
-                offset += Int64(batch.readableBytes)
-                pending = ByteBuffer()
-                pending.reserveCapacity(Self.writeBatch + 64 * 1024)
-            }
+            var sink = BlobSink(writer: context.writer, fd: file.fd, algorithm: digest.algorithm)
+            let hex: String
             do {
                 for try await chunk in response.body {
-                    pending.writeImmutableBuffer(chunk)
-                    if pending.readableBytes >= Self.writeBatch { try await flush() }
+                    let written = try await sink.append(chunk)
+                    if written > 0, case .discard(let failure) = transition({ $0.bytesWritten(written) }) { throw failure }
                 }
-                try await flush()
-                try await finishWrite()
+                let finished = try await sink.finish()
+                hex = finished.hex
+                if case .discard(let failure) = transition({ $0.bytesWritten(finished.written) }) { throw failure }
             } catch {
-                // The descriptor is closed on the way out: no write may still
-                // be using it (the number could be reused by then).
-                if let (task, _) = writing { _ = try? await task.value }
+                await sink.abandon()
                 throw error
             }
             if case .discard(let failure) = transition({ $0.upstreamEnded() }) { throw failure }
-
-            let matches = hasher.finalizeHex() == digest.hex
-            if case .discard(let failure) = transition({ $0.digestChecked(matches: matches) }) { throw failure }
+            guard case .verifying(let size) = state else { throw FillStateMachine.Failure.upstream("unexpected state") }
+            if case .discard(let failure) = transition({ $0.digestChecked(matches: hex == digest.hex) }) { throw failure }
             do {
                 if context.fsync { try await context.writer.sync(file.fd) }
-                try context.store.publish(temporaryPath: file.path, digest: digest, size: offset)
+                try context.store.publish(temporaryPath: file.path, digest: digest, size: size)
             } catch {
                 throw FillStateMachine.Failure.storage(String(describing: error))
             }
             transition { $0.publishSucceeded() }
-            context.logger.debug("fill published", metadata: ["digest": "\(digest)", "bytes": "\(offset)"])
+            context.logger.debug("fill published", metadata: ["digest": "\(digest)", "bytes": "\(size)"])
         } catch {
             let failure = (error as? FillStateMachine.Failure) ?? .upstream(String(describing: error))
             if failure == .digestMismatch { context.metrics.digestMismatches.increment() }
@@ -253,9 +213,6 @@ public final class Fill: Sendable {
         }
     }
 
-    /// Bytes gathered before one disk write and one wake-up of the followers.
-    static let writeBatch = 256 * 1024
-
     static func collectBounded(_ body: HTTPClientResponse.Body, limit: Int) async throws -> ByteBuffer {
         var collected = ByteBuffer()
         for try await var chunk in body where collected.readableBytes < limit {
@@ -264,38 +221,5 @@ public final class Fill: Sendable {
             collected.writeBuffer(&chunk)
         }
         return collected
-    }
-}
-
-/// An incremental hash of the algorithm a digest names.
-struct DigestHasher: Sendable {
-    private var sha256: SHA256?
-    private var sha512: SHA512?
-
-    init(_ algorithm: Digest.Algorithm) {
-        switch algorithm {
-        case .sha256: sha256 = SHA256()
-        case .sha512: sha512 = SHA512()
-        }
-    }
-
-    mutating func update(_ buffer: ByteBuffer) {
-        buffer.withUnsafeReadableBytes { bytes in
-            sha256?.update(bufferPointer: bytes)
-            sha512?.update(bufferPointer: bytes)
-        }
-    }
-
-    func finalizeHex() -> String {
-        let bytes: [UInt8]
-        if let sha256 { bytes = Array(sha256.finalize()) } else if let sha512 { bytes = Array(sha512.finalize()) } else { bytes = [] }
-        let digits = Array("0123456789abcdef".utf8)
-        var out = [UInt8]()
-        out.reserveCapacity(bytes.count * 2)
-        for byte in bytes {
-            out.append(digits[Int(byte >> 4)])
-            out.append(digits[Int(byte & 0x0f)])
-        }
-        return String(decoding: out, as: UTF8.self)
     }
 }
