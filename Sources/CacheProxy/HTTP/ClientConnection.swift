@@ -41,9 +41,8 @@ struct ClientConnection {
         _ head: HTTPRequestHead, parts: inout NIOAsyncChannelInboundStream<HTTPServerRequestPart>.AsyncIterator,
         origin: PassThrough.Origin, response: ResponseChannel
     ) async throws {
-        guard handler.needsBodyStream(head) else {
-            // Drain to the end of the request first: blob reads and local
-            // endpoints have no use for a body.
+        guard RequestHandler.hasBody(head) else {
+            // Nothing but the end of the request is left to read.
             while let part = try await parts.next() {
                 if case .end = part { break }
             }

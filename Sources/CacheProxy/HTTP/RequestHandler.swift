@@ -23,15 +23,11 @@ struct RequestHandler: Sendable {
         case stream(AsyncChannel<ByteBuffer>, HTTPClientRequest.Body.Length)
     }
 
-    /// Decides whether the request's body is streamed upstream: only a
-    /// pass-through request that has a body needs it.
-    func needsBodyStream(_ head: HTTPRequestHead) -> Bool {
-        guard head.headers.contains(name: "content-length") || head.headers.contains(name: "transfer-encoding") else {
-            return false
-        }
-        if head.headers.first(name: "content-length") == "0" { return false }
-        if case .passThrough = try? RequestTarget.classify(method: head.method.rawValue, uri: head.uri) { return true }
-        return false
+    /// Whether the request has a body to stream. Only a pass-through uses
+    /// it; for any other request the connection drops it after answering.
+    static func hasBody(_ head: HTTPRequestHead) -> Bool {
+        if let length = head.headers.first(name: "content-length") { return length != "0" }
+        return head.headers.contains(name: "transfer-encoding")
     }
 
     func handle(_ head: HTTPRequestHead, body: Body, origin: PassThrough.Origin, response: ResponseChannel) async {
