@@ -71,24 +71,25 @@ final class FillStateMachineTests: XCTestCase {
         XCTAssertEqual(t.upstreamEnded(), .discard(.truncated(expected: 10, received: 4)))
     }
 
-    func testStorageFailureAfterVerificationFails() {
+    /// A one-byte fill whose digest matched, not yet published.
+    func verifiedFill() -> FillStateMachine {
         var m = FillStateMachine()
         _ = m.start()
         _ = m.upstreamResponded(status: 200, contentLength: 1)
         _ = m.bytesWritten(1)
         _ = m.upstreamEnded()
         _ = m.digestChecked(matches: true)
+        return m
+    }
+
+    func testStorageFailureAfterVerificationFails() {
+        var m = verifiedFill()
         XCTAssertEqual(m.fail(.storage("ENOSPC")), .discard(.storage("ENOSPC")))
         XCTAssertEqual(m.state, .failed(.storage("ENOSPC")))
     }
 
     func testFailureAfterTheEndChangesNothing() {
-        var m = FillStateMachine()
-        _ = m.start()
-        _ = m.upstreamResponded(status: 200, contentLength: 1)
-        _ = m.bytesWritten(1)
-        _ = m.upstreamEnded()
-        _ = m.digestChecked(matches: true)
+        var m = verifiedFill()
         _ = m.publishSucceeded()
         XCTAssertEqual(m.fail(.upstream("late")), .none)
         XCTAssertEqual(m.state, .published(size: 1))
