@@ -210,7 +210,9 @@ final class FaultInjectionTests: XCTestCase {
         let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(upstream.port))
         let url = "\(proxy.base)/v2/a/blobs/\(digest)"
         let refused = Task.detached { try curl(url, ["-H", "Authorization: Bearer bad"]) }
-        try await Task.sleep(for: .milliseconds(150))
+        // The second client starts once the first one's fill is at the
+        // upstream (which holds its 401 for 500 ms).
+        for _ in 0..<100 where upstream.requests.isEmpty { try await Task.sleep(for: .milliseconds(20)) }
         let allowed = try await Task.detached { try curl(url, ["-H", "Authorization: Bearer good"]) }.value
         let refusedCode = try await refused.value.code
         XCTAssertEqual(refusedCode, 401)
