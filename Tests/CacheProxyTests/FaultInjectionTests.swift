@@ -262,4 +262,34 @@ final class FaultInjectionTests: XCTestCase {
         await proxy.stop()
         await upstream.stop()
     }
+
+    func testChunkedUpstreamIsVerifiedAndCutWhenWrong() async throws {
+        let bytes = Self.randomBytes(400_000)
+        let digest = Self.digest(of: bytes)
+        let upstream = try await FakeUpstream { _ in .init(body: bytes, chunked: true) }
+        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(upstream.port))
+        let good = try curl("\(proxy.base)/v2/a/blobs/\(digest)")
+        XCTAssertEqual(good.exit, 0)
+        XCTAssertEqual(Array(good.body), bytes)
+        XCTAssertEqual(proxy.files(in: "blobs").count, 1)
+        XCTAssertEqual(upstream.requests.first?.uri, "/v2/a/blobs/\(digest)")
+
+        // Same bytes under another repository name: a hit, no upstream request.
+        let hit = try curl("\(proxy.base)/v2/b/blobs/\(digest)")
+        XCTAssertEqual(Array(hit.body), bytes)
+        XCTAssertEqual(upstream.requests.count, 1)
+
+        let otherBytes = Self.randomBytes(300_000)
+        let otherDigest = Self.digest(of: otherBytes)
+        let badUpstream = try await FakeUpstream { _ in .init(body: Array(otherBytes.reversed()), chunked: true) }
+        let badProxy = try await TestProxy(upstreamsYAML: upstreamYAML(badUpstream.port))
+        let cut = try curl("\(badProxy.base)/v2/a/blobs/\(otherDigest)")
+        XCTAssertNotEqual(cut.exit, 0, "an unterminated chunked body, not a complete one")
+        XCTAssertLessThan(cut.body.count, otherBytes.count)
+        XCTAssertEqual(badProxy.files(in: "blobs"), [])
+        await badProxy.stop()
+        await badUpstream.stop()
+        await proxy.stop()
+        await upstream.stop()
+    }
 }

@@ -58,8 +58,6 @@ public final class FillRegistry: Sendable {
         context.metrics.fillsInFlight.decrement()
     }
 
-    public var inFlight: Int { running.withLockedValue { $0.fills.count } }
-
     /// Waits for every fill running now (used by graceful shutdown).
     public func drain() async {
         let tasks = running.withLockedValue { Array($0.tasks.values) }

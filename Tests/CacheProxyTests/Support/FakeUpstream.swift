@@ -19,6 +19,8 @@ final class FakeUpstream: Sendable {
         var silent = false
         /// Wait this long before the response head.
         var headDelay: TimeAmount = .zero
+        /// No Content-Length: the body goes out chunked.
+        var chunked = false
     }
 
     struct Seen: Sendable {
@@ -80,7 +82,9 @@ final class FakeUpstream: Sendable {
                     }
                     if r.headDelay > .zero { try await Task.sleep(for: .nanoseconds(r.headDelay.nanoseconds)) }
                     var headers = r.headers
-                    if !headers.contains(name: "content-length") {
+                    if r.chunked {
+                        headers.add(name: "transfer-encoding", value: "chunked")
+                    } else if !headers.contains(name: "content-length") {
                         headers.add(name: "content-length", value: String(r.body.count))
                     }
                     try await outbound.write(.head(HTTPResponseHead(version: h.version, status: r.status, headers: headers)))
