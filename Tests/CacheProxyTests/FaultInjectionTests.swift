@@ -292,4 +292,22 @@ final class FaultInjectionTests: XCTestCase {
         await proxy.stop()
         await upstream.stop()
     }
+
+    func testAFillThatCannotWriteAnswers503AndStoresNothing() async throws {
+        let bytes = Self.randomBytes(100_000)
+        let upstream = try await FakeUpstream { _ in .init(body: bytes) }
+        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(upstream.port))
+        // tmp/ replaced by a plain file: creating a temporary file fails (as
+        // on a read-only or broken file system; root ignores permissions).
+        try FileManager.default.removeItem(atPath: proxy.folder + "/tmp")
+        FileManager.default.createFile(atPath: proxy.folder + "/tmp", contents: Data())
+        let failed = try curl("\(proxy.base)/v2/a/blobs/\(Self.digest(of: bytes))")
+        XCTAssertEqual(failed.code, 503)
+        XCTAssertTrue(String(decoding: failed.body, as: UTF8.self).contains(#"{"errors":[{"code":"UNAVAILABLE""#))
+        XCTAssertEqual(proxy.files(in: "blobs"), [])
+        XCTAssertEqual(try proxy.metric("cacheproxy_fill_failures_total"), 1)
+        XCTAssertEqual(try curl(proxy.base + "/healthz").code, 200)
+        await proxy.stop()
+        await upstream.stop()
+    }
 }

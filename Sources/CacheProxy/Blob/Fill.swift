@@ -197,10 +197,13 @@ public final class Fill: Sendable {
             if failure == .digestMismatch { context.metrics.digestMismatches.increment() }
             context.metrics.fillFailures.increment()
             if let temporary { context.store.discard(temporaryPath: temporary.path) }
-            // An upstream that could not be reached at all is told to the
-            // clients as 502/504; keep the mapped error for them.
+            // A fill that ended before its first byte is told to the clients
+            // as an error of its own: 502/504 for an upstream that could not
+            // be reached, 503 for a cache that could not store.
             if state == .requesting {
-                let oci = UpstreamClient.clientError(for: error)
+                let oci = error is StoreError
+                    ? OCIError(.serviceUnavailable, .unavailable, "the cache cannot store blobs right now")
+                    : UpstreamClient.clientError(for: error)
                 inner.withLockedValue {
                     $0.answer = UpstreamAnswer(
                         status: oci.status,
