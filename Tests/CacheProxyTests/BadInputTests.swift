@@ -91,6 +91,22 @@ final class BadInputTests: XCTestCase {
         XCTAssertLessThan(Date().timeIntervalSince(started), 4, "header_read is 1 s")
     }
 
+    func testKeepAliveRequestsSpacedWithinTheDeadlineAreServed() throws {
+        // header_read is 1 s: each head comes 0.6 s after the last response,
+        // 1.8 s in all on one connection, and then the idle one is closed.
+        let socket = try RawSocket(port: proxy.port, receiveTimeout: 5)
+        for _ in 0..<3 {
+            usleep(600_000)
+            XCTAssertTrue(socket.send("GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
+            let head = socket.receiveHead()
+            XCTAssertTrue(head.hasPrefix("HTTP/1.1 200"), head)
+            XCTAssertEqual(String(decoding: socket.receive(limit: 3), as: UTF8.self), "ok\n")
+        }
+        let started = Date()
+        XCTAssertEqual(socket.receive(), [])
+        XCTAssertLessThan(Date().timeIntervalSince(started), 2.5)
+    }
+
     func testIdleConnectionWithoutARequestIsClosed() throws {
         let socket = try RawSocket(port: proxy.port, receiveTimeout: 5)
         let started = Date()

@@ -79,6 +79,11 @@ final class RequestHeadDeadline: ChannelDuplexHandler, RemovableChannelHandler {
 
     private let state: RequestHeadState
     private let timeout: TimeAmount
+    /// When the head now awaited must have arrived; `nil` while none is.
+    private var deadline: NIODeadline?
+    /// At most one timer per connection. It is not cancelled and re-armed
+    /// per request (a timer-heap insert and removal each, measurable on the
+    /// hit path); when it fires early it re-arms for the time left.
     private var timer: Scheduled<Void>?
 
     init(state: RequestHeadState, timeout: TimeAmount) {
@@ -86,10 +91,11 @@ final class RequestHeadDeadline: ChannelDuplexHandler, RemovableChannelHandler {
         self.timeout = timeout
     }
 
-    func handlerAdded(context: ChannelHandlerContext) { arm(context) }
+    func handlerAdded(context: ChannelHandlerContext) { awaitHead(context) }
     func handlerRemoved(context: ChannelHandlerContext) { timer?.cancel() }
     func channelInactive(context: ChannelHandlerContext) {
         timer?.cancel()
+        timer = nil
         context.fireChannelInactive()
     }
 
@@ -97,8 +103,7 @@ final class RequestHeadDeadline: ChannelDuplexHandler, RemovableChannelHandler {
         if case .head = unwrapInboundIn(data) {
             state.awaitingHead = false
             state.headBytes = 0
-            timer?.cancel()
-            timer = nil
+            deadline = nil
         }
         context.fireChannelRead(data)
     }
@@ -107,14 +112,28 @@ final class RequestHeadDeadline: ChannelDuplexHandler, RemovableChannelHandler {
         if case .end = unwrapOutboundIn(data) {
             state.awaitingHead = true
             state.headBytes = 0
-            arm(context)
+            awaitHead(context)
         }
         context.write(data, promise: promise)
     }
 
-    private func arm(_ context: ChannelHandlerContext) {
-        timer?.cancel()
-        let channel = context.channel
-        timer = context.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
+    private func awaitHead(_ context: ChannelHandlerContext) {
+        let deadline = NIODeadline.now() + timeout
+        self.deadline = deadline
+        if timer == nil { schedule(context, at: deadline) }
+    }
+
+    private func schedule(_ context: ChannelHandlerContext, at when: NIODeadline) {
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        timer = context.eventLoop.scheduleTask(deadline: when) {
+            let (handler, context) = loopBound.value
+            handler.timer = nil
+            guard let deadline = handler.deadline else { return }  // a head came; armed again after its response
+            if deadline <= .now() {
+                context.close(promise: nil)
+            } else {
+                handler.schedule(context, at: deadline)
+            }
+        }
     }
 }
