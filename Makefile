@@ -18,6 +18,8 @@ run: deps-build release
 
 test: deps-build deps-test
 	swift build --build-tests
+	@# Folders the previous run's tests left (registries, caches, images).
+	rm -rf $${TMPDIR:-/tmp}/cache-proxy-test-*
 	swift test --skip-build --disable-swift-testing
 
 build: deps-build
