@@ -14,9 +14,9 @@ public final class ProxyServer: Service, Sendable {
     public let metrics: ProxyMetrics
     public let store: BlobStore
     public let fills: FillRegistry
-    public let readiness = Readiness()
     let client: UpstreamClient
     let handler: RequestHandler
+    let hits: CacheHitResponder
     let tracker = ConnectionTracker()
     let group: any EventLoopGroup
     let logger: Logger
@@ -37,10 +37,13 @@ public final class ProxyServer: Service, Sendable {
             client: client, store: store, writer: writer, metrics: metrics,
             fsync: config.storage.fsync, logger: logger))
         let passThrough = PassThrough(client: client, metrics: metrics)
+        let router = Router(upstreams: config.upstreams)
         self.handler = RequestHandler(
-            router: Router(upstreams: config.upstreams),
+            router: router,
             blobs: BlobResponder(store: store, fills: fills, passThrough: passThrough, metrics: metrics),
-            passThrough: passThrough, metrics: metrics, readiness: readiness, logger: logger)
+            passThrough: passThrough, metrics: metrics, tracker: tracker, logger: logger)
+        self.hits = CacheHitResponder(router: router, store: store, metrics: metrics, tracker: tracker,
+                                      smallBlobs: SmallBlobCache())
     }
 
     /// The port the listener is bound to, once it is (port 0 in tests).
@@ -52,8 +55,7 @@ public final class ProxyServer: Service, Sendable {
     public func run() async throws {
         let config = self.config
         let headTimeout = TimeAmount.milliseconds(Int64(config.timeouts.headerReadSeconds * 1000))
-        let hits = CacheHitResponder(router: Router(upstreams: config.upstreams), store: store,
-                                     metrics: metrics, tracker: tracker, smallBlobs: SmallBlobCache())
+        let hits = self.hits
         let listener = try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -93,8 +95,7 @@ public final class ProxyServer: Service, Sendable {
             }
         } onGracefulShutdown: {
             self.logger.info("shutting down: no new connections, finishing in-flight work")
-            self.readiness.drain()
-            self.tracker.drain()
+            self.tracker.drain()  // also turns /readyz to 503
             listener.channel.close(promise: nil)
             // Responses still running when the shutdown timeout passes are cut.
             let tracker = self.tracker

@@ -5,14 +5,22 @@ import Glibc
 /// The standard `process_*` metrics, read from `/proc/self` at scrape time
 /// (swift-prometheus does not produce them on Linux).
 enum ProcessMetrics {
+    /// When the process started, from the kernel (boot time plus the
+    /// process's start in clock ticks), not from whenever this was first read.
     static let startTime: Double = {
-        var ts = timespec()
-        clock_gettime(CLOCK_REALTIME, &ts)
-        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+        let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
+        guard let stat = readFile("/proc/self/stat"), let close = stat.lastIndex(of: ")"),
+              let procStat = readFile("/proc/stat"),
+              let btimeLine = procStat.split(separator: "\n").first(where: { $0.hasPrefix("btime ") }),
+              let bootTime = Double(btimeLine.dropFirst("btime ".count))
+        else { return 0 }
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        // starttime is field 22 (1-based, as proc(5) numbers them).
+        guard fields.count > 22 - 3, let started = Double(fields[22 - 3]) else { return 0 }
+        return bootTime + started / ticks
     }()
 
     static func exposition() -> String {
-        _ = startTime
         var out = ""
         let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
         let pageSize = Double(sysconf(Int32(_SC_PAGESIZE)))
@@ -43,10 +51,15 @@ enum ProcessMetrics {
         let fd = open(path, O_RDONLY)
         guard fd >= 0 else { return nil }
         defer { close(fd) }
+        // /proc/stat grows with the number of CPUs: read to the end.
+        var out: [UInt8] = []
         var bytes = [UInt8](repeating: 0, count: 4096)
-        let n = read(fd, &bytes, bytes.count)
-        guard n > 0 else { return nil }
-        return String(decoding: bytes[..<n], as: UTF8.self)
+        while true {
+            let n = read(fd, &bytes, bytes.count)
+            guard n > 0 else { break }
+            out.append(contentsOf: bytes[..<n])
+        }
+        return out.isEmpty ? nil : String(decoding: out, as: UTF8.self)
     }
 
     private static func countOpenFDs() -> Int {

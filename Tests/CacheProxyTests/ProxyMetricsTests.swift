@@ -1,3 +1,4 @@
+import Foundation
 import ProxyMetrics
 import XCTest
 
@@ -20,6 +21,12 @@ final class ProxyMetricsTests: XCTestCase {
         for name in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds", "process_start_time_seconds"] {
             XCTAssertTrue(text.contains("# TYPE \(name) "), name)
         }
+        // The start time is the process's, not the first scrape's: this test
+        // process started before the test ran.
+        let start = text.split(separator: "\n").first { $0.hasPrefix("process_start_time_seconds ") }
+            .flatMap { Double($0.split(separator: " ")[1]) } ?? 0
+        XCTAssertGreaterThan(start, 1_600_000_000)
+        XCTAssertLessThan(start, Date().timeIntervalSince1970 - 0.05)
         // Every family has its help text (promtool's lint wants it).
         let types = text.split(separator: "\n").filter { $0.hasPrefix("# TYPE ") }.count
         let helps = text.split(separator: "\n").filter { $0.hasPrefix("# HELP ") }.count

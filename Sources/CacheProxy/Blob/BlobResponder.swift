@@ -37,7 +37,7 @@ struct BlobResponder: Sendable {
         }
         if isHead {
             // A HEAD miss asks the upstream and stores nothing: no bytes to keep.
-            return try await passThrough.forward(request.head, to: request.upstream, body: nil, bodyLength: .known(Int64(0)),
+            return try await passThrough.forward(request.head, to: request.upstream, body: nil,
                                                  origin: request.origin, response: response)
         }
 

@@ -10,8 +10,9 @@ import ProxyMetrics
 /// A hit is the hot path: the blob is complete on disk, so there is nothing to
 /// wait for, and handing it to the async request loop would cost two thread
 /// hops per request for no gain. Anything that is not a plain hit (misses,
-/// pass-through, errors, local endpoints, a draining server) goes on to the
-/// async side unchanged, which answers hits too, so declining is always safe.
+/// pass-through, errors, local endpoints) goes on to the async side
+/// unchanged, which checks the store again (a fill may have published in
+/// between), so declining is always safe.
 ///
 /// Sits after the pipelining handler, so it only ever sees a request head
 /// when no other response is in flight on the connection.
@@ -64,14 +65,14 @@ struct CacheHitResponder: Sendable {
               case .blob(_, let digest)? = try? RequestTarget.classify(method: head.method.rawValue, uri: head.uri),
               let size = store.size(of: digest),
               router.route(host: head.headers.first(name: "host"),
-                           namespace: RequestURI.queryValue("ns", in: head.uri)) != nil,
-              !tracker.isDraining
+                           namespace: RequestURI.queryValue("ns", in: head.uri)) != nil
         else { return false }
         let started = ContinuousClock.now
         let channel = context.channel
         let tracker = self.tracker
         // Busy until the last byte is written, so a draining server lets a
-        // large hit finish instead of closing it as an idle connection.
+        // large hit finish instead of closing it as an idle connection; once
+        // draining, the answer carries `Connection: close`.
         let keepAlive = head.isKeepAlive && tracker.setIdle(channel, false)
 
         let plan: BlobResponsePlan

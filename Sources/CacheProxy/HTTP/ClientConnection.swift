@@ -46,7 +46,7 @@ struct ClientConnection {
             while let part = try await parts.next() {
                 if case .end = part { break }
             }
-            await handler.handle(head, body: .none, origin: origin, response: response)
+            await handler.handle(head, body: nil, origin: origin, response: response)
             return
         }
         let length: HTTPClientRequest.Body.Length =
@@ -54,7 +54,7 @@ struct ClientConnection {
         let pipe = AsyncChannel<ByteBuffer>()
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask {
-                await handler.handle(head, body: .stream(pipe, length), origin: origin, response: response)
+                await handler.handle(head, body: .init(stream: pipe, length: length), origin: origin, response: response)
                 // If the upstream answered before taking the whole body, the
                 // rest is still read (and dropped) below.
                 pipe.finish()

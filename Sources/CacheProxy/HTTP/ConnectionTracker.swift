@@ -3,7 +3,8 @@ import NIOCore
 
 /// Knows which client connections are idle (between requests), so that a
 /// graceful shutdown can close those at once and let busy ones finish their
-/// current response.
+/// current response. Its draining flag is also what `/readyz` reports: the
+/// server stops being ready exactly when it starts draining.
 final class ConnectionTracker: Sendable {
     private struct Entry {
         let channel: any Channel

@@ -12,16 +12,8 @@ struct RequestHandler: Sendable {
     let blobs: BlobResponder
     let passThrough: PassThrough
     let metrics: ProxyMetrics
-    let readiness: Readiness
+    let tracker: ConnectionTracker
     let logger: Logger
-
-    /// How the request body reaches whoever needs it.
-    enum Body {
-        /// No body (or one nobody needs): drained before answering.
-        case none
-        /// Streamed while the request is forwarded.
-        case stream(AsyncChannel<ByteBuffer>, HTTPClientRequest.Body.Length)
-    }
 
     /// Whether the request has a body to stream. Only a pass-through uses
     /// it; for any other request the connection drops it after answering.
@@ -30,7 +22,7 @@ struct RequestHandler: Sendable {
         return head.headers.contains(name: "transfer-encoding")
     }
 
-    func handle(_ head: HTTPRequestHead, body: Body, origin: PassThrough.Origin, response: ResponseChannel) async {
+    func handle(_ head: HTTPRequestHead, body: PassThrough.RequestBody?, origin: PassThrough.Origin, response: ResponseChannel) async {
         let started = ContinuousClock.now
         var kind = "error"
         var status = HTTPResponseStatus.internalServerError
@@ -51,7 +43,7 @@ struct RequestHandler: Sendable {
         Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
     }
 
-    private func route(_ head: HTTPRequestHead, body: Body, origin: PassThrough.Origin,
+    private func route(_ head: HTTPRequestHead, body: PassThrough.RequestBody?, origin: PassThrough.Origin,
                        response: ResponseChannel) async throws -> (String, HTTPResponseStatus) {
         let omitBody = head.method == .HEAD
         let target: RequestTarget
@@ -77,7 +69,7 @@ struct RequestHandler: Sendable {
                                     omitBody: omitBody)
             return ("local", .ok)
         case .readyz:
-            let ready = readiness.isReady
+            let ready = !tracker.isDraining
             let status: HTTPResponseStatus = ready ? .ok : .serviceUnavailable
             try await response.send(status, headers: ["content-type": "text/plain"],
                                     body: ByteBuffer(string: ready ? "ready\n" : "draining\n"), omitBody: omitBody)
@@ -98,14 +90,7 @@ struct RequestHandler: Sendable {
                 .init(head: head, name: name, digest: digest, upstream: upstream, origin: origin), response: response)
             return ("blob", status)
         }
-        var stream: AsyncChannel<ByteBuffer>?
-        var length = HTTPClientRequest.Body.Length.known(Int64(0))
-        if case .stream(let channel, let bodyLength) = body {
-            stream = channel
-            length = bodyLength
-        }
-        let status = try await passThrough.forward(head, to: upstream, body: stream, bodyLength: length,
-                                                   origin: origin, response: response)
+        let status = try await passThrough.forward(head, to: upstream, body: body, origin: origin, response: response)
         return ("passthrough", status)
     }
 }

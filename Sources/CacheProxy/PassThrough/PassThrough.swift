@@ -18,6 +18,12 @@ struct PassThrough: Sendable {
         let clientHost: String?
     }
 
+    /// A request body being streamed from the client while it is forwarded.
+    struct RequestBody: Sendable {
+        let stream: AsyncChannel<ByteBuffer>
+        let length: HTTPClientRequest.Body.Length
+    }
+
     /// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
     static let hopByHop: Set<String> = [
         "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -37,8 +43,8 @@ struct PassThrough: Sendable {
     /// Forwards the request; `body` carries the request body when it has one.
     /// Returns the status sent to the client.
     func forward(
-        _ head: HTTPRequestHead, to upstream: ProxyConfig.Upstream, body: AsyncChannel<ByteBuffer>?,
-        bodyLength: HTTPClientRequest.Body.Length, origin: Origin, response: ResponseChannel
+        _ head: HTTPRequestHead, to upstream: ProxyConfig.Upstream, body: RequestBody?,
+        origin: Origin, response: ResponseChannel
     ) async throws -> HTTPResponseStatus {
         var request = HTTPClientRequest(url: upstream.origin + Self.upstreamURI(head.uri))
         request.method = head.method
@@ -54,7 +60,7 @@ struct PassThrough: Sendable {
         }
         headers.replaceOrAdd(name: "x-forwarded-proto", value: "http")
         request.headers = headers
-        if let body { request.body = .stream(body, length: bodyLength) }
+        if let body { request.body = .stream(body.stream, length: body.length) }
 
         let upstreamResponse: HTTPClientResponse
         do {
