@@ -1,5 +1,6 @@
 import AsyncHTTPClient
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -17,10 +18,13 @@ public final class ProxyServer: Service, Sendable {
     let client: UpstreamClient
     let handler: RequestHandler
     let hits: CacheHitResponder
+    let router: Router
     let tracker = ConnectionTracker()
     let group: any EventLoopGroup
     let logger: Logger
     private let bound = AsyncStream<Int>.makeStream()
+    /// When the first shutdown signal's grace ends.
+    private let shutdownDeadline = NIOLockedValueBox<ContinuousClock.Instant?>(nil)
 
     public init(config: ProxyConfig, logger: Logger, metrics: ProxyMetrics = ProxyMetrics(),
                 group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
@@ -30,7 +34,7 @@ public final class ProxyServer: Service, Sendable {
         self.group = group
         self.logger = logger
         self.store = try BlobStore(folder: config.storage.folder, metrics: metrics, logger: logger)
-        self.client = UpstreamClient(eventLoopGroup: group, timeouts: config.timeouts)
+        self.client = UpstreamClient(eventLoopGroup: group, timeouts: config.timeouts, logger: logger)
         let writer = IOBackend.select(pool: threadPool, logger: logger)
         metrics.setIOBackend(writer.backendName)
         self.fills = FillRegistry(context: FillContext(
@@ -38,10 +42,12 @@ public final class ProxyServer: Service, Sendable {
             fsync: config.storage.fsync, logger: logger))
         let passThrough = PassThrough(client: client, metrics: metrics)
         let router = Router(upstreams: config.upstreams)
+        self.router = router
         self.handler = RequestHandler(
             router: router,
             blobs: BlobResponder(store: store, fills: fills, passThrough: passThrough, metrics: metrics),
-            passThrough: passThrough, metrics: metrics, tracker: tracker, logger: logger)
+            passThrough: passThrough, metrics: metrics, tracker: tracker, logger: logger,
+            trustForwardedHeaders: config.api.trustForwardedHeaders)
         self.hits = CacheHitResponder(router: router, store: store, metrics: metrics, tracker: tracker,
                                       smallBlobs: SmallBlobCache())
     }
@@ -54,8 +60,9 @@ public final class ProxyServer: Service, Sendable {
 
     public func run() async throws {
         let config = self.config
-        let headTimeout = TimeAmount.milliseconds(Int64(config.timeouts.headerReadSeconds * 1000))
         let hits = self.hits
+        let router = self.router
+        let metrics = self.metrics
         let listener = try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -63,16 +70,7 @@ public final class ProxyServer: Service, Sendable {
             .childChannelOption(.maxMessagesPerRead, value: 4)
             .bind(host: config.api.hostname, port: config.api.port) { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    let state = RequestHeadState()
-                    let sync = channel.pipeline.syncOperations
-                    // Outbound header validation is off: every header value
-                    // the proxy sends is its own or was parsed from an
-                    // upstream response by a validating parser, and on the
-                    // 4 KiB hit path the check cost several percent.
-                    try sync.configureHTTPServerPipeline(withErrorHandling: true, withOutboundHeaderValidation: false)
-                    try sync.addHandler(RequestHeadLimiter(state: state, limit: config.maxHeaderBytes), position: .first)
-                    try sync.addHandler(RequestHeadDeadline(state: state, timeout: headTimeout))
-                    try sync.addHandler(CacheHitHandler(hits: hits))
+                    try ClientPipeline.configure(channel, config: config, router: router, hits: hits, metrics: metrics)
                     return try NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>(
                         wrappingChannelSynchronously: channel)
                 }
@@ -95,14 +93,17 @@ public final class ProxyServer: Service, Sendable {
             }
         } onGracefulShutdown: {
             self.logger.info("shutting down: no new connections, finishing in-flight work")
+            let deadline = ContinuousClock.now + .milliseconds(Int64(config.timeouts.shutdownSeconds * 1000))
+            self.shutdownDeadline.withLockedValue { $0 = deadline }
             self.tracker.drain()  // also turns /readyz to 503
             listener.channel.close(promise: nil)
-            // Responses still running when the shutdown timeout passes are cut.
-            let tracker = self.tracker
-            let timeout = Duration.milliseconds(Int64(config.timeouts.shutdownSeconds * 1000))
+            // One deadline for everything: responses and fills still running
+            // when it passes are cut (their temporary files go).
+            let (tracker, fills) = (self.tracker, self.fills)
             Task {
-                try? await Task.sleep(for: timeout)
+                try? await Task.sleep(until: deadline)
                 tracker.closeAll()
+                fills.cancelAll()
             }
         }
         await finishFills()
@@ -110,19 +111,28 @@ public final class ProxyServer: Service, Sendable {
         logger.info("stopped")
     }
 
-    /// Lets running fills complete (so their blobs are kept) for up to the
-    /// shutdown timeout, then stops the rest; their temporary files go.
+    /// Lets running fills complete (so their blobs are kept) until the
+    /// shutdown deadline, then stops the rest; their temporary files go.
     private func finishFills() async {
-        let timeout = Duration.milliseconds(Int64(config.timeouts.shutdownSeconds * 1000))
+        let deadline = shutdownDeadline.withLockedValue { $0 }
+            ?? ContinuousClock.now + .milliseconds(Int64(config.timeouts.shutdownSeconds * 1000))
         await withTaskGroup(of: Bool.self) { group in
             group.addTask { await self.fills.drain(); return true }
-            group.addTask { try? await Task.sleep(for: timeout); return false }
+            group.addTask { try? await Task.sleep(until: deadline); return false }
             if await group.next() == false {
                 logger.warning("shutdown timeout: abandoning unfinished fills")
                 fills.cancelAll()
                 tracker.closeAll()
+                await fills.drain()
             }
             group.cancelAll()
         }
+    }
+
+    /// For an exit that cannot wait (a second signal): deletes the temporary
+    /// files of fills still running. Published blobs are complete by
+    /// construction, so nothing else needs doing.
+    public func removeUnfinishedFiles() {
+        store.removeTemporaryFiles()
     }
 }

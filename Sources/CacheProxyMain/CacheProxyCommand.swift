@@ -3,6 +3,10 @@ import Foundation
 import CacheProxy
 import Logging
 import ServiceLifecycle
+import UnixSignals
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `cache-proxy --config PATH [--port N] [--storage DIR]`
 @main
@@ -47,10 +51,31 @@ struct CacheProxyCommand: AsyncParsableCommand {
             printError("cache-proxy: cannot start: \(error)")
             throw ExitCode(1)
         }
-        let group = ServiceGroup(configuration: .init(
-            services: [.init(service: server)],
-            gracefulShutdownSignals: [.sigterm, .sigint],
-            logger: logger))
+        // The first SIGTERM/SIGINT drains; the service group cancels what is
+        // left when `timeouts.shutdown` has passed, so the whole drain is
+        // bounded by it. A second signal exits at once: `blobs/` only ever
+        // receives complete, verified files by rename, so there is nothing
+        // partial to clean there, and unfinished temporary files go now.
+        var configuration = ServiceGroupConfiguration(services: [.init(service: server)], logger: logger)
+        configuration.maximumGracefulShutdownDuration = .milliseconds(Int64(settings.timeouts.shutdownSeconds * 1000))
+        configuration.maximumCancellationDuration = .seconds(1)
+        let group = ServiceGroup(configuration: configuration)
+        let signals = await UnixSignalsSequence(trapping: .sigterm, .sigint)
+        let watcher = Task {
+            var seen = 0
+            for await signal in signals {
+                seen += 1
+                if seen == 1 {
+                    logger.info("signal received: draining", metadata: ["signal": "\(signal)"])
+                    await group.triggerGracefulShutdown()
+                } else {
+                    logger.warning("second signal: exiting now", metadata: ["signal": "\(signal)"])
+                    server.removeUnfinishedFiles()
+                    Glibc.exit(1)
+                }
+            }
+        }
+        defer { watcher.cancel() }
         try await group.run()
     }
 }

@@ -22,6 +22,10 @@ public final class ProxyMetrics: Sendable {
     public let cacheSizeBytes: Gauge
     public let cacheEntries: Gauge
     public let connectedClients: Gauge
+    /// Client connections cut by a timeout, by which one.
+    public let clientTimeouts: [String: Counter]
+    /// Opening a cached blob failed for lack of descriptors or memory.
+    public let fileOpenErrors: [String: Counter]
 
     /// Series looked up per request are kept here, so the hot path does one
     /// small dictionary lookup instead of the registry's name-and-label
@@ -48,6 +52,20 @@ public final class ProxyMetrics: Sendable {
         cacheSizeBytes = registry.makeGauge(descriptor: Self.describe("cacheproxy_cache_size_bytes", "Bytes of complete blobs in the cache folder."))
         cacheEntries = registry.makeGauge(descriptor: Self.describe("cacheproxy_cache_entries", "Complete blobs in the cache folder."))
         connectedClients = registry.makeGauge(descriptor: Self.describe("cacheproxy_connected_clients", "Client connections now open."))
+        var timeouts: [String: Counter] = [:]
+        for kind in ["head", "idle", "request_body", "send"] {
+            timeouts[kind] = registry.makeCounter(
+                descriptor: Self.describe("cacheproxy_client_timeouts_total", "Client connections closed by a timeout, by which one."),
+                labels: [("kind", kind)])
+        }
+        clientTimeouts = timeouts
+        var openErrors: [String: Counter] = [:]
+        for reason in ["emfile", "enfile", "other"] {
+            openErrors[reason] = registry.makeCounter(
+                descriptor: Self.describe("cacheproxy_file_open_errors_total", "Cached blobs that could not be opened although present (out of descriptors or memory); answered 503."),
+                labels: [("reason", reason)])
+        }
+        fileOpenErrors = openErrors
     }
 
     /// One finished client request. `kind` is `blob`, `passthrough`, `local`

@@ -12,7 +12,7 @@ final class BadInputTests: XCTestCase {
         upstream = try await FakeUpstream { _ in .init(body: Array("{}".utf8)) }
         proxy = try await TestProxy(
             upstreamsYAML: "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}",
-            extraYAML: "timeouts: {header_read: 1}")
+            extraYAML: "timeouts: {header_read: 1, idle: 1}")
     }
 
     override func tearDown() async throws {
@@ -92,7 +92,7 @@ final class BadInputTests: XCTestCase {
     }
 
     func testKeepAliveRequestsSpacedWithinTheDeadlineAreServed() throws {
-        // header_read is 1 s: each head comes 0.6 s after the last response,
+        // header_read and idle are 1 s: each head comes 0.6 s after the last response,
         // 1.8 s in all on one connection, and then the idle one is closed.
         let socket = try RawSocket(port: proxy.port, receiveTimeout: 5)
         for _ in 0..<3 {

@@ -100,14 +100,17 @@ final class PassThroughRulesTests: XCTestCase {
 
     func testLocationRewrite() {
         XCTAssertEqual(PassThrough.rewriteLocation("http://reg.example:5000/v2/a/blobs/uploads/1?_state=x",
-                                                   upstream: upstream, clientHost: "proxy:5555"),
+                                                   upstream: upstream, clientHost: "proxy:5555", clientScheme: "http"),
                        "http://proxy:5555/v2/a/blobs/uploads/1?_state=x")
-        XCTAssertEqual(PassThrough.rewriteLocation("/v2/a/blobs/uploads/1", upstream: upstream, clientHost: "p"),
+        XCTAssertEqual(PassThrough.rewriteLocation("/v2/a/blobs/uploads/1", upstream: upstream, clientHost: "p", clientScheme: "http"),
                        "/v2/a/blobs/uploads/1", "relative stays")
-        XCTAssertEqual(PassThrough.rewriteLocation("https://cdn.example/x", upstream: upstream, clientHost: "p"),
+        XCTAssertEqual(PassThrough.rewriteLocation("https://cdn.example/x", upstream: upstream, clientHost: "p", clientScheme: "http"),
                        "https://cdn.example/x", "other hosts stay")
-        XCTAssertEqual(PassThrough.rewriteLocation("http://reg.example:50001/x", upstream: upstream, clientHost: "p"),
+        XCTAssertEqual(PassThrough.rewriteLocation("http://reg.example:50001/x", upstream: upstream, clientHost: "p", clientScheme: "http"),
                        "http://reg.example:50001/x", "a longer port is another host")
+        XCTAssertEqual(PassThrough.rewriteLocation("http://reg.example:5000/v2/x", upstream: upstream,
+                                                   clientHost: "mirror.example", clientScheme: "https"),
+                       "https://mirror.example/v2/x", "the client's scheme, not a hard-coded http")
     }
 
     func testHopByHopHeadersDropped() {

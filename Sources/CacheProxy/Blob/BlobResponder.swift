@@ -24,21 +24,17 @@ struct BlobResponder: Sendable {
     }
 
     func respond(_ request: Request, response: ResponseChannel) async throws -> HTTPResponseStatus {
-        let isHead = request.head.method == .HEAD
-        if isHead, let size = store.size(of: request.digest) {
-            metrics.blobHits.increment()
-            response.head(.ok, BlobResponsePlan.headers(for: request.digest, length: size, contentType: nil))
-            try await response.end()
-            return .ok
+        if request.head.method == .HEAD {
+            return try await respondToHead(request, response: response)
         }
-        if !isHead, let (fd, size) = store.openCached(request.digest) {
+        switch store.openCached(request.digest) {
+        case .file(let fd, let size):
             metrics.blobHits.increment()
             return try await serveComplete(fd: fd, size: size, request, response: response, source: metrics.bytesFromCache)
-        }
-        if isHead {
-            // A HEAD miss asks the upstream and stores nothing: no bytes to keep.
-            return try await passThrough.forward(request.head, to: request.upstream, body: nil,
-                                                 origin: request.origin, response: response)
+        case .unavailable:
+            return try await sendOverloaded(response)
+        case .missing:
+            break
         }
 
         // A blob GET is never passed through: every byte a client gets has
@@ -49,7 +45,9 @@ struct BlobResponder: Sendable {
             let (fill, joined) = fills.fill(for: request.digest, upstream: request.upstream,
                                             repository: request.name, headers: Self.upstreamHeaders(request.head))
             (joined ? metrics.coalescedFollowers : metrics.blobMisses).increment()
-            let first = await fill.next(after: -1)
+            let follower = fill.follower(closed: response.channel.closeFuture)
+            let first = await fill.next(after: -1, follower: follower)
+            guard response.channel.isActive else { throw ClientGone() }
             switch first.state {
             case .rejected where joined && attempt == 1:
                 // The upstream refused someone else's credentials (401, 403,
@@ -63,13 +61,64 @@ struct BlobResponder: Sendable {
                     try await response.send(answer.status, headers: headers, body: answer.body)
                     return answer.status
                 }
-                let error = OCIError(.badGateway, .unavailable, "upstream blob download failed")
+                let error = OCIError(.badGateway, .unavailable, "the upstream blob download failed")
                 try await response.send(error)
                 return error.status
             default:
-                return try await follow(fill, first: first, request, response: response)
+                return try await follow(fill, follower: follower, first: first, request, response: response)
             }
         }
+    }
+
+    /// A HEAD is answered from the index, else from a fill in flight for the
+    /// digest (until the fill is published it answers for its digest, so a
+    /// HEAD right after a GET never goes upstream again), else by the
+    /// upstream, storing nothing.
+    private func respondToHead(_ request: Request, response: ResponseChannel) async throws -> HTTPResponseStatus {
+        if let size = store.size(of: request.digest) {
+            metrics.blobHits.increment()
+            return try await sendHead(request, length: size, contentType: nil, response: response)
+        }
+        if let fill = fills.running(request.digest) {
+            let follower = fill.follower(closed: response.channel.closeFuture)
+            var snapshot = await fill.next(after: -1, follower: follower)
+            // An unknown length (a chunked upstream) is known once verified.
+            if snapshot.head != nil, snapshot.head?.contentLength == nil, !snapshot.state.isEnded {
+                snapshot = await fill.next(after: .max, follower: follower)
+            }
+            guard response.channel.isActive else { throw ClientGone() }
+            switch snapshot.state {
+            case .verified(let size), .published(let size):
+                metrics.coalescedFollowers.increment()
+                return try await sendHead(request, length: size, contentType: snapshot.head?.contentType, response: response)
+            case .streaming, .verifying:
+                if let length = snapshot.head?.contentLength {
+                    metrics.coalescedFollowers.increment()
+                    return try await sendHead(request, length: length, contentType: snapshot.head?.contentType,
+                                              response: response)
+                }
+            default:
+                break  // refused for another client's credentials, or failed: ask the upstream
+            }
+        }
+        return try await passThrough.forward(request.head, to: request.upstream, body: nil,
+                                             origin: request.origin, response: response)
+    }
+
+    private func sendHead(_ request: Request, length: Int64, contentType: String?,
+                          response: ResponseChannel) async throws -> HTTPResponseStatus {
+        response.head(.ok, BlobResponsePlan.headers(for: request.digest, length: length, contentType: contentType))
+        try await response.end()
+        return .ok
+    }
+
+    /// The blob is cached but cannot be opened now (out of descriptors):
+    /// a retryable 503, never a refetch and never a forgotten blob.
+    private func sendOverloaded(_ response: ResponseChannel) async throws -> HTTPResponseStatus {
+        let error = OCIError(.serviceUnavailable, .unavailable, "the cache is overloaded; retry shortly")
+        try await response.send(error.status, headers: ["content-type": "application/json", "retry-after": "1"],
+                                body: ByteBuffer(string: error.body))
+        return error.status
     }
 
     /// Serves a complete file (a hit, or a fill that finished before this
@@ -89,15 +138,22 @@ struct BlobResponder: Sendable {
     }
 
     /// Sends the blob from the growing file, never past what the fill allows
-    /// (the verified tail is held back until the digest matched).
-    private func follow(_ fill: Fill, first: FillSnapshot, _ request: Request,
+    /// (the verified tail is held back until the digest matched), and never
+    /// the last byte of the answer before the digest is verified: until
+    /// then a client cannot hold a complete-looking response, whatever range
+    /// it asked for.
+    private func follow(_ fill: Fill, follower: Int, first: FillSnapshot, _ request: Request,
                         response: ResponseChannel) async throws -> HTTPResponseStatus {
         guard let fd = fill.openReader() else {
-            if case .published = fill.state, let (fd, size) = store.openCached(request.digest) {
+            if errno == EMFILE || errno == ENFILE {
+                store.openFailed(errno)
+                return try await sendOverloaded(response)
+            }
+            if case .published = fill.state, case .file(let fd, let size) = store.openCached(request.digest) {
                 return try await serveComplete(fd: fd, size: size, request, response: response,
                                                source: metrics.bytesFromUpstream)
             }
-            let error = OCIError(.badGateway, .unavailable, "upstream blob download failed")
+            let error = OCIError(.badGateway, .unavailable, "the upstream blob download failed")
             try await response.send(error)
             return error.status
         }
@@ -120,25 +176,28 @@ struct BlobResponder: Sendable {
         response.head(status, headers)
         response.flush()
         var sent = range.lowerBound
-        while sent < range.upperBound {
-            let snapshot = await fill.next(after: sent)
-            let limit: Int64
+        while true {
+            // All but the last byte sent: only the verdict is left to wait for.
+            let snapshot = await fill.next(after: sent < range.upperBound - 1 ? sent : .max, follower: follower)
+            guard response.channel.isActive else { throw ClientGone() }
+            let verified: Bool
+            let available: Int64
             switch snapshot.state {
             case .failed, .rejected:
                 response.abort()
                 return status
             case .verified(let size), .published(let size):
-                limit = min(range.upperBound, size)
+                (verified, available) = (true, size)
             default:
-                limit = min(range.upperBound, snapshot.mark)
+                (verified, available) = (false, snapshot.mark)
             }
+            let limit = min(verified ? range.upperBound : range.upperBound - 1, available)
             if limit > sent {
                 try await response.file(handle, range: sent..<limit)
                 metrics.bytesFromUpstream.increment(by: limit - sent)
                 sent = limit
             }
-            if case .verified = snapshot.state { break }
-            if case .published = snapshot.state { break }
+            if verified { break }
         }
         try await response.end()
         return status
@@ -159,5 +218,18 @@ struct BlobResponder: Sendable {
             for value in head.headers[canonicalForm: name] { out.add(name: name, value: String(value)) }
         }
         return out
+    }
+}
+
+/// The client's connection closed while its answer was being prepared.
+struct ClientGone: Error {}
+
+extension FillStateMachine.State {
+    /// Nothing more will come from this fill.
+    var isEnded: Bool {
+        switch self {
+        case .published, .rejected, .failed: return true
+        default: return false
+        }
     }
 }

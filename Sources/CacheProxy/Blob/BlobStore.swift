@@ -17,6 +17,8 @@ public final class BlobStore: Sendable {
     private let index = NIOLockedValueBox<[Digest: Int64]>([:])
     private let tmpCounter = NIOLockedValueBox<UInt64>(0)
     private let metrics: ProxyMetrics
+    private let logger: Logger
+    private let lastOpenErrorLog = NIOLockedValueBox<ContinuousClock.Instant?>(nil)
 
     /// Creates the folders, deletes what an earlier run left in `tmp/` and
     /// indexes `blobs/`.
@@ -25,13 +27,10 @@ public final class BlobStore: Sendable {
         self.blobsFolder = folder + "/blobs"
         self.tmpFolder = folder + "/tmp"
         self.metrics = metrics
+        self.logger = logger
         let fm = FileManager.default
         try fm.createDirectory(atPath: blobsFolder, withIntermediateDirectories: true)
-        if fm.fileExists(atPath: tmpFolder) {
-            for leftover in (try? fm.contentsOfDirectory(atPath: tmpFolder)) ?? [] {
-                try? fm.removeItem(atPath: tmpFolder + "/" + leftover)
-            }
-        }
+        removeTemporaryFiles()
         try fm.createDirectory(atPath: tmpFolder, withIntermediateDirectories: true)
         let found = Self.scan(blobsFolder: blobsFolder, logger: logger)
         index.withLockedValue { $0 = found }
@@ -70,19 +69,54 @@ public final class BlobStore: Sendable {
         index.withLockedValue { $0[digest] }
     }
 
-    /// Opens a complete cached blob for reading. A file that vanished behind
-    /// the index's back (deleted by hand) is dropped from the index and read
-    /// as a miss.
-    public func openCached(_ digest: Digest) -> (fd: CInt, size: Int64)? {
-        guard size(of: digest) != nil else { return nil }
+    /// What opening a cached blob found.
+    public enum Opened {
+        case file(fd: CInt, size: Int64)
+        /// Not cached (or deleted behind the index's back): a miss.
+        case missing
+        /// Cached, but it could not be opened now (out of descriptors or
+        /// memory): the blob is still there and stays in the index.
+        case unavailable
+    }
+
+    /// Opens a complete cached blob for reading. Only a file that is really
+    /// gone (ENOENT, deleted by hand) is dropped from the index: under fd
+    /// pressure (EMFILE, ENFILE) the cache must not forget its own content.
+    public func openCached(_ digest: Digest) -> Opened {
+        guard size(of: digest) != nil else { return .missing }
         let fd = open(path(for: digest), O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
-        var st = stat()
-        guard fd >= 0, fstat(fd, &st) == 0 else {
-            if fd >= 0 { close(fd) }
-            forget(digest)
-            return nil
+        guard fd >= 0 else {
+            let error = errno
+            if error == ENOENT || error == ENOTDIR {
+                forget(digest)
+                return .missing
+            }
+            openFailed(error)
+            return .unavailable
         }
-        return (fd, Int64(st.st_size))
+        var st = stat()
+        guard fstat(fd, &st) == 0 else {
+            openFailed(errno)
+            close(fd)
+            return .unavailable
+        }
+        return .file(fd: fd, size: Int64(st.st_size))
+    }
+
+    /// Counts every failed open and logs at most one a second: under fd
+    /// pressure every request fails the same way.
+    func openFailed(_ error: Int32) {
+        let reason = error == EMFILE ? "emfile" : error == ENFILE ? "enfile" : "other"
+        metrics.fileOpenErrors[reason]?.increment()
+        let now = ContinuousClock.now
+        let log = lastOpenErrorLog.withLockedValue { last -> Bool in
+            guard last.map({ now - $0 >= .seconds(1) }) ?? true else { return false }
+            last = now
+            return true
+        }
+        if log {
+            logger.error("cannot open cached blobs; answering 503", metadata: ["error": "\(String(cString: strerror(error)))"])
+        }
     }
 
     /// A new, empty temporary file for a fill. Its name carries a counter so
@@ -104,6 +138,15 @@ public final class BlobStore: Sendable {
         guard rename(temporaryPath, final) == 0 else { throw StoreError.system("rename to \(final)", errno) }
         index.withLockedValue { $0[digest] = size }
         updateGauges()
+    }
+
+    /// Deletes everything under `tmp/`: what an earlier run left (at start),
+    /// or the unfinished fills of a process about to exit at once.
+    public func removeTemporaryFiles() {
+        let fm = FileManager.default
+        for leftover in (try? fm.contentsOfDirectory(atPath: tmpFolder)) ?? [] {
+            try? fm.removeItem(atPath: tmpFolder + "/" + leftover)
+        }
     }
 
     public func discard(temporaryPath: String) {

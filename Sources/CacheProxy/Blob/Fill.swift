@@ -60,11 +60,28 @@ public final class Fill: Sendable {
         /// A read-only descriptor of the temporary file; followers `dup` it,
         /// so a follower can keep reading after the rename (same inode).
         var readFD: CInt = -1
-        var waiters: [(after: Int64, continuation: CheckedContinuation<FillSnapshot, Never>)] = []
+        var waiters: [Waiter] = []
+        /// Followers whose client went away: their waits end at once.
+        var abandoned: Set<Int> = []
+        var nextFollower = 0
 
         var snapshot: FillSnapshot {
             FillSnapshot(state: machine.state, mark: machine.followerMark, head: head, answer: answer)
         }
+
+        /// A wait is over when followers may send more than `after` bytes,
+        /// or when the fill has settled (verified or ended): an empty blob
+        /// never moves the mark, and a follower holding back the last byte
+        /// of its range waits for the digest, not for more bytes.
+        func isReady(after mark: Int64) -> Bool {
+            machine.followerMark > mark || machine.isSettled
+        }
+    }
+
+    struct Waiter {
+        let follower: Int
+        let after: Int64
+        let continuation: CheckedContinuation<FillSnapshot, Never>
     }
 
     private let inner: NIOLockedValueBox<Inner>
@@ -79,23 +96,59 @@ public final class Fill: Sendable {
 
     // MARK: follower side
 
-    /// Returns as soon as the fill has moved past `mark` bytes (or finished).
+    /// Registers a follower. `closed` is its client connection's close: a
+    /// client that goes away ends its follower's waits at once, so the
+    /// follower releases its descriptor without waiting for the fill to
+    /// move (which, on a stalled upstream, may be a long time).
+    public func follower(closed: EventLoopFuture<Void>) -> Int {
+        let id = inner.withLockedValue { inner -> Int in
+            inner.nextFollower += 1
+            return inner.nextFollower
+        }
+        closed.whenComplete { _ in self.abandon(id) }
+        return id
+    }
+
+    private func abandon(_ follower: Int) {
+        let (woken, snapshot) = inner.withLockedValue { inner -> ([CheckedContinuation<FillSnapshot, Never>], FillSnapshot) in
+            inner.abandoned.insert(follower)
+            var woken: [CheckedContinuation<FillSnapshot, Never>] = []
+            inner.waiters.removeAll { waiter in
+                guard waiter.follower == follower else { return false }
+                woken.append(waiter.continuation)
+                return true
+            }
+            return (woken, inner.snapshot)
+        }
+        for continuation in woken { continuation.resume(returning: snapshot) }
+    }
+
+    /// Returns as soon as the fill has moved past `mark` bytes, settled, or
+    /// the follower's client went away (the caller checks its channel).
     /// Pass -1 to wait for the upstream's answer.
-    public func next(after mark: Int64) async -> FillSnapshot {
+    public func next(after mark: Int64, follower: Int) async -> FillSnapshot {
         await withCheckedContinuation { continuation in
             let ready: FillSnapshot? = inner.withLockedValue { inner in
-                if inner.machine.followerMark > mark { return inner.snapshot }
-                inner.waiters.append((mark, continuation))
+                if inner.isReady(after: mark) || inner.abandoned.contains(follower) { return inner.snapshot }
+                inner.waiters.append(Waiter(follower: follower, after: mark, continuation: continuation))
                 return nil
             }
             if let ready { continuation.resume(returning: ready) }
         }
     }
 
-    /// A descriptor of the file being filled, owned by the caller; `nil` once
-    /// the fill is over (then the blob is either in the store or gone).
+    /// A descriptor of the file being filled, owned by the caller. `nil`
+    /// once the fill is over (then the blob is either in the store or gone),
+    /// or when `dup` fails (`errno` tells: EMFILE under fd pressure).
     public func openReader() -> CInt? {
-        inner.withLockedValue { $0.readFD >= 0 ? dup($0.readFD) : nil }
+        inner.withLockedValue { inner -> CInt? in
+            guard inner.readFD >= 0 else {
+                errno = 0
+                return nil
+            }
+            let fd = dup(inner.readFD)
+            return fd >= 0 ? fd : nil
+        }
     }
 
     public var state: FillStateMachine.State { inner.withLockedValue { $0.machine.state } }
@@ -109,10 +162,10 @@ public final class Fill: Sendable {
         let (action, woken, snapshot): (FillStateMachine.Action, [CheckedContinuation<FillSnapshot, Never>], FillSnapshot) =
             inner.withLockedValue { inner in
                 let action = body(&inner.machine)
-                let mark = inner.machine.followerMark
                 var woken: [CheckedContinuation<FillSnapshot, Never>] = []
+                let (mark, settled) = (inner.machine.followerMark, inner.machine.isSettled)
                 inner.waiters.removeAll { waiter in
-                    guard mark > waiter.after else { return false }
+                    guard mark > waiter.after || settled else { return false }
                     woken.append(waiter.continuation)
                     return true
                 }
@@ -167,19 +220,24 @@ public final class Fill: Sendable {
             }
             transition { $0.upstreamResponded(status: 200, contentLength: length) }
 
-            var sink = BlobSink(writer: context.writer, fd: file.fd, algorithm: digest.algorithm)
-            let hex: String
-            do {
-                for try await chunk in response.body {
-                    let written = try await sink.append(chunk)
-                    if written > 0, case .discard(let failure) = transition({ $0.bytesWritten(written) }) { throw failure }
+            let (body, fd, writer) = (response.body, file.fd, context.writer)
+            let hex = try await UpstreamBody.read(idle: context.client.idleTimeout) { clock in
+                var sink = BlobSink(writer: writer, fd: fd, algorithm: self.digest.algorithm)
+                do {
+                    for try await chunk in body {
+                        clock.tick()
+                        let written = try await sink.append(chunk)
+                        if written > 0, case .discard(let failure) = self.transition({ $0.bytesWritten(written) }) {
+                            throw failure
+                        }
+                    }
+                    let finished = try await sink.finish()
+                    if case .discard(let failure) = self.transition({ $0.bytesWritten(finished.written) }) { throw failure }
+                    return finished.hex
+                } catch {
+                    await sink.abandon()
+                    throw error
                 }
-                let finished = try await sink.finish()
-                hex = finished.hex
-                if case .discard(let failure) = transition({ $0.bytesWritten(finished.written) }) { throw failure }
-            } catch {
-                await sink.abandon()
-                throw error
             }
             if case .discard(let failure) = transition({ $0.upstreamEnded() }) { throw failure }
             guard case .verifying(let size) = state else { throw FillStateMachine.Failure.upstream("unexpected state") }

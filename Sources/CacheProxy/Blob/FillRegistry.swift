@@ -50,6 +50,12 @@ public final class FillRegistry: Sendable {
         return (fill, !created)
     }
 
+    /// The fill in flight for `digest`, if any, up to and including the
+    /// moment it is published.
+    func running(_ digest: Digest) -> Fill? {
+        running.withLockedValue { $0.fills[digest] }
+    }
+
     private func finished(_ fill: Fill) {
         running.withLockedValue { running in
             if running.fills[fill.digest] === fill { running.fills[fill.digest] = nil }

@@ -119,6 +119,15 @@ public struct FillStateMachine: Sendable, Equatable {
         }
     }
 
+    /// The bytes are known good (verified, published) or there is nothing
+    /// more to follow (rejected, failed): no wait for more bytes makes sense.
+    public var isSettled: Bool {
+        switch state {
+        case .verified, .published, .rejected, .failed: return true
+        default: return false
+        }
+    }
+
     /// How far followers may read: -1 before the upstream answered, the bytes
     /// written less the held-back tail while streaming, everything once
     /// published, `Int64.max` for a finished fill that has nothing to follow.

@@ -39,13 +39,14 @@ public enum ConfigLoader {
         let top = try Node(value: root ?? [String: Any](), key: "(top level)").mapping(
             allowed: ["api", "upstreams", "storage", "timeouts", "limits", "log_level"])
 
-        let api = try top.required("api").mapping(allowed: ["hostname", "port", "tls_cert", "tls_key"])
+        let api = try top.required("api").mapping(allowed: ["hostname", "port", "tls_cert", "tls_key", "trust_forwarded_headers"])
         if api.has("tls_cert") || api.has("tls_key") {
             throw ConfigError(key: "api.tls_cert", problem: "a TLS listener is not supported by this version yet; terminate TLS in front of the proxy")
         }
         let apiConfig = ProxyConfig.API(
             hostname: try api.optional("hostname")?.string() ?? "0.0.0.0",
-            port: try api.optional("port")?.port() ?? 5000)
+            port: try api.optional("port")?.port() ?? 5000,
+            trustForwardedHeaders: try api.optional("trust_forwarded_headers")?.bool() ?? false)
 
         let upstreamNodes = try top.required("upstreams").sequence()
         if upstreamNodes.isEmpty {
@@ -83,7 +84,16 @@ public enum ConfigLoader {
         let folder = try folderNode.string()
         if folder.isEmpty { throw ConfigError(key: folderNode.key, problem: "must not be empty") }
 
-        let timeouts = try top.optional("timeouts")?.mapping(allowed: ["connect", "upstream", "header_read", "shutdown"])
+        let timeoutKeys: [(String, WritableKeyPath<ProxyConfig.Timeouts, Double>)] = [
+            ("connect", \.connectSeconds), ("upstream", \.upstreamSeconds), ("upstream_idle", \.upstreamIdleSeconds),
+            ("header_read", \.headerReadSeconds), ("idle", \.idleSeconds), ("request_body", \.requestBodySeconds),
+            ("send", \.sendSeconds), ("shutdown", \.shutdownSeconds),
+        ]
+        let timeoutsNode = try top.optional("timeouts")?.mapping(allowed: Set(timeoutKeys.map(\.0)))
+        var timeouts = ProxyConfig.Timeouts()
+        for (name, path) in timeoutKeys {
+            if let value = try timeoutsNode?.optional(name)?.seconds() { timeouts[keyPath: path] = value }
+        }
         let limits = try top.optional("limits")?.mapping(allowed: ["max_header_bytes"])
         let logLevel = try top.optional("log_level")?.string() ?? "info"
         let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
@@ -95,11 +105,7 @@ public enum ConfigLoader {
             api: apiConfig,
             upstreams: upstreams,
             storage: .init(folder: folder, fsync: try storage.optional("fsync")?.bool() ?? true),
-            timeouts: .init(
-                connectSeconds: try timeouts?.optional("connect")?.seconds() ?? 5,
-                upstreamSeconds: try timeouts?.optional("upstream")?.seconds() ?? 30,
-                headerReadSeconds: try timeouts?.optional("header_read")?.seconds() ?? 30,
-                shutdownSeconds: try timeouts?.optional("shutdown")?.seconds() ?? 30),
+            timeouts: timeouts,
             maxHeaderBytes: try limits?.optional("max_header_bytes")?.integer(in: 1024...1_048_576) ?? 65536,
             logLevel: logLevel)
     }

@@ -4,6 +4,11 @@ public struct ProxyConfig: Sendable, Equatable {
     public struct API: Sendable, Equatable {
         public var hostname: String
         public var port: Int
+        /// Take `X-Forwarded-Proto`/`X-Forwarded-Host` from clients as true.
+        /// Only for a proxy that is reached solely through a TLS terminator
+        /// (or load balancer) that sets them; otherwise a client could name
+        /// any scheme and host in the `Location` headers it gets back.
+        public var trustForwardedHeaders: Bool = false
     }
 
     public struct Upstream: Sendable, Equatable {
@@ -38,16 +43,31 @@ public struct ProxyConfig: Sendable, Equatable {
         public var fsync: Bool
     }
 
+    /// Each timeout bounds one wait and nothing else, so that no deadline
+    /// can cut a transfer that is still moving (DESIGN.md, Timeouts).
     public struct Timeouts: Sendable, Equatable {
         /// TCP (and TLS) connect to an upstream.
-        public var connectSeconds: Double
-        /// Waiting for an upstream's response head, and for each read after it.
-        public var upstreamSeconds: Double
-        /// A client's whole request head must arrive within this, counted from
-        /// its first byte (or the end of the previous response).
-        public var headerReadSeconds: Double
-        /// How long SIGTERM waits for in-flight work.
-        public var shutdownSeconds: Double
+        public var connectSeconds: Double = 5
+        /// From the request (body included) fully sent upstream to the
+        /// upstream's response head.
+        public var upstreamSeconds: Double = 30
+        /// Between two reads of an upstream's response body.
+        public var upstreamIdleSeconds: Double = 30
+        /// From the first byte of a client's request head to its end.
+        public var headerReadSeconds: Double = 30
+        /// A keep-alive connection with no request in progress.
+        public var idleSeconds: Double = 60
+        /// Between two reads of a client's request body, counted only while
+        /// the proxy is asking for more (an upstream that pushes back does
+        /// not count against the client).
+        public var requestBodySeconds: Double = 60
+        /// A response that makes no progress towards the client (nginx's
+        /// `send_timeout`).
+        public var sendSeconds: Double = 60
+        /// From the first shutdown signal to exit, everything included.
+        public var shutdownSeconds: Double = 30
+
+        public init() {}
     }
 
     public var api: API

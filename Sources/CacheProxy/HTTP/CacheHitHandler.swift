@@ -88,7 +88,9 @@ struct CacheHitResponder: Sendable {
             plan = BlobResponsePlan(digest: digest, length: Int64(entry.bytes.readableBytes), contentType: nil,
                                     rangeHeader: rangeHeader)
         } else {
-            guard let (fd, actualSize) = store.openCached(digest) else { return false }
+            // Anything but an open file (a miss, fd pressure) is the async
+            // path's to answer.
+            guard case .file(let fd, let actualSize) = store.openCached(digest) else { return false }
             file = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: fd)
             plan = BlobResponsePlan(digest: digest, length: actualSize, contentType: nil, rangeHeader: rangeHeader)
             if actualSize <= smallBlobs.maxBlobSize, let file,

@@ -27,7 +27,8 @@ struct ClientConnection {
                     tracker.setIdle(raw, false)
                     let keepAlive = head.isKeepAlive && !tracker.isDraining
                     let response = ResponseChannel(channel: raw, keepAlive: keepAlive, version: head.version)
-                    let origin = PassThrough.Origin(clientAddress: remoteAddress, clientHost: head.headers.first(name: "host"))
+                    let origin = PassThrough.Origin(head: head, clientAddress: remoteAddress, listenerScheme: "http",
+                                                    trustForwarded: handler.trustForwardedHeaders)
                     try await serveRequest(head, parts: &parts, origin: origin, response: response)
                     guard keepAlive, tracker.setIdle(raw, true), raw.isActive else { break }
                 }
@@ -51,22 +52,29 @@ struct ClientConnection {
         }
         let length: HTTPClientRequest.Body.Length =
             head.headers.first(name: "content-length").flatMap { Int64($0) }.map { .known($0) } ?? .unknown
-        let pipe = AsyncChannel<ByteBuffer>()
+        let pipe = AsyncThrowingChannel<ByteBuffer, any Error>()
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask {
-                await handler.handle(head, body: .init(stream: pipe, length: length), origin: origin, response: response)
+                await handler.handle(head, body: RequestBodySource(stream: pipe, length: length),
+                                     origin: origin, response: response)
                 // If the upstream answered before taking the whole body, the
                 // rest is still read (and dropped) below.
                 pipe.finish()
             }
-            // Finishing the pipe on every way out (end, client gone, error)
-            // is what keeps the upstream request from waiting forever.
-            defer { pipe.finish() }
+            // Only the request's end finishes the body cleanly. Any other way
+            // out (the client left, the body timeout closed the connection,
+            // an error) fails it, so the upstream request is aborted instead
+            // of being sent as complete.
+            var ended = false
+            defer { if !ended { pipe.fail(RequestBodySource.Interrupted()) } }
             while let part = try await parts.next() {
                 if case .body(let buffer) = part { await pipe.send(buffer) }
-                if case .end = part { break }
+                if case .end = part {
+                    ended = true
+                    break
+                }
             }
-            pipe.finish()
+            if ended { pipe.finish() } else { pipe.fail(RequestBodySource.Interrupted()) }
             try await group.waitForAll()
         }
     }

@@ -10,6 +10,7 @@ public enum OCIErrorCode: String, Sendable {
     case unavailable = "UNAVAILABLE"
     case timeout = "TIMEOUT"
     case tooLarge = "TOO_LARGE"
+    case unsupported = "UNSUPPORTED"
 }
 
 /// An answer the proxy makes up itself: an OCI JSON error.

@@ -14,6 +14,7 @@ struct RequestHandler: Sendable {
     let metrics: ProxyMetrics
     let tracker: ConnectionTracker
     let logger: Logger
+    let trustForwardedHeaders: Bool
 
     /// Whether the request has a body to stream. Only a pass-through uses
     /// it; for any other request the connection drops it after answering.
@@ -22,7 +23,7 @@ struct RequestHandler: Sendable {
         return head.headers.contains(name: "transfer-encoding")
     }
 
-    func handle(_ head: HTTPRequestHead, body: PassThrough.RequestBody?, origin: PassThrough.Origin, response: ResponseChannel) async {
+    func handle(_ head: HTTPRequestHead, body: RequestBodySource?, origin: PassThrough.Origin, response: ResponseChannel) async {
         let started = ContinuousClock.now
         var kind = "error"
         var status = HTTPResponseStatus.internalServerError
@@ -43,7 +44,7 @@ struct RequestHandler: Sendable {
         Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
     }
 
-    private func route(_ head: HTTPRequestHead, body: PassThrough.RequestBody?, origin: PassThrough.Origin,
+    private func route(_ head: HTTPRequestHead, body: RequestBodySource?, origin: PassThrough.Origin,
                        response: ResponseChannel) async throws -> (String, HTTPResponseStatus) {
         let omitBody = head.method == .HEAD
         let target: RequestTarget

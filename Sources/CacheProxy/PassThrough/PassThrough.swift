@@ -12,16 +12,31 @@ struct PassThrough: Sendable {
     let client: UpstreamClient
     let metrics: ProxyMetrics
 
-    /// What the request came with, besides the head.
+    /// Where the request came from, as the client sees the proxy.
     struct Origin: Sendable {
         let clientAddress: String?
+        /// The host the client addressed (its `Host`, or a trusted
+        /// `X-Forwarded-Host`).
         let clientHost: String?
-    }
+        /// `http` or `https`: the listener's scheme, or a trusted
+        /// `X-Forwarded-Proto` from a TLS terminator in front.
+        let clientScheme: String
 
-    /// A request body being streamed from the client while it is forwarded.
-    struct RequestBody: Sendable {
-        let stream: AsyncChannel<ByteBuffer>
-        let length: HTTPClientRequest.Body.Length
+        /// Reads the head once per request. Forwarding headers are believed
+        /// only when `api.trust_forwarded_headers` says a terminator in
+        /// front sets them; otherwise any client could choose the scheme
+        /// and host of the `Location` headers it gets back.
+        init(head: HTTPRequestHead, clientAddress: String?, listenerScheme: String, trustForwarded: Bool) {
+            self.clientAddress = clientAddress
+            let host = head.headers.first(name: "host")
+            guard trustForwarded else {
+                (clientHost, clientScheme) = (host, listenerScheme)
+                return
+            }
+            let proto = head.headers.first(name: "x-forwarded-proto")?.lowercased()
+            clientScheme = proto == "https" || proto == "http" ? proto ?? listenerScheme : listenerScheme
+            clientHost = head.headers.first(name: "x-forwarded-host") ?? host
+        }
     }
 
     /// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
@@ -43,9 +58,16 @@ struct PassThrough: Sendable {
     /// Forwards the request; `body` carries the request body when it has one.
     /// Returns the status sent to the client.
     func forward(
-        _ head: HTTPRequestHead, to upstream: ProxyConfig.Upstream, body: RequestBody?,
+        _ head: HTTPRequestHead, to upstream: ProxyConfig.Upstream, body: RequestBodySource?,
         origin: Origin, response: ResponseChannel
     ) async throws -> HTTPResponseStatus {
+        // The validator lets only origin-form targets through; checked again
+        // here because this is where a target becomes a URL.
+        guard head.uri.hasPrefix("/") else {
+            let error = OCIError(.badRequest, .unsupported, "the request target must be a path starting with /")
+            try await response.send(error, omitBody: head.method == .HEAD)
+            return error.status
+        }
         var request = HTTPClientRequest(url: upstream.origin + Self.upstreamURI(head.uri))
         request.method = head.method
         var headers = Self.endToEnd(head.headers)
@@ -58,15 +80,16 @@ struct PassThrough: Sendable {
         if let host = origin.clientHost {
             headers.replaceOrAdd(name: "x-forwarded-host", value: host)
         }
-        headers.replaceOrAdd(name: "x-forwarded-proto", value: "http")
+        headers.replaceOrAdd(name: "x-forwarded-proto", value: origin.clientScheme)
         request.headers = headers
-        if let body { request.body = .stream(body.stream, length: body.length) }
 
         let upstreamResponse: HTTPClientResponse
         do {
-            upstreamResponse = try await client.execute(request)
+            upstreamResponse = try await client.execute(request, body: body)
         } catch {
             metrics.upstreamResponse(upstream: upstream.host, code: 0)
+            client.logger.notice("upstream request failed", metadata: [
+                "upstream": "\(upstream.host)", "method": "\(head.method.rawValue)", "error": "\(error)"])
             let mapped = UpstreamClient.clientError(for: error)
             try await response.send(mapped, omitBody: head.method == .HEAD)
             return mapped.status
@@ -75,12 +98,17 @@ struct PassThrough: Sendable {
 
         var outHeaders = Self.endToEnd(upstreamResponse.headers)
         if let location = outHeaders.first(name: "location"), let host = origin.clientHost {
-            outHeaders.replaceOrAdd(name: "location", value: Self.rewriteLocation(location, upstream: upstream, clientHost: host))
+            outHeaders.replaceOrAdd(name: "location", value: Self.rewriteLocation(
+                location, upstream: upstream, clientHost: host, clientScheme: origin.clientScheme))
         }
         response.head(upstreamResponse.status, outHeaders)
         do {
-            for try await chunk in upstreamResponse.body {
-                try await response.body(chunk)
+            let body = upstreamResponse.body
+            try await UpstreamBody.read(idle: client.idleTimeout) { clock in
+                for try await chunk in body {
+                    clock.tick()
+                    try await clock.paused { try await response.body(chunk) }
+                }
             }
         } catch {
             // Headers are out: the only honest signal left is a cut.
@@ -103,12 +131,13 @@ struct PassThrough: Sendable {
     /// An absolute `Location` pointing at the upstream (an upload session,
     /// say) is rewritten to the client's host, so the client keeps talking to
     /// the proxy. Locations elsewhere (a CDN) are left alone.
-    static func rewriteLocation(_ location: String, upstream: ProxyConfig.Upstream, clientHost: String) -> String {
+    static func rewriteLocation(_ location: String, upstream: ProxyConfig.Upstream, clientHost: String,
+                                clientScheme: String) -> String {
         let candidates = [upstream.origin, "\(upstream.schema)://\(upstream.registry):\(upstream.port)"]
         for prefix in candidates where location.lowercased().hasPrefix(prefix.lowercased()) {
             let rest = location.dropFirst(prefix.count)
             if rest.isEmpty || rest.hasPrefix("/") || rest.hasPrefix("?") {
-                return "http://\(clientHost)\(rest)"
+                return "\(clientScheme)://\(clientHost)\(rest)"
             }
         }
         return location

@@ -1,0 +1,235 @@
+import NIOCore
+import NIOHTTP1
+
+/// Which of a client connection's waits is being timed, without any IO, so
+/// that each rule can be tested on its own. The handler below drives one
+/// timer from it.
+///
+/// Each timeout bounds one wait and nothing else (DESIGN.md, Timeouts):
+/// - `head`: from the first byte of a request head to its end;
+/// - `idle`: a keep-alive connection with no request and no response;
+/// - `requestBody`: between two reads of a request body, counted only while
+///   the proxy asks for more bytes, so an upstream that pushes back on an
+///   upload is not held against the client.
+/// None of them runs while a response is being written: that is the send
+/// timeout's business (`SendTimeoutHandler`), and it measures progress, not
+/// duration, so a large blob to a slow client is never cut while it moves.
+struct ConnectionTimeoutsStateMachine {
+    enum Kind: String, Sendable {
+        case head
+        case idle
+        case requestBody = "request_body"
+    }
+
+    struct Limits: Sendable {
+        var head: TimeAmount
+        var idle: TimeAmount
+        var requestBody: TimeAmount
+    }
+
+    enum Request: Equatable {
+        /// Between requests, no byte of the next head yet.
+        case awaitingHead
+        /// Some bytes of a head arrived; the decoder has not finished it.
+        case headStarted
+        /// The head is in; body parts (if any) until the request's end.
+        case readingBody
+    }
+
+    let limits: Limits
+    private(set) var request = Request.awaitingHead
+    /// Responses whose head was written but whose last byte was not yet.
+    private var responding = 0
+    /// Requests fully received minus responses fully written. Goes below
+    /// zero while a response finished early, before its request's body did.
+    private var unanswered = 0
+    private(set) var deadline: (kind: Kind, at: NIODeadline)?
+
+    init(limits: Limits, now: NIODeadline) {
+        self.limits = limits
+        self.deadline = (.idle, now + limits.idle)
+    }
+
+    /// Whether raw bytes arriving now belong to a request head (what the
+    /// head-size limit counts). After an early response the rest of the
+    /// request body is still a body.
+    var awaitingHead: Bool { request == .awaitingHead || request == .headStarted }
+
+    mutating func headBytesArrived(now: NIODeadline) {
+        guard request == .awaitingHead else { return }
+        request = .headStarted
+        // A head that starts while an answer is still being written (a
+        // pipelining client) is timed from the answer's end instead.
+        deadline = responding == 0 ? (.head, now + limits.head) : nil
+    }
+
+    mutating func headReceived() {
+        request = .readingBody
+        deadline = nil
+    }
+
+    /// A read was asked of the socket: while a body is expected, the client
+    /// has until the limit to deliver the next bytes.
+    mutating func readRequested(now: NIODeadline) {
+        guard request == .readingBody, deadline == nil else { return }
+        deadline = (.requestBody, now + limits.requestBody)
+    }
+
+    mutating func bodyReceived() {
+        if request == .readingBody { deadline = nil }
+    }
+
+    mutating func requestEnded(now: NIODeadline) {
+        request = .awaitingHead
+        unanswered += 1
+        deadline = nil
+        armIdleIfQuiet(now: now)
+    }
+
+    mutating func responseStarted() {
+        responding += 1
+        if deadline?.kind == .idle || deadline?.kind == .head { deadline = nil }
+    }
+
+    mutating func responseFinished(now: NIODeadline) {
+        responding = max(0, responding - 1)
+        unanswered -= 1
+        if request == .headStarted, responding == 0 {
+            deadline = (.head, now + limits.head)
+        } else {
+            armIdleIfQuiet(now: now)
+        }
+    }
+
+    private mutating func armIdleIfQuiet(now: NIODeadline) {
+        if request == .awaitingHead, responding == 0, unanswered <= 0 {
+            deadline = (.idle, now + limits.idle)
+        }
+    }
+}
+
+/// Drives `ConnectionTimeoutsStateMachine` for one connection: sits right
+/// after the request decoder (before the pipelining handler, so it sees
+/// pipelined requests as they arrive) and keeps at most one timer.
+///
+/// The timer is not cancelled and re-armed on every event (a timer-heap
+/// insert and removal each, measurable on the hit path): when it fires
+/// before the current deadline it re-arms for the time left.
+final class ConnectionTimeoutsHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private var machine: ConnectionTimeoutsStateMachine
+    private var timer: Scheduled<Void>?
+    /// When `timer` fires.
+    private var timerAt = NIODeadline.distantFuture
+    private var context: ChannelHandlerContext?
+    private let onTimeout: @Sendable (ConnectionTimeoutsStateMachine.Kind) -> Void
+
+    init(limits: ConnectionTimeoutsStateMachine.Limits,
+         onTimeout: @escaping @Sendable (ConnectionTimeoutsStateMachine.Kind) -> Void) {
+        self.machine = ConnectionTimeoutsStateMachine(limits: limits, now: .now())
+        self.onTimeout = onTimeout
+    }
+
+    var awaitingHead: Bool { machine.awaitingHead }
+    var headStarted: Bool { machine.request == .headStarted }
+
+    /// Called by `RequestHeadLimiter`, which sees the raw bytes.
+    func headBytesArrived() {
+        guard machine.request == .awaitingHead else { return }
+        machine.headBytesArrived(now: .now())
+        arm()
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        arm()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        timer?.cancel()
+        timer = nil
+        self.context = nil
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        timer?.cancel()
+        timer = nil
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head: machine.headReceived()
+        case .body: machine.bodyReceived()
+        case .end: machine.requestEnded(now: .now())
+        }
+        arm()
+        context.fireChannelRead(data)
+    }
+
+    func read(context: ChannelHandlerContext) {
+        machine.readRequested(now: .now())
+        arm()
+        context.read()
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        switch unwrapOutboundIn(data) {
+        case .head:
+            machine.responseStarted()
+            context.write(data, promise: promise)
+        case .body:
+            context.write(data, promise: promise)
+        case .end:
+            // A response is over when its last byte is written, not when its
+            // end is queued: until then the send timeout watches it.
+            let written = promise ?? context.eventLoop.makePromise()
+            let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
+            written.futureResult.whenComplete { _ in
+                let handler = loopBound.value
+                handler.machine.responseFinished(now: .now())
+                handler.arm()
+            }
+            context.write(data, promise: written)
+        }
+    }
+
+    /// Makes sure a timer fires no later than the current deadline. The
+    /// timer is never set further out than the shortest limit, so a new
+    /// deadline (now + some limit) is never earlier than it: a timer is
+    /// replaced only in the rare case the clock says otherwise, and the hit
+    /// path arms no timer per request.
+    private func arm() {
+        guard let context, let deadline = machine.deadline else { return }
+        if let timer {
+            guard deadline.at < timerAt else { return }
+            timer.cancel()
+        }
+        schedule(context, at: min(deadline.at, .now() + shortest))
+    }
+
+    private var shortest: TimeAmount {
+        min(machine.limits.head, machine.limits.idle, machine.limits.requestBody)
+    }
+
+    private func schedule(_ context: ChannelHandlerContext, at when: NIODeadline) {
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        timerAt = when
+        timer = context.eventLoop.scheduleTask(deadline: when) {
+            let (handler, context) = loopBound.value
+            handler.timer = nil
+            handler.timerAt = .distantFuture
+            guard let deadline = handler.machine.deadline else { return }  // armed again by the next event
+            if deadline.at <= .now() {
+                handler.onTimeout(deadline.kind)
+                context.close(promise: nil)
+            } else {
+                handler.schedule(context, at: min(deadline.at, .now() + handler.shortest))
+            }
+        }
+    }
+}

@@ -1,0 +1,70 @@
+import NIOConcurrencyHelpers
+
+/// Reading an upstream response body under the idle timeout
+/// (`timeouts.upstream_idle`): the body may take as long as it likes while
+/// bytes keep coming, and is given up when none came for the limit.
+///
+/// A watchdog task looks at a progress counter every quarter of the limit
+/// instead of racing a timer against every read: the read loop pays one
+/// uncontended lock per chunk, and a stall is found within 1¼ × the limit.
+/// Time the reader spends handing a chunk on (to a slow client) is paused
+/// out: that wait belongs to the send timeout, not to the upstream.
+enum UpstreamBody {
+    static func read<T: Sendable>(idle limit: Duration,
+                                  _ work: @escaping @Sendable (IdleClock) async throws -> T) async throws -> T {
+        let clock = IdleClock()
+        return try await withThrowingTaskGroup(of: T?.self) { group in
+            group.addTask { try await work(clock) }
+            group.addTask {
+                try await clock.watch(limit: limit)
+                return nil
+            }
+            defer { group.cancelAll() }
+            while let result = try await group.next() {
+                if let result { return result }
+            }
+            throw UpstreamTimeout.idle
+        }
+    }
+}
+
+/// Progress of one body read, for `UpstreamBody`'s watchdog.
+final class IdleClock: Sendable {
+    private struct State {
+        var ticks: UInt64 = 0
+        var paused = false
+    }
+
+    private let state = NIOLockedValueBox(State())
+
+    /// Bytes arrived.
+    func tick() {
+        state.withLockedValue { $0.ticks &+= 1 }
+    }
+
+    /// Runs `body` with the clock stopped (the wait is not the upstream's).
+    func paused<T>(_ body: () async throws -> T) async rethrows -> T {
+        state.withLockedValue { $0.paused = true }
+        defer { state.withLockedValue { $0.paused = false; $0.ticks &+= 1 } }
+        return try await body()
+    }
+
+    /// Returns never; throws `UpstreamTimeout.idle` when no tick came for
+    /// `limit`, or CancellationError when the read is over.
+    func watch(limit: Duration) async throws {
+        let step = limit / 4
+        var last = state.withLockedValue { $0.ticks }
+        var still = Duration.zero
+        while true {
+            try await Task.sleep(for: step)
+            let (ticks, paused) = state.withLockedValue { ($0.ticks, $0.paused) }
+            if ticks != last || paused {
+                last = ticks
+                still = .zero
+            } else {
+                still += step
+                if still >= limit { throw UpstreamTimeout.idle }
+            }
+        }
+    }
+}
