@@ -173,6 +173,21 @@ struct BlobResponder: Sendable {
             try await response.send(status, headers: headers, body: ByteBuffer())
             return status
         }
+        if range.isEmpty {
+            // With nothing to send, the head alone is a complete answer: it
+            // waits for the digest like the last byte of any other.
+            let verdict = await fill.next(after: .max, follower: follower)
+            guard response.channel.isActive else { throw ClientGone() }
+            switch verdict.state {
+            case .verified, .published:
+                try await response.send(status, headers: headers, body: ByteBuffer())
+                return status
+            default:
+                let error = OCIError(.badGateway, .unavailable, "the upstream blob download failed")
+                try await response.send(error)
+                return error.status
+            }
+        }
         response.head(status, headers)
         response.flush()
         var sent = range.lowerBound

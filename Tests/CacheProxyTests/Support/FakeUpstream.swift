@@ -21,12 +21,17 @@ final class FakeUpstream: Sendable {
         var headDelay: TimeAmount = .zero
         /// No Content-Length: the body goes out chunked.
         var chunked = false
+        /// After this many body bytes, pause for `stallFor` before the rest.
+        var stallAfter: Int?
+        var stallFor: TimeAmount = .zero
     }
 
     struct Seen: Sendable {
         let method: HTTPMethod
         let uri: String
         let headers: HTTPHeaders
+        /// Request body bytes received before the request's end.
+        var bodyBytes = 0
     }
 
     private let seen = NIOLockedValueBox<[Seen]>([])
@@ -68,13 +73,18 @@ final class FakeUpstream: Sendable {
     ) async throws {
         try await connection.executeThenClose { inbound, outbound in
             var head: HTTPRequestHead?
+            var bodyBytes = 0
             for try await part in inbound {
                 switch part {
-                case .head(let h): head = h
-                case .body: break
+                case .head(let h):
+                    head = h
+                    bodyBytes = 0
+                case .body(let buffer): bodyBytes += buffer.readableBytes
                 case .end:
                     guard let h = head else { continue }
-                    seen.withLockedValue { $0.append(Seen(method: h.method, uri: h.uri, headers: h.headers)) }
+                    seen.withLockedValue {
+                        $0.append(Seen(method: h.method, uri: h.uri, headers: h.headers, bodyBytes: bodyBytes))
+                    }
                     let r = reply(h)
                     if r.silent {
                         try await Task.sleep(for: .seconds(60))
@@ -91,8 +101,14 @@ final class FakeUpstream: Sendable {
                     if h.method != .HEAD {
                         var offset = 0
                         let end = min(r.body.count, r.cutAfter ?? Int.max)
+                        var stalled = false
                         while offset < end {
-                            let next = min(end, offset + r.chunkSize)
+                            if let stallAfter = r.stallAfter, offset >= stallAfter, !stalled {
+                                stalled = true
+                                try await Task.sleep(for: .nanoseconds(r.stallFor.nanoseconds))
+                            }
+                            var next = min(end, offset + r.chunkSize)
+                            if let stallAfter = r.stallAfter, !stalled, offset < stallAfter { next = min(next, stallAfter) }
                             try await outbound.write(.body(.byteBuffer(ByteBuffer(bytes: r.body[offset..<next]))))
                             offset = next
                             if r.delay > .zero { try await Task.sleep(for: .nanoseconds(r.delay.nanoseconds)) }

@@ -13,17 +13,18 @@ final class TestProxy: @unchecked Sendable {
 
     /// `upstreams` are YAML list items; the storage folder is new and empty
     /// unless one is given.
-    init(upstreamsYAML: String, folder: String? = nil, extraYAML: String = "") async throws {
+    init(upstreamsYAML: String, folder: String? = nil, extraYAML: String = "", fsync: Bool = false,
+         apiYAML: String = "") async throws {
         let folder = try folder ?? makeTemporaryFolder("cache")
         self.folder = folder
         let yaml = """
-            api: {hostname: "127.0.0.1", port: 0}
+            api: {hostname: "127.0.0.1", port: 1\(apiYAML)}
             upstreams:
             \(upstreamsYAML)
-            storage: {folder: "\(folder)", fsync: false}
+            storage: {folder: "\(folder)", fsync: \(fsync)}
             \(extraYAML)
             """
-        var config = try ConfigLoader.parse(yaml: yaml.replacingOccurrences(of: "port: 0}", with: "port: 1}"))
+        var config = try ConfigLoader.parse(yaml: yaml)
         config.api.port = 0
         var logger = Logger(label: "test-proxy")
         logger.logLevel = .error

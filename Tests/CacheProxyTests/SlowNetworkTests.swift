@@ -1,0 +1,248 @@
+import Foundation
+import NIOCore
+import NIOHTTP1
+import XCTest
+@testable import CacheProxy
+
+/// Transfers that take longer than every timeout, and stalls that are cut by
+/// exactly one of them. Every timeout is 1 s here, so a transfer of a few
+/// seconds stands for a 1 GB layer over a slow link: each one runs both
+/// above a timeout (it moves, so it must finish) and below it (it stops, so
+/// it must be cut).
+final class SlowNetworkTests: XCTestCase {
+    static let shortTimeouts =
+        "timeouts: {header_read: 1, idle: 2, request_body: 1, send: 1, upstream: 1, upstream_idle: 1, shutdown: 2}"
+
+    typealias F = FaultInjectionTests
+
+    private func start(_ reply: @escaping @Sendable (HTTPRequestHead) -> FakeUpstream.Reply) async throws
+        -> (FakeUpstream, TestProxy) {
+        let upstream = try await FakeUpstream(reply)
+        let proxy = try await TestProxy(
+            upstreamsYAML: "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}",
+            extraYAML: Self.shortTimeouts)
+        return (upstream, proxy)
+    }
+
+    private func stop(_ upstream: FakeUpstream, _ proxy: TestProxy) async {
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    /// A blob made, fetched once through the proxy (so it is a hit), and its digest.
+    private func cachedBlob(size: Int) async throws -> (FakeUpstream, TestProxy, [UInt8], String) {
+        let bytes = F.randomBytes(size)
+        let (upstream, proxy) = try await start { _ in .init(body: bytes, chunkSize: 1 << 20) }
+        let digest = F.digest(of: bytes)
+        let first = try curl("\(proxy.base)/v2/a/blobs/\(digest)")
+        XCTAssertEqual(first.body.count, size)
+        XCTAssertNotNil(proxy.server.store.size(of: try Digest(parsing: digest)))
+        return (upstream, proxy, bytes, digest)
+    }
+
+    // MARK: client reads slowly
+
+    func testLargeHitToASlowReaderOutlastsEveryTimeout() async throws {
+        // 6 MiB at 1.5 MB/s through a 4 KiB receive buffer: ~4 s, four times
+        // every timeout. On the old main the head deadline cut it at ~1 s.
+        let (upstream, proxy, bytes, digest) = try await cachedBlob(size: 6 << 20)
+        let reader = try SlowReader(port: proxy.port, receiveBuffer: 4096)
+        reader.send("GET /v2/a/blobs/\(digest) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        let result = reader.read(bytesPerSecond: 1_500_000, deadline: 30)
+        XCTAssertEqual(result.statusCode, 200, result.head)
+        XCTAssertGreaterThan(result.seconds, 3, "the read really was slow")
+        XCTAssertEqual(result.body.count, bytes.count)
+        XCTAssertTrue(result.body == bytes, "every byte, in order")
+        XCTAssertEqual(try proxy.metric("cacheproxy_client_timeouts_total{kind=\"send\"}"), 0)
+        await stop(upstream, proxy)
+    }
+
+    func testCurlWithARateLimitGetsTheWholeHit() async throws {
+        let (upstream, proxy, bytes, digest) = try await cachedBlob(size: 4 << 20)
+        let started = Date()
+        let result = try curl("\(proxy.base)/v2/a/blobs/\(digest)", ["--limit-rate", "1500k"])
+        XCTAssertEqual(result.exit, 0)
+        XCTAssertGreaterThan(Date().timeIntervalSince(started), 2)
+        XCTAssertTrue(Array(result.body) == bytes)
+        await stop(upstream, proxy)
+    }
+
+    func testAClientThatNeverReadsIsCutByTheSendTimeout() async throws {
+        let (upstream, proxy, bytes, digest) = try await cachedBlob(size: 32 << 20)
+        let reader = try SlowReader(port: proxy.port, receiveBuffer: 4096)
+        reader.send("GET /v2/a/blobs/\(digest) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        try await Task.sleep(for: .seconds(3))  // send is 1 s: cut by now
+        XCTAssertEqual(try proxy.metric("cacheproxy_client_timeouts_total{kind=\"send\"}"), 1)
+        let rest = reader.read(bytesPerSecond: 1 << 30, deadline: 10)
+        XCTAssertTrue(rest.closedByPeer)
+        XCTAssertLessThan(rest.body.count, bytes.count, "cut, not completed")
+        await stop(upstream, proxy)
+    }
+
+    func testASlowReaderOfAFillIsNotCutAndTheFillIsNotSlowed() async throws {
+        // The upstream trickles 2 MB over ~2 s (above upstream_idle, each
+        // pause below it); the client reads at 400 KB/s (~5 s, above send).
+        let bytes = F.randomBytes(2_000_000)
+        let digest = F.digest(of: bytes)
+        let (upstream, proxy) = try await start { _ in .init(body: bytes, chunkSize: 100_000, delay: .milliseconds(100)) }
+        let reader = try SlowReader(port: proxy.port, receiveBuffer: 4096)
+        reader.send("GET /v2/a/blobs/\(digest) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        let result = reader.read(bytesPerSecond: 400_000, deadline: 30)
+        XCTAssertEqual(result.statusCode, 200)
+        XCTAssertTrue(result.body == bytes)
+        XCTAssertGreaterThan(result.seconds, 4)
+        XCTAssertEqual(proxy.files(in: "blobs").count, 1)
+        await stop(upstream, proxy)
+    }
+
+    // MARK: upstream stalls
+
+    func testAnUpstreamPauseShorterThanTheIdleTimeoutIsWaitedFor() async throws {
+        let bytes = F.randomBytes(1_000_000)
+        let (upstream, proxy) = try await start { _ in
+            .init(body: bytes, chunkSize: 100_000, stallAfter: 300_000, stallFor: .milliseconds(500))
+        }
+        let result = try curl("\(proxy.base)/v2/a/blobs/\(F.digest(of: bytes))")
+        XCTAssertEqual(result.exit, 0)
+        XCTAssertTrue(Array(result.body) == bytes)
+        await stop(upstream, proxy)
+    }
+
+    func testAnUpstreamThatStallsLongerThanTheIdleTimeoutIsCut() async throws {
+        let bytes = F.randomBytes(1_000_000)
+        let (upstream, proxy) = try await start { _ in
+            .init(body: bytes, chunkSize: 100_000, stallAfter: 300_000, stallFor: .seconds(6))
+        }
+        let started = Date()
+        let result = try curl("\(proxy.base)/v2/a/blobs/\(F.digest(of: bytes))")
+        XCTAssertNotEqual(result.exit, 0, "a cut, never a complete-looking body")
+        XCTAssertLessThan(result.body.count, bytes.count)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 4, "upstream_idle is 1 s")
+        try await Task.sleep(for: .milliseconds(200))
+        XCTAssertEqual(proxy.files(in: "blobs"), [])
+        XCTAssertEqual(proxy.files(in: "tmp"), [])
+        await stop(upstream, proxy)
+    }
+
+    func testAFollowerWhoseClientLeftReleasesItsDescriptorAtOnce() async throws {
+        let bytes = F.randomBytes(1_000_000)
+        let (upstream, proxy) = try await start { _ in
+            .init(body: bytes, chunkSize: 100_000, stallAfter: 200_000, stallFor: .milliseconds(900))
+        }
+        func openTemporaryFiles() -> Int {
+            let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+            return fds.filter { fd in
+                ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)")) ?? "")
+                    .hasPrefix(proxy.folder + "/tmp/")
+            }.count
+        }
+        let socket = try RawSocket(port: proxy.port)
+        socket.send("GET /v2/a/blobs/\(F.digest(of: bytes)) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        XCTAssertTrue(socket.receiveHead().hasPrefix("HTTP/1.1 200"))
+        try await Task.sleep(for: .milliseconds(200))  // the upstream is stalled now
+        let whileConnected = openTemporaryFiles()
+        socket.close()
+        try await Task.sleep(for: .milliseconds(300))  // still stalled: the fill has not moved
+        XCTAssertEqual(openTemporaryFiles(), whileConnected - 1, "the follower's descriptor went with its client")
+        await stop(upstream, proxy)
+    }
+
+    // MARK: client uploads slowly
+
+    func testASlowPushOutlastsTheUpstreamAnswerTimeout() async throws {
+        // 300 KB at 100 KB/s: 3 s of sending, with upstream (answer) and
+        // request_body both 1 s. The registry answers only after the body.
+        let (upstream, proxy) = try await start { head in
+            head.method == .PUT ? .init(status: .created, headers: ["location": "/v2/a/blobs/sha256:x"]) : .init()
+        }
+        let uploader = try SlowUploader(port: proxy.port)
+        let body = F.randomBytes(300_000)
+        XCTAssertTrue(uploader.upload(
+            head: "PUT /v2/a/blobs/uploads/1?digest=sha256:x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: \(body.count)\r\n\r\n",
+            body: body, bytesPerSecond: 100_000, chunked: false))
+        let answer = String(decoding: uploader.receiveAll(deadline: 5), as: UTF8.self)
+        XCTAssertTrue(answer.hasPrefix("HTTP/1.1 201"), answer)
+        XCTAssertEqual(upstream.requests.first?.bodyBytes, body.count)
+        await stop(upstream, proxy)
+    }
+
+    func testASlowChunkedPushArrivesWhole() async throws {
+        let (upstream, proxy) = try await start { _ in .init(status: .accepted) }
+        let uploader = try SlowUploader(port: proxy.port)
+        let body = F.randomBytes(200_000)
+        XCTAssertTrue(uploader.upload(
+            head: "PATCH /v2/a/blobs/uploads/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            body: body, bytesPerSecond: 100_000, chunked: true))
+        let answer = String(decoding: uploader.receiveAll(deadline: 5), as: UTF8.self)
+        XCTAssertTrue(answer.hasPrefix("HTTP/1.1 202"), answer)
+        XCTAssertEqual(upstream.requests.first?.bodyBytes, body.count)
+        await stop(upstream, proxy)
+    }
+
+    func testAnInterruptedChunkedUploadIsNeverForwardedAsComplete() async throws {
+        let (upstream, proxy) = try await start { _ in .init(status: .accepted) }
+        let uploader = try SlowUploader(port: proxy.port)
+        XCTAssertTrue(uploader.upload(
+            head: "PATCH /v2/a/blobs/uploads/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            body: F.randomBytes(100_000), bytesPerSecond: 1_000_000, chunked: true, stopAfter: 50_000))
+        uploader.close()  // the client goes away mid-body
+        try await Task.sleep(for: .milliseconds(800))
+        XCTAssertEqual(upstream.requests.count, 0, "the upstream never saw a complete request")
+        await stop(upstream, proxy)
+    }
+
+    func testAnUploadThatStallsIsCutByTheRequestBodyTimeout() async throws {
+        let (upstream, proxy) = try await start { _ in .init(status: .accepted) }
+        let uploader = try SlowUploader(port: proxy.port)
+        let started = Date()
+        XCTAssertTrue(uploader.upload(
+            head: "PATCH /v2/a/blobs/uploads/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            body: F.randomBytes(100_000), bytesPerSecond: 1_000_000, chunked: true, stopAfter: 50_000))
+        // The client keeps the connection open and sends nothing more.
+        _ = uploader.receiveAll(deadline: 5)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 3.5, "request_body is 1 s")
+        XCTAssertEqual(try proxy.metric("cacheproxy_client_timeouts_total{kind=\"request_body\"}"), 1)
+        try await Task.sleep(for: .milliseconds(300))
+        XCTAssertEqual(upstream.requests.count, 0, "the cut upload was not forwarded as complete")
+        await stop(upstream, proxy)
+    }
+
+    func testAnUpstreamSilentAfterTheBodyGets504() async throws {
+        let (upstream, proxy) = try await start { _ in .init(silent: true) }
+        let started = Date()
+        let result = try curl("\(proxy.base)/v2/a/manifests/latest")
+        XCTAssertEqual(result.code, 504)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 3.5)
+        XCTAssertTrue(String(decoding: result.body, as: UTF8.self).contains("TIMEOUT"))
+        await stop(upstream, proxy)
+    }
+
+    // MARK: a real client behind a slow path
+
+    func testSkopeoBehindARateLimitedPathPullsThroughShortTimeouts() async throws {
+        // The real registry as upstream; skopeo reaches the proxy through a
+        // relay that passes 1 MB/s, so its 1.5 MB layer takes well over every
+        // 1 s timeout.
+        let registry = try Registry()
+        let image = try TestImage.make()
+        try image.push(to: "\(registry.address)/slow/app:v1")
+        let proxy = try await TestProxy(
+            upstreamsYAML: "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(registry.port), schema: \"http\"}",
+            extraYAML: Self.shortTimeouts)
+        let relay = try ThrottledRelay(targetPort: proxy.port, downstreamBytesPerSecond: 1_000_000)
+        let out = try makeTemporaryFolder("slow-pull")
+        let started = Date()
+        let (status, output) = try shell("skopeo", ["copy", "--src-tls-verify=false",
+                                                     "docker://127.0.0.1:\(relay.port)/slow/app:v1", "dir:\(out)"])
+        XCTAssertEqual(status, 0, output)
+        XCTAssertGreaterThan(Date().timeIntervalSince(started), 1.5, "the path really was slow")
+        for layer in image.layers + [image.config] {
+            let hex = String(layer.dropFirst("sha256:".count))
+            let data = try Data(contentsOf: URL(fileURLWithPath: "\(out)/\(hex)"))
+            XCTAssertEqual(F.digest(of: Array(data)), layer)
+        }
+        relay.stop()
+        await proxy.stop()
+        registry.stop()
+    }
+}
