@@ -54,4 +54,62 @@ final class CommandLineTests: XCTestCase {
         XCTAssertLessThan(Date().timeIntervalSince(started), 5)
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: folder + "/cache/tmp"), [])
     }
+
+    /// The binary, configured with `shutdown` seconds, against an upstream
+    /// that trickles a 2 MB blob for ~20 s, with one client downloading it.
+    private func startWithATricklingDownload(shutdown: Int) async throws
+        -> (daemon: Daemon, folder: String, upstream: FakeUpstream, client: Task<(exit: Int32, body: Data, code: Int), Error>) {
+        let bytes = FaultInjectionTests.randomBytes(2_000_000)
+        let upstream = try await FakeUpstream { _ in .init(body: bytes, chunkSize: 20_000, delay: .milliseconds(200)) }
+        let folder = try makeTemporaryFolder("cli")
+        let port = try freePort()
+        try """
+            api: {hostname: "127.0.0.1", port: \(port)}
+            upstreams: [{host: "127.0.0.1", registry: "127.0.0.1", port: \(upstream.port), schema: "http"}]
+            storage: {folder: "\(folder)/cache", fsync: false}
+            timeouts: {shutdown: \(shutdown)}
+            """.write(toFile: folder + "/c.yaml", atomically: true, encoding: .utf8)
+        let daemon = try Daemon(binary, ["--config", folder + "/c.yaml"], logPath: folder + "/log")
+        try waitForPort(port)
+        let url = "http://127.0.0.1:\(port)/v2/a/blobs/\(FaultInjectionTests.digest(of: bytes))"
+        let client = Task.detached { try curl(url) }
+        for _ in 0..<200 where upstream.requests.isEmpty { try await Task.sleep(for: .milliseconds(10)) }
+        try await Task.sleep(for: .milliseconds(300))  // bytes are flowing
+        return (daemon, folder, upstream, client)
+    }
+
+    private func secondsToExit(_ daemon: Daemon, limit: TimeInterval = 30) -> TimeInterval {
+        let started = Date()
+        while daemon.process.isRunning, Date().timeIntervalSince(started) < limit { usleep(20_000) }
+        return Date().timeIntervalSince(started)
+    }
+
+    func testTheShutdownTimeoutBoundsTheWholeDrain() async throws {
+        let (daemon, folder, upstream, client) = try await startWithATricklingDownload(shutdown: 2)
+        kill(daemon.process.processIdentifier, SIGTERM)
+        let seconds = secondsToExit(daemon)
+        XCTAssertFalse(daemon.process.isRunning)
+        XCTAssertLessThan(seconds, 3.5, "timeouts.shutdown is 2 s, in total")
+        XCTAssertGreaterThan(seconds, 1.5, "in-flight work had its grace")
+        XCTAssertEqual(daemon.process.terminationStatus, 0, daemon.log)
+        let download = try await client.value
+        XCTAssertNotEqual(download.exit, 0, "the unfinished download was cut, not completed")
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: folder + "/cache/tmp"), [])
+        XCTAssertEqual(FileManager.default.subpaths(atPath: folder + "/cache/blobs")?.filter { $0.count > 70 } ?? [], [])
+        await upstream.stop()
+    }
+
+    func testASecondSignalExitsAtOnceLeavingNothingPartial() async throws {
+        let (daemon, folder, upstream, client) = try await startWithATricklingDownload(shutdown: 30)
+        kill(daemon.process.processIdentifier, SIGTERM)
+        try await Task.sleep(for: .milliseconds(300))
+        XCTAssertTrue(daemon.process.isRunning, "the first signal drains")
+        kill(daemon.process.processIdentifier, SIGTERM)
+        XCTAssertLessThan(secondsToExit(daemon), 1.5)
+        XCTAssertFalse(daemon.process.isRunning)
+        _ = try await client.value
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: folder + "/cache/tmp"), [])
+        XCTAssertEqual(FileManager.default.subpaths(atPath: folder + "/cache/blobs")?.filter { $0.count > 70 } ?? [], [])
+        await upstream.stop()
+    }
 }

@@ -41,7 +41,7 @@ final class FillAnswersTests: XCTestCase {
     func testHeadRightAfterAGetNeverGoesUpstream() async throws {
         // With fsync on, the blob is published a moment after its last byte
         // went out: a HEAD sent as soon as the GET ends falls in that window.
-        let blobs = (0..<6).map { _ in F.randomBytes(4 << 20) }
+        let blobs = (0..<4).map { _ in F.randomBytes(2 << 20) }
         let upstream = try await FakeUpstream { head in
             .init(body: blobs.first { F.digest(of: $0) == head.uri.split(separator: "/").last.map(String.init) } ?? [],
                   chunkSize: 1 << 20)
