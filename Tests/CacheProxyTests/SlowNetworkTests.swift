@@ -15,12 +15,13 @@ final class SlowNetworkTests: XCTestCase {
 
     typealias F = FaultInjectionTests
 
-    private func start(_ reply: @escaping @Sendable (HTTPRequestHead) -> FakeUpstream.Reply) async throws
+    private func start(timeouts: String = shortTimeouts,
+                       _ reply: @escaping @Sendable (HTTPRequestHead) -> FakeUpstream.Reply) async throws
         -> (FakeUpstream, TestProxy) {
         let upstream = try await FakeUpstream(reply)
         let proxy = try await TestProxy(
             upstreamsYAML: "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}",
-            extraYAML: Self.shortTimeouts)
+            extraYAML: timeouts)
         return (upstream, proxy)
     }
 
@@ -30,9 +31,10 @@ final class SlowNetworkTests: XCTestCase {
     }
 
     /// A blob made, fetched once through the proxy (so it is a hit), and its digest.
-    private func cachedBlob(size: Int) async throws -> (FakeUpstream, TestProxy, [UInt8], String) {
+    private func cachedBlob(size: Int, timeouts: String = shortTimeouts) async throws
+        -> (FakeUpstream, TestProxy, [UInt8], String) {
         let bytes = F.randomBytes(size)
-        let (upstream, proxy) = try await start { _ in .init(body: bytes, chunkSize: 1 << 20) }
+        let (upstream, proxy) = try await start(timeouts: timeouts) { _ in .init(body: bytes, chunkSize: 1 << 20) }
         let digest = F.digest(of: bytes)
         let first = try curl("\(proxy.base)/v2/a/blobs/\(digest)")
         XCTAssertEqual(first.body.count, size)
@@ -58,11 +60,16 @@ final class SlowNetworkTests: XCTestCase {
     }
 
     func testCurlWithARateLimitGetsTheWholeHit() async throws {
-        let (upstream, proxy, bytes, digest) = try await cachedBlob(size: 4 << 20)
+        // curl paces by average: it takes what the loopback socket buffers
+        // hold (~10 MB) at once, then reads nothing for up to ~1.7 s to get
+        // back to its rate. That pause is a real stall, so here the send
+        // timeout is 3 s; the transfer (~4 s) still outlasts every timeout.
+        let (upstream, proxy, bytes, digest) = try await cachedBlob(
+            size: 24 << 20, timeouts: "timeouts: {header_read: 1, idle: 1, send: 3}")
         let started = Date()
-        let result = try curl("\(proxy.base)/v2/a/blobs/\(digest)", ["--limit-rate", "1500k"])
+        let result = try curl("\(proxy.base)/v2/a/blobs/\(digest)", ["--limit-rate", "6M"])
         XCTAssertEqual(result.exit, 0)
-        XCTAssertGreaterThan(Date().timeIntervalSince(started), 2)
+        XCTAssertGreaterThan(Date().timeIntervalSince(started), 3.2)
         XCTAssertTrue(Array(result.body) == bytes)
         await stop(upstream, proxy)
     }
