@@ -51,16 +51,17 @@ struct CacheProxyCommand: AsyncParsableCommand {
             printError("cache-proxy: cannot start: \(error)")
             throw ExitCode(1)
         }
-        // The first SIGTERM/SIGINT drains; the service group cancels what is
-        // left when `timeouts.shutdown` has passed, so the whole drain is
-        // bounded by it. A second signal exits at once: `blobs/` only ever
-        // receives complete, verified files by rename, so there is nothing
-        // partial to clean there, and unfinished temporary files go now.
-        var configuration = ServiceGroupConfiguration(services: [.init(service: server)], logger: logger)
-        configuration.maximumGracefulShutdownDuration = .milliseconds(Int64(settings.timeouts.shutdownSeconds * 1000))
-        configuration.maximumCancellationDuration = .seconds(1)
-        let group = ServiceGroup(configuration: configuration)
+        // The first SIGTERM/SIGINT drains, bounded by `timeouts.shutdown`
+        // (the server's own deadline: it closes what is left and cancels
+        // unfinished fills). Should something still not end (an fsync stuck
+        // on a dying disk), the process exits anyway shortly after. A second
+        // signal exits at once. Either way `blobs/` only ever received
+        // complete, verified files by rename, and unfinished temporary files
+        // are deleted first. `_exit`, not `exit`: no atexit handlers or
+        // static destructors while NIO's threads still run.
+        let group = ServiceGroup(configuration: .init(services: [.init(service: server)], logger: logger))
         let signals = await UnixSignalsSequence(trapping: .sigterm, .sigint)
+        let grace = Duration.milliseconds(Int64(settings.timeouts.shutdownSeconds * 1000)) + .seconds(2)
         let watcher = Task {
             var seen = 0
             for await signal in signals {
@@ -68,10 +69,16 @@ struct CacheProxyCommand: AsyncParsableCommand {
                 if seen == 1 {
                     logger.info("signal received: draining", metadata: ["signal": "\(signal)"])
                     await group.triggerGracefulShutdown()
+                    Task {
+                        try await Task.sleep(for: grace)
+                        logger.error("the drain did not end in time: exiting")
+                        server.removeUnfinishedFiles()
+                        _exit(1)
+                    }
                 } else {
                     logger.warning("second signal: exiting now", metadata: ["signal": "\(signal)"])
                     server.removeUnfinishedFiles()
-                    Glibc.exit(1)
+                    _exit(1)
                 }
             }
         }

@@ -60,7 +60,7 @@ public final class ProxyMetrics: Sendable {
         }
         clientTimeouts = timeouts
         var openErrors: [String: Counter] = [:]
-        for reason in ["emfile", "enfile", "other"] {
+        for reason in ["emfile", "enfile", "enomem"] {
             openErrors[reason] = registry.makeCounter(
                 descriptor: Self.describe("cacheproxy_file_open_errors_total", "Cached blobs that could not be opened although present (out of descriptors or memory); answered 503."),
                 labels: [("reason", reason)])

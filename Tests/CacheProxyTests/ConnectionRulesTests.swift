@@ -105,5 +105,7 @@ final class ConnectionRulesTests: XCTestCase {
         XCTAssertNil(RedirectTarget("ftp://reg.example/x"))
         XCTAssertNil(RedirectTarget("https://user@reg.example/x"))
         XCTAssertNil(RedirectTarget("relative/path", relativeTo: base.url))
+        XCTAssertEqual(RedirectTarget("/x?next=https://evil.example/", relativeTo: base.url)?.host, "reg.example",
+                       "a URL in the query does not make a location absolute")
     }
 }

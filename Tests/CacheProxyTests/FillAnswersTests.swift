@@ -148,13 +148,18 @@ final class FillAnswersTests: XCTestCase {
         let plain = try await proxy(for: upload)
         let trusting = try await proxy(for: upload, apiYAML: ", trust_forwarded_headers: true")
         let headers = ["-H", "X-Forwarded-Proto: https", "-H", "X-Forwarded-Host: mirror.example",
+                       "-H", "X-Forwarded-For: 10.9.8.7", "-H", "Forwarded: for=10.9.8.7",
                        "-H", "X-Upstream-Port: \(upload.port)", "-X", "POST", "-D", "-", "-o", "/dev/null"]
         let fromPlain = try shell("curl", ["-s"] + headers + ["\(plain.base)/v2/a/blobs/uploads/"]).output.lowercased()
         XCTAssertTrue(fromPlain.contains("location: http://127.0.0.1:\(plain.port)/v2/a/blobs/uploads/1"), fromPlain)
         XCTAssertEqual(upload.requests.last?.headers.first(name: "x-forwarded-proto"), "http")
+        XCTAssertEqual(upload.requests.last?.headers[canonicalForm: "x-forwarded-for"], ["127.0.0.1"],
+                       "a client's claim about earlier hops is dropped")
+        XCTAssertNil(upload.requests.last?.headers.first(name: "forwarded"))
         let fromTrusting = try shell("curl", ["-s"] + headers + ["\(trusting.base)/v2/a/blobs/uploads/"]).output.lowercased()
         XCTAssertTrue(fromTrusting.contains("location: https://mirror.example/v2/a/blobs/uploads/1"), fromTrusting)
         XCTAssertEqual(upload.requests.last?.headers.first(name: "x-forwarded-proto"), "https")
+        XCTAssertEqual(upload.requests.last?.headers[canonicalForm: "x-forwarded-for"], ["10.9.8.7", "127.0.0.1"])
         await plain.stop()
         await trusting.stop()
         await upload.stop()
@@ -195,8 +200,9 @@ final class FillAnswersTests: XCTestCase {
         close(fd)
         XCTAssertEqual(size, 100)
         XCTAssertTrue(metrics.exposition().contains(#"cacheproxy_file_open_errors_total{reason="emfile"} 1"#))
-        // A file really gone is forgotten.
+        // A file replaced by a symlink (ELOOP) is unusable: forgotten, fetched again.
         try FileManager.default.removeItem(atPath: store.path(for: digest))
+        try FileManager.default.createSymbolicLink(atPath: store.path(for: digest), withDestinationPath: "/etc/passwd")
         guard case .missing = store.openCached(digest) else { return XCTFail("expected .missing") }
         XCTAssertNil(store.size(of: digest))
     }

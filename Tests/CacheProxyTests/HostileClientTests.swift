@@ -124,4 +124,19 @@ final class HostileClientTests: XCTestCase {
         }
         await lonely.stop()
     }
+
+    func testABodyStillArrivingAfterAnEarlyAnswerIsNotCountedAsAHead() throws {
+        // /healthz answers without reading the body; the 200 KB body that
+        // follows is more than the 64 KiB head limit. It must be read as a
+        // body, and the next request on the connection served.
+        let socket = try RawSocket(port: proxy.port, receiveTimeout: 5)
+        socket.send("POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 200000\r\n\r\n")
+        XCTAssertTrue(socket.receiveHead().hasPrefix("HTTP/1.1 200"))
+        XCTAssertEqual(String(decoding: socket.receive(limit: 3), as: UTF8.self), "ok\n")
+        socket.send(String(repeating: "x", count: 200_000))
+        socket.send("GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        let next = String(decoding: socket.receive(), as: UTF8.self)
+        XCTAssertTrue(next.hasPrefix("HTTP/1.1 200"), next)
+        XCTAssertTrue(next.hasSuffix("ready\n"), next)
+    }
 }

@@ -1,8 +1,12 @@
 import Foundation
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import XCTest
 @testable import CacheProxy
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Transfers that take longer than every timeout, and stalls that are cut by
 /// exactly one of them. Every timeout is 1 s here, so a transfer of a few
@@ -99,6 +103,25 @@ final class SlowNetworkTests: XCTestCase {
         XCTAssertTrue(result.body == bytes)
         XCTAssertGreaterThan(result.seconds, 4)
         XCTAssertEqual(proxy.files(in: "blobs").count, 1)
+        await stop(upstream, proxy)
+    }
+
+    func testASteadyReaderOfAMissIsNeverCutByTheSendTimeout() async throws {
+        // A follower hands down one 4 MiB region after another. Read at
+        // just under 4 MiB per tick of the send timeout (a quarter of it: 1 s
+        // here), the queue of unwritten bytes is a little larger at each look
+        // although bytes flow all the time: progress must be bytes written,
+        // not the queue shrinking.
+        let bytes = F.randomBytes(24 << 20)
+        let digest = F.digest(of: bytes)
+        let (upstream, proxy) = try await start(
+            timeouts: "timeouts: {header_read: 1, idle: 1, send: 4, upstream: 1, upstream_idle: 1}"
+        ) { _ in .init(body: bytes, chunkSize: 1 << 20) }
+        let reader = try SlowReader(port: proxy.port, receiveBuffer: 1 << 20)
+        reader.send("GET /v2/a/blobs/\(digest) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        let result = reader.read(bytesPerSecond: 3_900_000, deadline: 30)
+        XCTAssertEqual(result.body.count, bytes.count, "cut after \(result.seconds) s")
+        XCTAssertEqual(try proxy.metric("cacheproxy_client_timeouts_total{kind=\"send\"}"), 0)
         await stop(upstream, proxy)
     }
 
@@ -214,6 +237,37 @@ final class SlowNetworkTests: XCTestCase {
         await stop(upstream, proxy)
     }
 
+    func testAnErrorAnswerWithATricklingBodyIsPassedOnInTime() async throws {
+        // A 404 whose 100 KB body trickles for 20 s: clients of the digest
+        // must not wait for all of it (at most 64 KiB, within `upstream`).
+        let body = Array(repeating: UInt8(ascii: "x"), count: 100_000)
+        let (upstream, proxy) = try await start { _ in
+            .init(status: .notFound, body: body, chunkSize: 1000, delay: .milliseconds(200))
+        }
+        let started = Date()
+        let result = try curl("\(proxy.base)/v2/a/blobs/\(F.digest(of: [1]))", ["--max-time", "10"])
+        XCTAssertEqual(result.code, 404)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 3.5)
+        await stop(upstream, proxy)
+    }
+
+    func testAnUpstreamThatStopsTakingAnUploadIsGivenUp() async throws {
+        // The upstream accepts the connection and never reads: the upload
+        // stalls on the upstream's side, where no client timeout can see it.
+        let silent = try SilentListener()
+        let proxy = try await TestProxy(
+            upstreamsYAML: "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(silent.port), schema: \"http\"}",
+            extraYAML: Self.shortTimeouts)
+        let file = try makeTemporaryFolder("upload") + "/body"
+        try Data(F.randomBytes(32 << 20)).write(to: URL(fileURLWithPath: file))
+        let started = Date()
+        let result = try curl("\(proxy.base)/v2/a/blobs/uploads/1", ["-X", "PUT", "--data-binary", "@\(file)", "--max-time", "20"])
+        XCTAssertEqual(result.code, 504)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 5, "upstream_idle is 1 s")
+        await proxy.stop()
+        silent.stop()
+    }
+
     func testAnUpstreamSilentAfterTheBodyGets504() async throws {
         let (upstream, proxy) = try await start { _ in .init(silent: true) }
         let started = Date()
@@ -251,5 +305,46 @@ final class SlowNetworkTests: XCTestCase {
         relay.stop()
         await proxy.stop()
         registry.stop()
+    }
+}
+
+/// A TCP listener that accepts connections and never reads from them.
+final class SilentListener: @unchecked Sendable {
+    let port: Int
+    private let fd: Int32
+    private let accepted = NIOLockedValueBox<[Int32]>([])
+    private let thread: Thread
+
+    init() throws {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        self.fd = fd
+        var small: Int32 = 16 * 1024
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let ok = withUnsafeMutablePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { ptr -> Bool in
+                bind(fd, ptr, len) == 0 && listen(fd, 16) == 0 && getsockname(fd, ptr, &len) == 0
+            }
+        }
+        guard ok else { throw TestError("cannot listen") }
+        port = Int(UInt16(bigEndian: addr.sin_port))
+        let (listener, accepted) = (fd, accepted)
+        thread = Thread {
+            while true {
+                let client = accept(listener, nil, nil)
+                if client < 0 { return }
+                accepted.withLockedValue { $0.append(client) }
+            }
+        }
+        thread.start()
+    }
+
+    func stop() {
+        shutdown(fd, Int32(SHUT_RDWR))
+        close(fd)
+        for client in accepted.withLockedValue({ $0 }) { close(client) }
     }
 }

@@ -27,46 +27,50 @@ struct BlobResponder: Sendable {
         if request.head.method == .HEAD {
             return try await respondToHead(request, response: response)
         }
-        switch store.openCached(request.digest) {
-        case .file(let fd, let size):
-            metrics.blobHits.increment()
-            return try await serveComplete(fd: fd, size: size, request, response: response, source: metrics.bytesFromCache)
-        case .unavailable:
-            return try await sendOverloaded(response)
-        case .missing:
-            break
-        }
-
         // A blob GET is never passed through: every byte a client gets has
         // gone through a fill that checks the digest.
         var attempt = 0
         while true {
             attempt += 1
-            let (fill, joined) = fills.fill(for: request.digest, upstream: request.upstream,
-                                            repository: request.name, headers: Self.upstreamHeaders(request.head))
-            (joined ? metrics.coalescedFollowers : metrics.blobMisses).increment()
-            let follower = fill.follower(closed: response.channel.closeFuture)
-            let first = await fill.next(after: -1, follower: follower)
-            guard response.channel.isActive else { throw ClientGone() }
-            switch first.state {
-            case .rejected where joined && attempt == 1:
-                // The upstream refused someone else's credentials (401, 403,
-                // 404...): ask again, as the leader of a fill with this
-                // client's own.
-                continue
-            case .rejected, .failed:
-                if let answer = first.answer {
-                    var headers = PassThrough.endToEnd(answer.headers)
-                    headers.remove(name: "content-length")
-                    try await response.send(answer.status, headers: headers, body: answer.body)
-                    return answer.status
-                }
-                let error = OCIError(.badGateway, .unavailable, "the upstream blob download failed")
-                try await response.send(error)
-                return error.status
-            default:
-                return try await follow(fill, follower: follower, first: first, request, response: response)
+            switch store.openCached(request.digest) {
+            case .file(let fd, let size):
+                metrics.blobHits.increment()
+                return try await serveComplete(fd: fd, size: size, request, response: response,
+                                               source: metrics.bytesFromCache)
+            case .unavailable:
+                return try await sendOverloaded(response)
+            case .missing:
+                break
             }
+            guard attempt <= 3 else { return try await sendOverloaded(response) }
+            let lookup = fills.fill(for: request.digest, upstream: request.upstream,
+                                    repository: request.name, headers: Self.upstreamHeaders(request.head))
+            guard case .fill(let fill, let joined) = lookup else { continue }  // published meanwhile
+            (joined ? metrics.coalescedFollowers : metrics.blobMisses).increment()
+            let status = try await fill.withFollower(closing: response.closeWatch) { follower -> HTTPResponseStatus? in
+                let first = await fill.next(after: -1, follower: follower)
+                guard response.channel.isActive else { throw ClientGone() }
+                switch first.state {
+                case .rejected where joined && attempt == 1:
+                    // The upstream refused someone else's credentials (401,
+                    // 403, 404...): ask again, as the leader of a fill with
+                    // this client's own.
+                    return nil
+                case .rejected, .failed:
+                    if let answer = first.answer {
+                        var headers = PassThrough.endToEnd(answer.headers)
+                        headers.remove(name: "content-length")
+                        try await response.send(answer.status, headers: headers, body: answer.body)
+                        return answer.status
+                    }
+                    let error = OCIError(.badGateway, .unavailable, "the upstream blob download failed")
+                    try await response.send(error)
+                    return error.status
+                default:
+                    return try await follow(fill, follower: follower, first: first, request, response: response)
+                }
+            }
+            if let status { return status }
         }
     }
 
@@ -80,25 +84,26 @@ struct BlobResponder: Sendable {
             return try await sendHead(request, length: size, contentType: nil, response: response)
         }
         if let fill = fills.running(request.digest) {
-            let follower = fill.follower(closed: response.channel.closeFuture)
-            var snapshot = await fill.next(after: -1, follower: follower)
-            // An unknown length (a chunked upstream) is known once verified.
-            if snapshot.head != nil, snapshot.head?.contentLength == nil, !snapshot.state.isEnded {
-                snapshot = await fill.next(after: .max, follower: follower)
+            // The fill's answer: its length as soon as the upstream said 200
+            // with one (the upstream's own claim, as a HEAD to the upstream
+            // would give; a HEAD carries no bytes to verify), or the verified
+            // size once known. A chunked fill has no length to tell before
+            // its end, and a HEAD must not wait a whole download for it: the
+            // upstream is asked instead, as when the fill was refused.
+            let snapshot = await fill.withFollower(closing: response.closeWatch) { follower in
+                await fill.next(after: -1, follower: follower)
             }
             guard response.channel.isActive else { throw ClientGone() }
+            let length: Int64?
             switch snapshot.state {
-            case .verified(let size), .published(let size):
+            case .verified(let size), .published(let size): length = size
+            case .streaming, .verifying: length = snapshot.head?.contentLength
+            default: length = nil
+            }
+            if let length {
                 metrics.coalescedFollowers.increment()
-                return try await sendHead(request, length: size, contentType: snapshot.head?.contentType, response: response)
-            case .streaming, .verifying:
-                if let length = snapshot.head?.contentLength {
-                    metrics.coalescedFollowers.increment()
-                    return try await sendHead(request, length: length, contentType: snapshot.head?.contentType,
-                                              response: response)
-                }
-            default:
-                break  // refused for another client's credentials, or failed: ask the upstream
+                return try await sendHead(request, length: length, contentType: snapshot.head?.contentType,
+                                          response: response)
             }
         }
         return try await passThrough.forward(request.head, to: request.upstream, body: nil,

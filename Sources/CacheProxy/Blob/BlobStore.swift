@@ -79,34 +79,38 @@ public final class BlobStore: Sendable {
         case unavailable
     }
 
-    /// Opens a complete cached blob for reading. Only a file that is really
-    /// gone (ENOENT, deleted by hand) is dropped from the index: under fd
-    /// pressure (EMFILE, ENFILE) the cache must not forget its own content.
+    /// Opens a complete cached blob for reading. Running out of
+    /// descriptors or memory (EMFILE, ENFILE, ENOMEM) passes, and the cache
+    /// must not forget its own content over it: `.unavailable`, the blob
+    /// stays. Any other failure means the file is gone or unusable (deleted
+    /// by hand, replaced by a symlink, wrong owner, a bad sector): it is
+    /// dropped from the index and fetched again.
     public func openCached(_ digest: Digest) -> Opened {
         guard size(of: digest) != nil else { return .missing }
         let fd = open(path(for: digest), O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
-        guard fd >= 0 else {
-            let error = errno
-            if error == ENOENT || error == ENOTDIR {
-                forget(digest)
-                return .missing
-            }
+        var st = stat()
+        if fd >= 0, fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG {
+            return .file(fd: fd, size: Int64(st.st_size))
+        }
+        let error = fd >= 0 ? (errno == 0 ? EINVAL : errno) : errno
+        if fd >= 0 { close(fd) }
+        if error == EMFILE || error == ENFILE || error == ENOMEM {
             openFailed(error)
             return .unavailable
         }
-        var st = stat()
-        guard fstat(fd, &st) == 0 else {
-            openFailed(errno)
-            close(fd)
-            return .unavailable
+        if error != ENOENT {
+            logger.warning("cached blob is unusable; fetching it again",
+                           metadata: ["digest": "\(digest)", "error": "\(String(cString: strerror(error)))"])
         }
-        return .file(fd: fd, size: Int64(st.st_size))
+        forget(digest)
+        return .missing
     }
 
-    /// Counts every failed open and logs at most one a second: under fd
-    /// pressure every request fails the same way.
+    /// Counts every open that failed for lack of descriptors or memory and
+    /// logs at most one a second: under fd pressure every request fails the
+    /// same way.
     func openFailed(_ error: Int32) {
-        let reason = error == EMFILE ? "emfile" : error == ENFILE ? "enfile" : "other"
+        let reason = error == EMFILE ? "emfile" : error == ENFILE ? "enfile" : "enomem"
         metrics.fileOpenErrors[reason]?.increment()
         let now = ContinuousClock.now
         let log = lastOpenErrorLog.withLockedValue { last -> Bool in

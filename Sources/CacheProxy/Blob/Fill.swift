@@ -96,20 +96,24 @@ public final class Fill: Sendable {
 
     // MARK: follower side
 
-    /// Registers a follower. `closed` is its client connection's close: a
-    /// client that goes away ends its follower's waits at once, so the
-    /// follower releases its descriptor without waiting for the fill to
-    /// move (which, on a stalled upstream, may be a long time).
-    public func follower(closed: EventLoopFuture<Void>) -> Int {
+    /// Registers a follower for the time of `body`. A client that goes away
+    /// ends its follower's waits at once, so the follower releases its
+    /// descriptor without waiting for the fill to move (which, on a stalled
+    /// upstream, may be a long time).
+    func withFollower<T>(closing watch: CloseWatch, _ body: (Int) async throws -> T) async rethrows -> T {
         let id = inner.withLockedValue { inner -> Int in
             inner.nextFollower += 1
             return inner.nextFollower
         }
-        closed.whenComplete { _ in self.abandon(id) }
-        return id
+        let token = watch.onClose { [weak self] in self?.abandon(id) }
+        defer {
+            watch.cancel(token)
+            _ = inner.withLockedValue { $0.abandoned.remove(id) }
+        }
+        return try await body(id)
     }
 
-    private func abandon(_ follower: Int) {
+    func abandon(_ follower: Int) {
         let (woken, snapshot) = inner.withLockedValue { inner -> ([CheckedContinuation<FillSnapshot, Never>], FillSnapshot) in
             inner.abandoned.insert(follower)
             var woken: [CheckedContinuation<FillSnapshot, Never>] = []
@@ -202,7 +206,8 @@ public final class Fill: Sendable {
             let length = response.headers.first(name: "content-length").flatMap { Int64(digitsOnly: Substring($0)) }
 
             guard response.status == .ok else {
-                let body = try await Self.collectBounded(response.body, limit: 64 * 1024)
+                let body = try await Self.collectBounded(response.body, limit: 64 * 1024, idle: context.client.idleTimeout,
+                                                         total: context.client.answerTimeout)
                 inner.withLockedValue {
                     $0.answer = UpstreamAnswer(status: response.status, headers: response.headers, body: body)
                 }
@@ -274,13 +279,24 @@ public final class Fill: Sendable {
         }
     }
 
-    static func collectBounded(_ body: HTTPClientResponse.Body, limit: Int) async throws -> ByteBuffer {
-        var collected = ByteBuffer()
-        for try await var chunk in body where collected.readableBytes < limit {
-            let room = limit - collected.readableBytes
-            if chunk.readableBytes > room { chunk = chunk.getSlice(at: chunk.readerIndex, length: room) ?? ByteBuffer() }
-            collected.writeBuffer(&chunk)
+    /// Reads a non-200 answer's body: at most `limit` bytes, within the idle
+    /// timeout between reads and `total` in all. Stopping early drops the
+    /// rest (AsyncHTTPClient then closes that connection): an error body
+    /// that is large or trickles must not keep every client of the digest
+    /// waiting for its head.
+    static func collectBounded(_ body: HTTPClientResponse.Body, limit: Int, idle: Duration,
+                               total: Duration) async throws -> ByteBuffer {
+        let started = ContinuousClock.now
+        return try await UpstreamBody.read(idle: idle) { clock in
+            var collected = ByteBuffer()
+            for try await var chunk in body {
+                clock.tick()
+                let room = limit - collected.readableBytes
+                if chunk.readableBytes > room { chunk = chunk.getSlice(at: chunk.readerIndex, length: room) ?? ByteBuffer() }
+                collected.writeBuffer(&chunk)
+                if collected.readableBytes >= limit || ContinuousClock.now - started >= total { break }
+            }
+            return collected
         }
-        return collected
     }
 }

@@ -20,20 +20,34 @@ public final class FillRegistry: Sendable {
         self.holdBack = holdBack
     }
 
-    /// The fill for `digest`, started now if none is running. `joined` tells
-    /// whether this caller is a coalesced follower.
-    func fill(
-        for digest: Digest, upstream: ProxyConfig.Upstream, repository: String, headers: HTTPHeaders
-    ) -> (fill: Fill, joined: Bool) {
-        let (fill, created) = running.withLockedValue { running -> (Fill, Bool) in
-            // A finished fill may linger here for a moment after it woke its
-            // followers; a new request must not join it.
-            if let existing = running.fills[digest], !existing.isFinished { return (existing, false) }
+    enum Lookup {
+        /// The blob was published meanwhile: serve it from the store.
+        case cached
+        /// The fill to follow; `joined` tells whether this caller is a
+        /// coalesced follower of a fill someone else started.
+        case fill(Fill, joined: Bool)
+    }
+
+    /// The fill for `digest`, started now if none is running, unless the
+    /// blob has just been published. A fill publishes (index first) before
+    /// it leaves this registry, so a caller that missed the index a moment
+    /// ago finds the blob here instead of starting a second download.
+    func fill(for digest: Digest, upstream: ProxyConfig.Upstream, repository: String, headers: HTTPHeaders) -> Lookup {
+        let found = running.withLockedValue { running -> (fill: Fill, created: Bool)? in
+            if let existing = running.fills[digest] {
+                if case .published = existing.state { return nil }
+                // A failed or refused fill may linger for a moment after it
+                // woke its followers; a new request must not join it.
+                if !existing.isFinished { return (existing, false) }
+            } else if context.store.size(of: digest) != nil {
+                return nil
+            }
             let fill = Fill(digest: digest, upstream: upstream, repository: repository,
                             requestHeaders: headers, holdBack: holdBack)
             running.fills[digest] = fill
             return (fill, true)
         }
+        guard let (fill, created) = found else { return .cached }
         if created {
             context.metrics.fillsInFlight.increment()
             let context = self.context
@@ -47,7 +61,7 @@ public final class FillRegistry: Sendable {
                 if running.fills[digest] === fill { running.tasks[id] = task }
             }
         }
-        return (fill, !created)
+        return .fill(fill, joined: !created)
     }
 
     /// The fill in flight for `digest`, if any, up to and including the

@@ -17,6 +17,7 @@ struct ClientConnection {
         }
         defer { tracker.remove(raw) }
         let remoteAddress = raw.remoteAddress?.ipAddress
+        let closeWatch = CloseWatch(raw)
         do {
             try await channel.executeThenClose { inbound, _ in
                 var parts = inbound.makeAsyncIterator()
@@ -26,7 +27,8 @@ struct ClientConnection {
                     guard case .head(let head) = part else { continue }
                     tracker.setIdle(raw, false)
                     let keepAlive = head.isKeepAlive && !tracker.isDraining
-                    let response = ResponseChannel(channel: raw, keepAlive: keepAlive, version: head.version)
+                    let response = ResponseChannel(channel: raw, keepAlive: keepAlive, version: head.version,
+                                                   closeWatch: closeWatch)
                     let origin = PassThrough.Origin(head: head, clientAddress: remoteAddress, listenerScheme: "http",
                                                     trustForwarded: handler.trustForwardedHeaders)
                     try await serveRequest(head, parts: &parts, origin: origin, response: response)
@@ -58,8 +60,11 @@ struct ClientConnection {
                 await handler.handle(head, body: RequestBodySource(stream: pipe, length: length),
                                      origin: origin, response: response)
                 // If the upstream answered before taking the whole body, the
-                // rest is still read (and dropped) below.
-                pipe.finish()
+                // rest is still read (and dropped) below. Failing (not
+                // finishing) the pipe here means a body that did not reach
+                // its end can never be completed for the upstream; after a
+                // clean end it does nothing.
+                pipe.fail(RequestBodySource.Interrupted())
             }
             // Only the request's end finishes the body cleanly. Any other way
             // out (the client left, the body timeout closed the connection,

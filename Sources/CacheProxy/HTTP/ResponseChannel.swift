@@ -11,6 +11,8 @@ struct ResponseChannel: Sendable {
     let channel: any Channel
     let keepAlive: Bool
     let version: HTTPVersion
+    /// The connection's close, for waits that must end when the client goes.
+    let closeWatch: CloseWatch
     /// When the response head went out, for the time-to-first-byte histogram.
     let headSentAt = NIOLockedValueBox<ContinuousClock.Instant?>(nil)
 

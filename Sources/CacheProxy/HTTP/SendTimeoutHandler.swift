@@ -6,9 +6,12 @@ import NIOCore
 /// for it forever.
 ///
 /// It measures progress, not duration: a 1 GB layer to a client on a slow
-/// link takes minutes and must never be cut while it moves. Progress is the
-/// channel's queue of unwritten bytes shrinking (NIO counts file regions in
-/// it, and a partial `sendfile` shrinks it). The queue is looked at after
+/// link takes minutes and must never be cut while it moves. Progress is
+/// bytes leaving for the socket: everything handed down this pipeline so far
+/// less what NIO still holds unwritten (it counts file regions, and a
+/// partial `sendfile` shrinks it). The queue alone would not do: a follower
+/// hands down one region after another, so the queue jumps back up at each
+/// region and a steady reader can look stalled. The queue is looked at after
 /// each flush (a cheap read of a counter); only when bytes stay queued does
 /// a timer run, ticking every quarter of the limit until the queue is empty
 /// again, so a fast client costs no timer at all.
@@ -22,8 +25,10 @@ final class SendTimeoutHandler: ChannelOutboundHandler, RemovableChannelHandler 
     private let limit: TimeAmount
     private let onTimeout: @Sendable () -> Void
     private var timer: Scheduled<Void>?
-    /// Queued bytes at the last look, and when they last went down.
-    private var queued = 0
+    /// Bytes handed down so far, bytes known written at the last look, and
+    /// when that last grew.
+    private var handed: Int64 = 0
+    private var written: Int64 = 0
     private var lastProgress = NIODeadline.now()
 
     init(limit: TimeAmount, onTimeout: @escaping @Sendable () -> Void) {
@@ -31,12 +36,17 @@ final class SendTimeoutHandler: ChannelOutboundHandler, RemovableChannelHandler 
         self.onTimeout = onTimeout
     }
 
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        handed += Int64(unwrapOutboundIn(data).readableBytes)
+        context.write(data, promise: promise)
+    }
+
     func flush(context: ChannelHandlerContext) {
         context.flush()
         guard timer == nil else { return }
         let pending = Self.queuedBytes(context)
         guard pending > 0 else { return }
-        queued = pending
+        written = handed - Int64(pending)
         lastProgress = .now()
         schedule(context)
     }
@@ -61,14 +71,15 @@ final class SendTimeoutHandler: ChannelOutboundHandler, RemovableChannelHandler 
         let pending = Self.queuedBytes(context)
         guard pending > 0 else { return }  // all written: the next flush looks again
         let now = NIODeadline.now()
-        if pending < queued {
+        let writtenNow = handed - Int64(pending)
+        if writtenNow > written {
+            written = writtenNow
             lastProgress = now
         } else if now - lastProgress >= limit {
             onTimeout()
             context.close(promise: nil)
             return
         }
-        queued = pending
         schedule(context)
     }
 

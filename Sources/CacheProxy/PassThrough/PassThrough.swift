@@ -21,6 +21,8 @@ struct PassThrough: Sendable {
         /// `http` or `https`: the listener's scheme, or a trusted
         /// `X-Forwarded-Proto` from a TLS terminator in front.
         let clientScheme: String
+        /// Whether the client's own forwarding headers are believed.
+        let trusted: Bool
 
         /// Reads the head once per request. Forwarding headers are believed
         /// only when `api.trust_forwarded_headers` says a terminator in
@@ -28,6 +30,7 @@ struct PassThrough: Sendable {
         /// and host of the `Location` headers it gets back.
         init(head: HTTPRequestHead, clientAddress: String?, listenerScheme: String, trustForwarded: Bool) {
             self.clientAddress = clientAddress
+            self.trusted = trustForwarded
             let host = head.headers.first(name: "host")
             guard trustForwarded else {
                 (clientHost, clientScheme) = (host, listenerScheme)
@@ -44,6 +47,8 @@ struct PassThrough: Sendable {
         "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
         "transfer-encoding", "upgrade", "proxy-connection",
     ]
+
+    static let forwardingHeaders = ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "forwarded", "x-real-ip"]
 
     static func endToEnd(_ headers: HTTPHeaders) -> HTTPHeaders {
         var named = hopByHop
@@ -73,6 +78,11 @@ struct PassThrough: Sendable {
         var headers = Self.endToEnd(head.headers)
         headers.remove(name: "host")
         headers.remove(name: "content-length")
+        if !origin.trusted {
+            // Whatever a client says about earlier hops is its own claim: an
+            // upstream that rate-limits or logs by address must see ours.
+            for name in Self.forwardingHeaders { headers.remove(name: name) }
+        }
         if let address = origin.clientAddress {
             let prior = headers[canonicalForm: "x-forwarded-for"].joined(separator: ", ")
             headers.replaceOrAdd(name: "x-forwarded-for", value: prior.isEmpty ? address : "\(prior), \(address)")

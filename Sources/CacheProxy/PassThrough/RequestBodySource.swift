@@ -15,30 +15,31 @@ struct RequestBodySource: Sendable {
 
     struct Interrupted: Error {}
 
-    /// The stream as AsyncHTTPClient reads it, firing `sent` once it has
-    /// been read to its end.
-    func signalling(_ sent: BodySent) -> Signalling {
-        Signalling(base: stream, sent: sent)
+    /// The stream as AsyncHTTPClient reads it, telling `progress` when it
+    /// takes a chunk, comes back for the next, and reaches the end.
+    func reporting(to progress: UploadProgress) -> Reporting {
+        Reporting(base: stream, progress: progress)
     }
 
-    struct Signalling: AsyncSequence, Sendable {
+    struct Reporting: AsyncSequence, Sendable {
         typealias Element = ByteBuffer
         let base: AsyncThrowingChannel<ByteBuffer, any Error>
-        let sent: BodySent
+        let progress: UploadProgress
 
         struct AsyncIterator: AsyncIteratorProtocol {
             var base: AsyncThrowingChannel<ByteBuffer, any Error>.AsyncIterator
-            let sent: BodySent
+            let progress: UploadProgress
 
             mutating func next() async throws -> ByteBuffer? {
+                progress.pulled()
                 let next = try await base.next()
-                if next == nil { sent.signal() }
+                if next == nil { progress.ended() } else { progress.handed() }
                 return next
             }
         }
 
         func makeAsyncIterator() -> AsyncIterator {
-            AsyncIterator(base: base.makeAsyncIterator(), sent: sent)
+            AsyncIterator(base: base.makeAsyncIterator(), progress: progress)
         }
     }
 }

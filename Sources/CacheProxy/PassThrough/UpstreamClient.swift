@@ -28,11 +28,10 @@ public final class UpstreamClient: Sendable {
         configuration.redirectConfiguration = .disallow
         configuration.decompression = .disabled
         // AsyncHTTPClient's read timeout runs from the request's end to each
-        // read: the answer wait and the idle wait in one. Both are enforced
-        // here, each with its own limit; the client's own is only a backstop.
-        configuration.timeout = .init(
-            connect: .fromSeconds(timeouts.connectSeconds),
-            read: .fromSeconds(max(timeouts.upstreamSeconds, timeouts.upstreamIdleSeconds) + 1))
+        // read, the answer wait and the idle wait in one, and keeps running
+        // while the proxy pushes back on it for a slow client. Both waits are
+        // timed here instead, each with its own limit.
+        configuration.timeout = .init(connect: .fromSeconds(timeouts.connectSeconds), read: nil)
         configuration.connectionPool.idleTimeout = .seconds(60)
         configuration.connectionPool.concurrentHTTP1ConnectionsPerHostSoftLimit = 64
         self.http = HTTPClient(eventLoopGroupProvider: .shared(eventLoopGroup), configuration: configuration)
@@ -41,27 +40,26 @@ public final class UpstreamClient: Sendable {
     }
 
     /// Sends a request; returns once the response head is in. `body`, when
-    /// given, is streamed and starts the answer deadline when it has ended.
+    /// given, is streamed; the answer deadline starts when it has been
+    /// handed over whole. While it is being sent, an upstream that stops
+    /// taking it for the idle timeout is given up too (a client that is slow
+    /// to send is the request-body timeout's business, not this one's).
     func execute(_ request: HTTPClientRequest, body: RequestBodySource? = nil) async throws -> HTTPClientResponse {
         var request = request
-        let sent = BodySent()
+        let upload = UploadProgress()
         if let body {
-            request.body = .stream(body.signalling(sent), length: body.length)
+            request.body = .stream(body.reporting(to: upload), length: body.length)
         } else {
-            sent.signal()
+            upload.ended()
         }
-        let (http, answerTimeout, ready) = (self.http, self.answerTimeout, request)
+        let (http, answer, idle, ready) = (self.http, self.answerTimeout, self.idleTimeout, request)
         return try await withThrowingTaskGroup(of: HTTPClientResponse?.self) { group in
             group.addTask { try await http.execute(ready, deadline: .distantFuture) }
             group.addTask {
-                await sent.wait()
-                try await Task.sleep(for: answerTimeout)
-                throw UpstreamTimeout.answer
+                try await upload.watch(answer: answer, idle: idle)
+                return nil
             }
-            defer {
-                group.cancelAll()
-                sent.signal()  // an early answer: the deadline task must not wait for the body
-            }
+            defer { group.cancelAll() }
             while let response = try await group.next() {
                 if let response { return response }
             }
@@ -115,8 +113,8 @@ public final class UpstreamClient: Sendable {
         default:
             break
         }
-        if let http = error as? HTTPClientError,
-           http == .connectTimeout || http == .readTimeout || http == .deadlineExceeded {
+        // A connect timeout is an upstream that cannot be reached: 502.
+        if let http = error as? HTTPClientError, http == .readTimeout || http == .deadlineExceeded {
             return OCIError(.gatewayTimeout, .timeout, "the upstream registry did not answer in time")
         }
         return OCIError(.badGateway, .unavailable, "the upstream registry could not be reached")
@@ -143,7 +141,10 @@ struct RedirectTarget {
 
     init?(_ location: String, relativeTo base: String? = nil) {
         var text = location
-        if let base, !location.contains("://") {
+        // Absolute when it starts with a scheme; `/x?next=https://…` is not.
+        let schemeEnd = location.firstIndex(where: { $0 == ":" || $0 == "/" || $0 == "?" || $0 == "#" })
+        let isAbsolute = schemeEnd.map { location[$0] == ":" && $0 != location.startIndex } ?? false
+        if let base, !isAbsolute {
             guard let baseTarget = RedirectTarget(base) else { return nil }
             let origin = "\(baseTarget.scheme)://\(baseTarget.authority)"
             if location.hasPrefix("//") {
@@ -185,28 +186,36 @@ struct RedirectTarget {
     }
 }
 
-/// Fires once when a request body has been handed over completely (or at
-/// once for a request without one): the start of the answer deadline.
-final class BodySent: Sendable {
-    private let state = NIOLockedValueBox<(done: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
-
-    func signal() {
-        let waiters = state.withLockedValue { state -> [CheckedContinuation<Void, Never>] in
-            guard !state.done else { return [] }
-            state.done = true
-            defer { state.waiters = [] }
-            return state.waiters
-        }
-        for waiter in waiters { waiter.resume() }
+/// How far a request body has got to the upstream, for the two waits of an
+/// upstream request before its answer: the upstream taking the body, then
+/// the upstream answering.
+final class UploadProgress: Sendable {
+    private struct State {
+        /// When a chunk was handed to AsyncHTTPClient that it has not come
+        /// back for the next one since: the upstream is not taking bytes.
+        var handedAt: ContinuousClock.Instant?
+        /// When the body ended (at once for a request without one).
+        var endedAt: ContinuousClock.Instant?
     }
 
-    func wait() async {
-        await withCheckedContinuation { continuation in
-            let done = state.withLockedValue { state -> Bool in
-                if !state.done { state.waiters.append(continuation) }
-                return state.done
-            }
-            if done { continuation.resume() }
+    private let state = NIOLockedValueBox(State())
+
+    func handed() { state.withLockedValue { $0.handedAt = .now } }
+    func pulled() { state.withLockedValue { $0.handedAt = nil } }
+    func ended() { state.withLockedValue { $0.endedAt = $0.endedAt ?? .now; $0.handedAt = nil } }
+
+    /// Throws when the upstream has not answered within `answer` of the
+    /// body's end, or has not taken a chunk for `idle`; looks every quarter
+    /// of the shorter limit, so either is noticed within 1¼ × its value.
+    /// Returns never otherwise (the request's task cancels it).
+    func watch(answer: Duration, idle: Duration) async throws {
+        let step = min(answer, idle) / 4
+        while true {
+            try await Task.sleep(for: step)
+            let (handedAt, endedAt) = state.withLockedValue { ($0.handedAt, $0.endedAt) }
+            let now = ContinuousClock.now
+            if let endedAt, now - endedAt >= answer { throw UpstreamTimeout.answer }
+            if let handedAt, now - handedAt >= idle { throw UpstreamTimeout.idle }
         }
     }
 }
