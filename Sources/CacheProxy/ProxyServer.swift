@@ -99,11 +99,15 @@ public final class ProxyServer: Service, Sendable {
             listener.channel.close(promise: nil)
             // One deadline for everything: responses and fills still running
             // when it passes are cut (their temporary files go).
-            let (tracker, fills) = (self.tracker, self.fills)
+            // Upstream requests still waiting (a pass-through to a silent
+            // upstream) are cancelled with the client, so that their
+            // connections' tasks end too.
+            let (tracker, fills, client) = (self.tracker, self.fills, self.client)
             Task {
                 try? await Task.sleep(until: deadline)
                 tracker.closeAll()
                 fills.cancelAll()
+                try? await client.shutdown()
             }
         }
         await finishFills()

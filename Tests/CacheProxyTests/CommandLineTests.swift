@@ -112,4 +112,26 @@ final class CommandLineTests: XCTestCase {
         XCTAssertEqual(FileManager.default.subpaths(atPath: folder + "/cache/blobs")?.filter { $0.count > 70 } ?? [], [])
         await upstream.stop()
     }
+
+    func testAPassThroughWaitingOnASilentUpstreamDoesNotHoldTheShutdown() async throws {
+        let upstream = try await FakeUpstream { _ in .init(silent: true) }
+        let folder = try makeTemporaryFolder("cli")
+        let port = try freePort()
+        try """
+            api: {hostname: "127.0.0.1", port: \(port)}
+            upstreams: [{host: "127.0.0.1", registry: "127.0.0.1", port: \(upstream.port), schema: "http"}]
+            storage: {folder: "\(folder)/cache"}
+            timeouts: {shutdown: 2, upstream: 60}
+            """.write(toFile: folder + "/c.yaml", atomically: true, encoding: .utf8)
+        let daemon = try Daemon(binary, ["--config", folder + "/c.yaml"], logPath: folder + "/log")
+        try waitForPort(port)
+        let client = Task.detached { try curl("http://127.0.0.1:\(port)/v2/a/manifests/latest") }
+        for _ in 0..<200 where upstream.requests.isEmpty { try await Task.sleep(for: .milliseconds(10)) }
+        kill(daemon.process.processIdentifier, SIGTERM)
+        XCTAssertLessThan(secondsToExit(daemon), 3.5)
+        XCTAssertFalse(daemon.process.isRunning)
+        XCTAssertEqual(daemon.process.terminationStatus, 0, daemon.log)
+        _ = try await client.value
+        await upstream.stop()
+    }
 }

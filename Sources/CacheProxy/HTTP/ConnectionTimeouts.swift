@@ -165,15 +165,20 @@ final class ConnectionTimeoutsHandler: ChannelDuplexHandler, RemovableChannelHan
         switch unwrapInboundIn(data) {
         case .head: machine.headReceived()
         case .body: machine.bodyReceived()
-        case .end: machine.requestEnded(now: .now())
+        case .end:
+            machine.requestEnded(now: .now())
+            arm()
         }
-        arm()
         context.fireChannelRead(data)
     }
 
     func read(context: ChannelHandlerContext) {
-        machine.readRequested(now: .now())
-        arm()
+        // Only a request body in progress is timed per read: skip the clock
+        // otherwise (this runs after every read on every connection).
+        if machine.request == .readingBody {
+            machine.readRequested(now: .now())
+            arm()
+        }
         context.read()
     }
 
