@@ -12,45 +12,7 @@ import ProxyMetrics
 /// hops per request for no gain. Anything that is not a plain hit (misses,
 /// pass-through, errors, local endpoints) goes on to the async side
 /// unchanged, which checks the store again (a fill may have published in
-/// between), so declining is always safe.
-///
-/// Sits after the pipelining handler, so it only ever sees a request head
-/// when no other response is in flight on the connection.
-final class CacheHitHandler: ChannelInboundHandler, RemovableChannelHandler {
-    typealias InboundIn = HTTPServerRequestPart
-    typealias InboundOut = HTTPServerRequestPart
-    typealias OutboundOut = HTTPServerResponsePart
-
-    private let hits: CacheHitResponder
-    /// True between a head this handler answered and that request's end:
-    /// its body parts (there should be none) are dropped.
-    private var consuming = false
-
-    init(hits: CacheHitResponder) {
-        self.hits = hits
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let part = unwrapInboundIn(data)
-        switch part {
-        case .head(let head):
-            if hits.answer(head, context: context, wrap: wrapOutboundOut) {
-                consuming = true
-                return
-            }
-        case .body:
-            if consuming { return }
-        case .end:
-            if consuming {
-                consuming = false
-                return
-            }
-        }
-        context.fireChannelRead(data)
-    }
-}
-
-/// The decision and the writing behind `CacheHitHandler`.
+/// between), so declining is always safe. Called by `RequestFrontHandler`.
 struct CacheHitResponder: Sendable {
     let router: Router
     let store: BlobStore

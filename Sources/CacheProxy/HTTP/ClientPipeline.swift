@@ -5,17 +5,19 @@ import ProxyMetrics
 /// The handlers of one client connection, head to tail:
 ///
 /// ```
-/// SendTimeoutHandler      cuts a response that stops moving (sees bytes and file regions)
 /// RequestHeadLimiter      431 above the head-size limit (sees raw bytes)
 /// HTTPResponseEncoder
 /// HTTPRequestDecoder      (its own header limits as a second line)
-/// ConnectionTimeoutsHandler   head / idle / request-body deadlines
+/// ConnectionTimeoutsHandler   head / idle / request-body deadlines, send timeout
 /// HTTPServerPipelineHandler   pipelined requests answered in order
 /// HTTPServerProtocolErrorHandler  400 on what the decoder cannot parse
-/// RequestValidator        CONNECT, target forms, Host count, framing
-/// CacheHitHandler         hits answered on the event loop
+/// RequestFrontHandler     head checks (CONNECT, target forms, Host, framing), then hits
 /// (NIOAsyncChannel)       everything else, in `ClientConnection`
 /// ```
+///
+/// Each handler costs a hop on every event of every request, so concerns
+/// that see the same events share one (measured on the 4 KiB hit path:
+/// about 3-5% of the throughput per handler).
 enum ClientPipeline {
     static func configure(_ channel: any Channel, config: ProxyConfig, router: Router, hits: CacheHitResponder,
                           metrics: ProxyMetrics) throws {
@@ -23,13 +25,12 @@ enum ClientPipeline {
         let timeouts = ConnectionTimeoutsHandler(
             limits: .init(head: .fromSeconds(t.headerReadSeconds), idle: .fromSeconds(t.idleSeconds),
                           requestBody: .fromSeconds(t.requestBodySeconds)),
-            onTimeout: { kind in metrics.clientTimeouts[kind.rawValue]?.increment() })
+            send: .fromSeconds(t.sendSeconds),
+            onTimeout: { kind in metrics.clientTimeouts[kind]?.increment() })
         var limits = NIOHTTPDecoderLimitConfiguration()
         limits.maxHeaderListSize = config.maxHeaderBytes
         limits.maxHeaderFieldSize = config.maxHeaderBytes
         let sync = channel.pipeline.syncOperations
-        try sync.addHandler(SendTimeoutHandler(limit: .fromSeconds(t.sendSeconds),
-                                               onTimeout: { metrics.clientTimeouts["send"]?.increment() }))
         try sync.addHandler(RequestHeadLimiter(timeouts: timeouts, limit: config.maxHeaderBytes))
         // Outbound header validation is off: every header value the proxy
         // sends is its own or was parsed from an upstream response by a
@@ -41,8 +42,7 @@ enum ClientPipeline {
         try sync.addHandler(timeouts)
         try sync.addHandler(HTTPServerPipelineHandler())
         try sync.addHandler(HTTPServerProtocolErrorHandler())
-        try sync.addHandler(RequestValidator(router: router))
-        try sync.addHandler(CacheHitHandler(hits: hits))
+        try sync.addHandler(RequestFrontHandler(hits: hits))
     }
 }
 

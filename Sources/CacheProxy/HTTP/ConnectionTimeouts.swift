@@ -12,7 +12,7 @@ import NIOHTTP1
 ///   the proxy asks for more bytes, so an upstream that pushes back on an
 ///   upload is not held against the client.
 /// None of them runs while a response is being written: that is the send
-/// timeout's business (`SendTimeoutHandler`), and it measures progress, not
+/// timeout's business (`SendWatch`), and it measures progress, not
 /// duration, so a large blob to a slow client is never cut while it moves.
 struct ConnectionTimeoutsStateMachine {
     enum Kind: String, Sendable {
@@ -108,9 +108,12 @@ struct ConnectionTimeoutsStateMachine {
     }
 }
 
-/// Drives `ConnectionTimeoutsStateMachine` for one connection: sits right
-/// after the request decoder (before the pipelining handler, so it sees
-/// pipelined requests as they arrive) and keeps at most one timer.
+/// Drives `ConnectionTimeoutsStateMachine` and the `SendWatch` for one
+/// connection: sits right after the request decoder (before the pipelining
+/// handler, so it sees pipelined requests as they arrive) and keeps at most
+/// one timer for the first and one for the second. Every client-side
+/// timeout lives here: one handler, not several, because each handler in
+/// the pipeline costs a hop on every event of every request.
 ///
 /// The timer is not cancelled and re-armed on every event (a timer-heap
 /// insert and removal each, measurable on the hit path): when it fires
@@ -126,11 +129,16 @@ final class ConnectionTimeoutsHandler: ChannelDuplexHandler, RemovableChannelHan
     /// When `timer` fires.
     private var timerAt = NIODeadline.distantFuture
     private var context: ChannelHandlerContext?
-    private let onTimeout: @Sendable (ConnectionTimeoutsStateMachine.Kind) -> Void
+    private var send: SendWatch
+    private var sendTimer: Scheduled<Void>?
+    /// `kind` is a timeout's name as metrics label it: head, idle,
+    /// request_body, send.
+    private let onTimeout: @Sendable (_ kind: String) -> Void
 
-    init(limits: ConnectionTimeoutsStateMachine.Limits,
-         onTimeout: @escaping @Sendable (ConnectionTimeoutsStateMachine.Kind) -> Void) {
+    init(limits: ConnectionTimeoutsStateMachine.Limits, send: TimeAmount,
+         onTimeout: @escaping @Sendable (_ kind: String) -> Void) {
         self.machine = ConnectionTimeoutsStateMachine(limits: limits, now: .now())
+        self.send = SendWatch(limit: send)
         self.onTimeout = onTimeout
     }
 
@@ -150,15 +158,20 @@ final class ConnectionTimeoutsHandler: ChannelDuplexHandler, RemovableChannelHan
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
-        timer?.cancel()
-        timer = nil
+        cancelTimers()
         self.context = nil
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        cancelTimers()
+        context.fireChannelInactive()
+    }
+
+    private func cancelTimers() {
         timer?.cancel()
         timer = nil
-        context.fireChannelInactive()
+        sendTimer?.cancel()
+        sendTimer = nil
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -187,7 +200,8 @@ final class ConnectionTimeoutsHandler: ChannelDuplexHandler, RemovableChannelHan
         case .head:
             machine.responseStarted()
             context.write(data, promise: promise)
-        case .body:
+        case .body(let bytes):
+            send.handedDown(bytes.readableBytes)
             context.write(data, promise: promise)
         case .end:
             // A response is over when its last byte is written, not when its
@@ -201,6 +215,36 @@ final class ConnectionTimeoutsHandler: ChannelDuplexHandler, RemovableChannelHan
             }
             context.write(data, promise: written)
         }
+    }
+
+    func flush(context: ChannelHandlerContext) {
+        context.flush()
+        let channel = context.channel
+        if send.flushed(queued: { Self.queuedBytes(channel) }, writable: channel.isWritable) {
+            scheduleSendCheck(context)
+        }
+    }
+
+    private func scheduleSendCheck(_ context: ChannelHandlerContext) {
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        sendTimer = context.eventLoop.scheduleTask(in: send.tick) {
+            let (handler, context) = loopBound.value
+            handler.sendTimer = nil
+            guard context.channel.isActive else { return }
+            switch handler.send.check(queued: Self.queuedBytes(context.channel)) {
+            case .done: break  // all written: the next flush looks again
+            case .keepWatching: handler.scheduleSendCheck(context)
+            case .stalled:
+                handler.onTimeout("send")
+                context.close(promise: nil)
+            }
+        }
+    }
+
+    /// Bytes NIO holds unwritten (reading the option is a chain of dynamic
+    /// casts inside NIO: done only when `SendWatch` asks).
+    private static func queuedBytes(_ channel: any Channel) -> Int {
+        (try? channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
     }
 
     /// Makes sure a timer fires no later than the current deadline. The
@@ -230,7 +274,7 @@ final class ConnectionTimeoutsHandler: ChannelDuplexHandler, RemovableChannelHan
             handler.timerAt = .distantFuture
             guard let deadline = handler.machine.deadline else { return }  // armed again by the next event
             if deadline.at <= .now() {
-                handler.onTimeout(deadline.kind)
+                handler.onTimeout(deadline.kind.rawValue)
                 context.close(promise: nil)
             } else {
                 handler.schedule(context, at: min(deadline.at, .now() + handler.shortest))

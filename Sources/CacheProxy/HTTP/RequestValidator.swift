@@ -15,48 +15,12 @@ import NIOHTTP1
 /// connects to: the upstream URL is always the configured upstream plus a
 /// path that starts with `/`.
 ///
-/// Sits after the pipelining handler, so its answers keep their place among
-/// pipelined responses. A refused request closes the connection: after a
-/// framing error nothing that follows can be trusted to start a request.
-final class RequestValidator: ChannelInboundHandler, RemovableChannelHandler {
-    typealias InboundIn = HTTPServerRequestPart
-    typealias InboundOut = HTTPServerRequestPart
-    typealias OutboundOut = HTTPServerResponsePart
-
-    private let router: Router
-    /// True from a refused head on: the rest of the connection is dropped.
-    private var refused = false
-    /// True between a head answered here and its request's end.
-    private var skipping = false
-
-    init(router: Router) {
-        self.router = router
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard !refused else { return }
-        let part = unwrapInboundIn(data)
-        guard case .head(let head) = part else {
-            if skipping {
-                if case .end = part { skipping = false }
-                return
-            }
-            context.fireChannelRead(data)
-            return
-        }
-        switch Self.check(head, router: router) {
-        case .accept(let head):
-            context.fireChannelRead(wrapInboundOut(.head(head)))
-        case .answerOptions:
-            skipping = true
-            respond(context, status: .ok, version: head.version, extra: ["allow": Self.allowed], error: nil,
-                    close: !head.isKeepAlive)
-        case .refuse(let error, let extra):
-            refused = true
-            respond(context, status: error.status, version: head.version, extra: extra, error: error, close: true)
-        }
-    }
-
+/// Pure checks plus the refusal's writing; `RequestFrontHandler` applies
+/// them to every head, after the pipelining handler, so its answers keep
+/// their place among pipelined responses. A refused request closes the
+/// connection: after a framing error nothing that follows can be trusted to
+/// start a request.
+enum RequestValidator {
     enum Verdict: Equatable {
         case accept(HTTPRequestHead)
         case answerOptions
@@ -138,17 +102,19 @@ final class RequestValidator: ChannelInboundHandler, RemovableChannelHandler {
         return nil
     }
 
-    private func respond(_ context: ChannelHandlerContext, status: HTTPResponseStatus, version: HTTPVersion,
-                         extra: HTTPHeaders, error: OCIError?, close: Bool) {
+    /// Writes a whole local answer (a refusal, or `OPTIONS *`).
+    static func respond(_ context: ChannelHandlerContext, status: HTTPResponseStatus, version: HTTPVersion,
+                        extra: HTTPHeaders, error: OCIError?, close: Bool) {
+        let wrap = { (part: HTTPServerResponsePart) in NIOAny(part) }
         let body = error.map { ByteBuffer(string: $0.body) } ?? ByteBuffer()
         var headers = extra
         if error != nil { headers.add(name: "content-type", value: "application/json") }
         headers.add(name: "content-length", value: String(body.readableBytes))
         if close { headers.add(name: "connection", value: "close") }
-        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: version, status: status, headers: headers))), promise: nil)
-        if body.readableBytes > 0 { context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil) }
+        context.write(wrap(.head(HTTPResponseHead(version: version, status: status, headers: headers))), promise: nil)
+        if body.readableBytes > 0 { context.write(wrap(.body(.byteBuffer(body))), promise: nil) }
         let channel = context.channel
-        let written = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+        let written = context.writeAndFlush(wrap(.end(nil)))
         if close { written.whenComplete { _ in channel.close(promise: nil) } }
     }
 }

@@ -1,0 +1,61 @@
+import NIOCore
+import NIOHTTP1
+
+/// The first stop of a decoded request on the event loop: the head checks
+/// (`RequestValidator`), then cache hits (`CacheHitResponder`); anything
+/// else goes on to the async side.
+///
+/// One handler for both, not two: every handler in the pipeline costs a hop
+/// on each of a request's events, and on the 4 KiB hit path a separate
+/// validator handler measured ~5% of the throughput.
+///
+/// Sits after the pipelining handler, so it only ever sees a request head
+/// when no other response is in flight on the connection, and its answers
+/// keep their place among pipelined responses.
+final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let hits: CacheHitResponder
+    /// True between a head answered here and that request's end: its body
+    /// parts are dropped.
+    private var consuming = false
+    /// True from a refused head on: the rest of the connection is dropped.
+    private var refused = false
+
+    init(hits: CacheHitResponder) {
+        self.hits = hits
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !refused else { return }
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            switch RequestValidator.check(head, router: hits.router) {
+            case .accept(let head):
+                if hits.answer(head, context: context, wrap: wrapOutboundOut) {
+                    consuming = true
+                    return
+                }
+                context.fireChannelRead(wrapInboundOut(.head(head)))
+            case .answerOptions:
+                consuming = true
+                RequestValidator.respond(context, status: .ok, version: head.version,
+                                         extra: ["allow": RequestValidator.allowed], error: nil, close: !head.isKeepAlive)
+            case .refuse(let error, let extra):
+                refused = true
+                RequestValidator.respond(context, status: error.status, version: head.version, extra: extra,
+                                         error: error, close: true)
+            }
+        case .body:
+            if !consuming { context.fireChannelRead(data) }
+        case .end:
+            if consuming {
+                consuming = false
+            } else {
+                context.fireChannelRead(data)
+            }
+        }
+    }
+}
