@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# A/B of the 4 KiB hit path: the same cached blob served by each binary in
+# turn, `wrk -t2 -c64 -d4s` three times each, against a local distribution
+# registry as origin. Steadier than the full harness for small hit-path
+# changes; compare binaries within one run only.
+#   benchmarks/hit_4k_ab.sh .build/release/cache-proxy /path/to/other/cache-proxy
+set -euo pipefail
+(($# >= 1)) || { echo "usage: $0 BINARY [BINARY...]" >&2; exit 2; }
+for tool in docker-registry wrk curl sha256sum; do
+  command -v "$tool" >/dev/null || { echo "$0: $tool is missing (apt-get install docker-registry wrk curl)" >&2; exit 2; }
+done
+work=$(mktemp -d)
+registry_pid=
+trap '[[ -n $registry_pid ]] && kill $registry_pid 2>/dev/null; rm -rf "$work"' EXIT
+origin=5311 proxy=5312
+cat > "$work/registry.yml" <<EOT
+version: 0.1
+log: {level: error, accesslog: {disabled: true}}
+storage: {filesystem: {rootdirectory: $work/data}}
+http: {addr: "127.0.0.1:$origin", secret: ab}
+EOT
+docker-registry serve "$work/registry.yml" > "$work/registry.log" 2>&1 & registry_pid=$!
+for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$origin/v2/" && break; sleep 0.1; done
+head -c 4096 /dev/urandom > "$work/blob"
+digest=sha256:$(sha256sum "$work/blob" | cut -d' ' -f1)
+location=$(curl -si -X POST "http://127.0.0.1:$origin/v2/ab/blobs/uploads/" | tr -d '\r' | awk 'tolower($1)=="location:"{print $2}')
+curl -s -o /dev/null -X PUT -H "Content-Type: application/octet-stream" --data-binary @"$work/blob" "$location&digest=$digest"
+cat > "$work/proxy.yml" <<EOT
+api: {hostname: "127.0.0.1", port: $proxy}
+upstreams: [{host: "127.0.0.1", registry: "127.0.0.1", port: $origin, schema: "http"}]
+storage: {folder: "$work/cache", fsync: false}
+log_level: error
+EOT
+url="http://127.0.0.1:$proxy/v2/ab/blobs/$digest"
+for binary in "$@"; do
+  rm -rf "$work/cache"
+  "$binary" --config "$work/proxy.yml" & pid=$!
+  for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$proxy/healthz" && break; sleep 0.1; done
+  code=$(curl -s -o /dev/null -w '%{http_code}' "$url")
+  [[ $code == 200 ]] || { echo "$binary: first fetch answered $code" >&2; kill $pid; exit 1; }
+  echo "$binary"
+  for _ in 1 2 3; do wrk -t2 -c64 -d4s "$url" | awk '/Requests\/sec/{print "  req/s", $2}'; done
+  kill $pid; wait $pid 2>/dev/null || true
+done
