@@ -104,6 +104,23 @@ final class FillAnswersTests: XCTestCase {
         await upstream.stop()
     }
 
+    func testA401WhoseBodyStallsStillReachesTheClientWithItsChallenge() async throws {
+        let upstream = try await FakeUpstream { _ in
+            .init(status: .unauthorized, headers: ["www-authenticate": #"Bearer realm="http://auth/token""#],
+                  body: Array(repeating: UInt8(ascii: "x"), count: 10_000), chunkSize: 100,
+                  stallAfter: 100, stallFor: .seconds(8))
+        }
+        let proxy = try await proxy(for: upstream)
+        let started = Date()
+        let head = try shell("curl", ["-s", "-D", "-", "-o", "/dev/null", "--max-time", "10",
+                                      "\(proxy.base)/v2/a/blobs/\(F.digest(of: [3]))"]).output
+        XCTAssertTrue(head.hasPrefix("HTTP/1.1 401"), head)
+        XCTAssertTrue(head.lowercased().contains("www-authenticate: bearer"), head)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 5, "upstream_idle is 2 s")
+        await proxy.stop()
+        await upstream.stop()
+    }
+
     func testARedirectToAnotherPortGetsNoAuthorization() async throws {
         let bytes = F.randomBytes(10_000)
         let digest = F.digest(of: bytes)
@@ -205,5 +222,20 @@ final class FillAnswersTests: XCTestCase {
         try FileManager.default.createSymbolicLink(atPath: store.path(for: digest), withDestinationPath: "/etc/passwd")
         guard case .missing = store.openCached(digest) else { return XCTFail("expected .missing") }
         XCTAssertNil(store.size(of: digest))
+        // A FIFO in its place must not block the caller (an event loop) in
+        // open(): unusable, forgotten at once.
+        try FileManager.default.removeItem(atPath: store.path(for: digest))
+        XCTAssertEqual(mkfifo(store.path(for: digest), 0o644), 0)
+        let again = try BlobStore(folder: folder, metrics: ProxyMetrics(), logger: .init(label: "t"))
+        XCTAssertNil(again.size(of: digest), "the scan indexes regular files only")
+        // Put it in the index as a publish would, then open: no hang.
+        let started = Date()
+        try FileManager.default.removeItem(atPath: store.path(for: digest))
+        try Data(bytes).write(to: URL(fileURLWithPath: folder + "/blob-copy"))
+        try store.publish(temporaryPath: folder + "/blob-copy", digest: digest, size: 100)
+        try FileManager.default.removeItem(atPath: store.path(for: digest))
+        XCTAssertEqual(mkfifo(store.path(for: digest), 0o644), 0)
+        guard case .missing = store.openCached(digest) else { return XCTFail("a FIFO is not a blob") }
+        XCTAssertLessThan(Date().timeIntervalSince(started), 1)
     }
 }

@@ -67,13 +67,14 @@ final class SlowNetworkTests: XCTestCase {
         // curl paces by average: it takes what the loopback socket buffers
         // hold (~10 MB) at once, then reads nothing for up to ~1.7 s to get
         // back to its rate. That pause is a real stall, so here the send
-        // timeout is 3 s; the transfer (~4 s) still outlasts every timeout.
+        // timeout is 3 s; the transfer (3-5 s) outlasts the head and idle
+        // deadlines (1 s) many times over.
         let (upstream, proxy, bytes, digest) = try await cachedBlob(
-            size: 24 << 20, timeouts: "timeouts: {header_read: 1, idle: 1, send: 3}")
+            size: 32 << 20, timeouts: "timeouts: {header_read: 1, idle: 1, send: 3}")
         let started = Date()
         let result = try curl("\(proxy.base)/v2/a/blobs/\(digest)", ["--limit-rate", "6M"])
         XCTAssertEqual(result.exit, 0)
-        XCTAssertGreaterThan(Date().timeIntervalSince(started), 3.2)
+        XCTAssertGreaterThan(Date().timeIntervalSince(started), 2)
         XCTAssertTrue(Array(result.body) == bytes)
         await stop(upstream, proxy)
     }
@@ -87,6 +88,24 @@ final class SlowNetworkTests: XCTestCase {
         let rest = reader.read(bytesPerSecond: 1 << 30, deadline: 10)
         XCTAssertTrue(rest.closedByPeer)
         XCTAssertLessThan(rest.body.count, bytes.count, "cut, not completed")
+        await stop(upstream, proxy)
+    }
+
+    func testAClientThatNeverReadsASmallAnswerIsCutToo() async throws {
+        // 60 KB from the small-blob memory cache to a client with a tiny
+        // receive buffer that never reads. Whether the bytes stick in the
+        // proxy's queue (below NIO's high-water mark, so the channel stays
+        // writable: the send timeout must still watch an unfinished
+        // response) or in the kernel's buffers (the response is finished:
+        // the idle timeout), the connection must not be held.
+        let (upstream, proxy, _, digest) = try await cachedBlob(size: 60_000)
+        let reader = try SlowReader(port: proxy.port, receiveBuffer: 1024)
+        reader.send("GET /v2/a/blobs/\(digest) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        try await Task.sleep(for: .seconds(3))
+        let send = try proxy.metric("cacheproxy_client_timeouts_total{kind=\"send\"}")
+        let idle = try proxy.metric("cacheproxy_client_timeouts_total{kind=\"idle\"}")
+        XCTAssertEqual(send + idle, 1, "closed by one of the two")
+        XCTAssertTrue(reader.waitForPeerClose(timeout: 2))
         await stop(upstream, proxy)
     }
 
@@ -196,6 +215,23 @@ final class SlowNetworkTests: XCTestCase {
         await stop(upstream, proxy)
     }
 
+    func testExpectContinueIsAnsweredAtOnce() async throws {
+        // A client that waits for 100 Continue before its body must get it
+        // before the request-body timeout (1 s here) could count its wait.
+        let (upstream, proxy) = try await start { _ in .init(status: .created) }
+        let socket = try RawSocket(port: proxy.port, receiveTimeout: 5)
+        socket.send("PUT /v2/a/blobs/uploads/1?digest=sha256:x HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    + "Content-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        let interim = socket.receiveHead()
+        XCTAssertTrue(interim.hasPrefix("HTTP/1.1 100"), interim)
+        socket.send("hello")
+        let final = socket.receiveHead()
+        XCTAssertTrue(final.hasPrefix("HTTP/1.1 201"), final)
+        XCTAssertEqual(upstream.requests.first?.bodyBytes, 5)
+        XCTAssertNil(upstream.requests.first?.headers.first(name: "expect"), "the expectation was met here")
+        await stop(upstream, proxy)
+    }
+
     func testASlowChunkedPushArrivesWhole() async throws {
         let (upstream, proxy) = try await start { _ in .init(status: .accepted) }
         let uploader = try SlowUploader(port: proxy.port)
@@ -210,12 +246,18 @@ final class SlowNetworkTests: XCTestCase {
     }
 
     func testAnInterruptedChunkedUploadIsNeverForwardedAsComplete() async throws {
+        // Ten times: the decoder's error on the cut body and the proxy's own
+        // answer to the broken request race each other, and at most one of
+        // them may answer (a second answer trips NIO's pipelining handler).
         let (upstream, proxy) = try await start { _ in .init(status: .accepted) }
-        let uploader = try SlowUploader(port: proxy.port)
-        XCTAssertTrue(uploader.upload(
-            head: "PATCH /v2/a/blobs/uploads/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-            body: F.randomBytes(100_000), bytesPerSecond: 1_000_000, chunked: true, stopAfter: 50_000))
-        uploader.close()  // the client goes away mid-body
+        for _ in 0..<10 {
+            let uploader = try SlowUploader(port: proxy.port)
+            XCTAssertTrue(uploader.upload(
+                head: "PATCH /v2/a/blobs/uploads/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                body: F.randomBytes(100_000), bytesPerSecond: 2_000_000, chunked: true, stopAfter: 50_000))
+            uploader.close()  // the client goes away mid-body
+            try await Task.sleep(for: .milliseconds(50))
+        }
         try await Task.sleep(for: .milliseconds(800))
         XCTAssertEqual(upstream.requests.count, 0, "the upstream never saw a complete request")
         await stop(upstream, proxy)

@@ -87,13 +87,21 @@ public final class BlobStore: Sendable {
     /// dropped from the index and fetched again.
     public func openCached(_ digest: Digest) -> Opened {
         guard size(of: digest) != nil else { return .missing }
-        let fd = open(path(for: digest), O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
-        var st = stat()
-        if fd >= 0, fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG {
-            return .file(fd: fd, size: Int64(st.st_size))
+        // O_NONBLOCK: a FIFO put where a blob was must not block the event
+        // loop in open(); on a regular file it changes nothing.
+        let fd = open(path(for: digest), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+        var error = fd >= 0 ? 0 : errno
+        if fd >= 0 {
+            var st = stat()
+            if fstat(fd, &st) != 0 {
+                error = errno
+            } else if (st.st_mode & S_IFMT) == S_IFREG {
+                return .file(fd: fd, size: Int64(st.st_size))
+            } else {
+                error = EINVAL  // not a regular file: unusable, whatever errno says
+            }
+            close(fd)
         }
-        let error = fd >= 0 ? (errno == 0 ? EINVAL : errno) : errno
-        if fd >= 0 { close(fd) }
         if error == EMFILE || error == ENFILE || error == ENOMEM {
             openFailed(error)
             return .unavailable

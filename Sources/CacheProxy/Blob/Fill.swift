@@ -206,8 +206,12 @@ public final class Fill: Sendable {
             let length = response.headers.first(name: "content-length").flatMap { Int64(digitsOnly: Substring($0)) }
 
             guard response.status == .ok else {
-                let body = try await Self.collectBounded(response.body, limit: 64 * 1024, idle: context.client.idleTimeout,
-                                                         total: context.client.answerTimeout)
+                // The status and headers are the answer (a 401's
+                // `WWW-Authenticate` starts the client's token dance); a
+                // body that stalls or is cut costs only the body.
+                let body = (try? await Self.collectBounded(response.body, limit: 64 * 1024,
+                                                           idle: context.client.idleTimeout,
+                                                           total: context.client.answerTimeout)) ?? ByteBuffer()
                 inner.withLockedValue {
                     $0.answer = UpstreamAnswer(status: response.status, headers: response.headers, body: body)
                 }

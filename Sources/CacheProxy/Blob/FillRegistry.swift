@@ -35,10 +35,11 @@ public final class FillRegistry: Sendable {
     func fill(for digest: Digest, upstream: ProxyConfig.Upstream, repository: String, headers: HTTPHeaders) -> Lookup {
         let found = running.withLockedValue { running -> (fill: Fill, created: Bool)? in
             if let existing = running.fills[digest] {
-                if case .published = existing.state { return nil }
+                let state = existing.state  // read once: it may move on meanwhile
+                if case .published = state { return nil }
                 // A failed or refused fill may linger for a moment after it
                 // woke its followers; a new request must not join it.
-                if !existing.isFinished { return (existing, false) }
+                if !state.isEnded { return (existing, false) }
             } else if context.store.size(of: digest) != nil {
                 return nil
             }

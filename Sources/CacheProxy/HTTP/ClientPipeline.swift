@@ -8,9 +8,9 @@ import ProxyMetrics
 /// RequestHeadLimiter      431 above the head-size limit (sees raw bytes)
 /// HTTPResponseEncoder
 /// HTTPRequestDecoder      (its own header limits as a second line)
-/// ConnectionTimeoutsHandler   head / idle / request-body deadlines, send timeout
+/// ConnectionTimeoutsHandler   head / idle / request-body deadlines, send timeout,
+///                             400 on what the decoder cannot parse
 /// HTTPServerPipelineHandler   pipelined requests answered in order
-/// HTTPServerProtocolErrorHandler  400 on what the decoder cannot parse
 /// RequestFrontHandler     head checks (CONNECT, target forms, Host, framing), then hits
 /// (NIOAsyncChannel)       everything else, in `ClientConnection`
 /// ```
@@ -41,7 +41,6 @@ enum ClientPipeline {
                                                                     limitConfiguration: limits)))
         try sync.addHandler(timeouts)
         try sync.addHandler(HTTPServerPipelineHandler())
-        try sync.addHandler(HTTPServerProtocolErrorHandler())
         try sync.addHandler(RequestFrontHandler(hits: hits))
     }
 }

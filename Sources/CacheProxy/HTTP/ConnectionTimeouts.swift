@@ -39,7 +39,7 @@ struct ConnectionTimeoutsStateMachine {
     let limits: Limits
     private(set) var request = Request.awaitingHead
     /// Responses whose head was written but whose last byte was not yet.
-    private var responding = 0
+    private(set) var responding = 0
     /// Requests fully received minus responses fully written. Goes below
     /// zero while a response finished early, before its request's body did.
     private var unanswered = 0
@@ -101,6 +101,16 @@ struct ConnectionTimeoutsStateMachine {
         }
     }
 
+    /// Whether the proxy may answer a request the decoder could not parse
+    /// with its own 400: only while a head was awaited or arriving and no
+    /// other answer is owed. A parse error in the middle of a body belongs
+    /// to whoever is answering that request; after a pipelined answer still
+    /// owed, a 400 would come out of order. Either way the connection just
+    /// closes.
+    var mayAnswerParseError: Bool {
+        request != .readingBody && responding == 0 && unanswered <= 0
+    }
+
     private mutating func armIdleIfQuiet(now: NIODeadline) {
         if request == .awaitingHead, responding == 0, unanswered <= 0 {
             deadline = (.idle, now + limits.idle)
@@ -114,6 +124,12 @@ struct ConnectionTimeoutsStateMachine {
 /// one timer for the first and one for the second. Every client-side
 /// timeout lives here: one handler, not several, because each handler in
 /// the pipeline costs a hop on every event of every request.
+///
+/// It also answers what the decoder cannot parse (NIO's
+/// `HTTPServerProtocolErrorHandler` would too, but it cannot know that the
+/// async side is about to answer the request whose body broke, and a second
+/// answer trips the pipelining handler): a 400 only when no other answer is
+/// owed, a plain close otherwise.
 ///
 /// The timer is not cancelled and re-armed on every event (a timer-heap
 /// insert and removal each, measurable on the hit path): when it fires
@@ -167,6 +183,20 @@ final class ConnectionTimeoutsHandler: ChannelDuplexHandler, RemovableChannelHan
         context.fireChannelInactive()
     }
 
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if error is HTTPParserError, machine.mayAnswerParseError {
+            let oci = OCIError(.badRequest, .unsupported, "the request could not be parsed as HTTP/1.1")
+            let headers: HTTPHeaders = ["content-type": "application/json", "content-length": String(oci.body.utf8.count),
+                                        "connection": "close"]
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .badRequest, headers: headers))),
+                          promise: nil)
+            context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: oci.body)))), promise: nil)
+            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        }
+        // The decoder closes the connection after a parse error.
+        context.fireErrorCaught(error)
+    }
+
     private func cancelTimers() {
         timer?.cancel()
         timer = nil
@@ -197,8 +227,9 @@ final class ConnectionTimeoutsHandler: ChannelDuplexHandler, RemovableChannelHan
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         switch unwrapOutboundIn(data) {
-        case .head:
-            machine.responseStarted()
+        case .head(let head):
+            // A 100 Continue is not the answer: no end follows it.
+            if head.status.code >= 200 { machine.responseStarted() }
             context.write(data, promise: promise)
         case .body(let bytes):
             send.handedDown(bytes.readableBytes)
@@ -220,7 +251,10 @@ final class ConnectionTimeoutsHandler: ChannelDuplexHandler, RemovableChannelHan
     func flush(context: ChannelHandlerContext) {
         context.flush()
         let channel = context.channel
-        if send.flushed(queued: { Self.queuedBytes(channel) }, writable: channel.isWritable) {
+        // A response written whole within this flush has finished by now
+        // (its end's write completed): no look at the queue for it.
+        if send.flushed(queued: { Self.queuedBytes(channel) }, unfinished: machine.responding > 0,
+                        writable: channel.isWritable) {
             scheduleSendCheck(context)
         }
     }

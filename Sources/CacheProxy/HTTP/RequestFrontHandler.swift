@@ -33,10 +33,20 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
         switch unwrapInboundIn(data) {
         case .head(let head):
             switch RequestValidator.check(head, router: hits.router) {
-            case .accept(let head):
+            case .accept(var head):
                 if hits.answer(head, context: context, wrap: wrapOutboundOut) {
                     consuming = true
                     return
+                }
+                if head.headers.contains(name: "expect") {
+                    // `Expect: 100-continue` is answered here, at once, the
+                    // way nginx does: the body is streamed on as it comes,
+                    // and a client must not sit out its own continue timeout
+                    // (curl, Go: 1 s) against the request-body timeout. The
+                    // upstream gets the body without the expectation.
+                    head.headers.remove(name: "expect")
+                    context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))),
+                                          promise: nil)
                 }
                 context.fireChannelRead(wrapInboundOut(.head(head)))
             case .answerOptions:

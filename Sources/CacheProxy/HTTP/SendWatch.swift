@@ -13,23 +13,21 @@ import NIOCore
 /// down one 4 MiB region after another, so the queue jumps back up at each
 /// region and a steady reader could look stalled.
 ///
-/// The queue is looked at after a flush only when a socket buffer's worth
-/// was handed down since the last look or the channel stopped being
-/// writable; only when bytes stay queued does a timer run, ticking every
-/// quarter of the limit until the queue is empty again. A small hit costs
-/// neither a look nor a timer. Owned by `ConnectionTimeoutsHandler`, which
-/// sees every write and flush of the connection, on its event loop.
+/// The queue is looked at after a flush only while a response is not
+/// completely written (its end's write has not completed) or the channel
+/// stopped being writable; only when bytes stay queued does a timer run,
+/// ticking every quarter of the limit until the queue is empty again. A
+/// small hit, written whole within its flush, costs neither a look nor a
+/// timer. Owned by `ConnectionTimeoutsHandler`, which sees every write and
+/// flush of the connection, on its event loop.
 struct SendWatch {
     let limit: TimeAmount
-    /// Body bytes handed down so far, and at the last look at the queue.
+    /// Body bytes handed down so far.
     private var handed: Int64 = 0
-    private var handedAtLook: Int64 = 0
     /// Bytes known written at the last look, and when that last grew.
     private var written: Int64 = 0
     private var lastProgress = NIODeadline.now()
     private(set) var watching = false
-
-    static let lookEvery: Int64 = 64 * 1024
 
     init(limit: TimeAmount) {
         self.limit = limit
@@ -42,9 +40,9 @@ struct SendWatch {
     }
 
     /// After a flush: whether to start watching (bytes stayed queued).
-    mutating func flushed(queued: () -> Int, writable: Bool) -> Bool {
-        guard !watching, handed - handedAtLook >= Self.lookEvery || !writable else { return false }
-        handedAtLook = handed
+    /// `unfinished`: some response's last byte is not written yet.
+    mutating func flushed(queued: () -> Int, unfinished: Bool, writable: Bool) -> Bool {
+        guard !watching, unfinished || !writable else { return false }
         let pending = queued()
         guard pending > 0 else { return false }
         written = handed - Int64(pending)

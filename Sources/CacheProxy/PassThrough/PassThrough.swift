@@ -48,7 +48,13 @@ struct PassThrough: Sendable {
         "transfer-encoding", "upgrade", "proxy-connection",
     ]
 
-    static let forwardingHeaders = ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "forwarded", "x-real-ip"]
+    /// What clients claim about earlier hops (addresses, scheme, host, port,
+    /// prefix, the original URL): believed only from a trusted terminator.
+    static let forwardingHeaders = [
+        "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port", "x-forwarded-prefix",
+        "x-forwarded-server", "forwarded", "x-real-ip", "true-client-ip", "cf-connecting-ip", "x-client-ip",
+        "x-original-url", "x-rewrite-url",
+    ]
 
     static func endToEnd(_ headers: HTTPHeaders) -> HTTPHeaders {
         var named = hopByHop
