@@ -243,13 +243,3 @@ struct BlobResponder: Sendable {
 
 /// The client's connection closed while its answer was being prepared.
 struct ClientGone: Error {}
-
-extension FillStateMachine.State {
-    /// Nothing more will come from this fill.
-    var isEnded: Bool {
-        switch self {
-        case .published, .rejected, .failed: return true
-        default: return false
-        }
-    }
-}

@@ -39,7 +39,7 @@ public final class FillRegistry: Sendable {
                 if case .published = state { return nil }
                 // A failed or refused fill may linger for a moment after it
                 // woke its followers; a new request must not join it.
-                if !state.isEnded { return (existing, false) }
+                if !state.isFinished { return (existing, false) }
             } else if context.store.size(of: digest) != nil {
                 return nil
             }

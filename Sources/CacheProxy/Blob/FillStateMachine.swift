@@ -112,12 +112,7 @@ public struct FillStateMachine: Sendable, Equatable {
         }
     }
 
-    public var isFinished: Bool {
-        switch state {
-        case .published, .rejected, .failed: return true
-        default: return false
-        }
-    }
+    public var isFinished: Bool { state.isFinished }
 
     /// The bytes are known good (verified, published) or there is nothing
     /// more to follow (rejected, failed): no wait for more bytes makes sense.
@@ -144,6 +139,16 @@ public struct FillStateMachine: Sendable, Equatable {
             return size
         case .rejected, .failed:
             return Int64.max
+        }
+    }
+}
+
+extension FillStateMachine.State {
+    /// Nothing more will come from the fill: published, rejected or failed.
+    public var isFinished: Bool {
+        switch self {
+        case .published, .rejected, .failed: return true
+        default: return false
         }
     }
 }
