@@ -63,6 +63,9 @@ public final class Fill: Sendable {
         var waiters: [Waiter] = []
         /// Followers whose client went away: their waits end at once.
         var abandoned: Set<Int> = []
+        /// Followers registered now; a close that arrives after its follower
+        /// left must not leave a mark behind.
+        var followers: Set<Int> = []
         var nextFollower = 0
 
         var snapshot: FillSnapshot {
@@ -103,18 +106,23 @@ public final class Fill: Sendable {
     func withFollower<T>(closing watch: CloseWatch, _ body: (Int) async throws -> T) async rethrows -> T {
         let id = inner.withLockedValue { inner -> Int in
             inner.nextFollower += 1
+            inner.followers.insert(inner.nextFollower)
             return inner.nextFollower
         }
         let token = watch.onClose { [weak self] in self?.abandon(id) }
         defer {
             watch.cancel(token)
-            _ = inner.withLockedValue { $0.abandoned.remove(id) }
+            inner.withLockedValue { inner in
+                inner.followers.remove(id)
+                inner.abandoned.remove(id)
+            }
         }
         return try await body(id)
     }
 
     func abandon(_ follower: Int) {
         let (woken, snapshot) = inner.withLockedValue { inner -> ([CheckedContinuation<FillSnapshot, Never>], FillSnapshot) in
+            guard inner.followers.contains(follower) else { return ([], inner.snapshot) }
             inner.abandoned.insert(follower)
             var woken: [CheckedContinuation<FillSnapshot, Never>] = []
             inner.waiters.removeAll { waiter in
