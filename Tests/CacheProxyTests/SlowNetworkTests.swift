@@ -144,6 +144,26 @@ final class SlowNetworkTests: XCTestCase {
         await stop(upstream, proxy)
     }
 
+    func testASlowPassThroughToASlowReaderOutlastsEveryTimeout() async throws {
+        // A pass-through body (not a blob: nothing is cached) that the
+        // upstream trickles for ~2 s and the client reads at 400 KB/s (~5 s):
+        // longer than upstream_idle and send (1 s) while it moves, and the
+        // time the proxy waits on the slow client is not the upstream's.
+        let bytes = F.randomBytes(2_000_000)
+        let (upstream, proxy) = try await start { _ in
+            .init(headers: ["content-type": "application/vnd.oci.image.index.v1+json"], body: bytes,
+                  chunkSize: 100_000, delay: .milliseconds(100))
+        }
+        let reader = try SlowReader(port: proxy.port, receiveBuffer: 4096)
+        reader.send("GET /v2/a/manifests/big HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        let result = reader.read(bytesPerSecond: 400_000, deadline: 30)
+        XCTAssertEqual(result.statusCode, 200, result.head)
+        XCTAssertGreaterThan(result.seconds, 4)
+        XCTAssertTrue(result.body == bytes, "every byte, in order")
+        XCTAssertEqual(proxy.files(in: "blobs"), [], "a pass-through stores nothing")
+        await stop(upstream, proxy)
+    }
+
     // MARK: upstream stalls
 
     func testAnUpstreamPauseShorterThanTheIdleTimeoutIsWaitedFor() async throws {
