@@ -97,40 +97,37 @@ public final class ProxyServer: Service, Sendable {
             self.shutdownDeadline.withLockedValue { $0 = deadline }
             self.tracker.drain()  // also turns /readyz to 503
             listener.channel.close(promise: nil)
-            // One deadline for everything: responses and fills still running
-            // when it passes are cut (their temporary files go).
-            // Upstream requests still waiting (a pass-through to a silent
-            // upstream) are cancelled with the client, so that their
-            // connections' tasks end too.
-            let (tracker, fills, client) = (self.tracker, self.fills, self.client)
-            Task {
-                try? await Task.sleep(until: deadline)
-                tracker.closeAll()
-                fills.cancelAll()
-                try? await client.shutdown()
-            }
+            self.scheduleCut(at: deadline)
         }
         await finishFills()
         try? await client.shutdown()
         logger.info("stopped")
     }
 
-    /// Lets running fills complete (so their blobs are kept) until the
-    /// shutdown deadline, then stops the rest; their temporary files go.
-    private func finishFills() async {
-        let deadline = shutdownDeadline.withLockedValue { $0 }
-            ?? ContinuousClock.now + .milliseconds(Int64(config.timeouts.shutdownSeconds * 1000))
-        await withTaskGroup(of: Bool.self) { group in
-            group.addTask { await self.fills.drain(); return true }
-            group.addTask { try? await Task.sleep(until: deadline); return false }
-            if await group.next() == false {
-                logger.warning("shutdown timeout: abandoning unfinished fills")
-                fills.cancelAll()
-                tracker.closeAll()
-                await fills.drain()
-            }
-            group.cancelAll()
+    /// One deadline for everything: responses and fills still running when
+    /// it passes are cut (their temporary files go), and upstream requests
+    /// still waiting (a pass-through to a silent upstream) are cancelled
+    /// with the client, so that their connections' tasks end too.
+    private func scheduleCut(at deadline: ContinuousClock.Instant) {
+        let (tracker, fills, client, logger) = (self.tracker, self.fills, self.client, self.logger)
+        Task {
+            try? await Task.sleep(until: deadline)
+            if fills.isBusy { logger.warning("shutdown timeout: abandoning unfinished fills") }
+            tracker.closeAll()
+            fills.cancelAll()
+            try? await client.shutdown()
         }
+    }
+
+    /// Lets running fills complete (so their blobs are kept) until the
+    /// shutdown deadline cuts the rest.
+    private func finishFills() async {
+        if shutdownDeadline.withLockedValue({ $0 }) == nil {
+            // Ended without a graceful shutdown (the listener failed): the
+            // same bound applies from now.
+            scheduleCut(at: .now + .milliseconds(Int64(config.timeouts.shutdownSeconds * 1000)))
+        }
+        await fills.drain()
     }
 
     /// For an exit that cannot wait (a second signal): deletes the temporary

@@ -46,6 +46,13 @@ final class SlowNetworkTests: XCTestCase {
         return (upstream, proxy, bytes, digest)
     }
 
+    /// Sends a chunked `PATCH` of an upload session at a fixed rate,
+    /// stopping after `stopAfter` bytes (no last chunk) when given.
+    private func chunkedPatch(_ uploader: SlowUploader, body: [UInt8], bytesPerSecond: Int, stopAfter: Int? = nil) -> Bool {
+        uploader.upload(head: "PATCH /v2/a/blobs/uploads/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                        body: body, bytesPerSecond: bytesPerSecond, chunked: true, stopAfter: stopAfter)
+    }
+
     // MARK: client reads slowly
 
     func testLargeHitToASlowReaderOutlastsEveryTimeout() async throws {
@@ -256,9 +263,7 @@ final class SlowNetworkTests: XCTestCase {
         let (upstream, proxy) = try await start { _ in .init(status: .accepted) }
         let uploader = try SlowUploader(port: proxy.port)
         let body = F.randomBytes(200_000)
-        XCTAssertTrue(uploader.upload(
-            head: "PATCH /v2/a/blobs/uploads/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-            body: body, bytesPerSecond: 100_000, chunked: true))
+        XCTAssertTrue(chunkedPatch(uploader, body: body, bytesPerSecond: 100_000))
         let answer = String(decoding: uploader.receiveAll(deadline: 5), as: UTF8.self)
         XCTAssertTrue(answer.hasPrefix("HTTP/1.1 202"), answer)
         XCTAssertEqual(upstream.requests.first?.bodyBytes, body.count)
@@ -272,9 +277,7 @@ final class SlowNetworkTests: XCTestCase {
         let (upstream, proxy) = try await start { _ in .init(status: .accepted) }
         for _ in 0..<10 {
             let uploader = try SlowUploader(port: proxy.port)
-            XCTAssertTrue(uploader.upload(
-                head: "PATCH /v2/a/blobs/uploads/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-                body: F.randomBytes(100_000), bytesPerSecond: 2_000_000, chunked: true, stopAfter: 50_000))
+            XCTAssertTrue(chunkedPatch(uploader, body: F.randomBytes(100_000), bytesPerSecond: 2_000_000, stopAfter: 50_000))
             uploader.close()  // the client goes away mid-body
             try await Task.sleep(for: .milliseconds(50))
         }
@@ -287,9 +290,7 @@ final class SlowNetworkTests: XCTestCase {
         let (upstream, proxy) = try await start { _ in .init(status: .accepted) }
         let uploader = try SlowUploader(port: proxy.port)
         let started = Date()
-        XCTAssertTrue(uploader.upload(
-            head: "PATCH /v2/a/blobs/uploads/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-            body: F.randomBytes(100_000), bytesPerSecond: 1_000_000, chunked: true, stopAfter: 50_000))
+        XCTAssertTrue(chunkedPatch(uploader, body: F.randomBytes(100_000), bytesPerSecond: 1_000_000, stopAfter: 50_000))
         // The client keeps the connection open and sends nothing more.
         _ = uploader.receiveAll(deadline: 5)
         XCTAssertLessThan(Date().timeIntervalSince(started), 3.5, "request_body is 1 s")

@@ -49,7 +49,7 @@ struct BlobResponder: Sendable {
             (joined ? metrics.coalescedFollowers : metrics.blobMisses).increment()
             let status = try await fill.withFollower(closing: response.closeWatch) { follower -> HTTPResponseStatus? in
                 let first = await fill.next(after: -1, follower: follower)
-                guard response.channel.isActive else { throw ClientGone() }
+                try response.checkClientPresent()
                 switch first.state {
                 case .rejected where joined && attempt == 1:
                     // The upstream refused someone else's credentials (401,
@@ -93,7 +93,7 @@ struct BlobResponder: Sendable {
             let snapshot = await fill.withFollower(closing: response.closeWatch) { follower in
                 await fill.next(after: -1, follower: follower)
             }
-            guard response.channel.isActive else { throw ClientGone() }
+            try response.checkClientPresent()
             let length: Int64?
             switch snapshot.state {
             case .verified(let size), .published(let size): length = size
@@ -149,11 +149,14 @@ struct BlobResponder: Sendable {
     /// it asked for.
     private func follow(_ fill: Fill, follower: Int, first: FillSnapshot, _ request: Request,
                         response: ResponseChannel) async throws -> HTTPResponseStatus {
-        guard let fd = fill.openReader() else {
-            if errno == EMFILE || errno == ENFILE {
-                store.openFailed(errno)
-                return try await sendOverloaded(response)
-            }
+        let fd: CInt
+        switch fill.openReader() {
+        case .file(let reader):
+            fd = reader
+        case .unavailable(let error):
+            store.openFailed(error)
+            return try await sendOverloaded(response)
+        case .over:
             if case .published = fill.state, case .file(let fd, let size) = store.openCached(request.digest) {
                 return try await serveComplete(fd: fd, size: size, request, response: response,
                                                source: metrics.bytesFromUpstream)
@@ -182,7 +185,7 @@ struct BlobResponder: Sendable {
             // With nothing to send, the head alone is a complete answer: it
             // waits for the digest like the last byte of any other.
             let verdict = await fill.next(after: .max, follower: follower)
-            guard response.channel.isActive else { throw ClientGone() }
+            try response.checkClientPresent()
             switch verdict.state {
             case .verified, .published:
                 try await response.send(status, headers: headers, body: ByteBuffer())
@@ -199,7 +202,7 @@ struct BlobResponder: Sendable {
         while true {
             // All but the last byte sent: only the verdict is left to wait for.
             let snapshot = await fill.next(after: sent < range.upperBound - 1 ? sent : .max, follower: follower)
-            guard response.channel.isActive else { throw ClientGone() }
+            try response.checkClientPresent()
             let verified: Bool
             let available: Int64
             switch snapshot.state {
@@ -240,6 +243,3 @@ struct BlobResponder: Sendable {
         return out
     }
 }
-
-/// The client's connection closed while its answer was being prepared.
-struct ClientGone: Error {}

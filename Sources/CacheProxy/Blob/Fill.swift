@@ -149,17 +149,22 @@ public final class Fill: Sendable {
         }
     }
 
-    /// A descriptor of the file being filled, owned by the caller. `nil`
-    /// once the fill is over (then the blob is either in the store or gone),
-    /// or when `dup` fails (`errno` tells: EMFILE under fd pressure).
-    public func openReader() -> CInt? {
-        inner.withLockedValue { inner -> CInt? in
-            guard inner.readFD >= 0 else {
-                errno = 0
-                return nil
-            }
+    enum Reader {
+        /// A descriptor of the file being filled, owned by the caller.
+        case file(CInt)
+        /// The fill is over: the blob is either in the store or gone.
+        case over
+        /// `dup` failed (EMFILE under fd pressure): retry later.
+        case unavailable(Int32)
+    }
+
+    /// A descriptor of the file being filled; followers `dup` the fill's own,
+    /// so they keep reading after the rename (same inode).
+    func openReader() -> Reader {
+        inner.withLockedValue { inner -> Reader in
+            guard inner.readFD >= 0 else { return .over }
             let fd = dup(inner.readFD)
-            return fd >= 0 ? fd : nil
+            return fd >= 0 ? .file(fd) : .unavailable(errno)
         }
     }
 

@@ -85,6 +85,9 @@ public final class FillRegistry: Sendable {
         for task in tasks { await task.value }
     }
 
+    /// Whether any fill is running.
+    public var isBusy: Bool { running.withLockedValue { !$0.tasks.isEmpty } }
+
     /// Stops every fill: their temporary files are deleted on the way out.
     public func cancelAll() {
         for task in running.withLockedValue({ Array($0.tasks.values) }) { task.cancel() }

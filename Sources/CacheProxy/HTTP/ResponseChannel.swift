@@ -85,6 +85,12 @@ struct ResponseChannel: Sendable {
         try await channel.writeAndFlush(HTTPServerResponsePart.end(nil))
     }
 
+    /// Throws `ClientGone` when the client's connection closed while its
+    /// answer was being prepared (a long wait for a fill, say).
+    func checkClientPresent() throws {
+        guard channel.isActive else { throw ClientGone() }
+    }
+
     /// Cuts the connection mid-response: the client sees a short body, never
     /// a complete-looking wrong one.
     func abort() {
@@ -107,3 +113,6 @@ struct ResponseChannel: Sendable {
                        body: ByteBuffer(string: error.body), omitBody: omitBody)
     }
 }
+
+/// The client's connection closed while its answer was being prepared.
+struct ClientGone: Error {}

@@ -23,7 +23,7 @@ enum UpstreamBody {
             while let result = try await group.next() {
                 if let result { return result }
             }
-            throw UpstreamTimeout.idle
+            throw UpstreamFailure.idle
         }
     }
 }
@@ -49,7 +49,7 @@ final class IdleClock: Sendable {
         return try await body()
     }
 
-    /// Returns never; throws `UpstreamTimeout.idle` when no tick came for
+    /// Returns never; throws `UpstreamFailure.idle` when no tick came for
     /// `limit`, or CancellationError when the read is over.
     func watch(limit: Duration) async throws {
         let step = limit / 4
@@ -63,7 +63,7 @@ final class IdleClock: Sendable {
                 still = .zero
             } else {
                 still += step
-                if still >= limit { throw UpstreamTimeout.idle }
+                if still >= limit { throw UpstreamFailure.idle }
             }
         }
     }

@@ -63,7 +63,7 @@ public final class UpstreamClient: Sendable {
             while let response = try await group.next() {
                 if let response { return response }
             }
-            throw UpstreamTimeout.answer
+            throw UpstreamFailure.answer
         }
     }
 
@@ -74,7 +74,7 @@ public final class UpstreamClient: Sendable {
     public func getFollowingRedirects(url: String, headers: HTTPHeaders, limit: Int = 5) async throws -> HTTPClientResponse {
         var current = url
         var headers = headers
-        guard let original = RedirectTarget(url) else { throw UpstreamTimeout.badRedirect }
+        guard let original = RedirectTarget(url) else { throw UpstreamFailure.badRedirect }
         for _ in 0...limit {
             var request = HTTPClientRequest(url: current)
             request.method = .GET
@@ -83,14 +83,14 @@ public final class UpstreamClient: Sendable {
             guard [301, 302, 303, 307, 308].contains(response.status.code),
                   let location = response.headers.first(name: "location")
             else { return response }
-            guard let next = RedirectTarget(location, relativeTo: current) else { throw UpstreamTimeout.badRedirect }
+            guard let next = RedirectTarget(location, relativeTo: current) else { throw UpstreamFailure.badRedirect }
             if !next.sameOrigin(as: original) {
                 headers.remove(name: "authorization")
                 headers.remove(name: "cookie")
             }
             current = next.url
         }
-        throw UpstreamTimeout.tooManyRedirects
+        throw UpstreamFailure.tooManyRedirects
     }
 
     public func shutdown() async throws {
@@ -104,11 +104,11 @@ public final class UpstreamClient: Sendable {
     public static func clientError(for error: any Error) -> OCIError {
         if let oci = error as? OCIError { return oci }
         switch error {
-        case UpstreamTimeout.answer, UpstreamTimeout.idle:
+        case UpstreamFailure.answer, UpstreamFailure.idle:
             return OCIError(.gatewayTimeout, .timeout, "the upstream registry did not answer in time")
-        case UpstreamTimeout.tooManyRedirects:
+        case UpstreamFailure.tooManyRedirects:
             return OCIError(.badGateway, .unavailable, "the upstream registry redirected too many times")
-        case UpstreamTimeout.badRedirect:
+        case UpstreamFailure.badRedirect:
             return OCIError(.badGateway, .unavailable, "the upstream registry redirected to an address the proxy does not follow")
         default:
             break
@@ -121,8 +121,9 @@ public final class UpstreamClient: Sendable {
     }
 }
 
-/// Why an upstream exchange was given up by the proxy itself.
-enum UpstreamTimeout: Error, Equatable {
+/// Why the proxy itself gave up an upstream exchange: a timeout, or a
+/// redirect it will not follow.
+enum UpstreamFailure: Error, Equatable {
     /// No response head within `timeouts.upstream` of the request's end.
     case answer
     /// No body bytes for `timeouts.upstream_idle`.
@@ -214,8 +215,8 @@ final class UploadProgress: Sendable {
             try await Task.sleep(for: step)
             let (handedAt, endedAt) = state.withLockedValue { ($0.handedAt, $0.endedAt) }
             let now = ContinuousClock.now
-            if let endedAt, now - endedAt >= answer { throw UpstreamTimeout.answer }
-            if let handedAt, now - handedAt >= idle { throw UpstreamTimeout.idle }
+            if let endedAt, now - endedAt >= answer { throw UpstreamFailure.answer }
+            if let handedAt, now - handedAt >= idle { throw UpstreamFailure.idle }
         }
     }
 }
