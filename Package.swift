@@ -28,7 +28,7 @@ let package = Package(
         ),
         .target(
             name: "IOURing",
-            dependencies: ["CURing"],
+            dependencies: ["CURing", .product(name: "NIOConcurrencyHelpers", package: "swift-nio")],
             path: "Sources/IOURing"
         ),
         .target(

@@ -3,3 +3,5 @@
 // not present in definition of 'fd_set'" (see DESIGN.md, facts checked).
 #include <features.h>
 #include <liburing.h>
+#include <sys/eventfd.h>
+#include <sys/xattr.h>

@@ -33,10 +33,15 @@ public final class ProxyServer: Service, Sendable {
         self.metrics = metrics
         self.group = group
         self.logger = logger
-        self.store = try BlobStore(folder: config.storage.folder, metrics: metrics, logger: logger)
-        self.client = UpstreamClient(eventLoopGroup: group, timeouts: config.timeouts, logger: logger)
-        let writer = IOBackend.select(pool: threadPool, logger: logger)
+        let writer = try IOBackend.select(config.storage.ioBackend, pool: threadPool, group: group, logger: logger)
         metrics.setIOBackend(writer.backendName)
+        do {
+            self.store = try BlobStore(config: config.storage, writer: writer, metrics: metrics, logger: logger)
+        } catch {
+            writer.shutdown()
+            throw error
+        }
+        self.client = UpstreamClient(eventLoopGroup: group, timeouts: config.timeouts, logger: logger)
         self.fills = FillRegistry(context: FillContext(
             client: client, store: store, writer: writer, metrics: metrics,
             fsync: config.storage.fsync, logger: logger))
@@ -48,8 +53,7 @@ public final class ProxyServer: Service, Sendable {
             blobs: BlobResponder(store: store, fills: fills, passThrough: passThrough, metrics: metrics),
             passThrough: passThrough, metrics: metrics, tracker: tracker, logger: logger,
             trustForwardedHeaders: config.api.trustForwardedHeaders)
-        self.hits = CacheHitResponder(router: router, store: store, metrics: metrics, tracker: tracker,
-                                      smallBlobs: SmallBlobCache())
+        self.hits = CacheHitResponder(router: router, store: store, metrics: metrics, tracker: tracker)
     }
 
     /// The port the listener is bound to, once it is (port 0 in tests).
@@ -101,6 +105,7 @@ public final class ProxyServer: Service, Sendable {
         }
         await finishFills()
         try? await client.shutdown()
+        store.writer.shutdown()
         logger.info("stopped")
     }
 

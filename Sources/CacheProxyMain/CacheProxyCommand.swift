@@ -24,6 +24,10 @@ struct CacheProxyCommand: AsyncParsableCommand {
     @Option(help: "Keep the cache in this folder instead of storage.folder.")
     var storage: String?
 
+    @Option(name: .customLong("io-backend"),
+            help: "Storage backend: auto (io_uring when available), io_uring or threadpool; overrides storage.io_backend.")
+    var ioBackend: String?
+
     func run() async throws {
         var settings: ProxyConfig
         do {
@@ -33,6 +37,12 @@ struct CacheProxyCommand: AsyncParsableCommand {
                 settings.api.port = port
             }
             if let storage { settings.storage.folder = storage }
+            if let ioBackend {
+                guard let choice = ProxyConfig.IOBackendChoice(rawValue: ioBackend) else {
+                    throw ConfigError(key: "--io-backend", problem: "must be auto, io_uring or threadpool, not \"\(ioBackend)\"")
+                }
+                settings.storage.ioBackend = choice
+            }
         } catch let error as ConfigError {
             printError(error.description)
             throw ExitCode(2)

@@ -26,6 +26,11 @@ public final class ProxyMetrics: Sendable {
     public let clientTimeouts: [String: Counter]
     /// Opening a cached blob failed for lack of descriptors or memory.
     public let fileOpenErrors: [String: Counter]
+    /// Blobs removed by the size limit.
+    public let evictions: Counter
+    /// Storage errors during fills (the fill went on from memory), by errno.
+    public let fillErrors: [String: Counter]
+    public static let fillErrorReasons = ["enospc", "edquot", "eio", "erofs", "other"]
 
     /// Series looked up per request are kept here, so the hot path does one
     /// small dictionary lookup instead of the registry's name-and-label
@@ -66,6 +71,14 @@ public final class ProxyMetrics: Sendable {
                 labels: [("reason", reason)])
         }
         fileOpenErrors = openErrors
+        evictions = registry.makeCounter(descriptor: Self.describe("cacheproxy_evictions_total", "Blobs deleted to keep the cache under storage.max_size (least recently used first)."))
+        var fillErrors: [String: Counter] = [:]
+        for reason in Self.fillErrorReasons {
+            fillErrors[reason] = registry.makeCounter(
+                descriptor: Self.describe("cacheproxy_fill_errors_total", "Storage errors during fills (full disk, I/O error); the fill went on streaming from memory and kept nothing."),
+                labels: [("reason", reason)])
+        }
+        self.fillErrors = fillErrors
     }
 
     /// One finished client request. `kind` is `blob`, `passthrough`, `local`

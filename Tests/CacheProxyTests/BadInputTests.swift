@@ -129,7 +129,7 @@ final class BlobStoreStartupTests: XCTestCase {
         try Data("x".utf8).write(to: URL(fileURLWithPath: folder + "/blobs/sha256/ab/not-a-digest"))
         try Data("x".utf8).write(to: URL(fileURLWithPath: folder + "/blobs/sha256/cd/\(good)"))  // wrong prefix folder
 
-        let store = try BlobStore(folder: folder, metrics: .init(), logger: .init(label: "t"))
+        let store = try makeStore(folder)
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: folder + "/tmp"), [])
         XCTAssertEqual(store.size(of: try Digest(parsing: "sha256:\(good)")), 4)
         let other = try Digest(parsing: "sha256:" + String(repeating: "cd", count: 32))

@@ -29,7 +29,7 @@ final class DigestTests: XCTestCase {
 
     func testStorePathIsBuiltFromTheDigestOnly() throws {
         let folder = try makeTemporaryFolder("digest")
-        let store = try BlobStore(folder: folder, metrics: .init(), logger: .init(label: "t"))
+        let store = try makeStore(folder)
         let d = try Digest(parsing: "sha256:\(hex64)")
         XCTAssertEqual(store.path(for: d), "\(folder)/blobs/sha256/ab/\(hex64)")
     }

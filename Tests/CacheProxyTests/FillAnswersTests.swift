@@ -182,7 +182,7 @@ final class FillAnswersTests: XCTestCase {
         await upload.stop()
     }
 
-    func testFdPressureDoesNotMakeTheCacheForgetABlob() throws {
+    func testFdPressureDoesNotMakeTheCacheForgetABlob() async throws {
         let folder = try makeTemporaryFolder("fds")
         let bytes: [UInt8] = Array(repeating: 7, count: 100)
         let hex = String(F.digest(of: bytes).dropFirst(7))
@@ -190,7 +190,7 @@ final class FillAnswersTests: XCTestCase {
                                                 withIntermediateDirectories: true)
         try Data(bytes).write(to: URL(fileURLWithPath: folder + "/blobs/sha256/\(hex.prefix(2))/\(hex)"))
         let metrics = ProxyMetrics()
-        let store = try BlobStore(folder: folder, metrics: metrics, logger: .init(label: "t"))
+        let store = try makeStore(folder, metrics: metrics)
         let digest = try Digest(parsing: "sha256:" + hex)
 
         var limit = rlimit()
@@ -226,13 +226,15 @@ final class FillAnswersTests: XCTestCase {
         // open(): unusable, forgotten at once.
         try FileManager.default.removeItem(atPath: store.path(for: digest))
         XCTAssertEqual(mkfifo(store.path(for: digest), 0o644), 0)
-        let again = try BlobStore(folder: folder, metrics: ProxyMetrics(), logger: .init(label: "t"))
+        let again = try makeStore(folder, metrics: ProxyMetrics())
         XCTAssertNil(again.size(of: digest), "the scan indexes regular files only")
         // Put it in the index as a publish would, then open: no hang.
         let started = Date()
         try FileManager.default.removeItem(atPath: store.path(for: digest))
         try Data(bytes).write(to: URL(fileURLWithPath: folder + "/blob-copy"))
-        try store.publish(temporaryPath: folder + "/blob-copy", digest: digest, size: 100)
+        let copy = open(folder + "/blob-copy", O_RDWR)
+        try await store.publish(temporary: (folder + "/blob-copy", copy), digest: digest, size: 100)
+        close(copy)
         try FileManager.default.removeItem(atPath: store.path(for: digest))
         XCTAssertEqual(mkfifo(store.path(for: digest), 0o644), 0)
         guard case .missing = store.openCached(digest) else { return XCTFail("a FIFO is not a blob") }

@@ -96,7 +96,7 @@ struct BlobResponder: Sendable {
             try response.checkClientPresent()
             let length: Int64?
             switch snapshot.state {
-            case .verified(let size), .published(let size): length = size
+            case .verified(let size), .published(let size), .delivered(let size): length = size
             case .streaming, .verifying: length = snapshot.head?.contentLength
             default: length = nil
             }
@@ -131,7 +131,10 @@ struct BlobResponder: Sendable {
     private func serveComplete(fd: CInt, size: Int64, _ request: Request, response: ResponseChannel,
                                source: Counter) async throws -> HTTPResponseStatus {
         let handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: fd)
-        defer { try? handle.close() }
+        defer {
+            try? handle.close()
+            store.release(request.digest)
+        }
         let (status, range, headers) = plan(request, length: size, contentType: nil)
         guard let range, !range.isEmpty else {
             try await response.send(status, headers: headers, body: ByteBuffer())
@@ -147,26 +150,38 @@ struct BlobResponder: Sendable {
     /// the last byte of the answer before the digest is verified: until
     /// then a client cannot hold a complete-looking response, whatever range
     /// it asked for.
+    ///
+    /// Returns nil when the fill ended before this follower could pick up
+    /// its file and the blob was not kept (a full disk, a blob larger than
+    /// the cache): the caller asks again.
     private func follow(_ fill: Fill, follower: Int, first: FillSnapshot, _ request: Request,
-                        response: ResponseChannel) async throws -> HTTPResponseStatus {
-        let fd: CInt
+                        response: ResponseChannel) async throws -> HTTPResponseStatus? {
+        var handle: NIOFileHandle?
         switch fill.openReader() {
-        case .file(let reader):
-            fd = reader
+        case .file(let fd):
+            handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: fd)
+        case .memory:
+            handle = nil
         case .unavailable(let error):
             store.openFailed(error)
             return try await sendOverloaded(response)
         case .over:
-            if case .published = fill.state, case .file(let fd, let size) = store.openCached(request.digest) {
-                return try await serveComplete(fd: fd, size: size, request, response: response,
-                                               source: metrics.bytesFromUpstream)
+            switch fill.state {
+            case .published:
+                if case .file(let fd, let size) = store.openCached(request.digest) {
+                    return try await serveComplete(fd: fd, size: size, request, response: response,
+                                                   source: metrics.bytesFromUpstream)
+                }
+                return nil
+            case .delivered:
+                return nil
+            default:
+                let error = OCIError(.badGateway, .unavailable, "the upstream blob download failed")
+                try await response.send(error)
+                return error.status
             }
-            let error = OCIError(.badGateway, .unavailable, "the upstream blob download failed")
-            try await response.send(error)
-            return error.status
         }
-        let handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: fd)
-        defer { try? handle.close() }
+        defer { try? handle?.close() }
         let contentType = first.head?.contentType
         let (status, range, headers): (HTTPResponseStatus, Range<Int64>?, HTTPHeaders)
         if let length = first.head?.contentLength {
@@ -187,7 +202,7 @@ struct BlobResponder: Sendable {
             let verdict = await fill.next(after: .max, follower: follower)
             try response.checkClientPresent()
             switch verdict.state {
-            case .verified, .published:
+            case .verified, .published, .delivered:
                 try await response.send(status, headers: headers, body: ByteBuffer())
                 return status
             default:
@@ -201,7 +216,8 @@ struct BlobResponder: Sendable {
         var sent = range.lowerBound
         while true {
             // All but the last byte sent: only the verdict is left to wait for.
-            let snapshot = await fill.next(after: sent < range.upperBound - 1 ? sent : .max, follower: follower)
+            let snapshot = await fill.next(after: sent < range.upperBound - 1 ? sent : .max, follower: follower,
+                                           position: sent)
             try response.checkClientPresent()
             let verified: Bool
             let available: Int64
@@ -209,16 +225,29 @@ struct BlobResponder: Sendable {
             case .failed, .rejected:
                 response.abort()
                 return status
-            case .verified(let size), .published(let size):
+            case .verified(let size), .published(let size), .delivered(let size):
                 (verified, available) = (true, size)
             default:
                 (verified, available) = (false, snapshot.mark)
             }
             let limit = min(verified ? range.upperBound : range.upperBound - 1, available)
-            if limit > sent {
-                try await response.file(handle, range: sent..<limit)
-                metrics.bytesFromUpstream.increment(by: limit - sent)
-                sent = limit
+            while sent < limit {
+                // From the file while the disk held the bytes, else from
+                // the fill's memory window, one batch at a time.
+                let end: Int64
+                if let handle, sent < snapshot.fileEnd {
+                    end = min(limit, snapshot.fileEnd)
+                    try await response.file(handle, range: sent..<end)
+                } else if let bytes = fill.memoryBytes(from: sent, upTo: limit) {
+                    end = sent + Int64(bytes.readableBytes)
+                    try await response.body(bytes)
+                } else {
+                    response.abort()  // cannot happen: the window keeps what followers need
+                    return status
+                }
+                metrics.bytesFromUpstream.increment(by: end - sent)
+                sent = end
+                fill.reached(sent, follower: follower)
             }
             if verified { break }
         }

@@ -5,40 +5,53 @@ import NIOCore
 /// and writes one batch while the caller reads the next.
 ///
 /// Chunks arrive as the socket delivers them (tens of KiB). Writing each one
-/// would cost a hop to the thread pool and a wake-up of every follower per
-/// chunk; taking turns between reading, hashing and writing would leave two
-/// of the three idle at any moment. Measured on a cold 64 MiB blob: ~180 ms
-/// one chunk at a time, ~120 ms batched and overlapped (origin alone ~25 ms;
-/// SHA-256 of 64 MiB alone ~35 ms here).
+/// would cost a hop to the storage backend and a wake-up of every follower
+/// per chunk; taking turns between reading, hashing and writing would leave
+/// two of the three idle at any moment. Measured on a cold 64 MiB blob:
+/// ~180 ms one chunk at a time, ~120 ms batched and overlapped.
+///
+/// When a write fails (a full disk, an I/O error), or there was no file to
+/// begin with, the sink goes on without the disk: each batch is hashed and
+/// handed to the fill's memory window (`Fill.spill`), which followers read
+/// from and which pushes back on the upstream when full. The hash survives
+/// the switch, so the blob is still verified before its last byte goes out.
 struct BlobSink {
     static let batchSize = 256 * 1024
 
     private let writer: any BlobWriter
-    private let fd: CInt
+    /// nil once the disk is out of the picture.
+    private var fd: CInt?
+    private let fill: Fill
     private var hasher: DigestHasher
     private var pending = ByteBuffer()
-    private var writing: (task: Task<DigestHasher, Error>, count: Int64)?
-    /// Bytes handed to writes so far.
+    private var writing: (task: Task<WriteResult, Never>, batch: ByteBuffer, at: Int64)?
+    /// Bytes handed on (to writes or to memory) so far.
     private var offset: Int64 = 0
 
-    init(writer: any BlobWriter, fd: CInt, algorithm: Digest.Algorithm) {
+    private struct WriteResult: Sendable {
+        var hasher: DigestHasher
+        var error: (any Error)?
+    }
+
+    init(writer: any BlobWriter, fd: CInt?, fill: Fill, algorithm: Digest.Algorithm) {
         self.writer = writer
         self.fd = fd
+        self.fill = fill
         self.hasher = DigestHasher(algorithm)
     }
 
-    /// Takes a chunk. Returns how many bytes have newly reached the file
-    /// (a batch finished), 0 if none.
+    /// Takes a chunk. Returns how many bytes have newly become readable by
+    /// followers (a batch finished), 0 if none.
     mutating func append(_ chunk: ByteBuffer) async throws -> Int64 {
         pending.writeImmutableBuffer(chunk)
         guard pending.readableBytes >= Self.batchSize else { return 0 }
-        return try await startWrite()
+        return try await startBatch()
     }
 
-    /// Writes what is left and waits for it. Returns the bytes that newly
-    /// reached the file, and the digest's hex.
+    /// Hands on what is left and waits for it. Returns the bytes that newly
+    /// became readable, and the digest's hex.
     mutating func finish() async throws -> (written: Int64, hex: String) {
-        var written = try await startWrite()
+        var written = try await startBatch()
         written += try await awaitWrite()
         return (written, hasher.finalizeHex())
     }
@@ -46,36 +59,52 @@ struct BlobSink {
     /// Waits for a write in progress, ignoring its outcome: the descriptor is
     /// about to be closed, and no write may still use its number.
     mutating func abandon() async {
-        if let (task, _) = writing { _ = try? await task.value }
+        if let writing { _ = await writing.task.value }
         writing = nil
     }
 
-    /// Waits for the previous batch, then starts writing the pending one.
-    private mutating func startWrite() async throws -> Int64 {
+    /// Waits for the previous batch, then starts the pending one: a write
+    /// that overlaps the next read, or, without a disk, a hash and a spill.
+    private mutating func startBatch() async throws -> Int64 {
         let written = try await awaitWrite()
         guard pending.readableBytes > 0 else { return written }
-        let (batch, at, writer, fd, state) = (pending, offset, writer, fd, hasher)
-        writing = (Task {
-            var state = state
-            state.update(batch)
-            try await writer.write(batch, to: fd, at: at)
-            return state
-        }, Int64(batch.readableBytes))
+        let batch = pending
+        let at = offset
         offset += Int64(batch.readableBytes)
         pending = ByteBuffer()
         pending.reserveCapacity(Self.batchSize + 64 * 1024)
+        guard let fd else {
+            hasher.update(batch)
+            try await fill.spill(batch, at: at)
+            return written + Int64(batch.readableBytes)
+        }
+        let (writer, state) = (writer, hasher)
+        writing = (Task {
+            var state = state
+            state.update(batch)
+            do {
+                try await writer.write(batch, to: fd, at: at)
+                return WriteResult(hasher: state)
+            } catch {
+                return WriteResult(hasher: state, error: error)
+            }
+        }, batch, at)
         return written
     }
 
     private mutating func awaitWrite() async throws -> Int64 {
-        guard let (task, count) = writing else { return 0 }
+        guard let (task, batch, at) = writing else { return 0 }
         writing = nil
-        do {
-            hasher = try await task.value
-        } catch {
-            throw FillStateMachine.Failure.storage(String(describing: error))
+        let result = await task.value
+        hasher = result.hasher
+        if let error = result.error {
+            // The file holds everything before this batch; from here on
+            // followers read memory.
+            fd = nil
+            fill.storageFailed(error, fileEnd: at)
+            try await fill.spill(batch, at: at)
         }
-        return count
+        return Int64(batch.readableBytes)
     }
 }
 

@@ -8,55 +8,57 @@ import ProxyMetrics
 /// system so that `rename` is the atomic commit point. Nothing partial is ever
 /// visible under `blobs/`.
 ///
-/// The in-memory index (digest ─► size) is rebuilt by scanning at start; it
-/// lets `HEAD` and the hit check answer without touching the disk.
+/// The in-memory index (digest ─► size, last use, readers) is rebuilt by
+/// scanning at start; it lets `HEAD` and the hit check answer without
+/// touching the disk, and chooses what to evict when `storage.max_size` is
+/// set. All disk changes go through the `BlobWriter` (io_uring or the
+/// thread pool); the scan and the hit path's `open` are the exceptions.
 public final class BlobStore: Sendable {
     public let folder: String
     let blobsFolder: String
     let tmpFolder: String
-    private let index = NIOLockedValueBox<[Digest: Int64]>([:])
+    let writer: any BlobWriter
+    /// Bytes of small blobs, kept in memory; forgets with the index.
+    let smallBlobs: SmallBlobCache
+    private let limits: ProxyConfig.Storage
+    private let index = NIOLockedValueBox(BlobIndex())
     private let tmpCounter = NIOLockedValueBox<UInt64>(0)
+    private let evicting = NIOLockedValueBox(false)
     private let metrics: ProxyMetrics
     private let logger: Logger
     private let lastOpenErrorLog = NIOLockedValueBox<ContinuousClock.Instant?>(nil)
 
+    /// The extended attribute that records a blob's size when it is
+    /// published, so the start-up scan can tell a file cut short (a crash
+    /// before the data reached the disk) from a complete one.
+    static let sizeAttribute = "user.cacheproxy.size"
+
     /// Creates the folders, deletes what an earlier run left in `tmp/` and
     /// indexes `blobs/`.
-    public init(folder: String, metrics: ProxyMetrics, logger: Logger) throws {
-        self.folder = folder
-        self.blobsFolder = folder + "/blobs"
-        self.tmpFolder = folder + "/tmp"
+    public init(config: ProxyConfig.Storage, writer: any BlobWriter, metrics: ProxyMetrics, logger: Logger) throws {
+        self.folder = config.folder
+        self.blobsFolder = config.folder + "/blobs"
+        self.tmpFolder = config.folder + "/tmp"
+        self.limits = config
+        self.writer = writer
+        self.smallBlobs = SmallBlobCache()
         self.metrics = metrics
         self.logger = logger
         let fm = FileManager.default
         try fm.createDirectory(atPath: blobsFolder, withIntermediateDirectories: true)
         removeTemporaryFiles()
         try fm.createDirectory(atPath: tmpFolder, withIntermediateDirectories: true)
-        let found = Self.scan(blobsFolder: blobsFolder, logger: logger)
-        index.withLockedValue { $0 = found }
-        updateGauges()
-        logger.info("cache indexed", metadata: ["folder": "\(folder)", "blobs": "\(found.count)"])
-    }
-
-    /// Walks `blobs/<algo>/<xx>/<hex>`; anything that is not a well-formed
-    /// digest path in its right place is ignored (and never served).
-    static func scan(blobsFolder: String, logger: Logger) -> [Digest: Int64] {
-        let fm = FileManager.default
-        var found: [Digest: Int64] = [:]
-        for algorithm in Digest.Algorithm.allCases {
-            let algoFolder = blobsFolder + "/" + algorithm.rawValue
-            for prefix in (try? fm.contentsOfDirectory(atPath: algoFolder)) ?? [] {
-                for name in (try? fm.contentsOfDirectory(atPath: algoFolder + "/" + prefix)) ?? [] {
-                    guard let digest = try? Digest(parsing: "\(algorithm.rawValue):\(name)"),
-                          name.hasPrefix(prefix), prefix.count == 2 else { continue }
-                    var st = stat()
-                    guard stat(algoFolder + "/" + prefix + "/" + name, &st) == 0,
-                          (st.st_mode & S_IFMT) == S_IFREG else { continue }
-                    found[digest] = Int64(st.st_size)
-                }
-            }
+        let started = ContinuousClock.now
+        let scan = BlobScan.run(blobsFolder: blobsFolder, logger: logger)
+        index.withLockedValue { index in
+            for (digest, entry) in scan.found { index.insert(digest, size: entry.size, lastAccess: entry.lastAccess) }
         }
-        return found
+        updateGauges()
+        logger.info("cache indexed", metadata: [
+            "folder": "\(folder)", "blobs": "\(scan.found.count)", "removed": "\(scan.removed)",
+            "seconds": "\(started.duration(to: .now))",
+        ])
+        evictIfNeeded()
     }
 
     public func path(for digest: Digest) -> String {
@@ -66,11 +68,18 @@ public final class BlobStore: Sendable {
 
     /// Size of a complete cached blob, from the index alone.
     public func size(of digest: Digest) -> Int64? {
-        index.withLockedValue { $0[digest] }
+        index.withLockedValue { $0.size(of: digest) }
+    }
+
+    /// Size of a complete cached blob, marking it used (for eviction).
+    func use(_ digest: Digest) -> Int64? {
+        let now = Self.now()
+        return index.withLockedValue { $0.use(digest, now: now) }
     }
 
     /// What opening a cached blob found.
     public enum Opened {
+        /// Owned by the caller, who calls `release` after closing it.
         case file(fd: CInt, size: Int64)
         /// Not cached (or deleted behind the index's back): a miss.
         case missing
@@ -79,14 +88,16 @@ public final class BlobStore: Sendable {
         case unavailable
     }
 
-    /// Opens a complete cached blob for reading. Running out of
-    /// descriptors or memory (EMFILE, ENFILE, ENOMEM) passes, and the cache
-    /// must not forget its own content over it: `.unavailable`, the blob
-    /// stays. Any other failure means the file is gone or unusable (deleted
-    /// by hand, replaced by a symlink, wrong owner, a bad sector): it is
-    /// dropped from the index and fetched again.
+    /// Opens a complete cached blob for reading, and keeps it from eviction
+    /// until `release`. Running out of descriptors or memory (EMFILE,
+    /// ENFILE, ENOMEM) passes, and the cache must not forget its own content
+    /// over it: `.unavailable`, the blob stays. Any other failure means the
+    /// file is gone or unusable (deleted by hand, replaced by a symlink,
+    /// wrong owner, a bad sector): it is dropped from the index and fetched
+    /// again.
     public func openCached(_ digest: Digest) -> Opened {
-        guard size(of: digest) != nil else { return .missing }
+        let now = Self.now()
+        guard index.withLockedValue({ $0.retain(digest, now: now) }) else { return .missing }
         // O_NONBLOCK: a FIFO put where a blob was must not block the event
         // loop in open(); on a regular file it changes nothing.
         let fd = open(path(for: digest), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
@@ -102,6 +113,7 @@ public final class BlobStore: Sendable {
             }
             close(fd)
         }
+        release(digest)
         if error == EMFILE || error == ENFILE || error == ENOMEM {
             openFailed(error)
             return .unavailable
@@ -112,6 +124,11 @@ public final class BlobStore: Sendable {
         }
         forget(digest)
         return .missing
+    }
+
+    /// A response is done with a file `openCached` gave it.
+    func release(_ digest: Digest) {
+        index.withLockedValue { $0.release(digest) }
     }
 
     /// Counts every open that failed for lack of descriptors or memory and
@@ -133,23 +150,78 @@ public final class BlobStore: Sendable {
 
     /// A new, empty temporary file for a fill. Its name carries a counter so
     /// that a fill that failed and a new one for the same digest never meet.
-    public func makeTemporaryFile(for digest: Digest) throws -> (path: String, fd: CInt) {
+    func makeTemporaryFile(for digest: Digest) async throws -> (path: String, fd: CInt) {
         let n = tmpCounter.withLockedValue { $0 += 1; return $0 }
         let path = "\(tmpFolder)/\(digest.algorithm.rawValue)-\(digest.hex).\(getpid()).\(n)"
-        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw StoreError.system("create \(path)", errno) }
-        return (path, fd)
+        return (path, try await writer.create(path))
     }
 
-    /// Moves a verified temporary file to its final name; the rename is the
-    /// commit point.
-    public func publish(temporaryPath: String, digest: Digest, size: Int64) throws {
+    /// Whether a verified blob of `size` bytes is kept: one larger than the
+    /// whole limit is served to its clients and then dropped.
+    func keeps(size: Int64) -> Bool {
+        guard let max = limits.maxSize else { return true }
+        return size <= max
+    }
+
+    /// Makes a verified temporary file a cache entry: records its size on
+    /// it, fsyncs it (when configured), renames it to its final name (the
+    /// commit point) and fsyncs the directory so the rename is durable too.
+    func publish(temporary: (path: String, fd: CInt), digest: Digest, size: Int64) async throws {
         let final = path(for: digest)
         let parent = String(final[..<(final.lastIndex(of: "/") ?? final.endIndex)])
+        do {
+            try await writer.setAttribute(Self.sizeAttribute, to: String(size), on: temporary.fd)
+        } catch StoreError.system(_, let code) where code == EOPNOTSUPP {
+            // A file system without user attributes: the scan then checks
+            // what it can without one (see `BlobScan`).
+        }
+        if limits.fsync { try await writer.sync(temporary.fd) }
+        // mkdir is rare (256 folders per algorithm, ever) and cheap.
         try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
-        guard rename(temporaryPath, final) == 0 else { throw StoreError.system("rename to \(final)", errno) }
-        index.withLockedValue { $0[digest] = size }
+        try await writer.rename(temporary.path, to: final)
+        if limits.fsync { try await writer.syncDirectory(parent) }
+        index.withLockedValue { $0.insert(digest, size: size, lastAccess: Self.now()) }
         updateGauges()
+        evictIfNeeded()
+    }
+
+    /// Starts an eviction round when the cache holds more than the high
+    /// watermark; one round at a time.
+    func evictIfNeeded() {
+        guard let max = limits.maxSize else { return }
+        let high = Int64(Double(max) * limits.highWatermark)
+        guard index.withLockedValue({ $0.totalBytes }) > high else { return }
+        guard evicting.withLockedValue({ running in
+            defer { running = true }
+            return !running
+        }) else { return }
+        let low = Int64(Double(max) * limits.lowWatermark)
+        Task {
+            await self.evict(toReach: low)
+            self.evicting.withLockedValue { $0 = false }
+        }
+    }
+
+    /// Removes least recently used blobs nobody reads until the cache holds
+    /// at most `target` bytes. The index and the memory cache forget each
+    /// blob before its file goes, so no new reader can find it half-gone;
+    /// a reader that opened it earlier keeps its descriptor.
+    func evict(toReach target: Int64) async {
+        let victims = index.withLockedValue { $0.evict(toReach: target) }
+        guard !victims.isEmpty else { return }
+        for victim in victims {
+            smallBlobs.remove(victim.digest)
+            do {
+                try await writer.unlink(path(for: victim.digest))
+            } catch {
+                logger.warning("could not delete an evicted blob", metadata: ["digest": "\(victim.digest)", "error": "\(error)"])
+            }
+            metrics.evictions.increment()
+        }
+        updateGauges()
+        logger.info("evicted least recently used blobs", metadata: [
+            "blobs": "\(victims.count)", "bytes": "\(victims.reduce(0) { $0 + $1.size })",
+        ])
     }
 
     /// Deletes everything under `tmp/`: what an earlier run left (at start),
@@ -161,19 +233,28 @@ public final class BlobStore: Sendable {
         }
     }
 
-    public func discard(temporaryPath: String) {
-        unlink(temporaryPath)
+    func discard(temporaryPath: String) async {
+        try? await writer.unlink(temporaryPath)
     }
 
     func forget(_ digest: Digest) {
-        index.withLockedValue { _ = $0.removeValue(forKey: digest) }
+        index.withLockedValue { _ = $0.remove(digest) }
+        smallBlobs.remove(digest)
         updateGauges()
     }
 
     private func updateGauges() {
-        let (count, bytes) = index.withLockedValue { ($0.count, $0.values.reduce(0, +)) }
+        let (count, bytes) = index.withLockedValue { ($0.count, $0.totalBytes) }
         metrics.cacheEntries.set(Double(count))
         metrics.cacheSizeBytes.set(Double(bytes))
+    }
+
+    /// Wall-clock nanoseconds, from the coarse clock: a last-use time is
+    /// compared with file atimes after a restart, and needs no precision.
+    static func now() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME_COARSE, &ts)
+        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
     }
 }
 
@@ -182,6 +263,13 @@ public enum StoreError: Error, CustomStringConvertible {
     public var description: String {
         switch self {
         case .system(let what, let code): return "\(what): \(String(cString: strerror(code)))"
+        }
+    }
+
+    /// The errno, for metrics labels.
+    var code: Int32 {
+        switch self {
+        case .system(_, let code): return code
         }
     }
 }

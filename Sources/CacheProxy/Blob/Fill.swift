@@ -1,4 +1,5 @@
 import AsyncHTTPClient
+import DequeModule
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -29,6 +30,9 @@ public struct FillSnapshot: Sendable {
     public let mark: Int64
     public let head: BlobHead?
     public let answer: UpstreamAnswer?
+    /// Bytes below this offset are in the file; above it, in the fill's
+    /// memory window (`Int64.max` while the disk works).
+    public let fileEnd: Int64
 }
 
 /// Everything a fill needs from the rest of the proxy.
@@ -67,9 +71,23 @@ public final class Fill: Sendable {
         /// left must not leave a mark behind.
         var followers: Set<Int> = []
         var nextFollower = 0
+        /// Where each follower is: it needs no byte below its position.
+        var positions: [Int: Int64] = [:]
+        var everFollowed = false
+        var window = MemoryWindow()
+        var fileEnd: Int64 = .max
+        var storageError: (any Error)?
+        /// The fill, waiting for followers to make room in the window.
+        var roomWaiter: CheckedContinuation<Void, Never>?
 
         var snapshot: FillSnapshot {
-            FillSnapshot(state: machine.state, mark: machine.followerMark, head: head, answer: answer)
+            FillSnapshot(state: machine.state, mark: machine.followerMark, head: head, answer: answer,
+                         fileEnd: fileEnd)
+        }
+
+        mutating func takeRoomWaiter() -> CheckedContinuation<Void, Never>? {
+            defer { roomWaiter = nil }
+            return roomWaiter
         }
 
         /// A wait is over when followers may send more than `after` bytes,
@@ -107,15 +125,20 @@ public final class Fill: Sendable {
         let id = inner.withLockedValue { inner -> Int in
             inner.nextFollower += 1
             inner.followers.insert(inner.nextFollower)
+            inner.positions[inner.nextFollower] = 0
+            inner.everFollowed = true
             return inner.nextFollower
         }
         let token = watch.onClose { [weak self] in self?.abandon(id) }
         defer {
             watch.cancel(token)
-            inner.withLockedValue { inner in
+            let waiter = inner.withLockedValue { inner in
                 inner.followers.remove(id)
                 inner.abandoned.remove(id)
+                inner.positions[id] = nil
+                return inner.takeRoomWaiter()
             }
+            waiter?.resume()
         }
         return try await body(id)
     }
@@ -137,21 +160,52 @@ public final class Fill: Sendable {
 
     /// Returns as soon as the fill has moved past `mark` bytes, settled, or
     /// the follower's client went away (the caller checks its channel).
-    /// Pass -1 to wait for the upstream's answer.
-    public func next(after mark: Int64, follower: Int) async -> FillSnapshot {
+    /// Pass -1 to wait for the upstream's answer. `position` is the first
+    /// byte the follower still needs: bytes below it may leave the memory
+    /// window.
+    public func next(after mark: Int64, follower: Int, position: Int64 = 0) async -> FillSnapshot {
         await withCheckedContinuation { continuation in
-            let ready: FillSnapshot? = inner.withLockedValue { inner in
-                if inner.isReady(after: mark) || inner.abandoned.contains(follower) { return inner.snapshot }
+            let (ready, room): (FillSnapshot?, CheckedContinuation<Void, Never>?) = inner.withLockedValue { inner in
+                var room: CheckedContinuation<Void, Never>?
+                if let old = inner.positions[follower], position > old {
+                    inner.positions[follower] = position
+                    room = inner.takeRoomWaiter()
+                }
+                if inner.isReady(after: mark) || inner.abandoned.contains(follower) { return (inner.snapshot, room) }
                 inner.waiters.append(Waiter(follower: follower, after: mark, continuation: continuation))
-                return nil
+                return (nil, room)
             }
+            room?.resume()
             if let ready { continuation.resume(returning: ready) }
         }
+    }
+
+    /// A follower no longer needs the bytes below `position`.
+    func reached(_ position: Int64, follower: Int) {
+        inner.withLockedValue { inner -> CheckedContinuation<Void, Never>? in
+            guard let old = inner.positions[follower], position > old else { return nil }
+            inner.positions[follower] = position
+            return inner.takeRoomWaiter()
+        }?.resume()
+    }
+
+    /// Bytes from the memory window, starting at `offset`, at most up to
+    /// `end` (one batch at most); nil if they are no longer there.
+    func memoryBytes(from offset: Int64, upTo end: Int64) -> ByteBuffer? {
+        inner.withLockedValue { $0.window.bytes(from: offset, upTo: end) }
+    }
+
+    /// Whether a new request may follow this fill from its first byte: not
+    /// once bytes that never reached the disk have left the memory window.
+    var isJoinable: Bool {
+        inner.withLockedValue { !$0.window.droppedAny }
     }
 
     enum Reader {
         /// A descriptor of the file being filled, owned by the caller.
         case file(CInt)
+        /// The fill has no file (the disk failed at once): memory only.
+        case memory
         /// The fill is over: the blob is either in the store or gone.
         case over
         /// `dup` failed (EMFILE under fd pressure): retry later.
@@ -162,6 +216,7 @@ public final class Fill: Sendable {
     /// so they keep reading after the rename (same inode).
     func openReader() -> Reader {
         inner.withLockedValue { inner -> Reader in
+            if inner.readFD < 0 && inner.fileEnd == 0 && !inner.machine.isFinished { return .memory }
             guard inner.readFD >= 0 else { return .over }
             let fd = dup(inner.readFD)
             return fd >= 0 ? .file(fd) : .unavailable(errno)
@@ -200,8 +255,9 @@ public final class Fill: Sendable {
     /// `failed` state with the temporary file deleted.
     func run(_ context: FillContext) async {
         var temporary: (path: String, fd: CInt)?
+        var descriptor: CInt = -1
         defer {
-            if let temporary { close(temporary.fd) }
+            if descriptor >= 0 { close(descriptor) }
         }
         do {
             transition { $0.start() }
@@ -232,19 +288,29 @@ public final class Fill: Sendable {
                 return
             }
 
-            let file = try context.store.makeTemporaryFile(for: digest)
+            // A disk that cannot take a new file does not stop the clients:
+            // the fill streams from memory instead (`BlobSink`).
+            var file: (path: String, fd: CInt)?
+            do {
+                file = try await context.store.makeTemporaryFile(for: digest)
+            } catch {
+                storageFailed(error, fileEnd: 0)
+            }
             temporary = file
-            let readFD = open(file.path, O_RDONLY | O_CLOEXEC)
-            guard readFD >= 0 else { throw StoreError.system("open \(file.path)", errno) }
+            descriptor = file?.fd ?? -1
+            var readFD: CInt = -1
+            if let file {
+                readFD = try await context.writer.open(file.path, flags: O_RDONLY | O_CLOEXEC, mode: 0)
+            }
             inner.withLockedValue {
                 $0.readFD = readFD
                 $0.head = BlobHead(contentLength: length, contentType: response.headers.first(name: "content-type"))
             }
             transition { $0.upstreamResponded(status: 200, contentLength: length) }
 
-            let (body, fd, writer) = (response.body, file.fd, context.writer)
+            let (body, writer, fileFD) = (response.body, context.writer, file?.fd)
             let hex = try await UpstreamBody.read(idle: context.client.idleTimeout) { clock in
-                var sink = BlobSink(writer: writer, fd: fd, algorithm: self.digest.algorithm)
+                var sink = BlobSink(writer: writer, fd: fileFD, fill: self, algorithm: self.digest.algorithm)
                 do {
                     for try await chunk in body {
                         clock.tick()
@@ -262,21 +328,36 @@ public final class Fill: Sendable {
                 }
             }
             if case .discard(let failure) = transition({ $0.upstreamEnded() }) { throw failure }
-            guard case .verifying(let size) = state else { throw FillStateMachine.Failure.upstream("unexpected state") }
-            if case .discard(let failure) = transition({ $0.digestChecked(matches: hex == digest.hex) }) { throw failure }
-            do {
-                if context.fsync { try await context.writer.sync(file.fd) }
-                try context.store.publish(temporaryPath: file.path, digest: digest, size: size)
-            } catch {
-                throw FillStateMachine.Failure.storage(String(describing: error))
+            switch transition({ $0.digestChecked(matches: hex == digest.hex) }) {
+            case .discard(let failure):
+                throw failure
+            case .publish(let size):
+                if let file, context.store.keeps(size: size) {
+                    do {
+                        try await context.store.publish(temporary: file, digest: digest, size: size)
+                        temporary = nil
+                        transition { $0.publishSucceeded() }
+                    } catch {
+                        storageFailed(error, fileEnd: .max)
+                        transition { $0.notKept() }
+                    }
+                } else {
+                    transition { $0.notKept() }
+                }
+            default:
+                break
             }
-            transition { $0.publishSucceeded() }
-            context.logger.debug("fill published", metadata: ["digest": "\(digest)", "bytes": "\(size)"])
+            if let file, temporary != nil {
+                await context.store.discard(temporaryPath: file.path)
+            }
+            countStorageError(context)
+            context.logger.debug("fill ended", metadata: ["digest": "\(digest)", "state": "\(state)"])
         } catch {
             let failure = (error as? FillStateMachine.Failure) ?? .upstream(String(describing: error))
             if failure == .digestMismatch { context.metrics.digestMismatches.increment() }
             context.metrics.fillFailures.increment()
-            if let temporary { context.store.discard(temporaryPath: temporary.path) }
+            countStorageError(context)
+            if let temporary { await context.store.discard(temporaryPath: temporary.path) }
             // A fill that ended before its first byte is told to the clients
             // as an error of its own: 502/504 for an upstream that could not
             // be reached, 503 for a cache that could not store.
@@ -293,6 +374,71 @@ public final class Fill: Sendable {
             }
             transition { $0.fail(failure) }
             context.logger.warning("fill failed", metadata: ["digest": "\(digest)", "error": "\(failure)"])
+        }
+    }
+
+    // MARK: without the disk
+
+    static let noFollowers = "the disk failed and no client is left to stream to"
+
+    /// The disk failed (or had no room for a new file): what is in the file
+    /// stays readable below `fileEnd`; the rest streams from memory.
+    func storageFailed(_ error: any Error, fileEnd: Int64) {
+        inner.withLockedValue { inner in
+            if inner.storageError == nil { inner.storageError = error }
+            inner.fileEnd = min(inner.fileEnd, fileEnd)
+            inner.machine.storageLost()
+        }
+    }
+
+    /// Counts and logs the storage error this fill met, if any, once.
+    private func countStorageError(_ context: FillContext) {
+        guard let error = inner.withLockedValue({ inner -> (any Error)? in
+            defer { inner.storageError = nil }
+            return inner.storageError
+        }) else { return }
+        let code = (error as? StoreError)?.code ?? 0
+        let reason: String
+        switch code {
+        case ENOSPC: reason = "enospc"
+        case EDQUOT: reason = "edquot"
+        case EIO: reason = "eio"
+        case EROFS: reason = "erofs"
+        default: reason = "other"
+        }
+        context.metrics.fillErrors[reason]?.increment()
+        context.logger.warning("storage failed during a fill; its clients were served from memory and nothing was kept",
+                               metadata: ["digest": "\(digest)", "error": "\(error)"])
+    }
+
+    /// Keeps a batch that did not reach the disk in the memory window, for
+    /// followers to read. Waits while the window is full: the upstream is
+    /// then read only as fast as the slowest follower takes bytes, so memory
+    /// stays bounded whatever the blob's size.
+    func spill(_ batch: ByteBuffer, at offset: Int64) async throws {
+        inner.withLockedValue { $0.window.append(batch, at: offset) }
+        while true {
+            try Task.checkCancellation()
+            let full: Bool = inner.withLockedValue { inner in
+                inner.window.trim(below: inner.positions.values.min() ?? .max)
+                return inner.window.bytes > MemoryWindow.capacity
+            }
+            guard full else { return }
+            let alone = inner.withLockedValue { $0.everFollowed && $0.followers.isEmpty }
+            if alone { throw FillStateMachine.Failure.storage(Self.noFollowers) }
+            await withTaskCancellationHandler {
+                await withCheckedContinuation { continuation in
+                    let ready = inner.withLockedValue { inner -> Bool in
+                        let minimum = inner.positions.values.min() ?? .max
+                        if inner.followers.isEmpty || inner.window.canTrim(below: minimum) { return true }
+                        inner.roomWaiter = continuation
+                        return false
+                    }
+                    if ready { continuation.resume() }
+                }
+            } onCancel: {
+                inner.withLockedValue { $0.takeRoomWaiter() }?.resume()
+            }
         }
     }
 

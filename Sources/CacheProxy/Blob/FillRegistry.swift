@@ -38,8 +38,10 @@ public final class FillRegistry: Sendable {
                 let state = existing.state  // read once: it may move on meanwhile
                 if case .published = state { return nil }
                 // A failed or refused fill may linger for a moment after it
-                // woke its followers; a new request must not join it.
-                if !state.isFinished { return (existing, false) }
+                // woke its followers; a new request must not join it. Nor
+                // one whose disk failed and whose first bytes have left its
+                // memory: the newcomer gets a fill of its own.
+                if !state.isFinished && existing.isJoinable { return (existing, false) }
             } else if context.store.size(of: digest) != nil {
                 return nil
             }

@@ -3,12 +3,17 @@
 ///
 /// ```
 /// idle ─► requesting ─► streaming ─► verifying ─► verified ─► published
-///              │             │            │            │
-///              └► rejected   └────────────┴────────────┴──► failed
+///              │             │            │  │         └──► delivered
+///              │             │            │  └──────────────► delivered
+///              └► rejected   └────────────┴─────────────────► failed
 /// ```
 /// `verified` releases the held-back tail to followers at once: the bytes
 /// are known good, so clients need not wait for the fsync and rename that
 /// make the cache entry durable.
+/// `delivered` is a verified blob the cache does not keep: the disk failed
+/// during the fill (the fill went on from memory), the blob is larger than
+/// the whole cache, or publishing it failed. Its followers get every byte;
+/// the next request fills again.
 /// `rejected` is an upstream answer other than 200 (401, 404, 429, 5xx): it
 /// is handed to the client that asked and nothing is stored.
 public struct FillStateMachine: Sendable, Equatable {
@@ -27,6 +32,7 @@ public struct FillStateMachine: Sendable, Equatable {
         case verifying(size: Int64)
         case verified(size: Int64)
         case published(size: Int64)
+        case delivered(size: Int64)
         case rejected(status: Int)
         case failed(Failure)
     }
@@ -37,6 +43,8 @@ public struct FillStateMachine: Sendable, Equatable {
         case wakeFollowers
         case verifyDigest
         case publish(size: Int64)
+        /// Verified, not to be kept: followers finish, the file goes.
+        case release(size: Int64)
         case discard(Failure)
         case passAnswerOn(status: Int)
         case none
@@ -48,6 +56,10 @@ public struct FillStateMachine: Sendable, Equatable {
     /// corrupt upstream ends as a cut connection, never as a complete-looking
     /// wrong body.
     public let holdBack: Int64
+
+    /// False once the disk failed during this fill: the blob is still
+    /// verified and served, but not published.
+    public private(set) var storing = true
 
     public init(holdBack: Int64 = 64 * 1024) {
         self.holdBack = holdBack
@@ -91,8 +103,17 @@ public struct FillStateMachine: Sendable, Equatable {
     public mutating func digestChecked(matches: Bool) -> Action {
         guard case .verifying(let size) = state else { return .none }
         guard matches else { return fail(.digestMismatch) }
+        guard storing else {
+            state = .delivered(size: size)
+            return .release(size: size)
+        }
         state = .verified(size: size)
         return .publish(size: size)
+    }
+
+    /// The disk failed: the bytes go on to followers from memory.
+    public mutating func storageLost() {
+        storing = false
     }
 
     public mutating func publishSucceeded() -> Action {
@@ -101,10 +122,18 @@ public struct FillStateMachine: Sendable, Equatable {
         return .wakeFollowers
     }
 
+    /// A verified blob that is not kept (too large for the cache, or the
+    /// rename failed): its followers still finish.
+    public mutating func notKept() -> Action {
+        guard case .verified(let size) = state else { return .none }
+        state = .delivered(size: size)
+        return .release(size: size)
+    }
+
     /// Any error on the way: the upstream broke, a write or the rename failed.
     public mutating func fail(_ failure: Failure) -> Action {
         switch state {
-        case .published, .rejected, .failed:
+        case .published, .delivered, .rejected, .failed:
             return .none
         default:
             state = .failed(failure)
@@ -118,7 +147,7 @@ public struct FillStateMachine: Sendable, Equatable {
     /// more to follow (rejected, failed): no wait for more bytes makes sense.
     public var isSettled: Bool {
         switch state {
-        case .verified, .published, .rejected, .failed: return true
+        case .verified, .published, .delivered, .rejected, .failed: return true
         default: return false
         }
     }
@@ -135,7 +164,7 @@ public struct FillStateMachine: Sendable, Equatable {
             return max(0, written - holdBack)
         case .verifying(let size):
             return max(0, size - holdBack)
-        case .verified(let size), .published(let size):
+        case .verified(let size), .published(let size), .delivered(let size):
             return size
         case .rejected, .failed:
             return Int64.max
@@ -144,10 +173,11 @@ public struct FillStateMachine: Sendable, Equatable {
 }
 
 extension FillStateMachine.State {
-    /// Nothing more will come from the fill: published, rejected or failed.
+    /// Nothing more will come from the fill: published, delivered, rejected
+    /// or failed.
     public var isFinished: Bool {
         switch self {
-        case .published, .rejected, .failed: return true
+        case .published, .delivered, .rejected, .failed: return true
         default: return false
         }
     }

@@ -79,10 +79,7 @@ public enum ConfigLoader {
                 schema: schema, aliases: aliases)
         }
 
-        let storage = try top.required("storage").mapping(allowed: ["folder", "fsync"])
-        let folderNode = try storage.required("folder")
-        let folder = try folderNode.string()
-        if folder.isEmpty { throw ConfigError(key: folderNode.key, problem: "must not be empty") }
+        let storageConfig = try Self.storage(try top.required("storage"))
 
         let timeoutKeys: [(String, WritableKeyPath<ProxyConfig.Timeouts, Double>)] = [
             ("connect", \.connectSeconds), ("upstream", \.upstreamSeconds), ("upstream_idle", \.upstreamIdleSeconds),
@@ -104,7 +101,7 @@ public enum ConfigLoader {
         return ProxyConfig(
             api: apiConfig,
             upstreams: upstreams,
-            storage: .init(folder: folder, fsync: try storage.optional("fsync")?.bool() ?? true),
+            storage: storageConfig,
             timeouts: timeouts,
             maxHeaderBytes: try limits?.optional("max_header_bytes")?.integer(in: 1024...1_048_576) ?? 65536,
             logLevel: logLevel)
@@ -112,6 +109,32 @@ public enum ConfigLoader {
 }
 
 /// A YAML value together with the dotted key it was found at.
+extension ConfigLoader {
+    static func storage(_ node: Node) throws -> ProxyConfig.Storage {
+        let storage = try node.mapping(allowed: ["folder", "fsync", "io_backend", "max_size", "high_watermark",
+                                                 "low_watermark"])
+        let folderNode = try storage.required("folder")
+        let folder = try folderNode.string()
+        if folder.isEmpty { throw ConfigError(key: folderNode.key, problem: "must not be empty") }
+        var config = ProxyConfig.Storage(folder: folder, fsync: try storage.optional("fsync")?.bool() ?? true)
+        if let backend = storage.optional("io_backend") {
+            let name = try backend.string()
+            guard let value = ProxyConfig.IOBackendChoice(rawValue: name) else {
+                throw ConfigError(key: backend.key, problem: "must be auto, io_uring or threadpool, not \"\(name)\"")
+            }
+            config.ioBackend = value
+        }
+        config.maxSize = try storage.optional("max_size")?.byteSize()
+        if let high = try storage.optional("high_watermark")?.fraction() { config.highWatermark = high }
+        if let low = try storage.optional("low_watermark")?.fraction() { config.lowWatermark = low }
+        guard config.lowWatermark < config.highWatermark else {
+            throw ConfigError(key: storage.optional("low_watermark")?.key ?? "storage.low_watermark",
+                              problem: "must be below storage.high_watermark (\(config.highWatermark))")
+        }
+        return config
+    }
+}
+
 struct Node {
     let value: Any
     let key: String
@@ -167,6 +190,45 @@ struct Node {
         else { number = nil }
         guard let n = number, n > 0, n <= 86400 else {
             throw ConfigError(key: key, problem: "expected a number of seconds between 0 and 86400")
+        }
+        return n
+    }
+
+    /// A size in bytes: a whole number, or a number with a unit (`500MB`,
+    /// `50GiB`, `1.5TB`; k/M/G/T are powers of 1000, Ki/Mi/Gi/Ti of 1024).
+    func byteSize() throws -> Int64 {
+        let problem = "expected a size in bytes, like 50GiB, 500MB or 1073741824"
+        if let i = value as? Int {
+            guard i > 0 else { throw ConfigError(key: key, problem: problem) }
+            return Int64(i)
+        }
+        guard let text = (value as? String)?.trimmingCharacters(in: .whitespaces) else {
+            throw ConfigError(key: key, problem: problem)
+        }
+        let units: [(String, Double)] = [
+            ("KiB", 1024), ("MiB", 1_048_576), ("GiB", 1_073_741_824), ("TiB", 1_099_511_627_776),
+            ("KB", 1e3), ("kB", 1e3), ("MB", 1e6), ("GB", 1e9), ("TB", 1e12),
+            ("K", 1024), ("M", 1_048_576), ("G", 1_073_741_824), ("T", 1_099_511_627_776), ("B", 1),
+        ]
+        var number = Substring(text)
+        var scale = 1.0
+        for (suffix, factor) in units where text.hasSuffix(suffix) {
+            number = text.dropLast(suffix.count)
+            scale = factor
+            break
+        }
+        guard let n = Double(number.trimmingCharacters(in: .whitespaces)), n > 0, n * scale < 9e18,
+              number.allSatisfy({ $0.isNumber || $0 == "." || $0 == " " }) else {
+            throw ConfigError(key: key, problem: problem)
+        }
+        return Int64(n * scale)
+    }
+
+    /// A fraction in (0, 1].
+    func fraction() throws -> Double {
+        let number: Double? = (value as? Int).map(Double.init) ?? (value as? Double)
+        guard let n = number, n > 0, n <= 1 else {
+            throw ConfigError(key: key, problem: "expected a fraction of storage.max_size, above 0 and at most 1")
         }
         return n
     }

@@ -37,10 +37,33 @@ public struct ProxyConfig: Sendable, Equatable {
         }
     }
 
+    /// Which storage backend `storage.io_backend` / `--io-backend` asks for.
+    public enum IOBackendChoice: String, Sendable, Equatable {
+        /// io_uring when a ring can be set up, else the thread pool.
+        case auto
+        /// io_uring or refuse to start.
+        case ioUring = "io_uring"
+        case threadpool
+    }
+
     public struct Storage: Sendable, Equatable {
         public var folder: String
-        /// fsync a completed blob before it is renamed into `blobs/`.
+        /// fsync a completed blob (and then its directory) before and after
+        /// it is renamed into `blobs/`.
         public var fsync: Bool
+        public var ioBackend: IOBackendChoice = .auto
+        /// Bytes of complete blobs the cache may keep; nil: no limit.
+        public var maxSize: Int64?
+        /// Eviction starts when the cache holds more than this share of
+        /// `maxSize`, and removes least recently used blobs until it holds
+        /// no more than `lowWatermark` of it.
+        public var highWatermark: Double = 0.95
+        public var lowWatermark: Double = 0.90
+
+        public init(folder: String, fsync: Bool) {
+            self.folder = folder
+            self.fsync = fsync
+        }
     }
 
     /// Each timeout bounds one wait and nothing else, so that no deadline

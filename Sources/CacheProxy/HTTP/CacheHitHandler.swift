@@ -18,14 +18,14 @@ struct CacheHitResponder: Sendable {
     let store: BlobStore
     let metrics: ProxyMetrics
     let tracker: ConnectionTracker
-    let smallBlobs: SmallBlobCache
+    var smallBlobs: SmallBlobCache { store.smallBlobs }
 
     /// Writes the whole response and returns true when the request is a hit.
     func answer(_ head: HTTPRequestHead, context: ChannelHandlerContext,
                 wrap: (HTTPServerResponsePart) -> NIOAny) -> Bool {
         guard head.method == .GET || head.method == .HEAD,
               case .blob(_, let digest)? = try? RequestTarget.classify(method: head.method.rawValue, uri: head.uri),
-              let size = store.size(of: digest),
+              let size = store.use(digest),
               router.route(host: head.headers.first(name: "host"),
                            namespace: RequestURI.queryValue("ns", in: head.uri)) != nil
         else { return false }
@@ -86,8 +86,12 @@ struct CacheHitResponder: Sendable {
         let metrics = self.metrics
         let status = plan.status
         let method = head.method.rawValue
+        let store = self.store
         context.writeAndFlush(wrap(.end(nil))).assumeIsolated().whenComplete { result in
-            try? file?.close()
+            if let file {
+                try? file.close()
+                store.release(digest)
+            }
             if case .success = result {
                 metrics.blobHits.increment()
                 metrics.bytesFromCache.increment(by: sent)

@@ -20,6 +20,22 @@ public struct Digest: Hashable, Sendable, CustomStringConvertible {
     public let algorithm: Algorithm
     public let hex: String
 
+    private init(algorithm: Algorithm, hex: String) {
+        self.algorithm = algorithm
+        self.hex = hex
+    }
+
+    /// The digest of zero bytes: the one blob an empty file can be.
+    static func empty(_ algorithm: Algorithm) -> Digest {
+        switch algorithm {
+        case .sha256:
+            return Digest(algorithm: .sha256, hex: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+        case .sha512:
+            return Digest(algorithm: .sha512, hex: "cf83e1357eefb8bdf1542850d66d8007d620e4050b5715dc83f4a921d36ce9ce"
+                + "47d0d13c5d85f2b0ff8318d2877eec2f63b931bd47417a81a538327af927da3e")
+        }
+    }
+
     /// Why a digest string was refused; the text goes into the OCI error body.
     public enum ParseError: Error, Equatable, Sendable {
         case missingSeparator

@@ -14,14 +14,14 @@ final class TestProxy: @unchecked Sendable {
     /// `upstreams` are YAML list items; the storage folder is new and empty
     /// unless one is given.
     init(upstreamsYAML: String, folder: String? = nil, extraYAML: String = "", fsync: Bool = false,
-         apiYAML: String = "") async throws {
+         apiYAML: String = "", storageYAML: String = "") async throws {
         let folder = try folder ?? makeTemporaryFolder("cache")
         self.folder = folder
         let yaml = """
             api: {hostname: "127.0.0.1", port: 1\(apiYAML)}
             upstreams:
             \(upstreamsYAML)
-            storage: {folder: "\(folder)", fsync: \(fsync)}
+            storage: {folder: "\(folder)", fsync: \(fsync), io_backend: \(TestBackend.yaml)\(storageYAML)}
             \(extraYAML)
             """
         var config = try ConfigLoader.parse(yaml: yaml)

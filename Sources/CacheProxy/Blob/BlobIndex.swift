@@ -1,0 +1,72 @@
+/// What the cache holds, in memory: each complete blob's size, when it was
+/// last used, and how many responses are reading it now. Not thread-safe:
+/// `BlobStore` keeps it behind its lock.
+///
+/// Eviction is least recently used, chosen by sorting at the moment it is
+/// needed: eviction runs only when the cache crosses its high watermark and
+/// then goes down to the low one, so the sort is paid once per many
+/// publishes, and the hit path pays only a timestamp write.
+struct BlobIndex {
+    struct Entry: Equatable {
+        var size: Int64
+        /// Nanoseconds since the epoch of the last use (the file's atime at
+        /// the start-up scan).
+        var lastAccess: UInt64
+        /// Responses reading the file now; such a blob is never evicted.
+        var readers: Int = 0
+    }
+
+    private(set) var entries: [Digest: Entry] = [:]
+    private(set) var totalBytes: Int64 = 0
+
+    var count: Int { entries.count }
+
+    mutating func insert(_ digest: Digest, size: Int64, lastAccess: UInt64) {
+        if let old = entries[digest] { totalBytes -= old.size }
+        entries[digest] = Entry(size: size, lastAccess: lastAccess, readers: entries[digest]?.readers ?? 0)
+        totalBytes += size
+    }
+
+    @discardableResult
+    mutating func remove(_ digest: Digest) -> Entry? {
+        guard let gone = entries.removeValue(forKey: digest) else { return nil }
+        totalBytes -= gone.size
+        return gone
+    }
+
+    func size(of digest: Digest) -> Int64? { entries[digest]?.size }
+
+    /// The size, marking the blob used now.
+    mutating func use(_ digest: Digest, now: UInt64) -> Int64? {
+        guard let size = entries[digest]?.size else { return nil }
+        entries[digest]?.lastAccess = now
+        return size
+    }
+
+    mutating func retain(_ digest: Digest, now: UInt64) -> Bool {
+        guard entries[digest] != nil else { return false }
+        entries[digest]?.readers += 1
+        entries[digest]?.lastAccess = now
+        return true
+    }
+
+    mutating func release(_ digest: Digest) {
+        if let readers = entries[digest]?.readers, readers > 0 { entries[digest]?.readers = readers - 1 }
+    }
+
+    /// Removes and returns the least recently used blobs that nobody reads,
+    /// oldest first, until the total is at most `target` (or nothing more
+    /// can go).
+    mutating func evict(toReach target: Int64) -> [(digest: Digest, size: Int64)] {
+        guard totalBytes > target else { return [] }
+        let candidates = entries.filter { $0.value.readers == 0 }
+            .sorted { $0.value.lastAccess < $1.value.lastAccess }
+        var victims: [(digest: Digest, size: Int64)] = []
+        for (digest, entry) in candidates {
+            guard totalBytes > target else { break }
+            remove(digest)
+            victims.append((digest, entry.size))
+        }
+        return victims
+    }
+}

@@ -1,0 +1,262 @@
+internal import CURing
+import NIOConcurrencyHelpers
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One io_uring, owned by one thread of its own.
+///
+/// Any thread may `submit`: the operation is queued under a lock and the ring
+/// thread is woken through an eventfd, on which the ring always has a read
+/// outstanding. So the ring thread sleeps in one place (`io_uring_enter`),
+/// whether it waits for the disk or for new work, and everything queued
+/// while it was busy goes to the kernel in one `io_uring_submit`: a fill's
+/// write, the follower-waking event loops' next writes and another fill's
+/// fsync share one system call.
+///
+/// Only the ring thread touches the ring (liburing is not thread-safe), and
+/// completions run on it: they must be short (fulfil a promise, resume a
+/// continuation) and must not block.
+public final class URing: @unchecked Sendable {
+    /// What the ring can do for the storage layer. Paths are absolute (or
+    /// relative to the working directory: `AT_FDCWD`).
+    public enum Operation: @unchecked Sendable {
+        /// `bytes` must stay valid until the completion runs: the caller
+        /// keeps the buffer alive in its completion closure.
+        case write(fd: Int32, bytes: UnsafeRawPointer, count: Int, offset: UInt64)
+        case fsync(fd: Int32)
+        case openat(path: String, flags: Int32, mode: UInt32)
+        case renameat(from: String, to: String)
+        case unlinkat(path: String, flags: Int32)
+        case close(fd: Int32)
+        /// An extended attribute, `value` without a terminating NUL.
+        case fsetxattr(fd: Int32, name: String, value: String)
+    }
+
+    /// Called on the ring thread with the operation's result: the kernel's
+    /// `res` (bytes, a descriptor, 0) or a negative errno.
+    public typealias Completion = @Sendable (Int32) -> Void
+
+    private struct Queued {
+        var operation: Operation
+        var completion: Completion
+    }
+
+    /// What the ring thread keeps for an operation in the kernel's hands:
+    /// its completion and the C strings its paths were copied to.
+    private struct InFlight {
+        var completion: Completion
+        var strings: [UnsafeMutablePointer<CChar>]
+    }
+
+    private struct Shared {
+        var queue: [Queued] = []
+        var stopping = false
+    }
+
+    /// The `io_uring`, untyped: no declaration of this module may name a
+    /// CURing type (only function bodies may), or every client would load
+    /// CURing's headers, and with them the clash this module exists to
+    /// avoid. Each function binds it with `ring()`.
+    private let storage: UnsafeMutableRawPointer
+    private let wakeFD: Int32
+    /// Where the ring's read of the eventfd lands.
+    private let wakeCount: UnsafeMutablePointer<UInt64>
+    private let shared = NIOLockedValueBox(Shared())
+    private var thread = pthread_t()
+    // Ring thread only:
+    private var inFlight: [UInt64: InFlight] = [:]
+    private var nextID: UInt64 = 1
+    private static let wakeID: UInt64 = 0
+
+    /// Sets up a ring of `entries` submission slots and starts its thread.
+    /// Throws the errno `io_uring_queue_init` failed with: EPERM when a
+    /// seccomp filter denies `io_uring_setup` (Docker's default profile) or
+    /// `kernel.io_uring_disabled` is set, ENOSYS without kernel support.
+    public init(entries: UInt32 = 256) throws(URingError) {
+        let typed = UnsafeMutablePointer<io_uring>.allocate(capacity: 1)
+        typed.initialize(to: io_uring())
+        storage = UnsafeMutableRawPointer(typed)
+        let result = io_uring_queue_init(entries, typed, 0)
+        guard result == 0 else {
+            typed.deallocate()
+            throw URingError(errno: -result, during: "io_uring_queue_init")
+        }
+        wakeFD = eventfd(0, Int32(EFD_CLOEXEC))
+        guard wakeFD >= 0 else {
+            let error = errno
+            io_uring_queue_exit(typed)
+            typed.deallocate()
+            throw URingError(errno: error, during: "eventfd")
+        }
+        wakeCount = .allocate(capacity: 1)
+        wakeCount.initialize(to: 0)
+        armWake()
+        let unmanaged = Unmanaged.passRetained(self)
+        let created = pthread_create(&thread, nil, { argument in
+            guard let argument else { return nil }
+            let ring = Unmanaged<URing>.fromOpaque(argument).takeRetainedValue()
+            ring.loop()
+            return nil
+        }, unmanaged.toOpaque())
+        guard created == 0 else {
+            unmanaged.release()
+            close(wakeFD)
+            io_uring_queue_exit(typed)
+            typed.deallocate()
+            wakeCount.deallocate()
+            throw URingError(errno: created, during: "pthread_create")
+        }
+    }
+
+    /// Hands an operation to the ring. After `shutdown` it completes at once
+    /// with `-ECANCELED`.
+    public func submit(_ operation: Operation, completion: @escaping Completion) {
+        let accepted = shared.withLockedValue { shared -> Bool in
+            guard !shared.stopping else { return false }
+            shared.queue.append(Queued(operation: operation, completion: completion))
+            return true
+        }
+        guard accepted else { return completion(-ECANCELED) }
+        wake()
+    }
+
+    /// Stops taking operations, lets those in the kernel complete, and joins
+    /// the ring thread. Operations submitted afterwards fail with ECANCELED.
+    public func shutdown() {
+        let first = shared.withLockedValue { shared -> Bool in
+            defer { shared.stopping = true }
+            return !shared.stopping
+        }
+        guard first else { return }
+        wake()
+        pthread_join(thread, nil)
+        close(wakeFD)
+        let ring = storage.assumingMemoryBound(to: io_uring.self)
+        io_uring_queue_exit(ring)
+        ring.deallocate()
+        wakeCount.deallocate()
+    }
+
+    private func wake() {
+        var one: UInt64 = 1
+        while write(wakeFD, &one, 8) < 0 && errno == EINTR {}
+    }
+
+    // MARK: ring thread
+
+    private func loop() {
+        while true {
+            let stopping = takeQueued()
+            if stopping && inFlight.isEmpty { return }
+            let ring = storage.assumingMemoryBound(to: io_uring.self)
+            let submitted = io_uring_submit_and_wait(ring, 1)
+            if submitted < 0 && submitted != -EINTR && submitted != -EAGAIN && submitted != -EBUSY {
+                failAll(submitted)
+                return
+            }
+            reap()
+        }
+    }
+
+    /// Moves the queued operations into submission slots. Returns whether
+    /// the ring is stopping (then the eventfd read is left unarmed once it
+    /// completes, so the loop can end when nothing is in flight).
+    private func takeQueued() -> Bool {
+        let (queued, stopping) = shared.withLockedValue { shared -> ([Queued], Bool) in
+            defer { shared.queue.removeAll(keepingCapacity: true) }
+            return (shared.queue, shared.stopping)
+        }
+        for item in queued {
+            let sqe = nextSQE().assumingMemoryBound(to: io_uring_sqe.self)
+            let id = nextID
+            nextID += 1
+            var strings: [UnsafeMutablePointer<CChar>] = []
+            func cString(_ string: String) -> UnsafeMutablePointer<CChar> {
+                let copy = strdup(string)!  // strdup fails only when out of memory
+                strings.append(copy)
+                return copy
+            }
+            switch item.operation {
+            case .write(let fd, let bytes, let count, let offset):
+                io_uring_prep_write(sqe, fd, bytes, UInt32(clamping: count), offset)
+            case .fsync(let fd):
+                io_uring_prep_fsync(sqe, fd, 0)
+            case .openat(let path, let flags, let mode):
+                io_uring_prep_openat(sqe, AT_FDCWD, cString(path), flags, mode)
+            case .renameat(let from, let to):
+                io_uring_prep_renameat(sqe, AT_FDCWD, cString(from), AT_FDCWD, cString(to), 0)
+            case .unlinkat(let path, let flags):
+                io_uring_prep_unlinkat(sqe, AT_FDCWD, cString(path), flags)
+            case .close(let fd):
+                io_uring_prep_close(sqe, fd)
+            case .fsetxattr(let fd, let name, let value):
+                io_uring_prep_fsetxattr(sqe, fd, cString(name), cString(value), 0, UInt32(value.utf8.count))
+            }
+            io_uring_sqe_set_data64(sqe, id)
+            inFlight[id] = InFlight(completion: item.completion, strings: strings)
+        }
+        return stopping
+    }
+
+    /// A free submission slot; when all are taken, what is in them goes to
+    /// the kernel first.
+    private func nextSQE() -> UnsafeMutableRawPointer {
+        let ring = storage.assumingMemoryBound(to: io_uring.self)
+        while true {
+            if let sqe = io_uring_get_sqe(ring) { return UnsafeMutableRawPointer(sqe) }
+            _ = io_uring_submit(ring)
+        }
+    }
+
+    private func reap() {
+        let ring = storage.assumingMemoryBound(to: io_uring.self)
+        var cqe: UnsafeMutablePointer<io_uring_cqe>?
+        while io_uring_peek_cqe(ring, &cqe) == 0, let entry = cqe {
+            let (id, result) = (io_uring_cqe_get_data64(entry), entry.pointee.res)
+            io_uring_cqe_seen(ring, entry)
+            if id == Self.wakeID {
+                if !shared.withLockedValue({ $0.stopping }) { armWake() }
+                continue
+            }
+            guard let done = inFlight.removeValue(forKey: id) else { continue }
+            for string in done.strings { free(string) }
+            done.completion(result)
+        }
+    }
+
+    private func armWake() {
+        let sqe = nextSQE().assumingMemoryBound(to: io_uring_sqe.self)
+        io_uring_prep_read(sqe, wakeFD, wakeCount, 8, 0)
+        io_uring_sqe_set_data64(sqe, Self.wakeID)
+    }
+
+    /// The ring itself failed (it should not): every operation still waiting
+    /// fails with that error rather than hanging its caller.
+    private func failAll(_ error: Int32) {
+        shared.withLockedValue { $0.stopping = true }
+        for (_, done) in inFlight {
+            for string in done.strings { free(string) }
+            done.completion(error)
+        }
+        inFlight.removeAll()
+        let queued = shared.withLockedValue { shared -> [Queued] in
+            defer { shared.queue.removeAll() }
+            return shared.queue
+        }
+        for item in queued { item.completion(-ECANCELED) }
+    }
+}
+
+/// Why a ring could not be set up: the errno and the call that gave it.
+public struct URingError: Error, CustomStringConvertible, Sendable {
+    public let errno: Int32
+    public let during: String
+
+    public init(errno: Int32, during: String) {
+        self.errno = errno
+        self.during = during
+    }
+
+    public var description: String { "\(during): \(String(cString: strerror(errno)))" }
+}
