@@ -305,7 +305,7 @@ final class FaultInjectionTests: XCTestCase {
         await upstream.stop()
     }
 
-    func testAFillThatCannotWriteAnswers503AndStoresNothing() async throws {
+    func testAFillThatCannotCreateItsFileStillServesVerifiedBytesAndStoresNothing() async throws {
         let bytes = Self.randomBytes(100_000)
         let upstream = try await FakeUpstream { _ in .init(body: bytes) }
         let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(upstream.port))
@@ -313,11 +313,11 @@ final class FaultInjectionTests: XCTestCase {
         // on a read-only or broken file system; root ignores permissions).
         try FileManager.default.removeItem(atPath: proxy.folder + "/tmp")
         FileManager.default.createFile(atPath: proxy.folder + "/tmp", contents: Data())
-        let failed = try curl("\(proxy.base)/v2/a/blobs/\(Self.digest(of: bytes))")
-        XCTAssertEqual(failed.code, 503)
-        XCTAssertTrue(String(decoding: failed.body, as: UTF8.self).contains(#"{"errors":[{"code":"UNAVAILABLE""#))
+        let served = try curl("\(proxy.base)/v2/a/blobs/\(Self.digest(of: bytes))")
+        XCTAssertEqual(served.code, 200)
+        XCTAssertEqual(served.body, Data(bytes), "streamed from memory, verified")
         XCTAssertEqual(proxy.files(in: "blobs"), [])
-        XCTAssertEqual(try proxy.metric("cacheproxy_fill_failures_total"), 1)
+        XCTAssertEqual(try proxy.metric(#"cacheproxy_fill_errors_total{reason="other"}"#), 1)
         XCTAssertEqual(try curl(proxy.base + "/healthz").code, 200)
         await proxy.stop()
         await upstream.stop()

@@ -42,7 +42,8 @@ final class SlowNetworkTests: XCTestCase {
         let digest = F.digest(of: bytes)
         let first = try curl("\(proxy.base)/v2/a/blobs/\(digest)")
         XCTAssertEqual(first.body.count, size)
-        XCTAssertNotNil(proxy.server.store.size(of: try Digest(parsing: digest)))
+        let parsed = try Digest(parsing: digest)
+        XCTAssertTrue(eventually { proxy.server.store.size(of: parsed) != nil })
         return (upstream, proxy, bytes, digest)
     }
 

@@ -31,3 +31,15 @@ func makeStore(_ folder: String, metrics: ProxyMetrics = ProxyMetrics(), maxSize
     return try BlobStore(config: config, writer: try TestBackend.writer(), metrics: metrics,
                          logger: Logger(label: "test"))
 }
+
+/// Polls `condition` every 20 ms until it holds or `seconds` pass; returns
+/// whether it held. For effects that follow a response (a publish lands
+/// just after the last byte a client got).
+func eventually(within seconds: Double = 5, _ condition: () throws -> Bool) rethrows -> Bool {
+    let deadline = Date().addingTimeInterval(seconds)
+    while Date() < deadline {
+        if try condition() { return true }
+        usleep(20_000)
+    }
+    return try condition()
+}
