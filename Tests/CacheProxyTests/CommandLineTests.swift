@@ -3,14 +3,7 @@ import XCTest
 
 /// The `cache-proxy` binary itself: flags, config errors, SIGTERM.
 final class CommandLineTests: XCTestCase {
-    var binary: String {
-        // The products folder (.build/<triple>/<config>/) holds the test
-        // bundle and the executable; Linux and macOS name the bundle's URL
-        // differently, so look in both places.
-        let bundle = Bundle(for: Self.self).bundleURL
-        let candidates = [bundle, bundle.deletingLastPathComponent()].map { $0.appendingPathComponent("cache-proxy").path }
-        return candidates.first { FileManager.default.isExecutableFile(atPath: $0) } ?? candidates[0]
-    }
+    var binary: String { proxyBinary() }
 
     func testBadConfigStopsTheStartWithOneLineNamingTheKey() throws {
         let folder = try makeTemporaryFolder("cli")
@@ -132,6 +125,49 @@ final class CommandLineTests: XCTestCase {
         XCTAssertFalse(daemon.process.isRunning)
         XCTAssertEqual(daemon.process.terminationStatus, 0, daemon.log)
         _ = try await client.value
+        await upstream.stop()
+    }
+}
+
+extension CommandLineTests {
+    /// The shutdown coordinator with a real process: SIGTERM while a 64 MiB
+    /// blob streams from a slow upstream. The listener closes (idle
+    /// keep-alive connections too: a readiness probe sees the refusal), the
+    /// download finishes whole, the blob is published, exit 0, and after a
+    /// restart it is a hit.
+    func testSIGTERMDuringALargeSlowFillFinishesItAndKeepsTheBlob() async throws {
+        let bytes = FaultInjectionTests.randomBytes(64 << 20)
+        let upstream = try await FakeUpstream { _ in .init(body: bytes, chunkSize: 1 << 20, delay: .milliseconds(40)) }
+        let folder = try makeTemporaryFolder("drain")
+        let config = """
+            upstreams: [{host: "127.0.0.1", registry: "127.0.0.1", port: \(upstream.port), schema: "http"}]
+            storage: {folder: "\(folder)/cache", io_backend: \(TestBackend.yaml)}
+            timeouts: {shutdown: 30}
+            """
+        let (daemon, port) = try startProxyProcess(folder: folder, config: config)
+        let idle = try RawSocket(port: port)
+        let url = "http://127.0.0.1:\(port)/v2/a/blobs/\(FaultInjectionTests.digest(of: bytes))"
+        let client = Task.detached { try curl(url) }
+        for _ in 0..<200 where upstream.requests.isEmpty { try await Task.sleep(for: .milliseconds(10)) }
+        try await Task.sleep(for: .milliseconds(500))
+        kill(daemon.process.processIdentifier, SIGTERM)
+        try await Task.sleep(for: .milliseconds(200))
+        XCTAssertTrue(daemon.process.isRunning, "draining")
+        XCTAssertEqual(idle.receive(), [], "an idle connection is closed at once")
+        idle.close()
+        XCTAssertThrowsError(try RawSocket(port: port), "the listener is closed")
+        let download = try await client.value
+        XCTAssertEqual(download.exit, 0)
+        XCTAssertTrue(download.body == Data(bytes), "every byte")
+        daemon.process.waitUntilExit()
+        XCTAssertEqual(daemon.process.terminationStatus, 0, daemon.log)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: folder + "/cache/tmp"), [])
+
+        let (again, port2) = try startProxyProcess(folder: folder, config: config)
+        let hit = try curl("http://127.0.0.1:\(port2)/v2/a/blobs/\(FaultInjectionTests.digest(of: bytes))")
+        XCTAssertTrue(hit.body == Data(bytes))
+        XCTAssertEqual(upstream.requests.count, 1, "a hit after the restart")
+        again.stop()
         await upstream.stop()
     }
 }

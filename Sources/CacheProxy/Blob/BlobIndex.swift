@@ -18,12 +18,20 @@ struct BlobIndex {
 
     private(set) var entries: [Digest: Entry] = [:]
     private(set) var totalBytes: Int64 = 0
+    /// The last stamp given: stamps only grow, so two uses within the
+    /// coarse clock's tick are still ordered.
+    private var lastStamp: UInt64 = 0
+
+    private mutating func stamp(_ now: UInt64) -> UInt64 {
+        lastStamp = max(now, lastStamp + 1)
+        return lastStamp
+    }
 
     var count: Int { entries.count }
 
     mutating func insert(_ digest: Digest, size: Int64, lastAccess: UInt64) {
         if let old = entries[digest] { totalBytes -= old.size }
-        entries[digest] = Entry(size: size, lastAccess: lastAccess, readers: entries[digest]?.readers ?? 0)
+        entries[digest] = Entry(size: size, lastAccess: stamp(lastAccess), readers: entries[digest]?.readers ?? 0)
         totalBytes += size
     }
 
@@ -39,14 +47,16 @@ struct BlobIndex {
     /// The size, marking the blob used now.
     mutating func use(_ digest: Digest, now: UInt64) -> Int64? {
         guard let size = entries[digest]?.size else { return nil }
-        entries[digest]?.lastAccess = now
+        let stamp = stamp(now)
+        entries[digest]?.lastAccess = stamp
         return size
     }
 
     mutating func retain(_ digest: Digest, now: UInt64) -> Bool {
         guard entries[digest] != nil else { return false }
+        let stamp = stamp(now)
         entries[digest]?.readers += 1
-        entries[digest]?.lastAccess = now
+        entries[digest]?.lastAccess = stamp
         return true
     }
 

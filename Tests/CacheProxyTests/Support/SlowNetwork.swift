@@ -105,7 +105,7 @@ private struct Pacer {
 }
 
 /// What a `SlowReader` got.
-struct SlowReadResult {
+struct SlowReadResult: Sendable {
     let bytes: [UInt8]
     /// The server closed or reset the connection (rather than limit/deadline).
     let closedByPeer: Bool
@@ -131,7 +131,7 @@ struct SlowReadResult {
 
 /// A client on a slow link: a small receive buffer (so the server sees a small
 /// TCP window and its writes really block) and reads at a fixed average rate.
-final class SlowReader {
+final class SlowReader: @unchecked Sendable {
     let fd: Int32
     private var closed = false
 

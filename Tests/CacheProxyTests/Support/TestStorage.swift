@@ -43,3 +43,8 @@ func eventually(within seconds: Double = 5, _ condition: () throws -> Bool) reth
     }
     return try condition()
 }
+
+/// One upstream on `127.0.0.1:port`, as a YAML list item for `TestProxy`.
+func localUpstreamYAML(_ port: Int) -> String {
+    "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(port), schema: \"http\"}"
+}

@@ -1,0 +1,107 @@
+@testable import CacheProxy
+import Foundation
+import XCTest
+
+/// A cache folder on a small tmpfs mounted by the test: a full disk during a
+/// fill costs the cache its copy, never a client its bytes.
+final class DiskFullTests: XCTestCase {
+    typealias F = FaultInjectionTests
+    private var mountPoint: String?
+
+    /// A fresh tmpfs of `size` for the cache folder. The suite runs as root
+    /// (`make test` installs packages); without the right to mount, the test
+    /// fails rather than pass untested.
+    private func smallDisk(_ size: String) throws -> String {
+        let folder = try makeTemporaryFolder("full")
+        let (status, output) = try shell("mount", ["-t", "tmpfs", "-o", "size=\(size)", "tmpfs", folder])
+        guard status == 0 else { throw TestError("cannot mount a tmpfs (run the suite as root): \(output)") }
+        mountPoint = folder
+        return folder
+    }
+
+    override func tearDown() {
+        if let mountPoint { _ = try? shell("umount", ["-l", mountPoint]) }
+        super.tearDown()
+    }
+
+    private func start(_ upstream: FakeUpstream, on disk: String) async throws -> TestProxy {
+        try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port), folder: disk + "/cache")
+    }
+
+    /// 12 MB through a 4 MiB disk, to three clients at once: each gets every
+    /// byte, verified; the disk keeps nothing.
+    func testAFillLargerThanTheDiskServesEveryClientAndKeepsNothing() async throws {
+        let disk = try smallDisk("4m")
+        let bytes = F.randomBytes(12_000_000)
+        let upstream = try await FakeUpstream { _ in .init(body: bytes, chunkSize: 256 * 1024, delay: .milliseconds(5)) }
+        let proxy = try await start(upstream, on: disk)
+        let url = "\(proxy.base)/v2/a/blobs/\(F.digest(of: bytes))"
+        for got in try curlAtOnce(url, count: 3) {
+            XCTAssertEqual(got.exit, 0)
+            XCTAssertEqual(got.code, 200)
+            XCTAssertEqual(got.body.count, bytes.count)
+            XCTAssertTrue(got.body == Data(bytes), "verified bytes, from disk then memory")
+        }
+        XCTAssertEqual(upstream.requests.count, 1, "one fill for all three")
+        XCTAssertTrue(eventually { proxy.files(in: "tmp").isEmpty }, "nothing partial kept")
+        XCTAssertEqual(proxy.files(in: "blobs"), [])
+        XCTAssertEqual(try proxy.metric(#"cacheproxy_fill_errors_total{reason="enospc"}"#), 1)
+        XCTAssertEqual(try proxy.metric("cacheproxy_cache_entries"), 0)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    /// From memory as from disk, a body that does not match its digest ends
+    /// as a cut connection, never a complete answer.
+    func testWrongBytesFromMemoryAreStillNeverAComplete200() async throws {
+        let disk = try smallDisk("2m")
+        let bytes = F.randomBytes(6_000_000)
+        let upstream = try await FakeUpstream { _ in .init(body: Array(bytes.reversed())) }
+        let proxy = try await start(upstream, on: disk)
+        let got = try curl("\(proxy.base)/v2/a/blobs/\(F.digest(of: bytes))")
+        XCTAssertNotEqual(got.exit, 0, "cut")
+        XCTAssertLessThan(got.body.count, bytes.count)
+        XCTAssertEqual(try proxy.metric("cacheproxy_digest_mismatches_total"), 1)
+        XCTAssertTrue(eventually { proxy.files(in: "tmp").isEmpty })
+        XCTAssertEqual(proxy.files(in: "blobs"), [])
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    /// A full disk does not stop the hits, and the cache stores again once
+    /// space returns.
+    func testHitsGoOnAndTheCacheRecoversWhenSpaceReturns() async throws {
+        let disk = try smallDisk("8m")
+        let small = F.randomBytes(100_000)
+        let large = F.randomBytes(500_000)
+        let byDigest = [F.digest(of: small): small, F.digest(of: large): large]
+        let upstream = try await FakeUpstream { head in
+            .init(body: byDigest[String(head.uri.split(separator: "/").last ?? "")] ?? [])
+        }
+        let proxy = try await start(upstream, on: disk)
+        let smallURL = "\(proxy.base)/v2/a/blobs/\(F.digest(of: small))"
+        let largeURL = "\(proxy.base)/v2/a/blobs/\(F.digest(of: large))"
+        XCTAssertEqual(try curl(smallURL).body, Data(small))
+        let smallDigest = try Digest(parsing: F.digest(of: small))
+        XCTAssertTrue(eventually { proxy.server.store.size(of: smallDigest) != nil })
+
+        // Fill the disk to the last block.
+        let filler = disk + "/filler"
+        let (status, _) = try shell("dd", ["if=/dev/zero", "of=\(filler)", "bs=64k"])
+        XCTAssertNotEqual(status, 0, "dd stops at ENOSPC")
+        XCTAssertEqual(try curl(largeURL).body, Data(large), "served from memory")
+        XCTAssertTrue(try eventually { try proxy.metric(#"cacheproxy_fill_errors_total{reason="enospc"}"#) == 1 })
+        XCTAssertEqual(try curl(smallURL).body, Data(small), "a hit, disk full or not")
+        XCTAssertEqual(upstream.requests.filter { $0.uri.hasSuffix(F.digest(of: small)) }.count, 1)
+
+        try FileManager.default.removeItem(atPath: filler)
+        XCTAssertEqual(try curl(largeURL).body, Data(large))
+        let largeDigest = try Digest(parsing: F.digest(of: large))
+        XCTAssertTrue(eventually { proxy.server.store.size(of: largeDigest) == 500_000 }, "stored again")
+        XCTAssertEqual(try curl(largeURL).body, Data(large))
+        XCTAssertEqual(upstream.requests.filter { $0.uri.hasSuffix(F.digest(of: large)) }.count, 2)
+        XCTAssertTrue(eventually { proxy.files(in: "tmp").isEmpty })
+        await proxy.stop()
+        await upstream.stop()
+    }
+}
