@@ -105,6 +105,7 @@ public final class ProxyServer: Service, Sendable {
         }
         await finishFills()
         try? await client.shutdown()
+        await store.finishEvictions()
         store.writer.shutdown()
         logger.info("stopped")
     }

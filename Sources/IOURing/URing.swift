@@ -52,6 +52,7 @@ public final class URing: @unchecked Sendable {
     private struct Shared {
         var queue: [Queued] = []
         var stopping = false
+        var shutDown = false
     }
 
     /// The `io_uring`, untyped: no declaration of this module may name a
@@ -66,6 +67,8 @@ public final class URing: @unchecked Sendable {
     private var thread = pthread_t()
     // Ring thread only:
     private var inFlight: [UInt64: InFlight] = [:]
+    /// Operations the kernel may still hold after the ring failed.
+    private var abandoned: [InFlight] = []
     private var nextID: UInt64 = 1
     private static let wakeID: UInt64 = 0
 
@@ -81,6 +84,14 @@ public final class URing: @unchecked Sendable {
         guard result == 0 else {
             typed.deallocate()
             throw URingError(errno: -result, during: "io_uring_queue_init")
+        }
+        // A kernel with io_uring but without one of the operations the cache
+        // needs (fsetxattr arrived in 5.19, renameat/unlinkat in 5.11) would
+        // fail every publish: treat it as no ring at all.
+        if let missing = Self.missingOperation(typed) {
+            io_uring_queue_exit(typed)
+            typed.deallocate()
+            throw URingError(errno: EOPNOTSUPP, during: "this kernel's io_uring lacks \(missing)")
         }
         wakeFD = eventfd(0, Int32(EFD_CLOEXEC))
         guard wakeFD >= 0 else {
@@ -109,29 +120,49 @@ public final class URing: @unchecked Sendable {
         }
     }
 
+    /// The first operation the cache needs that the kernel's ring lacks.
+    private static func missingOperation(_ ring: UnsafeMutableRawPointer) -> String? {
+        guard let probe = io_uring_get_probe_ring(ring.assumingMemoryBound(to: io_uring.self)) else {
+            return "a probe of its operations"
+        }
+        defer { io_uring_free_probe(probe) }
+        let needed: [(Int32, String)] = [
+            (Int32(IORING_OP_WRITE.rawValue), "write"), (Int32(IORING_OP_FSYNC.rawValue), "fsync"),
+            (Int32(IORING_OP_OPENAT.rawValue), "openat"), (Int32(IORING_OP_CLOSE.rawValue), "close"),
+            (Int32(IORING_OP_RENAMEAT.rawValue), "renameat"), (Int32(IORING_OP_UNLINKAT.rawValue), "unlinkat"),
+            (Int32(IORING_OP_FSETXATTR.rawValue), "fsetxattr"), (Int32(IORING_OP_READ.rawValue), "read"),
+        ]
+        return needed.first { io_uring_opcode_supported(probe, $0.0) == 0 }?.1
+    }
+
     /// Hands an operation to the ring. After `shutdown` it completes at once
     /// with `-ECANCELED`.
     public func submit(_ operation: Operation, completion: @escaping Completion) {
+        // The wake-up is written under the lock: `shutdown` closes the
+        // eventfd under it, so a late submitter can never write to a
+        // descriptor number that has been reused meanwhile.
         let accepted = shared.withLockedValue { shared -> Bool in
             guard !shared.stopping else { return false }
             shared.queue.append(Queued(operation: operation, completion: completion))
+            wake()
             return true
         }
         guard accepted else { return completion(-ECANCELED) }
-        wake()
     }
 
     /// Stops taking operations, lets those in the kernel complete, and joins
     /// the ring thread. Operations submitted afterwards fail with ECANCELED.
     public func shutdown() {
         let first = shared.withLockedValue { shared -> Bool in
-            defer { shared.stopping = true }
-            return !shared.stopping
+            defer { shared.shutDown = true }
+            guard !shared.shutDown else { return false }
+            shared.stopping = true
+            wake()
+            return true
         }
         guard first else { return }
-        wake()
         pthread_join(thread, nil)
-        close(wakeFD)
+        shared.withLockedValue { _ in close(wakeFD) }
         let ring = storage.assumingMemoryBound(to: io_uring.self)
         io_uring_queue_exit(ring)
         ring.deallocate()
@@ -232,13 +263,15 @@ public final class URing: @unchecked Sendable {
     }
 
     /// The ring itself failed (it should not): every operation still waiting
-    /// fails with that error rather than hanging its caller.
+    /// fails with that error rather than hanging its caller. What the
+    /// kernel may still be reading (paths, write buffers held by the
+    /// completions) is kept, leaked, for the life of the process.
     private func failAll(_ error: Int32) {
         shared.withLockedValue { $0.stopping = true }
         for (_, done) in inFlight {
-            for string in done.strings { free(string) }
             done.completion(error)
         }
+        abandoned = Array(inFlight.values)
         inFlight.removeAll()
         let queued = shared.withLockedValue { shared -> [Queued] in
             defer { shared.queue.removeAll() }

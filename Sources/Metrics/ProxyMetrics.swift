@@ -50,7 +50,7 @@ public final class ProxyMetrics: Sendable {
         blobMisses = registry.makeCounter(descriptor: Self.describe("cacheproxy_blob_misses_total", "Blob reads that started an upstream fill."))
         coalescedFollowers = registry.makeCounter(descriptor: Self.describe("cacheproxy_blob_coalesced_total", "Blob reads that joined a fill already in flight instead of asking the upstream again."))
         digestMismatches = registry.makeCounter(descriptor: Self.describe("cacheproxy_digest_mismatches_total", "Fills whose bytes did not hash to the requested digest; nothing was stored."))
-        fillFailures = registry.makeCounter(descriptor: Self.describe("cacheproxy_fill_failures_total", "Fills that ended without storing the blob (upstream cut, write error, mismatch)."))
+        fillFailures = registry.makeCounter(descriptor: Self.describe("cacheproxy_fill_failures_total", "Fills that failed: upstream cut or error, digest mismatch, or a disk failure with no client left to stream to."))
         bytesFromCache = registry.makeCounter(descriptor: Self.describe("cacheproxy_served_bytes_total", "Blob body bytes sent to clients, by where the blob was when the read began."), labels: [("source", "cache")])
         bytesFromUpstream = registry.makeCounter(descriptor: Self.describe("cacheproxy_served_bytes_total", "Blob body bytes sent to clients, by where the blob was when the read began."), labels: [("source", "upstream")])
         fillsInFlight = registry.makeGauge(descriptor: Self.describe("cacheproxy_fills_in_flight", "Upstream blob downloads now running."))

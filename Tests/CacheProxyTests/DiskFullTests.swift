@@ -24,8 +24,8 @@ final class DiskFullTests: XCTestCase {
         super.tearDown()
     }
 
-    private func start(_ upstream: FakeUpstream, on disk: String) async throws -> TestProxy {
-        try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port), folder: disk + "/cache")
+    private func start(_ upstream: FakeUpstream, on disk: String, extraYAML: String = "") async throws -> TestProxy {
+        try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port), folder: disk + "/cache", extraYAML: extraYAML)
     }
 
     /// 12 MB through a 4 MiB disk, to three clients at once: each gets every
@@ -100,6 +100,71 @@ final class DiskFullTests: XCTestCase {
         XCTAssertTrue(eventually { proxy.server.store.size(of: largeDigest) == 500_000 }, "stored again")
         XCTAssertEqual(try curl(largeURL).body, Data(large))
         XCTAssertEqual(upstream.requests.filter { $0.uri.hasSuffix(F.digest(of: large)) }.count, 2)
+        XCTAssertTrue(eventually { proxy.files(in: "tmp").isEmpty })
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    /// A client of a short range waits for the digest before its last byte;
+    /// it must not hold the memory window shut meanwhile (which would stall
+    /// the fill until `upstream_idle` cut everyone).
+    func testAShortRangeFromMemoryDoesNotStallTheFill() async throws {
+        let disk = try smallDisk("2m")
+        let bytes = F.randomBytes(12_000_000)
+        let upstream = try await FakeUpstream { _ in .init(body: bytes, chunkSize: 256 * 1024, delay: .milliseconds(5)) }
+        let proxy = try await start(upstream, on: disk, extraYAML: "timeouts: {upstream_idle: 2}")
+        let url = "\(proxy.base)/v2/a/blobs/\(F.digest(of: bytes))"
+        async let range = Task.detached { try curl(url, ["-H", "Range: bytes=0-1000"]) }.value
+        try await Task.sleep(for: .milliseconds(50))
+        let whole = try curl(url)
+        let ranged = try await range
+        XCTAssertEqual(ranged.code, 206)
+        XCTAssertEqual(ranged.body, Data(bytes[0...1000]))
+        XCTAssertEqual(whole.exit, 0)
+        XCTAssertTrue(whole.body == Data(bytes))
+        XCTAssertEqual(try proxy.metric("cacheproxy_fill_failures_total"), 0)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    /// A slow client sets the pace of a fill from memory; the time the fill
+    /// waits for it (here a 2.5 s pause, well within the send timeout) is
+    /// not the upstream's idle time.
+    func testASlowClientFromMemoryIsNotTakenForAnIdleUpstream() async throws {
+        let disk = try smallDisk("2m")
+        // Large enough that the pause outlasts what socket buffers and the
+        // window can absorb: the fill has to wait for the client.
+        let bytes = F.randomBytes(30_000_000)
+        let upstream = try await FakeUpstream { _ in .init(body: bytes) }
+        let proxy = try await start(upstream, on: disk, extraYAML: "timeouts: {upstream_idle: 1}")
+        let reader = try SlowReader(port: proxy.port)
+        XCTAssertTrue(reader.send("GET /v2/a/blobs/\(F.digest(of: bytes)) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"))
+        let first = reader.read(bytesPerSecond: 4_000_000, limit: 1_000_000, deadline: 10)
+        try await Task.sleep(for: .milliseconds(2500))
+        let rest = reader.read(bytesPerSecond: 1 << 30, deadline: 30)
+        reader.close()
+        let all = first.bytes + rest.bytes
+        let result = SlowReadResult(bytes: all, closedByPeer: rest.closedByPeer, seconds: 0)
+        XCTAssertEqual(result.statusCode, 200)
+        XCTAssertTrue(result.body == bytes, "got \(result.body.count) of \(bytes.count) bytes")
+        XCTAssertEqual(try proxy.metric("cacheproxy_fill_failures_total"), 0)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    /// With no disk and no client left, a fill has nobody to download for:
+    /// it stops instead of fetching the rest into nowhere.
+    func testAFillFromMemoryStopsWhenItsLastClientLeaves() async throws {
+        let disk = try smallDisk("2m")
+        let bytes = F.randomBytes(16_000_000)
+        let upstream = try await FakeUpstream { _ in .init(body: bytes, chunkSize: 256 * 1024, delay: .milliseconds(60)) }
+        let proxy = try await start(upstream, on: disk)
+        let url = "\(proxy.base)/v2/a/blobs/\(F.digest(of: bytes))"
+        let left = try curl(url, ["--max-time", "1"])
+        XCTAssertNotEqual(left.exit, 0, "the client gave up after 1 s of a ~4 s download")
+        XCTAssertTrue(try eventually(within: 1.5) { try proxy.metric("cacheproxy_fills_in_flight") == 0 },
+                      "the fill stopped long before the upstream's end")
+        XCTAssertEqual(try proxy.metric("cacheproxy_fill_failures_total"), 1)
         XCTAssertTrue(eventually { proxy.files(in: "tmp").isEmpty })
         await proxy.stop()
         await upstream.stop()

@@ -21,14 +21,39 @@ final class EvictionTests: XCTestCase {
         _ = index.use(digest(1), now: 0)  // 1 is now the most recent
         XCTAssertTrue(index.retain(digest(2), now: 0))  // 2 is being read
         _ = index.use(digest(3), now: 0)
-        let gone = index.evict(toReach: 200)
-        XCTAssertEqual(gone.map(\.digest), [digest(4), digest(1)], "oldest first, the one being read skipped")
-        XCTAssertEqual(index.totalBytes, 200)
-        index.release(digest(2))
-        XCTAssertEqual(index.evict(toReach: 100).map(\.digest), [digest(2)])
-        XCTAssertTrue(index.evict(toReach: 100).isEmpty, "already at the target")
-        XCTAssertNil(index.size(of: digest(4)))
+        let candidates = index.candidates()
+        XCTAssertEqual(candidates.map(\.digest), [digest(4), digest(1), digest(3)], "oldest first, the one being read left out")
+        // A candidate used after it was chosen is not evicted.
+        _ = index.use(digest(1), now: 0)
+        XCTAssertNil(index.evict(digest(1), chosenAt: candidates[1].lastAccess))
+        XCTAssertEqual(index.evict(digest(4), chosenAt: candidates[0].lastAccess), 100)
+        XCTAssertEqual(index.totalBytes, 300)
         XCTAssertFalse(index.retain(digest(4), now: 0), "an evicted blob cannot be opened")
+        index.release(digest(2))
+        XCTAssertEqual(index.candidates().map(\.digest), [digest(2), digest(3), digest(1)], "released: 2 is a candidate again")
+    }
+
+    /// The store's round: down to the low mark, least recently used first.
+    func testARoundEvictsDownToItsTarget() async throws {
+        let folder = try makeTemporaryFolder("evict")
+        let blobs = (0..<4).map { _ in F.randomBytes(1000) }
+        for bytes in blobs {
+            let hex = String(F.digest(of: bytes).dropFirst(7))
+            try FileManager.default.createDirectory(atPath: folder + "/blobs/sha256/\(hex.prefix(2))",
+                                                    withIntermediateDirectories: true)
+            try Data(bytes).write(to: URL(fileURLWithPath: folder + "/blobs/sha256/\(hex.prefix(2))/\(hex)"))
+        }
+        let store = try makeStore(folder)
+        let digests = try blobs.map { try Digest(parsing: F.digest(of: $0)) }
+        for d in [digests[2], digests[0], digests[3], digests[1]] { _ = store.use(d) }
+        let evicted = await store.evict(toReach: 2500)
+        XCTAssertEqual(evicted, 2)
+        XCTAssertNil(store.size(of: digests[2]))
+        XCTAssertNil(store.size(of: digests[0]))
+        XCTAssertEqual(store.size(of: digests[3]), 1000)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: store.path(for: digests[2])))
+        XCTAssertTrue(FileManager.default.fileExists(atPath: store.path(for: digests[1])))
+        store.writer.shutdown()
     }
 
     func testSizesAreReadWithUnits() throws {

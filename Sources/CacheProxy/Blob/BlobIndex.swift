@@ -64,19 +64,19 @@ struct BlobIndex {
         if let readers = entries[digest]?.readers, readers > 0 { entries[digest]?.readers = readers - 1 }
     }
 
-    /// Removes and returns the least recently used blobs that nobody reads,
-    /// oldest first, until the total is at most `target` (or nothing more
-    /// can go).
-    mutating func evict(toReach target: Int64) -> [(digest: Digest, size: Int64)] {
-        guard totalBytes > target else { return [] }
-        let candidates = entries.filter { $0.value.readers == 0 }
-            .sorted { $0.value.lastAccess < $1.value.lastAccess }
-        var victims: [(digest: Digest, size: Int64)] = []
-        for (digest, entry) in candidates {
-            guard totalBytes > target else { break }
-            remove(digest)
-            victims.append((digest, entry.size))
-        }
-        return victims
+    /// The blobs nobody reads, least recently used first: eviction's
+    /// candidates. A copy, so that the sort runs outside the lock the hit
+    /// path takes.
+    func candidates() -> [(digest: Digest, lastAccess: UInt64)] {
+        entries.compactMap { $0.value.readers == 0 ? ($0.key, $0.value.lastAccess) : nil }
+            .sorted { $0.lastAccess < $1.lastAccess }
+    }
+
+    /// Removes a candidate if it is still as it was chosen: not read since,
+    /// nobody reading it. Returns its size.
+    mutating func evict(_ digest: Digest, chosenAt lastAccess: UInt64) -> Int64? {
+        guard let entry = entries[digest], entry.readers == 0, entry.lastAccess == lastAccess else { return nil }
+        remove(digest)
+        return entry.size
     }
 }

@@ -211,6 +211,10 @@ struct BlobResponder: Sendable {
                 return error.status
             }
         }
+        // Registered already: from here on the memory window keeps what
+        // this follower needs; if it lost some before, ask again.
+        guard fill.holds(from: range.lowerBound) else { return nil }
+        fill.needs(upTo: range.upperBound, follower: follower)
         response.head(status, headers)
         response.flush()
         var sent = range.lowerBound

@@ -22,6 +22,7 @@ struct BlobSink {
     /// nil once the disk is out of the picture.
     private var fd: CInt?
     private let fill: Fill
+    private let clock: IdleClock
     private var hasher: DigestHasher
     private var pending = ByteBuffer()
     private var writing: (task: Task<WriteResult, Never>, batch: ByteBuffer, at: Int64)?
@@ -33,10 +34,11 @@ struct BlobSink {
         var error: (any Error)?
     }
 
-    init(writer: any BlobWriter, fd: CInt?, fill: Fill, algorithm: Digest.Algorithm) {
+    init(writer: any BlobWriter, fd: CInt?, fill: Fill, clock: IdleClock, algorithm: Digest.Algorithm) {
         self.writer = writer
         self.fd = fd
         self.fill = fill
+        self.clock = clock
         self.hasher = DigestHasher(algorithm)
     }
 
@@ -75,7 +77,7 @@ struct BlobSink {
         pending.reserveCapacity(Self.batchSize + 64 * 1024)
         guard let fd else {
             hasher.update(batch)
-            try await fill.spill(batch, at: at)
+            try await fill.spill(batch, at: at, clock: clock)
             return written + Int64(batch.readableBytes)
         }
         let (writer, state) = (writer, hasher)
@@ -102,7 +104,7 @@ struct BlobSink {
             // followers read memory.
             fd = nil
             fill.storageFailed(error, fileEnd: at)
-            try await fill.spill(batch, at: at)
+            try await fill.spill(batch, at: at, clock: clock)
         }
         return Int64(batch.readableBytes)
     }

@@ -23,7 +23,10 @@ public final class BlobStore: Sendable {
     private let limits: ProxyConfig.Storage
     private let index = NIOLockedValueBox(BlobIndex())
     private let tmpCounter = NIOLockedValueBox<UInt64>(0)
-    private let evicting = NIOLockedValueBox(false)
+    private struct Evictions {
+        var task: Task<Void, Never>?
+    }
+    private let evictions = NIOLockedValueBox(Evictions())
     private let metrics: ProxyMetrics
     private let logger: Logger
     private let lastOpenErrorLog = NIOLockedValueBox<ContinuousClock.Instant?>(nil)
@@ -156,11 +159,13 @@ public final class BlobStore: Sendable {
         return (path, try await writer.create(path))
     }
 
-    /// Whether a verified blob of `size` bytes is kept: one larger than the
-    /// whole limit is served to its clients and then dropped.
+    /// Whether a verified blob of `size` bytes is kept: one larger than
+    /// what eviction leaves room for (the low watermark) is served to its
+    /// clients and then dropped, rather than emptying the cache of
+    /// everything else to make room for it.
     func keeps(size: Int64) -> Bool {
         guard let max = limits.maxSize else { return true }
-        return size <= max
+        return size <= Int64(Double(max) * limits.lowWatermark)
     }
 
     /// Makes a verified temporary file a cache entry: records its size on
@@ -176,52 +181,76 @@ public final class BlobStore: Sendable {
             // what it can without one (see `BlobScan`).
         }
         if limits.fsync { try await writer.sync(temporary.fd) }
-        // mkdir is rare (256 folders per algorithm, ever) and cheap.
+        // mkdir is rare (256 folders per algorithm, ever) and cheap; a new
+        // folder's own entry must be durable too.
+        let created = !FileManager.default.fileExists(atPath: parent)
         try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
         try await writer.rename(temporary.path, to: final)
-        if limits.fsync { try await writer.syncDirectory(parent) }
+        if limits.fsync {
+            try await writer.syncDirectory(parent)
+            if created { try await writer.syncDirectory(String(parent[..<(parent.lastIndex(of: "/") ?? parent.endIndex)])) }
+        }
         index.withLockedValue { $0.insert(digest, size: size, lastAccess: Self.now()) }
         updateGauges()
         evictIfNeeded()
     }
 
     /// Starts an eviction round when the cache holds more than the high
-    /// watermark; one round at a time.
+    /// watermark; one round at a time, and a round checks again when it
+    /// ends (a publish during it may have crossed the mark anew).
     func evictIfNeeded() {
         guard let max = limits.maxSize else { return }
         let high = Int64(Double(max) * limits.highWatermark)
-        guard index.withLockedValue({ $0.totalBytes }) > high else { return }
-        guard evicting.withLockedValue({ running in
-            defer { running = true }
-            return !running
-        }) else { return }
         let low = Int64(Double(max) * limits.lowWatermark)
-        Task {
-            await self.evict(toReach: low)
-            self.evicting.withLockedValue { $0 = false }
+        guard index.withLockedValue({ $0.totalBytes }) > high else { return }
+        evictions.withLockedValue { state in
+            guard state.task == nil else { return }
+            state.task = Task {
+                while self.index.withLockedValue({ $0.totalBytes }) > high {
+                    guard await self.evict(toReach: low) > 0 else { break }
+                }
+                self.evictions.withLockedValue { $0.task = nil }
+            }
         }
     }
 
     /// Removes least recently used blobs nobody reads until the cache holds
-    /// at most `target` bytes. The index and the memory cache forget each
-    /// blob before its file goes, so no new reader can find it half-gone;
-    /// a reader that opened it earlier keeps its descriptor.
-    func evict(toReach target: Int64) async {
-        let victims = index.withLockedValue { $0.evict(toReach: target) }
-        guard !victims.isEmpty else { return }
-        for victim in victims {
-            smallBlobs.remove(victim.digest)
+    /// at most `target` bytes; returns how many went. Each blob leaves the
+    /// index and the memory cache together, just before its file goes, so
+    /// no new reader can find it half-gone, and a fill that fetches it again
+    /// meanwhile cannot have its fresh file deleted by a late unlink (the
+    /// window is one unlink, not a whole round). A reader that opened it
+    /// earlier keeps its descriptor.
+    @discardableResult
+    func evict(toReach target: Int64) async -> Int {
+        let candidates = index.withLockedValue { $0.candidates() }
+        var (count, bytes): (Int, Int64) = (0, 0)
+        for candidate in candidates {
+            guard let size = index.withLockedValue({ index -> Int64? in
+                guard index.totalBytes > target else { return nil }
+                return index.evict(candidate.digest, chosenAt: candidate.lastAccess) ?? 0
+            }) else { break }
+            guard size > 0 else { continue }  // read since it was chosen, or gone
+            smallBlobs.remove(candidate.digest)
             do {
-                try await writer.unlink(path(for: victim.digest))
+                try await writer.unlink(path(for: candidate.digest))
             } catch {
-                logger.warning("could not delete an evicted blob", metadata: ["digest": "\(victim.digest)", "error": "\(error)"])
+                logger.warning("could not delete an evicted blob", metadata: ["digest": "\(candidate.digest)", "error": "\(error)"])
             }
             metrics.evictions.increment()
+            updateGauges()
+            (count, bytes) = (count + 1, bytes + size)
         }
-        updateGauges()
-        logger.info("evicted least recently used blobs", metadata: [
-            "blobs": "\(victims.count)", "bytes": "\(victims.reduce(0) { $0 + $1.size })",
-        ])
+        if count > 0 {
+            logger.info("evicted least recently used blobs", metadata: ["blobs": "\(count)", "bytes": "\(bytes)"])
+        }
+        return count
+    }
+
+    /// Waits for an eviction round in progress (shutdown: before the
+    /// storage backend stops).
+    public func finishEvictions() async {
+        await evictions.withLockedValue { $0.task }?.value
     }
 
     /// Deletes everything under `tmp/`: what an earlier run left (at start),

@@ -71,8 +71,9 @@ public final class Fill: Sendable {
         /// left must not leave a mark behind.
         var followers: Set<Int> = []
         var nextFollower = 0
-        /// Where each follower is: it needs no byte below its position.
-        var positions: [Int: Int64] = [:]
+        /// The bytes each follower still needs: from its position to the
+        /// end of its range.
+        var needs: [Int: Range<Int64>] = [:]
         var everFollowed = false
         var window = MemoryWindow()
         var fileEnd: Int64 = .max
@@ -83,6 +84,12 @@ public final class Fill: Sendable {
         var snapshot: FillSnapshot {
             FillSnapshot(state: machine.state, mark: machine.followerMark, head: head, answer: answer,
                          fileEnd: fileEnd)
+        }
+
+        mutating func advance(_ follower: Int, to position: Int64) -> CheckedContinuation<Void, Never>? {
+            guard let need = needs[follower], position > need.lowerBound else { return nil }
+            needs[follower] = min(position, need.upperBound)..<need.upperBound
+            return takeRoomWaiter()
         }
 
         mutating func takeRoomWaiter() -> CheckedContinuation<Void, Never>? {
@@ -125,7 +132,7 @@ public final class Fill: Sendable {
         let id = inner.withLockedValue { inner -> Int in
             inner.nextFollower += 1
             inner.followers.insert(inner.nextFollower)
-            inner.positions[inner.nextFollower] = 0
+            inner.needs[inner.nextFollower] = 0..<Int64.max
             inner.everFollowed = true
             return inner.nextFollower
         }
@@ -135,7 +142,7 @@ public final class Fill: Sendable {
             let waiter = inner.withLockedValue { inner in
                 inner.followers.remove(id)
                 inner.abandoned.remove(id)
-                inner.positions[id] = nil
+                inner.needs[id] = nil
                 return inner.takeRoomWaiter()
             }
             waiter?.resume()
@@ -166,11 +173,7 @@ public final class Fill: Sendable {
     public func next(after mark: Int64, follower: Int, position: Int64 = 0) async -> FillSnapshot {
         await withCheckedContinuation { continuation in
             let (ready, room): (FillSnapshot?, CheckedContinuation<Void, Never>?) = inner.withLockedValue { inner in
-                var room: CheckedContinuation<Void, Never>?
-                if let old = inner.positions[follower], position > old {
-                    inner.positions[follower] = position
-                    room = inner.takeRoomWaiter()
-                }
+                let room = inner.advance(follower, to: position)
                 if inner.isReady(after: mark) || inner.abandoned.contains(follower) { return (inner.snapshot, room) }
                 inner.waiters.append(Waiter(follower: follower, after: mark, continuation: continuation))
                 return (nil, room)
@@ -182,11 +185,24 @@ public final class Fill: Sendable {
 
     /// A follower no longer needs the bytes below `position`.
     func reached(_ position: Int64, follower: Int) {
+        inner.withLockedValue { $0.advance(follower, to: position) }?.resume()
+    }
+
+    /// A follower will need no byte at or past `end` (the end of its range).
+    func needs(upTo end: Int64, follower: Int) {
         inner.withLockedValue { inner -> CheckedContinuation<Void, Never>? in
-            guard let old = inner.positions[follower], position > old else { return nil }
-            inner.positions[follower] = position
+            guard let need = inner.needs[follower], end < need.upperBound else { return nil }
+            inner.needs[follower] = need.lowerBound..<max(need.lowerBound, end)
             return inner.takeRoomWaiter()
         }?.resume()
+    }
+
+    /// Whether a follower starting at `offset` finds every byte it needs:
+    /// not when the disk failed and bytes it needs have left the memory
+    /// window before it registered (it then asks again, for a fill of its
+    /// own). Called once registered, so nothing it needs leaves afterwards.
+    func holds(from offset: Int64) -> Bool {
+        inner.withLockedValue { $0.window.holds(from: offset, fileEnd: $0.fileEnd) }
     }
 
     /// Bytes from the memory window, starting at `offset`, at most up to
@@ -310,7 +326,8 @@ public final class Fill: Sendable {
 
             let (body, writer, fileFD) = (response.body, context.writer, file?.fd)
             let hex = try await UpstreamBody.read(idle: context.client.idleTimeout) { clock in
-                var sink = BlobSink(writer: writer, fd: fileFD, fill: self, algorithm: self.digest.algorithm)
+                var sink = BlobSink(writer: writer, fd: fileFD, fill: self, clock: clock,
+                                    algorithm: self.digest.algorithm)
                 do {
                     for try await chunk in body {
                         clock.tick()
@@ -414,30 +431,36 @@ public final class Fill: Sendable {
     /// Keeps a batch that did not reach the disk in the memory window, for
     /// followers to read. Waits while the window is full: the upstream is
     /// then read only as fast as the slowest follower takes bytes, so memory
-    /// stays bounded whatever the blob's size.
-    func spill(_ batch: ByteBuffer, at offset: Int64) async throws {
+    /// stays bounded whatever the blob's size. The wait is the followers',
+    /// not the upstream's: `clock` is paused meanwhile. A slow follower is
+    /// bounded by the send timeout, which cuts it and makes room.
+    func spill(_ batch: ByteBuffer, at offset: Int64, clock: IdleClock) async throws {
         inner.withLockedValue { $0.window.append(batch, at: offset) }
-        while true {
-            try Task.checkCancellation()
-            let full: Bool = inner.withLockedValue { inner in
-                inner.window.trim(below: inner.positions.values.min() ?? .max)
-                return inner.window.bytes > MemoryWindow.capacity
-            }
-            guard full else { return }
-            let alone = inner.withLockedValue { $0.everFollowed && $0.followers.isEmpty }
-            if alone { throw FillStateMachine.Failure.storage(Self.noFollowers) }
-            await withTaskCancellationHandler {
-                await withCheckedContinuation { continuation in
-                    let ready = inner.withLockedValue { inner -> Bool in
-                        let minimum = inner.positions.values.min() ?? .max
-                        if inner.followers.isEmpty || inner.window.canTrim(below: minimum) { return true }
-                        inner.roomWaiter = continuation
-                        return false
+        try await clock.paused {
+            while true {
+                try Task.checkCancellation()
+                let full: Bool = try inner.withLockedValue { inner in
+                    if inner.everFollowed && inner.followers.isEmpty {
+                        throw FillStateMachine.Failure.storage(Self.noFollowers)
                     }
-                    if ready { continuation.resume() }
+                    // Before the first follower registers, everything is needed.
+                    if inner.everFollowed { inner.window.trim(keeping: Array(inner.needs.values)) }
+                    return inner.window.bytes > MemoryWindow.capacity
                 }
-            } onCancel: {
-                inner.withLockedValue { $0.takeRoomWaiter() }?.resume()
+                guard full else { return }
+                await withTaskCancellationHandler {
+                    await withCheckedContinuation { continuation in
+                        let ready = inner.withLockedValue { inner -> Bool in
+                            if Task.isCancelled || inner.followers.isEmpty
+                                || inner.window.canTrim(keeping: Array(inner.needs.values)) { return true }
+                            inner.roomWaiter = continuation
+                            return false
+                        }
+                        if ready { continuation.resume() }
+                    }
+                } onCancel: {
+                    inner.withLockedValue { $0.takeRoomWaiter() }?.resume()
+                }
             }
         }
     }

@@ -12,8 +12,10 @@ struct MemoryWindow {
 
     private var batches: Deque<(offset: Int64, bytes: ByteBuffer)> = []
     private(set) var bytes = 0
-    /// A batch left that a request starting now would have needed.
-    private(set) var droppedAny = false
+    /// The end of the furthest batch that left: a request starting below it
+    /// would miss bytes.
+    private(set) var droppedEnd: Int64 = 0
+    var droppedAny: Bool { droppedEnd > 0 }
 
     /// Offset of the oldest byte held.
     var start: Int64 { batches.first?.offset ?? .max }
@@ -24,18 +26,34 @@ struct MemoryWindow {
         bytes += batch.readableBytes
     }
 
-    /// Whether some batch ends at or below `position`.
-    func canTrim(below position: Int64) -> Bool {
-        guard let first = batches.first else { return false }
-        return first.offset + Int64(first.bytes.readableBytes) <= position
+    /// Whether some batch is needed by none of `needs` (each follower's
+    /// bytes still to send: from its position to the end of its range).
+    func canTrim(keeping needs: [Range<Int64>]) -> Bool {
+        batches.contains { batch in !Self.isNeeded(batch.offset, batch.bytes.readableBytes, by: needs) }
     }
 
-    /// Drops the batches that end at or below `position`.
-    mutating func trim(below position: Int64) {
-        while canTrim(below: position), let first = batches.popFirst() {
-            bytes -= first.bytes.readableBytes
-            droppedAny = true
+    /// Drops every batch no follower needs. A follower of a bounded range
+    /// that waits for the digest before its last byte pins only the batch
+    /// holding that byte, so it never holds the window shut.
+    mutating func trim(keeping needs: [Range<Int64>]) {
+        batches.removeAll { batch in
+            guard !Self.isNeeded(batch.offset, batch.bytes.readableBytes, by: needs) else { return false }
+            bytes -= batch.bytes.readableBytes
+            droppedEnd = max(droppedEnd, batch.offset + Int64(batch.bytes.readableBytes))
+            return true
         }
+    }
+
+    private static func isNeeded(_ offset: Int64, _ count: Int, by needs: [Range<Int64>]) -> Bool {
+        let span = offset..<(offset + Int64(count))
+        return needs.contains { $0.overlaps(span) }
+    }
+
+    /// Whether a follower starting at `offset` finds every byte it needs
+    /// from there on: below `fileEnd` they are in the file, above it none
+    /// may have left.
+    func holds(from offset: Int64, fileEnd: Int64) -> Bool {
+        droppedEnd <= max(offset, fileEnd)
     }
 
     /// The bytes from `offset` to at most `end`, within one batch; nil if

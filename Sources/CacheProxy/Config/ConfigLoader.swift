@@ -195,7 +195,8 @@ struct Node {
     }
 
     /// A size in bytes: a whole number, or a number with a unit (`500MB`,
-    /// `50GiB`, `1.5TB`; k/M/G/T are powers of 1000, Ki/Mi/Gi/Ti of 1024).
+    /// `50GiB`, `1.5TB`): kB/KB/MB/GB/TB are powers of 1000; KiB/MiB/GiB/TiB
+    /// and bare K/M/G/T, as `df -h` writes them, powers of 1024.
     func byteSize() throws -> Int64 {
         let problem = "expected a size in bytes, like 50GiB, 500MB or 1073741824"
         if let i = value as? Int {

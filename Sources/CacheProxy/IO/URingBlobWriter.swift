@@ -69,7 +69,11 @@ public final class URingBlobWriter: BlobWriter {
     }
 
     public func close(_ fd: CInt) async {
-        _ = try? await run(.close(fd: fd), "close")
+        do {
+            _ = try await run(.close(fd: fd), "close")
+        } catch StoreError.system(_, let code) where code == ECANCELED {
+            _ = Glibc.close(fd)  // the ring has stopped: the descriptor must not leak
+        } catch {}
     }
 
     public func setAttribute(_ name: String, to value: String, on fd: CInt) async throws {
