@@ -104,6 +104,9 @@ public final class ProxyServer: Service, Sendable {
             self.scheduleCut(at: deadline)
         }
         await finishFills()
+        // Every fill has ended and deleted its own file; anything left is
+        // debris (a delete that failed) and must not outlive the process.
+        store.removeTemporaryFiles()
         try? await client.shutdown()
         await store.finishEvictions()
         store.writer.shutdown()

@@ -113,6 +113,22 @@ final class IOBackendTests: XCTestCase {
         XCTAssertTrue(output.contains("Operation not permitted"), output)
     }
 
+    /// A fill cancelled at the shutdown deadline still deletes its file:
+    /// the backend must run a call made from a cancelled task.
+    func testAStorageCallFromACancelledTaskStillRuns() async throws {
+        let writer = try TestBackend.writer()
+        defer { writer.shutdown() }
+        let folder = try makeTemporaryFolder("cancelled")
+        FileManager.default.createFile(atPath: folder + "/tmp-file", contents: Data("x".utf8))
+        let task = Task {
+            while !Task.isCancelled { await Task.yield() }
+            try await writer.unlink(folder + "/tmp-file")
+        }
+        task.cancel()
+        try await task.value
+        XCTAssertFalse(FileManager.default.fileExists(atPath: folder + "/tmp-file"))
+    }
+
     func testABadBackendNameIsRefusedNamingTheKey() throws {
         XCTAssertThrowsError(try ConfigLoader.parse(yaml: """
             api: {port: 5000}

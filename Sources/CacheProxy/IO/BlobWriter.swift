@@ -51,14 +51,26 @@ extension BlobWriter {
 
 /// The blocking calls on NIO's thread pool, so that a slow disk never stalls
 /// an event loop or the cooperative pool.
+///
+/// Through the future-returning `runIfActive`, not the async one: the async
+/// one skips the work when the calling task is cancelled, and a fill that is
+/// cancelled at the shutdown deadline must still delete its temporary file.
 public struct ThreadPoolBlobWriter: BlobWriter {
     let pool: NIOThreadPool
+    let group: any EventLoopGroup
     public var backendName: String { "threadpool" }
 
-    public init(pool: NIOThreadPool) { self.pool = pool }
+    public init(pool: NIOThreadPool, group: any EventLoopGroup) {
+        self.pool = pool
+        self.group = group
+    }
+
+    private func run<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+        try await pool.runIfActive(eventLoop: group.any(), body).get()
+    }
 
     public func open(_ path: String, flags: CInt, mode: mode_t) async throws -> CInt {
-        try await pool.runIfActive {
+        try await run {
             let fd = Glibc.open(path, flags, mode)
             guard fd >= 0 else { throw StoreError.system("open \(path)", errno) }
             return fd
@@ -66,7 +78,7 @@ public struct ThreadPoolBlobWriter: BlobWriter {
     }
 
     public func write(_ buffer: ByteBuffer, to fd: CInt, at offset: Int64) async throws {
-        try await pool.runIfActive {
+        try await run {
             var written = 0
             try buffer.withUnsafeReadableBytes { bytes in
                 guard let base = bytes.baseAddress else { return }
@@ -83,19 +95,19 @@ public struct ThreadPoolBlobWriter: BlobWriter {
     }
 
     public func sync(_ fd: CInt) async throws {
-        try await pool.runIfActive {
+        try await run {
             if fsync(fd) != 0 { throw StoreError.system("fsync", errno) }
         }
     }
 
     public func rename(_ from: String, to: String) async throws {
-        try await pool.runIfActive {
+        try await run {
             if Glibc.rename(from, to) != 0 { throw StoreError.system("rename to \(to)", errno) }
         }
     }
 
     public func unlink(_ path: String) async throws {
-        try await pool.runIfActive {
+        try await run {
             if Glibc.unlink(path) != 0 { throw StoreError.system("unlink \(path)", errno) }
         }
     }
@@ -106,7 +118,7 @@ public struct ThreadPoolBlobWriter: BlobWriter {
     }
 
     public func setAttribute(_ name: String, to value: String, on fd: CInt) async throws {
-        try await pool.runIfActive {
+        try await run {
             let result = FileAttributes.set(name, to: value, on: fd)
             if result != 0 { throw StoreError.system("fsetxattr", result) }
         }

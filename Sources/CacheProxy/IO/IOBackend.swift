@@ -19,7 +19,7 @@ public enum IOBackend {
         switch choice {
         case .threadpool:
             logger.info("storage backend: threadpool (configured)")
-            return ThreadPoolBlobWriter(pool: pool)
+            return ThreadPoolBlobWriter(pool: pool, group: group)
         case .ioUring, .auto:
             do {
                 let ring = try URing()
@@ -29,7 +29,7 @@ public enum IOBackend {
                 guard choice == .auto else { throw IOBackendError(reason: "\(error)") }
                 logger.notice("io_uring unavailable; storage backend: threadpool",
                               metadata: ["reason": "\(error)"])
-                return ThreadPoolBlobWriter(pool: pool)
+                return ThreadPoolBlobWriter(pool: pool, group: group)
             }
         }
     }
