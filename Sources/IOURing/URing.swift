@@ -65,6 +65,8 @@ public final class URing: @unchecked Sendable {
     private let wakeCount: UnsafeMutablePointer<UInt64>
     private let shared = NIOLockedValueBox(Shared())
     private var thread = pthread_t()
+    /// The ring was set up disabled; the ring thread enables it first.
+    private let enableOnThread: Bool
     // Ring thread only:
     private var inFlight: [UInt64: InFlight] = [:]
     /// Operations the kernel may still hold after the ring failed.
@@ -80,7 +82,19 @@ public final class URing: @unchecked Sendable {
         let typed = UnsafeMutablePointer<io_uring>.allocate(capacity: 1)
         typed.initialize(to: io_uring())
         storage = UnsafeMutableRawPointer(typed)
-        let result = io_uring_queue_init(entries, typed, 0)
+        // Only the ring thread submits, and it reaps only when it enters
+        // the kernel anyway: SINGLE_ISSUER + DEFER_TASKRUN (Linux 6.1) let
+        // the kernel run completions in that thread's own io_uring_enter
+        // instead of interrupting it. The ring starts disabled, so that the
+        // ring thread (which enables it) becomes its one issuer. Older
+        // kernels refuse the flags: plain ring then.
+        var flags = UInt32(IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_R_DISABLED)
+        var result = io_uring_queue_init(entries, typed, flags)
+        if result == -EINVAL {
+            flags = 0
+            result = io_uring_queue_init(entries, typed, 0)
+        }
+        enableOnThread = flags != 0
         guard result == 0 else {
             typed.deallocate()
             throw URingError(errno: -result, during: "io_uring_queue_init")
@@ -177,6 +191,13 @@ public final class URing: @unchecked Sendable {
     // MARK: ring thread
 
     private func loop() {
+        if enableOnThread {
+            let enabled = cacheproxy_enable_rings(storage.assumingMemoryBound(to: io_uring.self).pointee.ring_fd)
+            if enabled < 0 {
+                failAll(enabled)
+                return
+            }
+        }
         while true {
             let stopping = takeQueued()
             if stopping && inFlight.isEmpty { return }
