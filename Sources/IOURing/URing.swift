@@ -176,7 +176,7 @@ public final class URing: @unchecked Sendable {
         }
         guard first else { return }
         pthread_join(thread, nil)
-        shared.withLockedValue { _ in close(wakeFD) }
+        shared.withLockedValue { _ in _ = close(wakeFD) }
         let ring = storage.assumingMemoryBound(to: io_uring.self)
         io_uring_queue_exit(ring)
         ring.deallocate()

@@ -119,7 +119,7 @@ final class IOBackendTests: XCTestCase {
         let writer = try TestBackend.writer()
         defer { writer.shutdown() }
         let folder = try makeTemporaryFolder("cancelled")
-        FileManager.default.createFile(atPath: folder + "/tmp-file", contents: Data("x".utf8))
+        _ = FileManager.default.createFile(atPath: folder + "/tmp-file", contents: Data("x".utf8))
         let task = Task {
             while !Task.isCancelled { await Task.yield() }
             try await writer.unlink(folder + "/tmp-file")

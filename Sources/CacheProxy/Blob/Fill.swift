@@ -245,9 +245,11 @@ public final class Fill: Sendable {
 
     // MARK: fill side
 
+    /// Applies one event to the state machine and wakes the followers whose
+    /// wait it ends; returns what the machine said to do.
     @discardableResult
-    private func transition(_ body: (inout FillStateMachine) -> FillStateMachine.Action) -> FillStateMachine.Action {
-        let (action, woken, snapshot): (FillStateMachine.Action, [CheckedContinuation<FillSnapshot, Never>], FillSnapshot) =
+    private func transition<Result>(_ body: (inout FillStateMachine) -> Result) -> Result {
+        let (action, woken, snapshot): (Result, [CheckedContinuation<FillSnapshot, Never>], FillSnapshot) =
             inner.withLockedValue { inner in
                 let action = body(&inner.machine)
                 var woken: [CheckedContinuation<FillSnapshot, Never>] = []
@@ -348,6 +350,8 @@ public final class Fill: Sendable {
             switch transition({ $0.digestChecked(matches: hex == digest.hex) }) {
             case .discard(let failure):
                 throw failure
+            case .release:
+                break  // verified and served; nothing to keep (the file goes below)
             case .publish(let size):
                 if let file, context.store.keeps(size: size) {
                     do {
@@ -361,7 +365,7 @@ public final class Fill: Sendable {
                 } else {
                     transition { $0.notKept() }
                 }
-            default:
+            case .none:
                 break
             }
             if let file, temporary != nil {

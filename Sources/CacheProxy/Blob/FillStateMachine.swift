@@ -37,16 +37,15 @@ public struct FillStateMachine: Sendable, Equatable {
         case failed(Failure)
     }
 
+    /// What the fill must do next. Waking followers is not an action: every
+    /// transition wakes those whose wait it ends (`Fill.transition`).
     public enum Action: Equatable, Sendable {
-        case sendRequest
-        case openTemporaryFile
-        case wakeFollowers
-        case verifyDigest
+        /// Verified: make it a cache entry.
         case publish(size: Int64)
         /// Verified, not to be kept: followers finish, the file goes.
         case release(size: Int64)
+        /// Stop: delete the temporary file; followers see the failure.
         case discard(Failure)
-        case passAnswerOn(status: Int)
         case none
     }
 
@@ -65,20 +64,20 @@ public struct FillStateMachine: Sendable, Equatable {
         self.holdBack = holdBack
     }
 
-    public mutating func start() -> Action {
-        guard state == .idle else { return .none }
+    public mutating func start() {
+        guard state == .idle else { return }
         state = .requesting
-        return .sendRequest
     }
 
-    public mutating func upstreamResponded(status: Int, contentLength: Int64?) -> Action {
-        guard state == .requesting else { return .none }
+    /// The upstream's answer, once the fill has what followers need to act
+    /// on it (the answer's body for a rejection, the file for a 200).
+    public mutating func upstreamResponded(status: Int, contentLength: Int64?) {
+        guard state == .requesting else { return }
         guard status == 200 else {
             state = .rejected(status: status)
-            return .passAnswerOn(status: status)
+            return
         }
         state = .streaming(written: 0, expected: contentLength)
-        return .openTemporaryFile
     }
 
     public mutating func bytesWritten(_ count: Int64) -> Action {
@@ -88,7 +87,7 @@ public struct FillStateMachine: Sendable, Equatable {
             return fail(.tooLong(expected: expected))
         }
         state = .streaming(written: total, expected: expected)
-        return .wakeFollowers
+        return .none
     }
 
     public mutating func upstreamEnded() -> Action {
@@ -97,7 +96,7 @@ public struct FillStateMachine: Sendable, Equatable {
             return fail(.truncated(expected: expected, received: written))
         }
         state = .verifying(size: written)
-        return .verifyDigest
+        return .none
     }
 
     public mutating func digestChecked(matches: Bool) -> Action {
@@ -116,21 +115,20 @@ public struct FillStateMachine: Sendable, Equatable {
         storing = false
     }
 
-    public mutating func publishSucceeded() -> Action {
-        guard case .verified(let size) = state else { return .none }
+    public mutating func publishSucceeded() {
+        guard case .verified(let size) = state else { return }
         state = .published(size: size)
-        return .wakeFollowers
     }
 
     /// A verified blob that is not kept (too large for the cache, or the
     /// rename failed): its followers still finish.
-    public mutating func notKept() -> Action {
-        guard case .verified(let size) = state else { return .none }
+    public mutating func notKept() {
+        guard case .verified(let size) = state else { return }
         state = .delivered(size: size)
-        return .release(size: size)
     }
 
-    /// Any error on the way: the upstream broke, a write or the rename failed.
+    /// Any error on the way: the upstream broke, the fill was cancelled.
+    @discardableResult
     public mutating func fail(_ failure: Failure) -> Action {
         switch state {
         case .published, .delivered, .rejected, .failed:
