@@ -16,22 +16,13 @@ CONFIG ?= config.yaml
 run: deps-build release
 	.build/release/cache-proxy --config $(CONFIG)
 
-# The whole suite runs three times: on io_uring, on the thread pool, and
-# under a seccomp filter that denies io_uring (as Docker's default profile
-# does), where `auto` must fall back. IOBackendTests checks each run got the
-# backend it asked for.
-SWIFT_TEST := swift test --skip-build --disable-swift-testing
-CLEAN_TEST_FOLDERS := rm -rf $${TMPDIR:-/tmp}/cache-proxy-test-*
-
+# The whole suite runs three times (scripts/test-all-backends): on io_uring,
+# on the thread pool, and under a seccomp filter that denies io_uring (as
+# Docker's default profile does), where `auto` must fall back.
+# IOBackendTests checks each run got the backend it asked for.
 test: deps-build deps-test
 	swift build --build-tests
-	@# Folders the previous run's tests left (registries, caches, images).
-	$(CLEAN_TEST_FOLDERS)
-	CACHE_PROXY_TEST_IO_BACKEND=io_uring $(SWIFT_TEST)
-	$(CLEAN_TEST_FOLDERS)
-	CACHE_PROXY_TEST_IO_BACKEND=threadpool $(SWIFT_TEST)
-	$(CLEAN_TEST_FOLDERS)
-	CACHE_PROXY_TEST_IO_BACKEND=auto CACHE_PROXY_TEST_EXPECT_BACKEND=threadpool scripts/without-io-uring $(SWIFT_TEST)
+	scripts/test-all-backends
 
 build: deps-build
 	swift build

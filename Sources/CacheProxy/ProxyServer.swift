@@ -108,8 +108,9 @@ public final class ProxyServer: Service, Sendable {
         // debris (a delete that failed) and must not outlive the process.
         store.removeTemporaryFiles()
         try? await client.shutdown()
-        await store.finishEvictions()
+        await store.stopEvictions()
         store.writer.shutdown()
+        store.releaseFolder()
         logger.info("stopped")
     }
 

@@ -103,4 +103,18 @@ final class CrashSafetyTests: XCTestCase {
         await again.stop()
         await upstream.stop()
     }
+
+    /// Two processes on one cache folder would delete each other's fills in
+    /// `tmp/` at start: the second is refused, naming the folder, until the
+    /// first is gone.
+    func testOneProcessPerCacheFolder() async throws {
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(1))
+        XCTAssertThrowsError(try makeStore(proxy.folder)) { error in
+            XCTAssertTrue("\(error)".contains("in use by another cache-proxy"), "\(error)")
+        }
+        await proxy.stop()
+        let next = try makeStore(proxy.folder)
+        next.releaseFolder()
+        next.writer.shutdown()
+    }
 }

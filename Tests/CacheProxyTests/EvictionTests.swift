@@ -21,7 +21,7 @@ final class EvictionTests: XCTestCase {
         _ = index.use(digest(1), now: 0)  // 1 is now the most recent
         XCTAssertTrue(index.retain(digest(2), now: 0))  // 2 is being read
         _ = index.use(digest(3), now: 0)
-        let candidates = index.candidates()
+        let candidates = BlobIndex.candidates(in: index.entries)
         XCTAssertEqual(candidates.map(\.digest), [digest(4), digest(1), digest(3)], "oldest first, the one being read left out")
         // A candidate used after it was chosen is not evicted.
         _ = index.use(digest(1), now: 0)
@@ -30,7 +30,7 @@ final class EvictionTests: XCTestCase {
         XCTAssertEqual(index.totalBytes, 300)
         XCTAssertFalse(index.retain(digest(4), now: 0), "an evicted blob cannot be opened")
         index.release(digest(2))
-        XCTAssertEqual(index.candidates().map(\.digest), [digest(2), digest(3), digest(1)], "released: 2 is a candidate again")
+        XCTAssertEqual(BlobIndex.candidates(in: index.entries).map(\.digest), [digest(2), digest(3), digest(1)], "released: 2 is a candidate again")
     }
 
     /// The store's round: down to the low mark, least recently used first.
@@ -65,7 +65,8 @@ final class EvictionTests: XCTestCase {
         XCTAssertEqual(try maxSize("500MB"), 500_000_000)
         XCTAssertEqual(try maxSize("1.5TiB"), Int64(1.5 * Double(1 << 40)))
         XCTAssertEqual(try maxSize("1048576"), 1_048_576)
-        for bad in ["-1", "0", "lots", "5XB", "GiB", "1e30"] {
+        XCTAssertEqual(try maxSize("5.0e10"), 50_000_000_000, "a YAML float")
+        for bad in ["-1", "0", "lots", "5XB", "GiB", "1e30", "0.5", "0.3B"] {
             XCTAssertThrowsError(try maxSize(bad), bad) { error in
                 XCTAssertTrue("\(error)".contains("storage.max_size"), "\(error)")
             }

@@ -56,6 +56,21 @@ final class FaultInjectionTests: XCTestCase {
         await upstream.stop()
     }
 
+    /// An HTTP/1.0 client of a blob of unknown length (a chunked upstream)
+    /// reads the body to the connection's end: a wrong digest must end in a
+    /// reset, or the client would take the cut body for the whole.
+    func testAnHTTP10ClientOfAChunkedWrongBlobSeesAReset() async throws {
+        let claimed = Self.randomBytes(300_000)
+        let wrong = Array(claimed.reversed())
+        let upstream = try await FakeUpstream { _ in .init(body: wrong, chunked: true) }
+        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(upstream.port))
+        let result = try curl("\(proxy.base)/v2/a/blobs/\(Self.digest(of: claimed))", ["--http1.0"])
+        XCTAssertNotEqual(result.exit, 0, "a reset, not a clean end of an unframed body")
+        XCTAssertLessThan(result.body.count, wrong.count)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
     func testUpstreamCutMidBlobLeavesNothing() async throws {
         let bytes = Self.randomBytes(1_000_000)
         let upstream = try await FakeUpstream { _ in .init(body: bytes, cutAfter: 400_000) }
@@ -88,7 +103,7 @@ final class FaultInjectionTests: XCTestCase {
         XCTAssertEqual(cdn.requests.count, 1)
         XCTAssertEqual(cdn.requests.first?.uri, "/signed/blob?sig=abc")
         XCTAssertNil(cdn.requests.first?.headers.first(name: "authorization"), "credentials leaked to the redirect target")
-        XCTAssertEqual(proxy.files(in: "blobs").count, 1, "the blob is cached, the signed URL is not")
+        XCTAssertTrue(eventually { proxy.files(in: "blobs").count == 1 }, "the blob is cached, the signed URL is not")
         await proxy.stop()
         await registry.stop()
         await cdn.stop()
@@ -127,7 +142,7 @@ final class FaultInjectionTests: XCTestCase {
         for _ in 0..<100 where proxy.files(in: "blobs").isEmpty {
             try await Task.sleep(for: .milliseconds(50))
         }
-        XCTAssertEqual(proxy.files(in: "blobs").count, 1)
+        XCTAssertTrue(eventually { proxy.files(in: "blobs").count == 1 })
         let hit = try curl("\(proxy.base)/v2/a/blobs/\(digest)")
         XCTAssertEqual(Array(hit.body), bytes)
         XCTAssertEqual(upstream.requests.count, 1)
@@ -232,7 +247,7 @@ final class FaultInjectionTests: XCTestCase {
         XCTAssertEqual(Array(allowed.body), bytes)
         XCTAssertEqual(try proxy.metric("cacheproxy_blob_coalesced_total"), 1, "the second client did join first")
         XCTAssertEqual(upstream.requests.map { $0.headers.first(name: "authorization") }, ["Bearer bad", "Bearer good"])
-        XCTAssertEqual(proxy.files(in: "blobs").count, 1, "the retry was a verified fill, not an unchecked pass-through")
+        XCTAssertTrue(eventually { proxy.files(in: "blobs").count == 1 }, "the retry was a verified fill, not an unchecked pass-through")
         await proxy.stop()
         await upstream.stop()
     }
@@ -283,7 +298,7 @@ final class FaultInjectionTests: XCTestCase {
         let good = try curl("\(proxy.base)/v2/a/blobs/\(digest)")
         XCTAssertEqual(good.exit, 0)
         XCTAssertEqual(Array(good.body), bytes)
-        XCTAssertEqual(proxy.files(in: "blobs").count, 1)
+        XCTAssertTrue(eventually { proxy.files(in: "blobs").count == 1 })
         XCTAssertEqual(upstream.requests.first?.uri, "/v2/a/blobs/\(digest)")
 
         // Same bytes under another repository name: a hit, no upstream request.

@@ -129,7 +129,7 @@ final class SlowNetworkTests: XCTestCase {
         XCTAssertEqual(result.statusCode, 200)
         XCTAssertTrue(result.body == bytes)
         XCTAssertGreaterThan(result.seconds, 4)
-        XCTAssertEqual(proxy.files(in: "blobs").count, 1)
+        XCTAssertTrue(eventually { proxy.files(in: "blobs").count == 1 })
         await stop(upstream, proxy)
     }
 

@@ -64,16 +64,17 @@ struct BlobIndex {
         if let readers = entries[digest]?.readers, readers > 0 { entries[digest]?.readers = readers - 1 }
     }
 
-    /// The blobs nobody reads, least recently used first: eviction's
-    /// candidates. A copy, so that the sort runs outside the lock the hit
-    /// path takes.
-    func candidates() -> [(digest: Digest, lastAccess: UInt64)] {
+    /// The blobs nobody reads in `entries`, least recently used first:
+    /// eviction's candidates. Static, so that the store copies `entries`
+    /// under its lock (copy-on-write: cheap) and sorts outside it, away
+    /// from the hit path.
+    static func candidates(in entries: [Digest: Entry]) -> [(digest: Digest, lastAccess: UInt64)] {
         entries.compactMap { $0.value.readers == 0 ? ($0.key, $0.value.lastAccess) : nil }
             .sorted { $0.lastAccess < $1.lastAccess }
     }
 
     /// Removes a candidate if it is still as it was chosen: not read since,
-    /// nobody reading it. Returns its size.
+    /// nobody reading it. Returns its size, nil if it stays.
     mutating func evict(_ digest: Digest, chosenAt lastAccess: UInt64) -> Int64? {
         guard let entry = entries[digest], entry.readers == 0, entry.lastAccess == lastAccess else { return nil }
         remove(digest)

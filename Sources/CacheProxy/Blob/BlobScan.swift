@@ -29,7 +29,11 @@ enum BlobScan {
         var removed = 0
         for algorithm in Digest.Algorithm.allCases {
             let algoFolder = blobsFolder + "/" + algorithm.rawValue
+            // Real folders only: a symlinked one would lead outside the
+            // storage folder, where nothing is ever served from.
+            guard isDirectory(algoFolder) else { continue }
             for prefix in (try? fm.contentsOfDirectory(atPath: algoFolder)) ?? [] {
+                guard isDirectory(algoFolder + "/" + prefix) else { continue }
                 for name in (try? fm.contentsOfDirectory(atPath: algoFolder + "/" + prefix)) ?? [] {
                     let path = algoFolder + "/" + prefix + "/" + name
                     // Anything that is not a well-formed digest path in its
@@ -50,6 +54,12 @@ enum BlobScan {
             }
         }
         return (found, removed)
+    }
+
+    /// A directory itself, not a symlink to one.
+    static func isDirectory(_ path: String) -> Bool {
+        var st = stat()
+        return lstat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
     }
 
     static func nanoseconds(_ time: timespec) -> UInt64 {

@@ -25,6 +25,7 @@ public final class BlobStore: Sendable {
     private let tmpCounter = NIOLockedValueBox<UInt64>(0)
     private struct Evictions {
         var task: Task<Void, Never>?
+        var stopped = false
     }
     private let evictions = NIOLockedValueBox(Evictions())
     private let metrics: ProxyMetrics
@@ -36,8 +37,13 @@ public final class BlobStore: Sendable {
     /// before the data reached the disk) from a complete one.
     static let sizeAttribute = "user.cacheproxy.size"
 
-    /// Creates the folders, deletes what an earlier run left in `tmp/` and
-    /// indexes `blobs/`.
+    /// Holds `<folder>/.lock` (flock) for the store's life: one process per
+    /// cache folder. Two would delete each other's fills in `tmp/` at start
+    /// and keep indexes that do not match the disk.
+    private let lockFD: CInt
+
+    /// Takes the folder's lock, creates the folders, deletes what an earlier
+    /// run left in `tmp/` and indexes `blobs/`.
     public init(config: ProxyConfig.Storage, writer: any BlobWriter, metrics: ProxyMetrics, logger: Logger) throws {
         self.folder = config.folder
         self.blobsFolder = config.folder + "/blobs"
@@ -49,6 +55,7 @@ public final class BlobStore: Sendable {
         self.logger = logger
         let fm = FileManager.default
         try fm.createDirectory(atPath: blobsFolder, withIntermediateDirectories: true)
+        lockFD = try Self.lock(folder: config.folder)
         removeTemporaryFiles()
         try fm.createDirectory(atPath: tmpFolder, withIntermediateDirectories: true)
         let started = ContinuousClock.now
@@ -62,6 +69,23 @@ public final class BlobStore: Sendable {
             "seconds": "\(started.duration(to: .now))",
         ])
         evictIfNeeded()
+    }
+
+    private static func lock(folder: String) throws -> CInt {
+        let fd = open(folder + "/.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw StoreError.system("open \(folder)/.lock", errno) }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            let error = errno
+            close(fd)
+            if error == EWOULDBLOCK { throw StoreError.folderInUse(folder) }
+            throw StoreError.system("lock \(folder)/.lock", error)
+        }
+        return fd
+    }
+
+    /// Releases the folder for another process (at the end of a run).
+    public func releaseFolder() {
+        _ = Glibc.close(lockFD)
     }
 
     public func path(for digest: Digest) -> String {
@@ -186,13 +210,21 @@ public final class BlobStore: Sendable {
         let created = !FileManager.default.fileExists(atPath: parent)
         try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
         try await writer.rename(temporary.path, to: final)
-        if limits.fsync {
-            try await writer.syncDirectory(parent)
-            if created { try await writer.syncDirectory(String(parent[..<(parent.lastIndex(of: "/") ?? parent.endIndex)])) }
-        }
+        // From the rename on, the blob is complete under its name: it is
+        // indexed whatever the directory fsync says, or the cache would
+        // hold a file it does not count and fetch it again and again.
         index.withLockedValue { $0.insert(digest, size: size, lastAccess: Self.now()) }
         updateGauges()
         evictIfNeeded()
+        if limits.fsync {
+            do {
+                try await writer.syncDirectory(parent)
+                if created { try await writer.syncDirectory(String(parent[..<(parent.lastIndex(of: "/") ?? parent.endIndex)])) }
+            } catch {
+                logger.warning("a published blob's directory could not be synced; a power loss may lose the blob (never corrupt it)",
+                               metadata: ["digest": "\(digest)", "error": "\(error)"])
+            }
+        }
     }
 
     /// Starts an eviction round when the cache holds more than the high
@@ -204,9 +236,9 @@ public final class BlobStore: Sendable {
         let low = Int64(Double(max) * limits.lowWatermark)
         guard index.withLockedValue({ $0.totalBytes }) > high else { return }
         evictions.withLockedValue { state in
-            guard state.task == nil else { return }
+            guard state.task == nil, !state.stopped else { return }
             state.task = Task {
-                while self.index.withLockedValue({ $0.totalBytes }) > high {
+                while self.index.withLockedValue({ $0.totalBytes }) > high, !Task.isCancelled {
                     guard await self.evict(toReach: low) > 0 else { break }
                 }
                 self.evictions.withLockedValue { $0.task = nil }
@@ -223,14 +255,20 @@ public final class BlobStore: Sendable {
     /// earlier keeps its descriptor.
     @discardableResult
     func evict(toReach target: Int64) async -> Int {
-        let candidates = index.withLockedValue { $0.candidates() }
+        let candidates = BlobIndex.candidates(in: index.withLockedValue { $0.entries })
         var (count, bytes): (Int, Int64) = (0, 0)
         for candidate in candidates {
-            guard let size = index.withLockedValue({ index -> Int64? in
-                guard index.totalBytes > target else { return nil }
-                return index.evict(candidate.digest, chosenAt: candidate.lastAccess) ?? 0
-            }) else { break }
-            guard size > 0 else { continue }  // read since it was chosen, or gone
+            // Shutdown cancels a round: what is left waits for the next start.
+            guard !Task.isCancelled else { break }
+            enum Step { case done, skip, evicted(Int64) }
+            let step = index.withLockedValue { index -> Step in
+                guard index.totalBytes > target else { return .done }
+                return index.evict(candidate.digest, chosenAt: candidate.lastAccess).map(Step.evicted) ?? .skip
+            }
+            guard case .evicted(let size) = step else {
+                if case .done = step { break }
+                continue  // read since it was chosen, or gone
+            }
             smallBlobs.remove(candidate.digest)
             do {
                 try await writer.unlink(path(for: candidate.digest))
@@ -247,10 +285,16 @@ public final class BlobStore: Sendable {
         return count
     }
 
-    /// Waits for an eviction round in progress (shutdown: before the
-    /// storage backend stops).
-    public func finishEvictions() async {
-        await evictions.withLockedValue { $0.task }?.value
+    /// Stops an eviction round in progress and waits for the blob it is
+    /// deleting (shutdown: before the storage backend stops). A long round
+    /// (after `max_size` was lowered) must not hold the exit.
+    public func stopEvictions() async {
+        let task = evictions.withLockedValue { state -> Task<Void, Never>? in
+            state.stopped = true
+            return state.task
+        }
+        task?.cancel()
+        await task?.value
     }
 
     /// Deletes everything under `tmp/`: what an earlier run left (at start),
@@ -289,9 +333,13 @@ public final class BlobStore: Sendable {
 
 public enum StoreError: Error, CustomStringConvertible {
     case system(String, Int32)
+    case folderInUse(String)
+
     public var description: String {
         switch self {
         case .system(let what, let code): return "\(what): \(String(cString: strerror(code)))"
+        case .folderInUse(let folder):
+            return "storage.folder \(folder) is in use by another cache-proxy process (it holds \(folder)/.lock)"
         }
     }
 
@@ -299,6 +347,7 @@ public enum StoreError: Error, CustomStringConvertible {
     var code: Int32 {
         switch self {
         case .system(_, let code): return code
+        case .folderInUse: return EWOULDBLOCK
         }
     }
 }

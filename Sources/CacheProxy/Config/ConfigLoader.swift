@@ -203,6 +203,10 @@ struct Node {
             guard i > 0 else { throw ConfigError(key: key, problem: problem) }
             return Int64(i)
         }
+        if let d = value as? Double {  // 5.0e10 in YAML
+            guard d >= 1, d < 9e18 else { throw ConfigError(key: key, problem: problem) }
+            return Int64(d)
+        }
         guard let text = (value as? String)?.trimmingCharacters(in: .whitespaces) else {
             throw ConfigError(key: key, problem: problem)
         }
@@ -218,7 +222,7 @@ struct Node {
             scale = factor
             break
         }
-        guard let n = Double(number.trimmingCharacters(in: .whitespaces)), n > 0, n * scale < 9e18,
+        guard let n = Double(number.trimmingCharacters(in: .whitespaces)), n * scale >= 1, n * scale < 9e18,
               number.allSatisfy({ $0.isNumber || $0 == "." || $0 == " " }) else {
             throw ConfigError(key: key, problem: problem)
         }

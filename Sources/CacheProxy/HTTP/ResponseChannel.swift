@@ -1,6 +1,9 @@
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Writes one response onto a client connection.
 ///
@@ -93,8 +96,16 @@ struct ResponseChannel: Sendable {
 
     /// Cuts the connection mid-response: the client sees a short body, never
     /// a complete-looking wrong one.
+    ///
+    /// A reset, not a clean close: with a length or chunked framing a close
+    /// already reads as cut, but an HTTP/1.0 answer of unknown length ends
+    /// at the close, and only a reset tells it apart from a complete body.
     func abort() {
-        channel.close(promise: nil)
+        let channel = self.channel
+        guard let options = channel as? SocketOptionProvider else { return channel.close(promise: nil) }
+        options.setSoLinger(linger(l_onoff: 1, l_linger: 0)).whenComplete { _ in
+            channel.close(promise: nil)
+        }
     }
 
     /// A whole small response (local endpoints, errors, upstream error answers).
