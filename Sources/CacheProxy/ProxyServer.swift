@@ -42,9 +42,7 @@ public final class ProxyServer: Service, Sendable {
             throw error
         }
         self.client = UpstreamClient(eventLoopGroup: group, timeouts: config.timeouts, logger: logger)
-        self.fills = FillRegistry(context: FillContext(
-            client: client, store: store, writer: writer, metrics: metrics,
-            fsync: config.storage.fsync, logger: logger))
+        self.fills = FillRegistry(context: FillContext(client: client, store: store, metrics: metrics, logger: logger))
         let passThrough = PassThrough(client: client, metrics: metrics)
         let router = Router(upstreams: config.upstreams)
         self.router = router

@@ -38,10 +38,7 @@ struct CacheProxyCommand: AsyncParsableCommand {
             }
             if let storage { settings.storage.folder = storage }
             if let ioBackend {
-                guard let choice = ProxyConfig.IOBackendChoice(rawValue: ioBackend) else {
-                    throw ConfigError(key: "--io-backend", problem: "must be auto, io_uring or threadpool, not \"\(ioBackend)\"")
-                }
-                settings.storage.ioBackend = choice
+                settings.storage.ioBackend = try ProxyConfig.IOBackendChoice(parsing: ioBackend, key: "--io-backend")
             }
         } catch let error as ConfigError {
             printError(error.description)

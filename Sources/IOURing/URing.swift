@@ -27,7 +27,7 @@ public final class URing: @unchecked Sendable {
         case fsync(fd: Int32)
         case openat(path: String, flags: Int32, mode: UInt32)
         case renameat(from: String, to: String)
-        case unlinkat(path: String, flags: Int32)
+        case unlinkat(path: String)
         case close(fd: Int32)
         /// An extended attribute, `value` without a terminating NUL.
         case fsetxattr(fd: Int32, name: String, value: String)
@@ -58,7 +58,7 @@ public final class URing: @unchecked Sendable {
     /// The `io_uring`, untyped: no declaration of this module may name a
     /// CURing type (only function bodies may), or every client would load
     /// CURing's headers, and with them the clash this module exists to
-    /// avoid. Each function binds it with `ring()`.
+    /// avoid. Each function binds it where it needs it.
     private let storage: UnsafeMutableRawPointer
     private let wakeFD: Int32
     /// Where the ring's read of the eventfd lands.
@@ -238,8 +238,8 @@ public final class URing: @unchecked Sendable {
                 io_uring_prep_openat(sqe, AT_FDCWD, cString(path), flags, mode)
             case .renameat(let from, let to):
                 io_uring_prep_renameat(sqe, AT_FDCWD, cString(from), AT_FDCWD, cString(to), 0)
-            case .unlinkat(let path, let flags):
-                io_uring_prep_unlinkat(sqe, AT_FDCWD, cString(path), flags)
+            case .unlinkat(let path):
+                io_uring_prep_unlinkat(sqe, AT_FDCWD, cString(path), 0)
             case .close(let fd):
                 io_uring_prep_close(sqe, fd)
             case .fsetxattr(let fd, let name, let value):

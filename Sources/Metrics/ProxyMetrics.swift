@@ -75,7 +75,7 @@ public final class ProxyMetrics: Sendable {
         var fillErrors: [String: Counter] = [:]
         for reason in Self.fillErrorReasons {
             fillErrors[reason] = registry.makeCounter(
-                descriptor: Self.describe("cacheproxy_fill_errors_total", "Storage errors during fills (full disk, I/O error); the fill went on streaming from memory and kept nothing."),
+                descriptor: Self.describe("cacheproxy_fill_errors_total", "Storage errors during fills (full disk, I/O error), by errno; the blob was not kept."),
                 labels: [("reason", reason)])
         }
         self.fillErrors = fillErrors

@@ -169,4 +169,51 @@ final class DiskFullTests: XCTestCase {
         await proxy.stop()
         await upstream.stop()
     }
+
+    /// From memory, a client that stops reading holds the window shut only
+    /// until the send timeout cuts it; a client that started with it gets
+    /// the whole blob, verified.
+    func testAStalledClientFromMemoryIsCutByTheSendTimeoutAndTheOtherFinishes() async throws {
+        let disk = try smallDisk("2m")
+        let bytes = F.randomBytes(30_000_000)
+        let upstream = try await FakeUpstream { _ in .init(body: bytes) }
+        let proxy = try await start(upstream, on: disk, extraYAML: "timeouts: {send: 1, upstream_idle: 10}")
+        let url = "\(proxy.base)/v2/a/blobs/\(F.digest(of: bytes))"
+        let stalled = try SlowReader(port: proxy.port)
+        XCTAssertTrue(stalled.send("GET /v2/a/blobs/\(F.digest(of: bytes)) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
+        let started = Date()
+        let fast = Task.detached { try curl(url) }
+        _ = stalled.read(bytesPerSecond: 1 << 30, limit: 100_000, deadline: 5)  // then nothing for 3 s
+        try await Task.sleep(for: .seconds(3))
+        let rest = stalled.read(bytesPerSecond: 1 << 30, deadline: 5)
+        stalled.close()
+        XCTAssertTrue(rest.closedByPeer, "the stalled client was cut")
+        XCTAssertLessThan(100_000 + rest.bytes.count, bytes.count)
+        XCTAssertEqual(try proxy.metric(#"cacheproxy_client_timeouts_total{kind="send"}"#), 1)
+        let got = try await fast.value
+        XCTAssertEqual(got.exit, 0)
+        XCTAssertTrue(got.body == Data(bytes), "the whole blob, verified")
+        XCTAssertLessThan(Date().timeIntervalSince(started), 8)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    /// From memory as from disk, an upstream that stalls past
+    /// `upstream_idle` fails the fill: its clients are cut, nothing is kept.
+    func testAnUpstreamStallingPastItsIdleTimeoutFromMemoryCutsTheClients() async throws {
+        let disk = try smallDisk("2m")
+        let bytes = F.randomBytes(8_000_000)
+        let upstream = try await FakeUpstream { _ in .init(body: bytes, stallAfter: 5_000_000, stallFor: .seconds(4)) }
+        let proxy = try await start(upstream, on: disk, extraYAML: "timeouts: {upstream_idle: 1}")
+        let started = Date()
+        let got = try curl("\(proxy.base)/v2/a/blobs/\(F.digest(of: bytes))")
+        XCTAssertNotEqual(got.exit, 0, "cut, not complete")
+        XCTAssertLessThan(got.body.count, bytes.count)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 3.5, "cut at the idle timeout, not at the stall's end")
+        XCTAssertTrue(try eventually { try proxy.metric("cacheproxy_fill_failures_total") == 1 })
+        XCTAssertTrue(eventually { proxy.files(in: "tmp").isEmpty })
+        XCTAssertEqual(proxy.files(in: "blobs"), [])
+        await proxy.stop()
+        await upstream.stop()
+    }
 }

@@ -16,12 +16,12 @@ final class EvictionTests: XCTestCase {
 
     func testTheIndexEvictsLeastRecentlyUsedAndNeverWhatIsBeingRead() {
         var index = BlobIndex()
-        for n in 1...4 { index.insert(digest(n), size: 100, lastAccess: 0) }  // same clock tick: order still kept
+        for n in 1...4 { index.insert(digest(n), size: 100, now: 0) }  // same clock tick: order still kept
         XCTAssertEqual(index.totalBytes, 400)
         _ = index.use(digest(1), now: 0)  // 1 is now the most recent
         XCTAssertTrue(index.retain(digest(2), now: 0))  // 2 is being read
         _ = index.use(digest(3), now: 0)
-        let candidates = BlobIndex.candidates(in: index.entries)
+        let candidates = BlobIndex.byLastUse(index.idle())
         XCTAssertEqual(candidates.map(\.digest), [digest(4), digest(1), digest(3)], "oldest first, the one being read left out")
         // A candidate used after it was chosen is not evicted.
         _ = index.use(digest(1), now: 0)
@@ -30,7 +30,19 @@ final class EvictionTests: XCTestCase {
         XCTAssertEqual(index.totalBytes, 300)
         XCTAssertFalse(index.retain(digest(4), now: 0), "an evicted blob cannot be opened")
         index.release(digest(2))
-        XCTAssertEqual(BlobIndex.candidates(in: index.entries).map(\.digest), [digest(2), digest(3), digest(1)], "released: 2 is a candidate again")
+        XCTAssertEqual(BlobIndex.byLastUse(index.idle()).map(\.digest), [digest(2), digest(3), digest(1)], "released: 2 is a candidate again")
+    }
+
+    /// After a restart the scan's file times order the blobs, whatever order
+    /// the scan found them in; uses after that come later than all of them.
+    func testScannedBlobsKeepTheirFileTimes() {
+        var index = BlobIndex()
+        for (n, time) in [(1, 50), (2, 10), (3, 90), (4, 30)] {
+            index.insertScanned(digest(n), size: 1, lastAccess: UInt64(time))
+        }
+        XCTAssertEqual(BlobIndex.byLastUse(index.idle()).map(\.digest), [digest(2), digest(4), digest(1), digest(3)])
+        _ = index.use(digest(2), now: 0)  // a clock behind the files' times still makes it the newest
+        XCTAssertEqual(BlobIndex.byLastUse(index.idle()).last?.digest, digest(2))
     }
 
     /// The store's round: down to the low mark, least recently used first.

@@ -5,12 +5,13 @@
 /// Eviction is least recently used, chosen by sorting at the moment it is
 /// needed: eviction runs only when the cache crosses its high watermark and
 /// then goes down to the low one, so the sort is paid once per many
-/// publishes, and the hit path pays only a timestamp write.
+/// publishes, and a hit pays one timestamp write (in `retain` for a file,
+/// `use` for a blob served from memory; a HEAD does not count as a use).
 struct BlobIndex {
     struct Entry: Equatable {
         var size: Int64
-        /// Nanoseconds since the epoch of the last use (the file's atime at
-        /// the start-up scan).
+        /// Nanoseconds since the epoch of the last use (after a restart, the
+        /// later of the file's atime and mtime).
         var lastAccess: UInt64
         /// Responses reading the file now; such a blob is never evicted.
         var readers: Int = 0
@@ -29,9 +30,22 @@ struct BlobIndex {
 
     var count: Int { entries.count }
 
-    mutating func insert(_ digest: Digest, size: Int64, lastAccess: UInt64) {
+    /// A blob published now.
+    mutating func insert(_ digest: Digest, size: Int64, now: UInt64) {
+        put(digest, size: size, lastAccess: stamp(now))
+    }
+
+    /// A blob found by the start-up scan, with its file's time as it is:
+    /// stamping would reorder the scan's blobs by the order a dictionary
+    /// lists them in.
+    mutating func insertScanned(_ digest: Digest, size: Int64, lastAccess: UInt64) {
+        put(digest, size: size, lastAccess: lastAccess)
+        lastStamp = max(lastStamp, lastAccess)
+    }
+
+    private mutating func put(_ digest: Digest, size: Int64, lastAccess: UInt64) {
         if let old = entries[digest] { totalBytes -= old.size }
-        entries[digest] = Entry(size: size, lastAccess: stamp(lastAccess), readers: entries[digest]?.readers ?? 0)
+        entries[digest] = Entry(size: size, lastAccess: lastAccess, readers: entries[digest]?.readers ?? 0)
         totalBytes += size
     }
 
@@ -64,13 +78,16 @@ struct BlobIndex {
         if let readers = entries[digest]?.readers, readers > 0 { entries[digest]?.readers = readers - 1 }
     }
 
-    /// The blobs nobody reads in `entries`, least recently used first:
-    /// eviction's candidates. Static, so that the store copies `entries`
-    /// under its lock (copy-on-write: cheap) and sorts outside it, away
-    /// from the hit path.
-    static func candidates(in entries: [Digest: Entry]) -> [(digest: Digest, lastAccess: UInt64)] {
+    /// The blobs nobody reads, unsorted: eviction's candidates. The caller
+    /// takes them under its lock and sorts them (`byLastUse`) outside it,
+    /// away from the hit path. (Copying `entries` instead would make the
+    /// next hit's write copy the whole dictionary, under the lock.)
+    func idle() -> [(digest: Digest, lastAccess: UInt64)] {
         entries.compactMap { $0.value.readers == 0 ? ($0.key, $0.value.lastAccess) : nil }
-            .sorted { $0.lastAccess < $1.lastAccess }
+    }
+
+    static func byLastUse(_ candidates: [(digest: Digest, lastAccess: UInt64)]) -> [(digest: Digest, lastAccess: UInt64)] {
+        candidates.sorted { $0.lastAccess < $1.lastAccess }
     }
 
     /// Removes a candidate if it is still as it was chosen: not read since,

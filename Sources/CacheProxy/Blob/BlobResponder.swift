@@ -8,7 +8,8 @@ import Glibc
 
 /// Answers `GET`/`HEAD /v2/<name>/blobs/<digest>`: from the cache when the
 /// blob is there, otherwise by following the (one) fill for the digest.
-/// Every byte a client gets comes from a file with `sendfile`.
+/// Every byte a client gets comes from a file with `sendfile`, except when
+/// the disk failed during a fill: then from the fill's memory window.
 struct BlobResponder: Sendable {
     let store: BlobStore
     let fills: FillRegistry
@@ -152,8 +153,8 @@ struct BlobResponder: Sendable {
     /// it asked for.
     ///
     /// Returns nil when the fill ended before this follower could pick up
-    /// its file and the blob was not kept (a full disk, a blob larger than
-    /// the cache): the caller asks again.
+    /// its file and the blob was not kept (a full disk, a blob too large to
+    /// keep): the caller asks again.
     private func follow(_ fill: Fill, follower: Int, first: FillSnapshot, _ request: Request,
                         response: ResponseChannel) async throws -> HTTPResponseStatus? {
         var handle: NIOFileHandle?

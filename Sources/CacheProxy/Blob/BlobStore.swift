@@ -61,7 +61,9 @@ public final class BlobStore: Sendable {
         let started = ContinuousClock.now
         let scan = BlobScan.run(blobsFolder: blobsFolder, logger: logger)
         index.withLockedValue { index in
-            for (digest, entry) in scan.found { index.insert(digest, size: entry.size, lastAccess: entry.lastAccess) }
+            for (digest, entry) in scan.found {
+                index.insertScanned(digest, size: entry.size, lastAccess: entry.lastAccess)
+            }
         }
         updateGauges()
         logger.info("cache indexed", metadata: [
@@ -98,7 +100,8 @@ public final class BlobStore: Sendable {
         index.withLockedValue { $0.size(of: digest) }
     }
 
-    /// Size of a complete cached blob, marking it used (for eviction).
+    /// Size of a complete cached blob, marking it used (for eviction): for
+    /// answers that open no file (blobs served from memory).
     func use(_ digest: Digest) -> Int64? {
         let now = Self.now()
         return index.withLockedValue { $0.use(digest, now: now) }
@@ -205,15 +208,21 @@ public final class BlobStore: Sendable {
             // what it can without one (see `BlobScan`).
         }
         if limits.fsync { try await writer.sync(temporary.fd) }
-        // mkdir is rare (256 folders per algorithm, ever) and cheap; a new
-        // folder's own entry must be durable too.
-        let created = !FileManager.default.fileExists(atPath: parent)
-        try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
-        try await writer.rename(temporary.path, to: final)
+        // The prefix folder exists but for the first blob of its 256: try
+        // the rename, and create the folder only when it is missing (its
+        // own entry must then be made durable too).
+        var created = false
+        do {
+            try await writer.rename(temporary.path, to: final)
+        } catch StoreError.system(_, let code) where code == ENOENT {
+            try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
+            created = true
+            try await writer.rename(temporary.path, to: final)
+        }
         // From the rename on, the blob is complete under its name: it is
         // indexed whatever the directory fsync says, or the cache would
         // hold a file it does not count and fetch it again and again.
-        index.withLockedValue { $0.insert(digest, size: size, lastAccess: Self.now()) }
+        index.withLockedValue { $0.insert(digest, size: size, now: Self.now()) }
         updateGauges()
         evictIfNeeded()
         if limits.fsync {
@@ -255,7 +264,7 @@ public final class BlobStore: Sendable {
     /// earlier keeps its descriptor.
     @discardableResult
     func evict(toReach target: Int64) async -> Int {
-        let candidates = BlobIndex.candidates(in: index.withLockedValue { $0.entries })
+        let candidates = BlobIndex.byLastUse(index.withLockedValue { $0.idle() })
         var (count, bytes): (Int, Int64) = (0, 0)
         for candidate in candidates {
             // Shutdown cancels a round: what is left waits for the next start.

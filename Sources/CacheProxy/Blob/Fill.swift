@@ -39,18 +39,18 @@ public struct FillSnapshot: Sendable {
 struct FillContext: Sendable {
     let client: UpstreamClient
     let store: BlobStore
-    let writer: any BlobWriter
     let metrics: ProxyMetrics
-    let fsync: Bool
     let logger: Logger
+    var writer: any BlobWriter { store.writer }
 }
 
 /// One upstream download of one digest, however many clients want it.
 ///
-/// The fill writes to a temporary file and hashes as it goes; clients never
-/// get bytes from the fill directly, they follow the growing file (see
-/// `BlobResponder`). So a slow client never slows the download, and a client
-/// that goes away does not stop it.
+/// The fill writes to a temporary file and hashes as it goes; clients follow
+/// the growing file (see `BlobResponder`), so a slow client never slows the
+/// download, and a client that goes away does not stop it. Only when the
+/// disk fails do they read the fill's bounded memory window instead, and
+/// then the slowest of them sets the download's pace.
 public final class Fill: Sendable {
     public let digest: Digest
     let upstream: ProxyConfig.Upstream
@@ -67,14 +67,13 @@ public final class Fill: Sendable {
         var waiters: [Waiter] = []
         /// Followers whose client went away: their waits end at once.
         var abandoned: Set<Int> = []
-        /// Followers registered now; a close that arrives after its follower
-        /// left must not leave a mark behind.
-        var followers: Set<Int> = []
         var nextFollower = 0
-        /// The bytes each follower still needs: from its position to the
-        /// end of its range.
+        /// The followers registered now, each with the bytes it still needs
+        /// (from its position to the end of its range). A close that arrives
+        /// after its follower left must not leave a mark behind.
         var needs: [Int: Range<Int64>] = [:]
-        var everFollowed = false
+        /// Until the first follower registers, every byte is needed.
+        var everFollowed: Bool { nextFollower > 0 }
         var window = MemoryWindow()
         var fileEnd: Int64 = .max
         var storageError: (any Error)?
@@ -131,16 +130,15 @@ public final class Fill: Sendable {
     func withFollower<T>(closing watch: CloseWatch, _ body: (Int) async throws -> T) async rethrows -> T {
         let id = inner.withLockedValue { inner -> Int in
             inner.nextFollower += 1
-            inner.followers.insert(inner.nextFollower)
             inner.needs[inner.nextFollower] = 0..<Int64.max
-            inner.everFollowed = true
             return inner.nextFollower
         }
+        // A fill waiting for its first follower before trimming may go on.
+        inner.withLockedValue { $0.takeRoomWaiter() }?.resume()
         let token = watch.onClose { [weak self] in self?.abandon(id) }
         defer {
             watch.cancel(token)
             let waiter = inner.withLockedValue { inner in
-                inner.followers.remove(id)
                 inner.abandoned.remove(id)
                 inner.needs[id] = nil
                 return inner.takeRoomWaiter()
@@ -152,7 +150,7 @@ public final class Fill: Sendable {
 
     func abandon(_ follower: Int) {
         let (woken, snapshot) = inner.withLockedValue { inner -> ([CheckedContinuation<FillSnapshot, Never>], FillSnapshot) in
-            guard inner.followers.contains(follower) else { return ([], inner.snapshot) }
+            guard inner.needs[follower] != nil else { return ([], inner.snapshot) }
             inner.abandoned.insert(follower)
             var woken: [CheckedContinuation<FillSnapshot, Never>] = []
             inner.waiters.removeAll { waiter in
@@ -214,7 +212,7 @@ public final class Fill: Sendable {
     /// Whether a new request may follow this fill from its first byte: not
     /// once bytes that never reached the disk have left the memory window.
     var isJoinable: Bool {
-        inner.withLockedValue { !$0.window.droppedAny }
+        inner.withLockedValue { $0.window.holds(from: 0, fileEnd: $0.fileEnd) }
     }
 
     enum Reader {
@@ -306,20 +304,24 @@ public final class Fill: Sendable {
                 return
             }
 
-            // A disk that cannot take a new file does not stop the clients:
+            // A disk that cannot take a new file (or a process out of
+            // descriptors for reading it back) does not stop the clients:
             // the fill streams from memory instead (`BlobSink`).
             var file: (path: String, fd: CInt)?
+            var readFD: CInt = -1
             do {
                 file = try await context.store.makeTemporaryFile(for: digest)
+                if let file { readFD = try await context.writer.open(file.path, flags: O_RDONLY | O_CLOEXEC, mode: 0) }
             } catch {
+                if let created = file {
+                    close(created.fd)
+                    await context.store.discard(temporaryPath: created.path)
+                    file = nil
+                }
                 storageFailed(error, fileEnd: 0)
             }
             temporary = file
             descriptor = file?.fd ?? -1
-            var readFD: CInt = -1
-            if let file {
-                readFD = try await context.writer.open(file.path, flags: O_RDONLY | O_CLOEXEC, mode: 0)
-            }
             inner.withLockedValue {
                 $0.readFD = readFD
                 $0.head = BlobHead(contentLength: length, contentType: response.headers.first(name: "content-type"))
@@ -381,11 +383,9 @@ public final class Fill: Sendable {
             if let temporary { await context.store.discard(temporaryPath: temporary.path) }
             // A fill that ended before its first byte is told to the clients
             // as an error of its own: 502/504 for an upstream that could not
-            // be reached, 503 for a cache that could not store.
+            // be reached or did not answer in time.
             if state == .requesting {
-                let oci = error is StoreError
-                    ? OCIError(.serviceUnavailable, .unavailable, "the cache cannot store blobs right now")
-                    : UpstreamClient.clientError(for: error)
+                let oci = UpstreamClient.clientError(for: error)
                 inner.withLockedValue {
                     $0.answer = UpstreamAnswer(
                         status: oci.status,
@@ -428,7 +428,7 @@ public final class Fill: Sendable {
         default: reason = "other"
         }
         context.metrics.fillErrors[reason]?.increment()
-        context.logger.warning("storage failed during a fill; its clients were served from memory and nothing was kept",
+        context.logger.warning("storage failed during a fill; the blob was not kept",
                                metadata: ["digest": "\(digest)", "error": "\(error)"])
     }
 
@@ -444,7 +444,7 @@ public final class Fill: Sendable {
             while true {
                 try Task.checkCancellation()
                 let full: Bool = try inner.withLockedValue { inner in
-                    if inner.everFollowed && inner.followers.isEmpty {
+                    if inner.everFollowed && inner.needs.isEmpty {
                         throw FillStateMachine.Failure.storage(Self.noFollowers)
                     }
                     // Before the first follower registers, everything is needed.
@@ -455,8 +455,13 @@ public final class Fill: Sendable {
                 await withTaskCancellationHandler {
                     await withCheckedContinuation { continuation in
                         let ready = inner.withLockedValue { inner -> Bool in
-                            if Task.isCancelled || inner.followers.isEmpty
-                                || inner.window.canTrim(keeping: Array(inner.needs.values)) { return true }
+                            // Before the first follower, wait for it (its
+                            // registration wakes this wait); after the
+                            // last one, go on to the check that stops.
+                            if Task.isCancelled || (inner.everFollowed && inner.needs.isEmpty)
+                                || (inner.everFollowed && inner.window.canTrim(keeping: Array(inner.needs.values))) {
+                                return true
+                            }
                             inner.roomWaiter = continuation
                             return false
                         }

@@ -12,7 +12,8 @@
 /// make the cache entry durable.
 /// `delivered` is a verified blob the cache does not keep: the disk failed
 /// during the fill (the fill went on from memory), the blob is larger than
-/// the whole cache, or publishing it failed. Its followers get every byte;
+/// what the size limit keeps (`low_watermark` × `max_size`), or publishing
+/// it failed. Its followers get every byte;
 /// the next request fills again.
 /// `rejected` is an upstream answer other than 200 (401, 404, 429, 5xx): it
 /// is handed to the client that asked and nothing is stored.

@@ -17,9 +17,6 @@ struct MemoryWindow {
     private(set) var droppedEnd: Int64 = 0
     var droppedAny: Bool { droppedEnd > 0 }
 
-    /// Offset of the oldest byte held.
-    var start: Int64 { batches.first?.offset ?? .max }
-
     mutating func append(_ batch: ByteBuffer, at offset: Int64) {
         guard batch.readableBytes > 0 else { return }
         batches.append((offset, batch))

@@ -118,11 +118,7 @@ extension ConfigLoader {
         if folder.isEmpty { throw ConfigError(key: folderNode.key, problem: "must not be empty") }
         var config = ProxyConfig.Storage(folder: folder, fsync: try storage.optional("fsync")?.bool() ?? true)
         if let backend = storage.optional("io_backend") {
-            let name = try backend.string()
-            guard let value = ProxyConfig.IOBackendChoice(rawValue: name) else {
-                throw ConfigError(key: backend.key, problem: "must be auto, io_uring or threadpool, not \"\(name)\"")
-            }
-            config.ioBackend = value
+            config.ioBackend = try ProxyConfig.IOBackendChoice(parsing: try backend.string(), key: backend.key)
         }
         config.maxSize = try storage.optional("max_size")?.byteSize()
         if let high = try storage.optional("high_watermark")?.fraction() { config.highWatermark = high }

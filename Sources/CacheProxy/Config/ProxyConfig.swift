@@ -39,6 +39,14 @@ public struct ProxyConfig: Sendable, Equatable {
 
     /// Which storage backend `storage.io_backend` / `--io-backend` asks for.
     public enum IOBackendChoice: String, Sendable, Equatable {
+        /// The choice named `text`, or an error naming `key`.
+        public init(parsing text: String, key: String) throws {
+            guard let choice = Self(rawValue: text) else {
+                throw ConfigError(key: key, problem: "must be auto, io_uring or threadpool, not \"\(text)\"")
+            }
+            self = choice
+        }
+
         /// io_uring when a ring can be set up, else the thread pool.
         case auto
         /// io_uring or refuse to start.

@@ -25,7 +25,7 @@ struct CacheHitResponder: Sendable {
                 wrap: (HTTPServerResponsePart) -> NIOAny) -> Bool {
         guard head.method == .GET || head.method == .HEAD,
               case .blob(_, let digest)? = try? RequestTarget.classify(method: head.method.rawValue, uri: head.uri),
-              let size = store.use(digest),
+              let size = store.size(of: digest),
               router.route(host: head.headers.first(name: "host"),
                            namespace: RequestURI.queryValue("ns", in: head.uri)) != nil
         else { return false }
@@ -40,6 +40,9 @@ struct CacheHitResponder: Sendable {
         let plan: BlobResponsePlan
         var file: NIOFileHandle?
         let entry = head.method == .HEAD ? nil : smallBlobs.get(digest)
+        // One last-use stamp per hit: here for a blob from memory, in
+        // `openCached` for a file. A HEAD is not a use.
+        if entry != nil { _ = store.use(digest) }
         var inline = entry?.bytes
         let rangeHeader = head.headers.first(name: "range")
         if head.method == .HEAD {

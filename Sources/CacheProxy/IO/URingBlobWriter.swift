@@ -65,7 +65,7 @@ public final class URingBlobWriter: BlobWriter {
     }
 
     public func unlink(_ path: String) async throws {
-        _ = try await run(.unlinkat(path: path, flags: 0), "unlink \(path)")
+        _ = try await run(.unlinkat(path: path), "unlink \(path)")
     }
 
     public func close(_ fd: CInt) async {
