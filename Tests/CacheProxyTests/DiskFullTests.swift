@@ -1,5 +1,6 @@
 @testable import CacheProxy
 import Foundation
+import NIOHTTP1
 import XCTest
 
 /// A cache folder on a small tmpfs mounted by the test: a full disk during a
@@ -28,13 +29,29 @@ final class DiskFullTests: XCTestCase {
         try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port), folder: disk + "/cache", extraYAML: extraYAML)
     }
 
+    /// A fake upstream answering `reply`, and a proxy whose cache is on a
+    /// new tmpfs of `size`.
+    private func onSmallDisk(_ size: String, extraYAML: String = "",
+                             _ reply: @escaping @Sendable (HTTPRequestHead) -> FakeUpstream.Reply) async throws
+        -> (FakeUpstream, TestProxy) {
+        let disk = try smallDisk(size)
+        let upstream = try await FakeUpstream(reply)
+        return (upstream, try await start(upstream, on: disk, extraYAML: extraYAML))
+    }
+
+    /// A raw client that sends a GET for `digest` and then reads at its own pace.
+    private func rawGet(_ proxy: TestProxy, _ digest: String, close: Bool = false) throws -> SlowReader {
+        let reader = try SlowReader(port: proxy.port)
+        let connection = close ? "Connection: close\r\n" : ""
+        XCTAssertTrue(reader.send("GET /v2/a/blobs/\(digest) HTTP/1.1\r\nHost: 127.0.0.1\r\n\(connection)\r\n"))
+        return reader
+    }
+
     /// 12 MB through a 4 MiB disk, to three clients at once: each gets every
     /// byte, verified; the disk keeps nothing.
     func testAFillLargerThanTheDiskServesEveryClientAndKeepsNothing() async throws {
-        let disk = try smallDisk("4m")
         let bytes = F.randomBytes(12_000_000)
-        let upstream = try await FakeUpstream { _ in .init(body: bytes, chunkSize: 256 * 1024, delay: .milliseconds(5)) }
-        let proxy = try await start(upstream, on: disk)
+        let (upstream, proxy) = try await onSmallDisk("4m") { _ in .init(body: bytes, chunkSize: 256 * 1024, delay: .milliseconds(5)) }
         let url = "\(proxy.base)/v2/a/blobs/\(F.digest(of: bytes))"
         for got in try curlAtOnce(url, count: 3) {
             XCTAssertEqual(got.exit, 0)
@@ -54,10 +71,8 @@ final class DiskFullTests: XCTestCase {
     /// From memory as from disk, a body that does not match its digest ends
     /// as a cut connection, never a complete answer.
     func testWrongBytesFromMemoryAreStillNeverAComplete200() async throws {
-        let disk = try smallDisk("2m")
         let bytes = F.randomBytes(6_000_000)
-        let upstream = try await FakeUpstream { _ in .init(body: Array(bytes.reversed())) }
-        let proxy = try await start(upstream, on: disk)
+        let (upstream, proxy) = try await onSmallDisk("2m") { _ in .init(body: Array(bytes.reversed())) }
         let got = try curl("\(proxy.base)/v2/a/blobs/\(F.digest(of: bytes))")
         XCTAssertNotEqual(got.exit, 0, "cut")
         XCTAssertLessThan(got.body.count, bytes.count)
@@ -109,10 +124,8 @@ final class DiskFullTests: XCTestCase {
     /// it must not hold the memory window shut meanwhile (which would stall
     /// the fill until `upstream_idle` cut everyone).
     func testAShortRangeFromMemoryDoesNotStallTheFill() async throws {
-        let disk = try smallDisk("2m")
         let bytes = F.randomBytes(12_000_000)
-        let upstream = try await FakeUpstream { _ in .init(body: bytes, chunkSize: 256 * 1024, delay: .milliseconds(5)) }
-        let proxy = try await start(upstream, on: disk, extraYAML: "timeouts: {upstream_idle: 2}")
+        let (upstream, proxy) = try await onSmallDisk("2m", extraYAML: "timeouts: {upstream_idle: 2}") { _ in .init(body: bytes, chunkSize: 256 * 1024, delay: .milliseconds(5)) }
         let url = "\(proxy.base)/v2/a/blobs/\(F.digest(of: bytes))"
         async let range = Task.detached { try curl(url, ["-H", "Range: bytes=0-1000"]) }.value
         try await Task.sleep(for: .milliseconds(50))
@@ -131,14 +144,11 @@ final class DiskFullTests: XCTestCase {
     /// waits for it (here a 2.5 s pause, well within the send timeout) is
     /// not the upstream's idle time.
     func testASlowClientFromMemoryIsNotTakenForAnIdleUpstream() async throws {
-        let disk = try smallDisk("2m")
         // Large enough that the pause outlasts what socket buffers and the
         // window can absorb: the fill has to wait for the client.
         let bytes = F.randomBytes(30_000_000)
-        let upstream = try await FakeUpstream { _ in .init(body: bytes) }
-        let proxy = try await start(upstream, on: disk, extraYAML: "timeouts: {upstream_idle: 1}")
-        let reader = try SlowReader(port: proxy.port)
-        XCTAssertTrue(reader.send("GET /v2/a/blobs/\(F.digest(of: bytes)) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"))
+        let (upstream, proxy) = try await onSmallDisk("2m", extraYAML: "timeouts: {upstream_idle: 1}") { _ in .init(body: bytes) }
+        let reader = try rawGet(proxy, F.digest(of: bytes), close: true)
         let first = reader.read(bytesPerSecond: 4_000_000, limit: 1_000_000, deadline: 10)
         try await Task.sleep(for: .milliseconds(2500))
         let rest = reader.read(bytesPerSecond: 1 << 30, deadline: 30)
@@ -155,10 +165,8 @@ final class DiskFullTests: XCTestCase {
     /// With no disk and no client left, a fill has nobody to download for:
     /// it stops instead of fetching the rest into nowhere.
     func testAFillFromMemoryStopsWhenItsLastClientLeaves() async throws {
-        let disk = try smallDisk("2m")
         let bytes = F.randomBytes(16_000_000)
-        let upstream = try await FakeUpstream { _ in .init(body: bytes, chunkSize: 256 * 1024, delay: .milliseconds(60)) }
-        let proxy = try await start(upstream, on: disk)
+        let (upstream, proxy) = try await onSmallDisk("2m") { _ in .init(body: bytes, chunkSize: 256 * 1024, delay: .milliseconds(60)) }
         let url = "\(proxy.base)/v2/a/blobs/\(F.digest(of: bytes))"
         let left = try curl(url, ["--max-time", "1"])
         XCTAssertNotEqual(left.exit, 0, "the client gave up after 1 s of a ~4 s download")
@@ -174,13 +182,10 @@ final class DiskFullTests: XCTestCase {
     /// until the send timeout cuts it; a client that started with it gets
     /// the whole blob, verified.
     func testAStalledClientFromMemoryIsCutByTheSendTimeoutAndTheOtherFinishes() async throws {
-        let disk = try smallDisk("2m")
         let bytes = F.randomBytes(30_000_000)
-        let upstream = try await FakeUpstream { _ in .init(body: bytes) }
-        let proxy = try await start(upstream, on: disk, extraYAML: "timeouts: {send: 1, upstream_idle: 10}")
+        let (upstream, proxy) = try await onSmallDisk("2m", extraYAML: "timeouts: {send: 1, upstream_idle: 10}") { _ in .init(body: bytes) }
         let url = "\(proxy.base)/v2/a/blobs/\(F.digest(of: bytes))"
-        let stalled = try SlowReader(port: proxy.port)
-        XCTAssertTrue(stalled.send("GET /v2/a/blobs/\(F.digest(of: bytes)) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
+        let stalled = try rawGet(proxy, F.digest(of: bytes))
         let started = Date()
         let fast = Task.detached { try curl(url) }
         _ = stalled.read(bytesPerSecond: 1 << 30, limit: 100_000, deadline: 5)  // then nothing for 3 s
@@ -201,10 +206,8 @@ final class DiskFullTests: XCTestCase {
     /// From memory as from disk, an upstream that stalls past
     /// `upstream_idle` fails the fill: its clients are cut, nothing is kept.
     func testAnUpstreamStallingPastItsIdleTimeoutFromMemoryCutsTheClients() async throws {
-        let disk = try smallDisk("2m")
         let bytes = F.randomBytes(8_000_000)
-        let upstream = try await FakeUpstream { _ in .init(body: bytes, stallAfter: 5_000_000, stallFor: .seconds(4)) }
-        let proxy = try await start(upstream, on: disk, extraYAML: "timeouts: {upstream_idle: 1}")
+        let (upstream, proxy) = try await onSmallDisk("2m", extraYAML: "timeouts: {upstream_idle: 1}") { _ in .init(body: bytes, stallAfter: 5_000_000, stallFor: .seconds(4)) }
         let started = Date()
         let got = try curl("\(proxy.base)/v2/a/blobs/\(F.digest(of: bytes))")
         XCTAssertNotEqual(got.exit, 0, "cut, not complete")

@@ -270,10 +270,12 @@ public final class Fill: Sendable {
     /// Runs the download to its end. Never throws: every failure ends in the
     /// `failed` state with the temporary file deleted.
     func run(_ context: FillContext) async {
+        // The temporary file, whose descriptor closes on the way out; it is
+        // deleted unless it became the cache entry.
         var temporary: (path: String, fd: CInt)?
-        var descriptor: CInt = -1
+        var published = false
         defer {
-            if descriptor >= 0 { close(descriptor) }
+            if let temporary { close(temporary.fd) }
         }
         do {
             transition { $0.start() }
@@ -321,7 +323,6 @@ public final class Fill: Sendable {
                 storageFailed(error, fileEnd: 0)
             }
             temporary = file
-            descriptor = file?.fd ?? -1
             inner.withLockedValue {
                 $0.readFD = readFD
                 $0.head = BlobHead(contentLength: length, contentType: response.headers.first(name: "content-type"))
@@ -358,7 +359,7 @@ public final class Fill: Sendable {
                 if let file, context.store.keeps(size: size) {
                     do {
                         try await context.store.publish(temporary: file, digest: digest, size: size)
-                        temporary = nil
+                        published = true
                         transition { $0.publishSucceeded() }
                     } catch {
                         storageFailed(error, fileEnd: .max)
@@ -370,7 +371,7 @@ public final class Fill: Sendable {
             case .none:
                 break
             }
-            if let file, temporary != nil {
+            if let file, !published {
                 await context.store.discard(temporaryPath: file.path)
             }
             countStorageError(context)
