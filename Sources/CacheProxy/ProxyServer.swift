@@ -41,17 +41,28 @@ public final class ProxyServer: Service, Sendable {
             writer.shutdown()
             throw error
         }
-        self.client = UpstreamClient(eventLoopGroup: group, timeouts: config.timeouts, logger: logger)
+        self.client = try UpstreamClient(eventLoopGroup: group, timeouts: config.timeouts,
+                                         upstreams: config.upstreams, logger: logger)
+        for upstream in config.upstreams where upstream.tls.insecure {
+            logger.warning("INSECURE: TLS certificates of this upstream are NOT verified; anyone on the path can answer for it (only blobs are still checked against their digests)",
+                           metadata: ["upstream": "\(upstream.host)", "registry": "\(upstream.registry)"])
+        }
+        for upstream in config.upstreams where upstream.accessCheck == .never {
+            logger.notice("access checks are off for this upstream: any client that knows a digest gets the cached blob",
+                          metadata: ["upstream": "\(upstream.host)"])
+        }
+        let gate = AccessGate(client: client, metrics: metrics)
         self.fills = FillRegistry(context: FillContext(client: client, store: store, metrics: metrics, logger: logger))
         let passThrough = PassThrough(client: client, metrics: metrics)
         let router = Router(upstreams: config.upstreams)
         self.router = router
         self.handler = RequestHandler(
             router: router,
-            blobs: BlobResponder(store: store, fills: fills, passThrough: passThrough, metrics: metrics),
+            blobs: BlobResponder(store: store, fills: fills, passThrough: passThrough, gate: gate,
+                                 metrics: metrics),
             passThrough: passThrough, metrics: metrics, tracker: tracker, logger: logger,
             trustForwardedHeaders: config.api.trustForwardedHeaders)
-        self.hits = CacheHitResponder(router: router, store: store, metrics: metrics, tracker: tracker)
+        self.hits = CacheHitResponder(router: router, store: store, gate: gate, metrics: metrics, tracker: tracker)
     }
 
     /// The port the listener is bound to, once it is (port 0 in tests).

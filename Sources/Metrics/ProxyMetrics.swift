@@ -31,6 +31,12 @@ public final class ProxyMetrics: Sendable {
     /// Storage errors during fills (the fill went on from memory), by errno.
     public let fillErrors: [String: Counter]
     public static let fillErrorReasons = ["enospc", "edquot", "eio", "erofs", "other"]
+    /// Access checks of cache hits and joins, by how they were decided:
+    /// `remembered` (an earlier yes still fresh), `allowed` / `refused` (the
+    /// upstream's answer to a HEAD), `offline_served` / `offline_refused`
+    /// (the upstream could not be asked).
+    public let accessChecks: [String: Counter]
+    public static let accessCheckResults = ["remembered", "allowed", "refused", "offline_served", "offline_refused"]
 
     /// Series looked up per request are kept here, so the hot path does one
     /// small dictionary lookup instead of the registry's name-and-label
@@ -79,6 +85,13 @@ public final class ProxyMetrics: Sendable {
                 labels: [("reason", reason)])
         }
         self.fillErrors = fillErrors
+        var accessChecks: [String: Counter] = [:]
+        for result in Self.accessCheckResults {
+            accessChecks[result] = registry.makeCounter(
+                descriptor: Self.describe("cacheproxy_access_checks_total", "Checks that a client may read a cached blob or join a fill, by result."),
+                labels: [("result", result)])
+        }
+        self.accessChecks = accessChecks
     }
 
     /// One finished client request. `kind` is `blob`, `passthrough`, `local`

@@ -14,6 +14,7 @@ struct BlobResponder: Sendable {
     let store: BlobStore
     let fills: FillRegistry
     let passThrough: PassThrough
+    let gate: AccessGate
     let metrics: ProxyMetrics
 
     struct Request: Sendable {
@@ -31,8 +32,16 @@ struct BlobResponder: Sendable {
         // A blob GET is never passed through: every byte a client gets has
         // gone through a fill that checks the digest.
         var attempt = 0
+        var admitted = false
         while true {
             attempt += 1
+            // Bytes someone else fetched go only to a client the upstream
+            // would give them to; a client that starts its own fill is
+            // checked by the upstream's answer to that fill.
+            if !admitted, store.size(of: request.digest) != nil {
+                admitted = true
+                if let refusal = try await admit(request, response: response) { return refusal }
+            }
             switch store.openCached(request.digest) {
             case .file(let fd, let size):
                 metrics.blobHits.increment()
@@ -47,6 +56,10 @@ struct BlobResponder: Sendable {
             let lookup = fills.fill(for: request.digest, upstream: request.upstream,
                                     repository: request.name, headers: Self.upstreamHeaders(request.head))
             guard case .fill(let fill, let joined) = lookup else { continue }  // published meanwhile
+            if joined, !admitted {
+                admitted = true
+                if let refusal = try await admit(request, response: response) { return refusal }
+            }
             (joined ? metrics.coalescedFollowers : metrics.blobMisses).increment()
             let status = try await fill.withFollower(closing: response.closeWatch) { follower -> HTTPResponseStatus? in
                 let first = await fill.next(after: -1, follower: follower)
@@ -68,6 +81,12 @@ struct BlobResponder: Sendable {
                     try await response.send(error)
                     return error.status
                 default:
+                    if !joined {
+                        // The upstream just gave this client the blob: a
+                        // later hit with the same credentials needs no HEAD.
+                        gate.remember(upstream: request.upstream, headers: request.head.headers,
+                                      repository: request.name)
+                    }
                     return try await follow(fill, follower: follower, first: first, request, response: response)
                 }
             }
@@ -80,6 +99,10 @@ struct BlobResponder: Sendable {
     /// HEAD right after a GET never goes upstream again), else by the
     /// upstream, storing nothing.
     private func respondToHead(_ request: Request, response: ResponseChannel) async throws -> HTTPResponseStatus {
+        if store.size(of: request.digest) != nil || fills.running(request.digest) != nil,
+           let refusal = try await admit(request, response: response) {
+            return refusal
+        }
         if let size = store.size(of: request.digest) {
             metrics.blobHits.increment()
             return try await sendHead(request, length: size, contentType: nil, response: response)
@@ -109,6 +132,33 @@ struct BlobResponder: Sendable {
         }
         return try await passThrough.forward(request.head, to: request.upstream, body: nil,
                                              origin: request.origin, response: response)
+    }
+
+    /// Answers the client when the upstream would not give it this blob;
+    /// nil when it may have it.
+    private func admit(_ request: Request, response: ResponseChannel) async throws -> HTTPResponseStatus? {
+        let verdict = await gate.check(upstream: request.upstream, headers: request.head.headers,
+                                       repository: request.name, digest: request.digest)
+        try response.checkClientPresent()
+        let omitBody = request.head.method == .HEAD
+        switch verdict {
+        case .allowed:
+            return nil
+        case .refused(let status, let upstreamHeaders):
+            // The upstream's headers (its `WWW-Authenticate` above all), with
+            // a body of this proxy's: the upstream's answer was to a HEAD.
+            var headers = upstreamHeaders
+            for name in ["content-length", "content-type", "docker-content-digest", "etag", "accept-ranges"] {
+                headers.remove(name: name)
+            }
+            let error = OCIError.refusal(status)
+            headers.add(name: "content-type", value: "application/json")
+            try await response.send(status, headers: headers, body: ByteBuffer(string: error.body), omitBody: omitBody)
+            return status
+        case .unreachable(let error):
+            try await response.send(error, omitBody: omitBody)
+            return error.status
+        }
     }
 
     private func sendHead(_ request: Request, length: Int64, contentType: String?,

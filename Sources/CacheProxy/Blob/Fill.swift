@@ -284,7 +284,7 @@ public final class Fill: Sendable {
             let url = "\(upstream.origin)/v2/\(repository)/blobs/\(digest)"
             let response: HTTPClientResponse
             do {
-                response = try await context.client.getFollowingRedirects(url: url, headers: headers)
+                response = try await context.client.getFollowingRedirects(url: url, headers: headers, upstream: upstream)
             } catch {
                 context.metrics.upstreamResponse(upstream: upstream.host, code: 0)
                 throw error

@@ -39,14 +39,7 @@ public enum ConfigLoader {
         let top = try Node(value: root ?? [String: Any](), key: "(top level)").mapping(
             allowed: ["api", "upstreams", "storage", "timeouts", "limits", "log_level"])
 
-        let api = try top.required("api").mapping(allowed: ["hostname", "port", "tls_cert", "tls_key", "trust_forwarded_headers"])
-        if api.has("tls_cert") || api.has("tls_key") {
-            throw ConfigError(key: "api.tls_cert", problem: "a TLS listener is not supported by this version yet; terminate TLS in front of the proxy")
-        }
-        let apiConfig = ProxyConfig.API(
-            hostname: try api.optional("hostname")?.string() ?? "0.0.0.0",
-            port: try api.optional("port")?.port() ?? 5000,
-            trustForwardedHeaders: try api.optional("trust_forwarded_headers")?.bool() ?? false)
+        let apiConfig = try Self.api(try top.required("api"))
 
         let upstreamNodes = try top.required("upstreams").sequence()
         if upstreamNodes.isEmpty {
@@ -54,7 +47,7 @@ public enum ConfigLoader {
         }
         var seenHosts = Set<String>()
         let upstreams = try upstreamNodes.map { node -> ProxyConfig.Upstream in
-            let u = try node.mapping(allowed: ["host", "registry", "port", "schema", "aliases"])
+            let u = try node.mapping(allowed: Self.upstreamKeys)
             let schema = try u.optional("schema")?.string() ?? "https"
             guard schema == "http" || schema == "https" else {
                 throw ConfigError(key: "\(node.key).schema", problem: "must be \"http\" or \"https\", not \"\(schema)\"")
@@ -73,10 +66,12 @@ public enum ConfigLoader {
                 throw ConfigError(key: registryNode.key, problem: "must be a host name without scheme or path")
             }
             let aliases = try u.optional("aliases")?.sequence().map { try $0.string().lowercased() } ?? []
-            return ProxyConfig.Upstream(
+            var upstream = ProxyConfig.Upstream(
                 host: host, registry: registry,
                 port: try u.optional("port")?.port() ?? (schema == "https" ? 443 : 80),
                 schema: schema, aliases: aliases)
+            try Self.security(u, into: &upstream)
+            return upstream
         }
 
         let storageConfig = try Self.storage(try top.required("storage"))
@@ -108,8 +103,100 @@ public enum ConfigLoader {
     }
 }
 
-/// A YAML value together with the dotted key it was found at.
 extension ConfigLoader {
+    static func api(_ node: Node) throws -> ProxyConfig.API {
+        let api = try node.mapping(allowed: ["hostname", "port", "tls_cert", "tls_key", "tls_port",
+                                             "trust_forwarded_headers"])
+        var config = ProxyConfig.API(
+            hostname: try api.optional("hostname")?.string() ?? "0.0.0.0",
+            port: try api.optional("port")?.port() ?? 5000,
+            trustForwardedHeaders: try api.optional("trust_forwarded_headers")?.bool() ?? false)
+        config.tlsCert = try api.optional("tls_cert")?.readableFile()
+        config.tlsKey = try api.optional("tls_key")?.readableFile()
+        config.tlsPort = try api.optional("tls_port")?.port()
+        if (config.tlsCert == nil) != (config.tlsKey == nil) {
+            throw ConfigError(key: config.tlsCert == nil ? "api.tls_cert" : "api.tls_key",
+                              problem: "tls_cert and tls_key go together")
+        }
+        if config.tlsPort != nil, config.tlsCert == nil {
+            throw ConfigError(key: "api.tls_port", problem: "needs api.tls_cert and api.tls_key")
+        }
+        if let tlsPort = config.tlsPort, tlsPort == config.port {
+            throw ConfigError(key: "api.tls_port", problem: "must differ from api.port (\(config.port))")
+        }
+        return config
+    }
+
+    static let upstreamKeys: Set<String> = [
+        "host", "registry", "port", "schema", "aliases", "access_check", "access_cache_ttl", "offline",
+        "username", "password", "password_file", "password_env", "ca_file", "client_cert", "client_key", "insecure",
+    ]
+
+    /// The keys of an upstream that decide who gets what: access checks,
+    /// the proxy's own credentials, TLS.
+    static func security(_ u: Mapping, into upstream: inout ProxyConfig.Upstream) throws {
+        if let node = u.optional("access_check") {
+            guard let value = ProxyConfig.AccessCheck(rawValue: try node.string()) else {
+                throw ConfigError(key: node.key, problem: "must be always or never")
+            }
+            upstream.accessCheck = value
+        }
+        if let ttl = try u.optional("access_cache_ttl")?.seconds() { upstream.accessCacheTTL = ttl }
+        if let node = u.optional("offline") {
+            guard let value = ProxyConfig.Offline(rawValue: try node.string()) else {
+                throw ConfigError(key: node.key, problem: "must be serve or deny")
+            }
+            upstream.offline = value
+        }
+        let secrets = ["password", "password_file", "password_env"].compactMap { u.optional($0) }
+        if let username = u.optional("username") {
+            guard secrets.count == 1 else {
+                throw ConfigError(key: username.key, problem: "needs exactly one of password, password_file, password_env")
+            }
+            let name = try username.string()
+            guard !name.isEmpty, !name.contains(":") else {
+                throw ConfigError(key: username.key, problem: "must be non-empty and without \":\"")
+            }
+            upstream.credentials = .init(username: name, password: try Self.password(secrets[0]))
+        } else if let secret = secrets.first {
+            throw ConfigError(key: secret.key, problem: "needs a username beside it")
+        }
+        upstream.tls.caFile = try u.optional("ca_file")?.readableFile()
+        upstream.tls.clientCert = try u.optional("client_cert")?.readableFile()
+        upstream.tls.clientKey = try u.optional("client_key")?.readableFile()
+        upstream.tls.insecure = try u.optional("insecure")?.bool() ?? false
+        if (upstream.tls.clientCert == nil) != (upstream.tls.clientKey == nil) {
+            let missing = upstream.tls.clientCert == nil ? "client_cert" : "client_key"
+            throw ConfigError(key: u.key + "." + missing, problem: "client_cert and client_key go together")
+        }
+    }
+
+    /// A password from the file itself, a file (its first line), or the
+    /// environment. Errors name the key and never the value.
+    static func password(_ node: Node) throws -> String {
+        let name = node.key.split(separator: ".").last.map(String.init) ?? node.key
+        let value: String
+        switch name {
+        case "password_file":
+            let path = try node.readableFile()
+            guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
+                throw ConfigError(key: node.key, problem: "cannot read \(path)")
+            }
+            value = String(text.split(separator: "\n", omittingEmptySubsequences: false).first ?? "")
+                .trimmingCharacters(in: CharacterSet(charactersIn: "\r"))
+        case "password_env":
+            let variable = try node.string()
+            guard let text = ProcessInfo.processInfo.environment[variable] else {
+                throw ConfigError(key: node.key, problem: "the environment variable \(variable) is not set")
+            }
+            value = text
+        default:
+            value = try node.string()
+        }
+        guard !value.isEmpty else { throw ConfigError(key: node.key, problem: "the password is empty") }
+        return value
+    }
+
     static func storage(_ node: Node) throws -> ProxyConfig.Storage {
         let storage = try node.mapping(allowed: ["folder", "fsync", "io_backend", "max_size", "high_watermark",
                                                  "low_watermark"])
@@ -131,6 +218,7 @@ extension ConfigLoader {
     }
 }
 
+/// A YAML value together with the dotted key it was found at.
 struct Node {
     let value: Any
     let key: String
@@ -223,6 +311,16 @@ struct Node {
             throw ConfigError(key: key, problem: problem)
         }
         return Int64(n * scale)
+    }
+
+    /// A path to a file the proxy can read now (certificates, keys,
+    /// secrets): a typo stops the start, not the first TLS handshake.
+    func readableFile() throws -> String {
+        let path = try string()
+        guard !path.isEmpty, FileManager.default.isReadableFile(atPath: path) else {
+            throw ConfigError(key: key, problem: "cannot read the file \"\(path)\"")
+        }
+        return path
     }
 
     /// A fraction in (0, 1].

@@ -9,6 +9,58 @@ public struct ProxyConfig: Sendable, Equatable {
         /// (or load balancer) that sets them; otherwise a client could name
         /// any scheme and host in the `Location` headers it gets back.
         public var trustForwardedHeaders: Bool = false
+        /// PEM certificate chain and key: with them the listener speaks TLS
+        /// (on `tlsPort` when one is set, with `port` staying plaintext).
+        public var tlsCert: String?
+        public var tlsKey: String?
+        public var tlsPort: Int?
+    }
+
+    /// Whether a cached blob is served only to a client the upstream would
+    /// serve it to (DESIGN.md, Security).
+    public enum AccessCheck: String, Sendable, Equatable {
+        /// An upstream `HEAD` with the client's credentials decides, its
+        /// answer remembered for `accessCacheTTL`.
+        case always
+        /// Anyone who knows a digest gets the blob (the reference design's
+        /// behaviour): only for mirrors of public images.
+        case never
+    }
+
+    /// What a hit gets when the upstream cannot be asked.
+    public enum Offline: String, Sendable, Equatable {
+        /// Served when this credential was allowed this repository before.
+        case serve
+        /// Refused with the upstream's failure (502/504).
+        case deny
+    }
+
+    /// The proxy's own account at an upstream, used for clients that send
+    /// no `Authorization`. Never printed: `description` hides the password.
+    public struct Credentials: Sendable, Equatable, CustomStringConvertible, CustomReflectable {
+        public var username: String
+        public var password: String
+        public var description: String { "Credentials(username: \(username), password: <hidden>)" }
+        public var customMirror: Mirror { Mirror(self, children: ["username": username]) }
+        public init(username: String, password: String) {
+            self.username = username
+            self.password = password
+        }
+    }
+
+    /// How the proxy verifies an upstream and presents itself to it.
+    public struct UpstreamTLS: Sendable, Equatable {
+        /// PEM file of the CAs trusted for this upstream (in place of the
+        /// system's).
+        public var caFile: String?
+        /// PEM certificate chain and key presented to an upstream that asks
+        /// for a client certificate.
+        public var clientCert: String?
+        public var clientKey: String?
+        /// No verification at all: anyone on the path can serve the bytes.
+        /// Blobs are still checked against their digests; manifests are not.
+        public var insecure: Bool = false
+        public init() {}
     }
 
     public struct Upstream: Sendable, Equatable {
@@ -22,6 +74,12 @@ public struct ProxyConfig: Sendable, Equatable {
         /// Extra names containerd may send as `?ns=` for this registry
         /// (`docker.io` for Docker Hub is added automatically).
         public var aliases: [String]
+        public var accessCheck: AccessCheck = .always
+        /// How long an upstream's yes to (credential, repository) is believed.
+        public var accessCacheTTL: Double = 60
+        public var offline: Offline = .serve
+        public var credentials: Credentials?
+        public var tls = UpstreamTLS()
 
         /// `scheme://registry[:port]`, with the port left out when it is the
         /// scheme's default, as registries write it in `Location` headers.

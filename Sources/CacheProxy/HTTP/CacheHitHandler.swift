@@ -16,6 +16,7 @@ import ProxyMetrics
 struct CacheHitResponder: Sendable {
     let router: Router
     let store: BlobStore
+    let gate: AccessGate
     let metrics: ProxyMetrics
     let tracker: ConnectionTracker
     var smallBlobs: SmallBlobCache { store.smallBlobs }
@@ -24,10 +25,13 @@ struct CacheHitResponder: Sendable {
     func answer(_ head: HTTPRequestHead, context: ChannelHandlerContext,
                 wrap: (HTTPServerResponsePart) -> NIOAny) -> Bool {
         guard head.method == .GET || head.method == .HEAD,
-              case .blob(_, let digest)? = try? RequestTarget.classify(method: head.method.rawValue, uri: head.uri),
+              case .blob(let name, let digest)? = try? RequestTarget.classify(method: head.method.rawValue, uri: head.uri),
               let size = store.size(of: digest),
-              router.route(host: head.headers.first(name: "host"),
-                           namespace: RequestURI.queryValue("ns", in: head.uri)) != nil
+              let upstream = router.route(host: head.headers.first(name: "host"),
+                                          namespace: RequestURI.queryValue("ns", in: head.uri)),
+              // A client whose access is not known to be fresh is checked
+              // on the async side (an upstream HEAD).
+              gate.allowsNow(upstream: upstream, headers: head.headers, repository: name)
         else { return false }
         let started = ContinuousClock.now
         let channel = context.channel

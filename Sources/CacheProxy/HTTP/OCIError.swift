@@ -11,6 +11,9 @@ public enum OCIErrorCode: String, Sendable {
     case timeout = "TIMEOUT"
     case tooLarge = "TOO_LARGE"
     case unsupported = "UNSUPPORTED"
+    case unauthorized = "UNAUTHORIZED"
+    case denied = "DENIED"
+    case blobUnknown = "BLOB_UNKNOWN"
 }
 
 /// An answer the proxy makes up itself: an OCI JSON error.
@@ -23,6 +26,15 @@ public struct OCIError: Error, Sendable {
         self.status = status
         self.code = code
         self.message = message
+    }
+
+    /// The body of an upstream's refusal to let a client read a blob.
+    static func refusal(_ status: HTTPResponseStatus) -> OCIError {
+        switch status {
+        case .unauthorized: OCIError(status, .unauthorized, "authentication required")
+        case .notFound: OCIError(status, .blobUnknown, "blob unknown to the upstream registry")
+        default: OCIError(status, .denied, "requested access to the resource is denied")
+        }
     }
 
     public var body: String {

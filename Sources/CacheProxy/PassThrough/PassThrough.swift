@@ -101,7 +101,7 @@ struct PassThrough: Sendable {
 
         let upstreamResponse: HTTPClientResponse
         do {
-            upstreamResponse = try await client.execute(request, body: body)
+            upstreamResponse = try await client.send(request, to: upstream, body: body)
         } catch {
             metrics.upstreamResponse(upstream: upstream.host, code: 0)
             client.logger.notice("upstream request failed", metadata: [

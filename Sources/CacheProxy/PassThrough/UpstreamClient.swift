@@ -3,6 +3,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
+import NIOSSL
 
 /// The one HTTP client every upstream request goes through, with the
 /// upstream's two timeouts kept apart (DESIGN.md, Timeouts):
@@ -15,15 +16,33 @@ import NIOHTTP1
 /// Redirects are never followed by the client itself: a blob fill follows
 /// them by hand (`getFollowingRedirects`), a pass-through hands them to the
 /// client unchanged.
+///
+/// Each upstream's TLS settings (`ca_file`, client certificate, `insecure`)
+/// and its credentials go with every request sent `to:` it (`send`).
 public final class UpstreamClient: Sendable {
+    /// What is particular to one upstream.
+    struct Session: Sendable {
+        let tls: TLSConfiguration?
+        let auth: UpstreamAuth?
+    }
+
     let http: HTTPClient
+    private let sessions: [String: Session]
     let answerTimeout: Duration
     let idleTimeout: Duration
     /// Where the detail of upstream failures goes (clients get a summary).
     let logger: Logger
 
-    public init(eventLoopGroup: any EventLoopGroup, timeouts: ProxyConfig.Timeouts, logger: Logger) {
+    public init(eventLoopGroup: any EventLoopGroup, timeouts: ProxyConfig.Timeouts,
+                upstreams: [ProxyConfig.Upstream] = [], logger: Logger) throws {
         self.logger = logger
+        var sessions: [String: Session] = [:]
+        for (index, upstream) in upstreams.enumerated() {
+            sessions[upstream.host] = Session(
+                tls: try Self.tlsConfiguration(upstream.tls, key: "upstreams[\(index)]"),
+                auth: upstream.credentials.map { UpstreamAuth(credentials: $0, upstream: upstream) })
+        }
+        self.sessions = sessions
         var configuration = HTTPClient.Configuration()
         configuration.redirectConfiguration = .disallow
         configuration.decompression = .disabled
@@ -67,11 +86,68 @@ public final class UpstreamClient: Sendable {
         }
     }
 
+    /// Sends a request on behalf of `upstream`: with its TLS settings when
+    /// the request goes to the upstream's host, and, when the client sent no
+    /// `Authorization` and the upstream has an account configured, with the
+    /// account's credentials (answering one 401 challenge when the request
+    /// has no body to send again).
+    func send(_ request: HTTPClientRequest, to upstream: ProxyConfig.Upstream, body: RequestBodySource? = nil,
+              authorize: Bool = true) async throws -> HTTPClientResponse {
+        var request = request
+        let session = sessions[upstream.host]
+        if let target = RedirectTarget(request.url), target.host == upstream.registry {
+            request.tlsConfiguration = session?.tls
+        }
+        guard authorize, let auth = session?.auth, !request.headers.contains(name: "authorization") else {
+            return try await execute(request, body: body)
+        }
+        if let value = auth.known(scope: UpstreamAuth.scope(method: request.method, uri: request.url)) {
+            request.headers.add(name: "authorization", value: value)
+        }
+        let response = try await execute(request, body: body)
+        guard response.status == .unauthorized, body == nil else { return response }
+        let challenges = AuthChallenge.parse(response.headers[canonicalForm: "www-authenticate"].joined(separator: ", "))
+        guard let value = await auth.answer(challenges, using: self) else { return response }
+        _ = try? await response.body.collect(upTo: 1 << 16)  // frees the connection for the retry
+        request.headers.replaceOrAdd(name: "authorization", value: value)
+        return try await execute(request)
+    }
+
+    /// The TLS settings of an upstream that has any; nil for the system's
+    /// defaults. Unreadable or invalid PEM stops the start, naming the key.
+    static func tlsConfiguration(_ tls: ProxyConfig.UpstreamTLS, key: String) throws -> TLSConfiguration? {
+        guard tls.caFile != nil || tls.clientCert != nil || tls.insecure else { return nil }
+        var configuration = TLSConfiguration.makeClientConfiguration()
+        configuration.minimumTLSVersion = .tlsv12
+        if let caFile = tls.caFile {
+            do {
+                configuration.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(caFile))
+            } catch {
+                throw ConfigError(key: key + ".ca_file", problem: "not a PEM certificate file (\(error))")
+            }
+        }
+        if let certFile = tls.clientCert, let keyFile = tls.clientKey {
+            do {
+                configuration.certificateChain = try NIOSSLCertificate.fromPEMFile(certFile).map { .certificate($0) }
+            } catch {
+                throw ConfigError(key: key + ".client_cert", problem: "not a PEM certificate file (\(error))")
+            }
+            do {
+                configuration.privateKey = .privateKey(try NIOSSLPrivateKey(file: keyFile, format: .pem))
+            } catch {
+                throw ConfigError(key: key + ".client_key", problem: "not a PEM private key file")
+            }
+        }
+        if tls.insecure { configuration.certificateVerification = .none }
+        return configuration
+    }
+
     /// A GET that follows up to `limit` redirects. `Authorization` and
     /// cookies go only where the original request went: a redirect that
     /// changes scheme, host or port (a CDN with a signed URL, say) gets
     /// none. Only http and https are followed.
-    public func getFollowingRedirects(url: String, headers: HTTPHeaders, limit: Int = 5) async throws -> HTTPClientResponse {
+    func getFollowingRedirects(url: String, headers: HTTPHeaders, upstream: ProxyConfig.Upstream,
+                               limit: Int = 5) async throws -> HTTPClientResponse {
         var current = url
         var headers = headers
         guard let original = RedirectTarget(url) else { throw UpstreamFailure.badRedirect }
@@ -79,7 +155,9 @@ public final class UpstreamClient: Sendable {
             var request = HTTPClientRequest(url: current)
             request.method = .GET
             request.headers = headers
-            let response = try await execute(request)
+            // The upstream's own credentials go to the upstream only, never
+            // to where it redirects.
+            let response = try await send(request, to: upstream, authorize: current == url)
             guard [301, 302, 303, 307, 308].contains(response.status.code),
                   let location = response.headers.first(name: "location")
             else { return response }
