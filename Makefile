@@ -6,9 +6,9 @@ export PATH := /opt/swift/usr/bin:$(PATH)
 
 # Debian packages: liburing for the build; the rest are the real parts the
 # tests drive (the distribution registry, skopeo, containerd's ctr, promtool,
-# curl).
+# curl; htpasswd and openssl make the users and certificates of the security tests).
 BUILD_PACKAGES := liburing-dev pkg-config
-TEST_PACKAGES  := docker-registry skopeo containerd prometheus curl
+TEST_PACKAGES  := docker-registry skopeo containerd prometheus curl apache2-utils openssl
 CONFIG ?= config.yaml
 
 .PHONY: run test build release deps-build deps-test bench clean

@@ -122,7 +122,7 @@ final class FaultInjectionTests: XCTestCase {
             XCTAssertEqual(exit, 0)
             XCTAssertEqual(Self.digest(of: Array(body)), digest)
         }
-        XCTAssertEqual(upstream.requests.count, 1, "one fill for all clients")
+        XCTAssertEqual(upstream.requests.filter { $0.method == .GET }.count, 1, "one fill for all clients")
         XCTAssertEqual(try proxy.metric("cacheproxy_blob_misses_total") + proxy.metric("cacheproxy_blob_coalesced_total")
                        + proxy.metric("cacheproxy_blob_hits_total"), 16)
         await proxy.stop()
@@ -246,7 +246,8 @@ final class FaultInjectionTests: XCTestCase {
         XCTAssertEqual(allowed.code, 200)
         XCTAssertEqual(Array(allowed.body), bytes)
         XCTAssertEqual(try proxy.metric("cacheproxy_blob_coalesced_total"), 1, "the second client did join first")
-        XCTAssertEqual(upstream.requests.map { $0.headers.first(name: "authorization") }, ["Bearer bad", "Bearer good"])
+        XCTAssertEqual(upstream.requests.filter { $0.method == .GET }.map { $0.headers.first(name: "authorization") },
+                       ["Bearer bad", "Bearer good"])
         XCTAssertTrue(eventually { proxy.files(in: "blobs").count == 1 }, "the retry was a verified fill, not an unchecked pass-through")
         await proxy.stop()
         await upstream.stop()
@@ -301,10 +302,12 @@ final class FaultInjectionTests: XCTestCase {
         XCTAssertTrue(eventually { proxy.files(in: "blobs").count == 1 })
         XCTAssertEqual(upstream.requests.first?.uri, "/v2/a/blobs/\(digest)")
 
-        // Same bytes under another repository name: a hit, no upstream request.
+        // Same bytes under another repository name: a hit, no upstream GET
+        // (only the HEAD that checks access to that repository).
         let hit = try curl("\(proxy.base)/v2/b/blobs/\(digest)")
         XCTAssertEqual(Array(hit.body), bytes)
-        XCTAssertEqual(upstream.requests.count, 1)
+        XCTAssertEqual(upstream.requests.filter { $0.method == .GET }.count, 1)
+        XCTAssertEqual(upstream.requests.filter { $0.method == .HEAD }.map(\.uri), ["/v2/b/blobs/\(digest)"])
 
         let otherBytes = Self.randomBytes(300_000)
         let otherDigest = Self.digest(of: otherBytes)

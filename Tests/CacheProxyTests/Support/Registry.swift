@@ -6,24 +6,47 @@ import Foundation
 final class Registry: @unchecked Sendable {
     let port: Int
     let folder: String
+    /// Users and passwords of an htpasswd-protected registry.
+    let users: [String: String]
+    let tls: TestCertificates?
+    /// Whether the registry asks clients for a certificate signed by the CA.
+    let requireClientCertificate: Bool
     private var daemon: Daemon?
 
-    init() throws {
+    init(users: [String: String] = [:], tls: TestCertificates? = nil, requireClientCertificate: Bool = false) throws {
         port = try freePort()
         folder = try makeTemporaryFolder("registry")
+        self.users = users
+        self.tls = tls
+        self.requireClientCertificate = requireClientCertificate
         try start()
     }
 
     var address: String { "127.0.0.1:\(port)" }
 
     func start() throws {
+        var auth = ""
+        if !users.isEmpty {
+            for (index, (user, password)) in users.sorted(by: { $0.key < $1.key }).enumerated() {
+                let (status, output) = try shell("htpasswd", ["-B", "-b", index == 0 ? "-c" : "",
+                                                              folder + "/htpasswd", user, password].filter { !$0.isEmpty })
+                guard status == 0 else { throw TestError("htpasswd failed: \(output)") }
+            }
+            auth = "auth: {htpasswd: {realm: test-realm, path: \(folder)/htpasswd}}"
+        }
+        var tlsYAML = ""
+        if let tls {
+            tlsYAML = ", tls: {certificate: \(tls.serverCert), key: \(tls.serverKey)"
+                + (requireClientCertificate ? ", clientcas: [\(tls.caCert)]" : "") + "}"
+        }
         let config = """
             version: 0.1
             log: {level: warn, accesslog: {disabled: false}}
             storage:
               filesystem: {rootdirectory: \(folder)/data}
               delete: {enabled: true}
-            http: {addr: "127.0.0.1:\(port)", secret: "test-secret"}
+            http: {addr: "127.0.0.1:\(port)", secret: "test-secret"\(tlsYAML)}
+            \(auth)
             """
         try config.write(toFile: folder + "/config.yml", atomically: true, encoding: .utf8)
         daemon = try Daemon("docker-registry", ["serve", folder + "/config.yml"], logPath: folder + "/log")
@@ -51,6 +74,10 @@ struct TestImage {
     let layers: [String]
     let config: String
     let manifest: String
+
+    static func digest(_ data: Data) -> String {
+        "sha256:" + SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined()
+    }
 
     static func make(tag: String = "v1", layerSizes: [Int] = [4096, 1_500_000, 120_000]) throws -> TestImage {
         let layout = try makeTemporaryFolder("image")
@@ -84,9 +111,11 @@ struct TestImage {
     }
 
     /// `skopeo copy` from this layout to `docker://<destination>`.
-    func push(to destination: String) throws {
-        let (status, output) = try shell("skopeo", ["copy", "--dest-tls-verify=false", "--preserve-digests",
-                                                     "oci:\(layout):\(tag)", "docker://\(destination)"])
+    func push(to destination: String, credentials: String? = nil, certificates: String? = nil) throws {
+        var arguments = ["copy", "--dest-tls-verify=false", "--preserve-digests"]
+        if let credentials { arguments += ["--dest-creds", credentials] }
+        if let certificates { arguments += ["--dest-cert-dir", certificates] }
+        let (status, output) = try shell("skopeo", arguments + ["oci:\(layout):\(tag)", "docker://\(destination)"])
         guard status == 0 else { throw TestError("skopeo push failed: \(output)") }
     }
 }

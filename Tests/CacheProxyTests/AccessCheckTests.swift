@@ -1,0 +1,214 @@
+import Crypto
+import Foundation
+import NIOConcurrencyHelpers
+import NIOHTTP1
+import XCTest
+
+/// A cached blob goes only to a client the upstream would give it to
+/// (DESIGN.md, Security): checked against the real registry behind
+/// htpasswd, and against a bearer-token upstream.
+final class AccessCheckTests: XCTestCase {
+    /// A curl request through the proxy: status and response headers.
+    private func request(_ url: String, host: String, _ extra: [String]) throws -> (code: Int, headers: String, body: Data) {
+        let headerFile = NSTemporaryDirectory() + "headers-\(UUID().uuidString)"
+        defer { try? FileManager.default.removeItem(atPath: headerFile) }
+        let result = try curl(url, ["-H", "Host: \(host)", "-D", headerFile] + extra)
+        let headers = (try? String(contentsOfFile: headerFile, encoding: .utf8)) ?? ""
+        return (result.code, headers.lowercased(), result.body)
+    }
+
+    private static func sha(_ data: Data) -> String { TestImage.digest(data) }
+
+    func testHtpasswdRegistry_OnlyClientsTheRegistryAcceptsGetTheCachedBlob() async throws {
+        let registry = try Registry(users: ["alice": "secret"])
+        let image = try TestImage.make(layerSizes: [300_000])
+        try image.push(to: "\(registry.address)/team/app:v1", credentials: "alice:secret")
+        let other = try Registry()  // anonymous, and without the blob
+        let proxy = try await TestProxy(upstreamsYAML: """
+              - {host: "private.test", registry: "127.0.0.1", port: \(registry.port), schema: http}
+              - {host: "other.test", registry: "127.0.0.1", port: \(other.port), schema: http}
+            """)
+        defer { Task { await proxy.stop() } }
+        let layer = image.layers[0]
+        let url = "\(proxy.base)/v2/team/app/blobs/\(layer)"
+
+        let filled = try request(url, host: "private.test", ["-u", "alice:secret"])
+        XCTAssertEqual(filled.code, 200)
+        XCTAssertEqual(Self.sha(filled.body), layer)
+        XCTAssertEqual(registry.blobGets(layer), 1)
+
+        let strangers: [(String, [String])] = [
+            ("anonymous", []), ("wrong password", ["-u", "alice:wrong"]), ("unknown user", ["-u", "mallory:secret"]),
+        ]
+        for (who, credentials) in strangers {
+            for (what, extra) in [("GET", [String]()), ("HEAD", ["-I"]), ("Range", ["-H", "Range: bytes=0-99"])] {
+                let answer = try request(url, host: "private.test", credentials + extra)
+                XCTAssertEqual(answer.code, 401, "\(who), \(what)")
+                XCTAssertTrue(answer.headers.contains("www-authenticate: basic realm=\"test-realm\""),
+                              "\(who), \(what): the upstream's challenge is passed on: \(answer.headers)")
+                if what != "HEAD" {
+                    XCTAssertFalse(answer.body.count >= 100, "\(who), \(what): no blob bytes")
+                    XCTAssertTrue(String(decoding: answer.body, as: UTF8.self).contains("UNAUTHORIZED"))
+                }
+            }
+        }
+
+        // The authorized client: from the cache, with no second GET upstream.
+        let again = try request(url, host: "private.test", ["-u", "alice:secret"])
+        XCTAssertEqual(again.code, 200)
+        XCTAssertEqual(Self.sha(again.body), layer)
+        let range = try request(url, host: "private.test", ["-u", "alice:secret", "-H", "Range: bytes=0-99"])
+        XCTAssertEqual(range.code, 206)
+        XCTAssertEqual(range.body.count, 100)
+        XCTAssertEqual(registry.blobGets(layer), 1)
+
+        // Through another Host, whose upstream does not have the blob: its 404.
+        for extra in [[String](), ["-I"]] {
+            let elsewhere = try request(url, host: "other.test", ["-u", "alice:secret"] + extra)
+            XCTAssertEqual(elsewhere.code, 404)
+            XCTAssertNotEqual(Self.sha(elsewhere.body), layer)
+            if extra.isEmpty { XCTAssertTrue(String(decoding: elsewhere.body, as: UTF8.self).contains("BLOB_UNKNOWN")) }
+        }
+        XCTAssertEqual(other.blobGets(layer), 0)
+
+        XCTAssertGreaterThanOrEqual(try proxy.metric("cacheproxy_access_checks_total{result=\"refused\"}"), 11)
+        XCTAssertGreaterThanOrEqual(try proxy.metric("cacheproxy_access_checks_total{result=\"remembered\"}"), 1)
+    }
+
+    /// A fake registry that wants `Bearer good-token`, and its token service.
+    private final class BearerUpstream: Sendable {
+        let fake: FakeUpstream
+        let blob: [UInt8]
+        let digest: String
+        private let counts = NIOLockedValueBox<(tokens: Int, gets: Int)>((0, 0))
+        var tokenRequests: Int { counts.withLockedValue { $0.tokens } }
+        var blobGets: Int { counts.withLockedValue { $0.gets } }
+
+        init(blob: [UInt8], account: String? = nil) async throws {
+            self.blob = blob
+            digest = AccessCheckTests.sha(Data(blob))
+            let port = NIOLockedValueBox(0)
+            let (counts, digest) = (self.counts, self.digest)
+            fake = try await FakeUpstream { head in
+                if head.uri.hasPrefix("/token") {
+                    counts.withLockedValue { $0.tokens += 1 }
+                    if let account {
+                        let expected = "Basic " + Data(account.utf8).base64EncodedString()
+                        guard head.headers.first(name: "authorization") == expected else {
+                            return .init(status: .unauthorized)
+                        }
+                    }
+                    return .init(headers: ["content-type": "application/json"],
+                                 body: Array(#"{"token":"good-token","expires_in":300}"#.utf8),
+                                 headDelay: .milliseconds(200))
+                }
+                guard head.headers.first(name: "authorization") == "Bearer good-token" else {
+                    let realm = "http://127.0.0.1:\(port.withLockedValue { $0 })/token"
+                    return .init(status: .unauthorized, headers: [
+                        "www-authenticate": #"Bearer realm="\#(realm)",service="fake",scope="repository:team/app:pull""#,
+                        "content-type": "application/json"], body: Array(#"{"errors":[]}"#.utf8))
+                }
+                if head.uri.contains("/manifests/") { return .init(body: Array("{}".utf8)) }
+                guard head.uri.hasSuffix(digest) else { return .init(status: .notFound) }
+                if head.method == .GET { counts.withLockedValue { $0.gets += 1 } }
+                return .init(headers: ["docker-content-digest": digest], body: blob)
+            }
+            port.withLockedValue { $0 = fake.port }
+        }
+    }
+
+    func testBearerUpstream_ABogusTokenGetsTheChallengeNotTheBlob() async throws {
+        let blob = (0..<200_000).map { UInt8(truncatingIfNeeded: $0 &* 31) }
+        let upstream = try await BearerUpstream(blob: blob)
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.fake.port))
+        defer { Task { await proxy.stop(); await upstream.fake.stop() } }
+        let url = "\(proxy.base)/v2/team/app/blobs/\(upstream.digest)"
+        let good = ["-H", "Authorization: Bearer good-token"]
+
+        XCTAssertEqual(try request(url, host: "127.0.0.1", good).code, 200)
+        XCTAssertEqual(upstream.blobGets, 1)
+        for extra in [[String](), ["-I"], ["-H", "Range: bytes=5-9"]] {
+            let answer = try request(url, host: "127.0.0.1", ["-H", "Authorization: Bearer bogus"] + extra)
+            XCTAssertEqual(answer.code, 401, "\(extra)")
+            XCTAssertTrue(answer.headers.contains("www-authenticate: bearer realm="), answer.headers)
+            XCTAssertFalse(answer.body.count >= 5 && answer.body.starts(with: blob.prefix(5)))
+        }
+        let anonymous = try request(url, host: "127.0.0.1", [])
+        XCTAssertEqual(anonymous.code, 401)
+        let again = try request(url, host: "127.0.0.1", good)
+        XCTAssertEqual(again.code, 200)
+        XCTAssertEqual(Array(again.body), blob)
+        XCTAssertEqual(upstream.blobGets, 1, "served from the cache")
+    }
+
+    /// A client joining a fill someone else started is checked too.
+    func testJoiningAFillIsChecked() async throws {
+        let blob = (0..<2_000_000).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        let digest = Self.sha(Data(blob))
+        let fake = try await FakeUpstream { head in
+            guard head.headers.first(name: "authorization") == "Bearer good-token" else {
+                return .init(status: .unauthorized, headers: ["www-authenticate": #"Bearer realm="https://auth.invalid/token""#])
+            }
+            // Slow enough that the second client arrives while it runs.
+            return .init(body: blob, chunkSize: 100_000, delay: .milliseconds(50))
+        }
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(fake.port))
+        defer { Task { await proxy.stop(); await fake.stop() } }
+        let url = "\(proxy.base)/v2/team/app/blobs/\(digest)"
+        async let leader = Task.detached { try curl(url, ["-H", "Authorization: Bearer good-token"]) }.value
+        try await Task.sleep(for: .milliseconds(300))
+        let intruder = try request(url, host: "127.0.0.1", ["-H", "Authorization: Bearer bogus"])
+        XCTAssertEqual(intruder.code, 401)
+        XCTAssertTrue(intruder.body.count < 1000)
+        let first = try await leader
+        XCTAssertEqual(first.code, 200)
+        XCTAssertEqual(Self.sha(first.body), digest)
+        XCTAssertEqual(fake.requests.filter { $0.method == .GET }.count, 1)
+    }
+
+    /// Upstream unreachable: a triple allowed before is served (offline:
+    /// serve, the default), a new one is refused; with offline: deny,
+    /// nothing is.
+    func testOfflinePolicy() async throws {
+        let blob = (0..<50_000).map { UInt8(truncatingIfNeeded: $0 &* 13) }
+        let upstream = try await BearerUpstream(blob: blob)
+        let folder = try makeTemporaryFolder("cache")
+        let url = { (proxy: TestProxy) in "\(proxy.base)/v2/team/app/blobs/\(upstream.digest)" }
+        let good = ["-H", "Authorization: Bearer good-token"]
+        let yaml = { (offline: String) in
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.fake.port), schema: http, access_cache_ttl: 0.2, offline: \(offline)}"
+        }
+        let timeouts = "timeouts: {connect: 1, upstream: 1}"
+        let serving = try await TestProxy(upstreamsYAML: yaml("serve"), folder: folder, extraYAML: timeouts)
+        XCTAssertEqual(try request(url(serving), host: "127.0.0.1", good).code, 200)
+        await upstream.fake.stop()
+        try await Task.sleep(for: .milliseconds(300))  // the yes is stale now
+        let offline = try request(url(serving), host: "127.0.0.1", good)
+        XCTAssertEqual(offline.code, 200)
+        XCTAssertEqual(Array(offline.body), blob)
+        let stranger = try request(url(serving), host: "127.0.0.1", ["-H", "Authorization: Bearer other"])
+        XCTAssertEqual(stranger.code, 502)
+        XCTAssertTrue(String(decoding: stranger.body, as: UTF8.self).contains("UNAVAILABLE"))
+        XCTAssertEqual(try serving.metric("cacheproxy_access_checks_total{result=\"offline_served\"}"), 1)
+        XCTAssertEqual(try serving.metric("cacheproxy_access_checks_total{result=\"offline_refused\"}"), 1)
+        await serving.stop()
+
+        let denying = try await TestProxy(upstreamsYAML: yaml("deny"), folder: folder, extraYAML: timeouts)
+        defer { Task { await denying.stop() } }
+        XCTAssertEqual(try request(url(denying), host: "127.0.0.1", good).code, 502)
+    }
+
+    /// `access_check: never`: the reference design's behaviour, kept for
+    /// public-only mirrors.
+    func testAccessCheckNeverServesAnyone() async throws {
+        let blob = (0..<50_000).map { UInt8(truncatingIfNeeded: $0 &* 17) }
+        let upstream = try await BearerUpstream(blob: blob)
+        let proxy = try await TestProxy(upstreamsYAML:
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.fake.port), schema: http, access_check: never}")
+        defer { Task { await proxy.stop(); await upstream.fake.stop() } }
+        let url = "\(proxy.base)/v2/team/app/blobs/\(upstream.digest)"
+        XCTAssertEqual(try request(url, host: "127.0.0.1", ["-H", "Authorization: Bearer good-token"]).code, 200)
+        XCTAssertEqual(try request(url, host: "127.0.0.1", []).code, 200)
+        XCTAssertEqual(upstream.fake.requests.filter { $0.method == .HEAD }.count, 0)
+    }
+}

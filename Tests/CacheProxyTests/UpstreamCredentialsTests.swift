@@ -1,0 +1,111 @@
+import CacheProxy
+import Foundation
+import NIOConcurrencyHelpers
+import XCTest
+
+/// The proxy's own account at an upstream, for clients that send none.
+final class UpstreamCredentialsTests: XCTestCase {
+    /// The real registry behind htpasswd, pulled through the proxy by an
+    /// anonymous skopeo: the proxy answers the Basic challenge itself.
+    func testAnonymousPullFromAnHtpasswdRegistryWithTheProxysAccount() async throws {
+        let registry = try Registry(users: ["ci": "hunter2"])
+        let image = try TestImage.make(layerSizes: [4096, 200_000])
+        try image.push(to: "\(registry.address)/team/app:v1", credentials: "ci:hunter2")
+        let secretFile = try makeTemporaryFolder("secret") + "/password"
+        try "hunter2\n".write(toFile: secretFile, atomically: true, encoding: .utf8)
+        let proxy = try await TestProxy(upstreamsYAML: """
+              - {host: "127.0.0.1", registry: "127.0.0.1", port: \(registry.port), schema: http,
+                 username: ci, password_file: "\(secretFile)"}
+            """)
+        defer { Task { await proxy.stop() } }
+        let destination = try makeTemporaryFolder("pulled")
+        let (status, output) = try shell("skopeo", [
+            "copy", "--src-tls-verify=false", "docker://127.0.0.1:\(proxy.port)/team/app:v1", "oci:\(destination):v1"])
+        XCTAssertEqual(status, 0, output)
+        for layer in image.layers {
+            XCTAssertEqual(registry.blobGets(layer), 1)
+            // Anonymous again: from the cache, checked with the proxy's account.
+            let hit = try curl("\(proxy.base)/v2/team/app/blobs/\(layer)")
+            XCTAssertEqual(hit.code, 200)
+            XCTAssertEqual(TestImage.digest(hit.body), layer)
+            XCTAssertEqual(registry.blobGets(layer), 1)
+        }
+        // A client with credentials of its own is not given the proxy's.
+        let wrong = try curl("\(proxy.base)/v2/team/app/manifests/v1", ["-u", "ci:wrong"])
+        XCTAssertEqual(wrong.code, 401)
+    }
+
+    /// Bearer upstream: many anonymous clients at once, one token request;
+    /// later requests reuse the token until it expires.
+    func testOneTokenRequestPerScopeHoweverManyClientsAsk() async throws {
+        let tokens = NIOLockedValueBox(0)
+        let port = NIOLockedValueBox(0)
+        let account = "Basic " + Data("robot:s3cret-pass".utf8).base64EncodedString()
+        let fake = try await FakeUpstream { head in
+            if head.uri.hasPrefix("/token") {
+                tokens.withLockedValue { $0 += 1 }
+                guard head.headers.first(name: "authorization") == account,
+                      head.uri.contains("scope=repository%3Ateam%2Fapp%3Apull"), head.uri.contains("service=fake")
+                else { return .init(status: .unauthorized) }
+                return .init(body: Array(#"{"token":"t0k3n","expires_in":300}"#.utf8), headDelay: .milliseconds(300))
+            }
+            guard head.headers.first(name: "authorization") == "Bearer t0k3n" else {
+                let realm = "http://127.0.0.1:\(port.withLockedValue { $0 })/token"
+                return .init(status: .unauthorized, headers: [
+                    "www-authenticate": #"Bearer realm="\#(realm)",service="fake",scope="repository:team/app:pull""#])
+            }
+            return .init(headers: ["content-type": "application/json"], body: Array(#"{"ok":true}"#.utf8))
+        }
+        port.withLockedValue { $0 = fake.port }
+        setenv("CACHE_PROXY_TEST_UPSTREAM_PASSWORD", "s3cret-pass", 1)
+        let proxy = try await TestProxy(upstreamsYAML: """
+              - {host: "127.0.0.1", registry: "127.0.0.1", port: \(fake.port), schema: http,
+                 username: robot, password_env: CACHE_PROXY_TEST_UPSTREAM_PASSWORD}
+            """)
+        defer { Task { await proxy.stop(); await fake.stop() } }
+        let results = try curlAtOnce("\(proxy.base)/v2/team/app/manifests/v1", count: 12)
+        XCTAssertEqual(results.map(\.code), Array(repeating: 200, count: 12))
+        XCTAssertEqual(tokens.withLockedValue { $0 }, 1, "one token request for one scope")
+        XCTAssertEqual(try curl("\(proxy.base)/v2/team/app/manifests/v2").code, 200)
+        XCTAssertEqual(tokens.withLockedValue { $0 }, 1, "the token is reused")
+        let sent = fake.requests.filter { !$0.uri.hasPrefix("/token") }
+        XCTAssertEqual(sent.last?.headers.first(name: "authorization"), "Bearer t0k3n", "sent up front once known")
+    }
+
+    func testPasswordsAreNeverPrinted() throws {
+        let config = try ConfigLoader.parse(yaml: """
+            api: {port: 5000}
+            upstreams:
+              - {host: a, registry: r.example, username: bob, password: "p@ss-word-123"}
+            storage: {folder: /tmp/x}
+            """)
+        XCTAssertEqual(config.upstreams[0].credentials?.password, "p@ss-word-123")
+        for text in [String(describing: config), String(reflecting: config), "\(config.upstreams[0])"] {
+            XCTAssertFalse(text.contains("p@ss-word-123"), text)
+        }
+        var dumped = ""
+        dump(config, to: &dumped)
+        XCTAssertFalse(dumped.contains("p@ss-word-123"))
+    }
+
+    func testCredentialConfigErrorsNameTheKey() throws {
+        let cases: [(String, String)] = [
+            ("{host: a, registry: r, username: bob}", "upstreams[0].username"),
+            ("{host: a, registry: r, password: x}", "upstreams[0].password"),
+            ("{host: a, registry: r, username: bob, password: x, password_env: Y}", "upstreams[0].username"),
+            ("{host: a, registry: r, username: bob, password_env: CACHE_PROXY_NOT_SET_ANYWHERE}", "upstreams[0].password_env"),
+            ("{host: a, registry: r, username: bob, password_file: /nonexistent/secret}", "upstreams[0].password_file"),
+            ("{host: a, registry: r, access_check: sometimes}", "upstreams[0].access_check"),
+            ("{host: a, registry: r, offline: maybe}", "upstreams[0].offline"),
+            ("{host: a, registry: r, client_cert: /etc/hostname}", "upstreams[0].client_key"),
+            ("{host: a, registry: r, ca_file: /nonexistent.pem}", "upstreams[0].ca_file"),
+        ]
+        for (upstream, key) in cases {
+            let yaml = "api: {port: 5000}\nupstreams:\n  - \(upstream)\nstorage: {folder: /tmp/x}\n"
+            XCTAssertThrowsError(try ConfigLoader.parse(yaml: yaml), upstream) { error in
+                XCTAssertEqual((error as? ConfigError)?.key, key, "\(error)")
+                XCTAssertFalse("\(error)".contains("x,"), "no secret in the message")
+            }
+        }
+    }
+}
