@@ -4,6 +4,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOSSL
 import ProxyMetrics
 import ServiceLifecycle
 
@@ -22,7 +23,11 @@ public final class ProxyServer: Service, Sendable {
     let tracker = ConnectionTracker()
     let group: any EventLoopGroup
     let logger: Logger
-    private let bound = AsyncStream<Int>.makeStream()
+    /// The listener's certificate, when it speaks TLS.
+    public let tls: ServerTLS?
+    /// Reads cached files for TLS connections, which cannot use sendfile.
+    let fileIO: NonBlockingFileIO
+    private let bound = AsyncStream<[Int]>.makeStream()
     /// When the first shutdown signal's grace ends.
     private let shutdownDeadline = NIOLockedValueBox<ContinuousClock.Instant?>(nil)
 
@@ -33,6 +38,12 @@ public final class ProxyServer: Service, Sendable {
         self.metrics = metrics
         self.group = group
         self.logger = logger
+        self.fileIO = NonBlockingFileIO(threadPool: threadPool)
+        if let certificate = config.api.tlsCert, let key = config.api.tlsKey {
+            self.tls = try ServerTLS(certificate: certificate, key: key)
+        } else {
+            self.tls = nil
+        }
         let writer = try IOBackend.select(config.storage.ioBackend, pool: threadPool, group: group, logger: logger)
         metrics.setIOBackend(writer.backendName)
         do {
@@ -65,41 +76,102 @@ public final class ProxyServer: Service, Sendable {
         self.hits = CacheHitResponder(router: router, store: store, gate: gate, metrics: metrics, tracker: tracker)
     }
 
-    /// The port the listener is bound to, once it is (port 0 in tests).
+    /// The port the (first) listener is bound to, once it is (port 0 in tests).
     public func boundPort() async -> Int? {
-        var iterator = bound.stream.makeAsyncIterator()
-        return await iterator.next()
+        await boundPorts().first
     }
 
-    public func run() async throws {
-        let config = self.config
-        let hits = self.hits
-        let router = self.router
-        let metrics = self.metrics
-        let listener = try await ServerBootstrap(group: group)
+    /// The ports of all listeners, once bound: `api.port`, then
+    /// `api.tls_port` when a TLS listener runs beside the plaintext one.
+    public func boundPorts() async -> [Int] {
+        var iterator = bound.stream.makeAsyncIterator()
+        return await iterator.next() ?? []
+    }
+
+    /// The listeners to open: `api.port` alone (TLS when a certificate is
+    /// configured and no `tls_port`), or plaintext on `api.port` beside TLS
+    /// on `api.tls_port`.
+    private var listeners: [(port: Int, tls: ServerTLS?)] {
+        guard let tls else { return [(config.api.port, nil)] }
+        guard let tlsPort = config.api.tlsPort else { return [(config.api.port, tls)] }
+        return [(config.api.port, nil), (tlsPort, tls)]
+    }
+
+    /// Reads the listener's certificate and key again (SIGHUP). New
+    /// connections get the new ones; open connections are not touched. A
+    /// failure keeps the old ones and is logged.
+    @discardableResult
+    public func reloadTLS() -> Bool {
+        guard let tls else { return false }
+        do {
+            try tls.reload()
+            logger.info("TLS certificate reloaded", metadata: ["certificate": "\(tls.certificatePath)"])
+            return true
+        } catch {
+            logger.error("TLS certificate reload failed; the previous certificate stays in use",
+                         metadata: ["error": "\(error)"])
+            return false
+        }
+    }
+
+    private func bind(port: Int, tls: ServerTLS?) async throws
+        -> NIOAsyncChannel<NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>, Never> {
+        let (config, hits, router, metrics) = (self.config, self.hits, self.router, self.metrics)
+        return try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 4)
-            .bind(host: config.api.hostname, port: config.api.port) { channel in
+            .bind(host: config.api.hostname, port: port) { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try ClientPipeline.configure(channel, config: config, router: router, hits: hits, metrics: metrics)
+                    if let tls {
+                        try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.current))
+                    }
+                    try ClientPipeline.configure(channel, config: config, router: router, hits: hits, metrics: metrics,
+                                                 tls: tls != nil)
                     return try NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>(
                         wrappingChannelSynchronously: channel)
                 }
             }
-        let port = listener.channel.localAddress?.port ?? config.api.port
-        bound.continuation.yield(port)
-        logger.info("listening", metadata: ["address": "\(config.api.hostname):\(port)"])
+    }
+
+    public func run() async throws {
+        let config = self.config
+        let metrics = self.metrics
+        var opened: [(NIOAsyncChannel<NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>, Never>, Bool)] = []
+        for (port, tls) in listeners {
+            let listener: NIOAsyncChannel<NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>, Never>
+            do {
+                listener = try await bind(port: port, tls: tls)
+            } catch {
+                for (open, _) in opened { try? await open.channel.close() }
+                throw error
+            }
+            let actual = listener.channel.localAddress?.port ?? port
+            logger.info("listening", metadata: ["address": "\(config.api.hostname):\(actual)",
+                                                "tls": "\(tls != nil)"])
+            opened.append((listener, tls != nil))
+        }
+        let bound = opened
+        self.bound.continuation.yield(bound.map { $0.0.channel.localAddress?.port ?? 0 })
+        let fileIO = self.fileIO
 
         try await withGracefulShutdownHandler {
             try await withThrowingDiscardingTaskGroup { group in
-                try await listener.executeThenClose { connections in
-                    for try await connection in connections {
-                        metrics.connectedClients.increment()
-                        group.addTask {
-                            await ClientConnection(channel: connection, handler: self.handler, tracker: self.tracker).serve()
-                            self.metrics.connectedClients.decrement()
+                for (listener, tls) in bound {
+                    group.addTask {
+                        try await withThrowingDiscardingTaskGroup { connectionTasks in
+                            try await listener.executeThenClose { connections in
+                                for try await connection in connections {
+                                    metrics.connectedClients.increment()
+                                    connectionTasks.addTask {
+                                        await ClientConnection(channel: connection, handler: self.handler,
+                                                               tracker: self.tracker,
+                                                               fileIO: tls ? fileIO : nil).serve()
+                                        metrics.connectedClients.decrement()
+                                    }
+                                }
+                            }
                         }
                     }
                 }
@@ -109,7 +181,7 @@ public final class ProxyServer: Service, Sendable {
             let deadline = ContinuousClock.now + .milliseconds(Int64(config.timeouts.shutdownSeconds * 1000))
             self.shutdownDeadline.withLockedValue { $0 = deadline }
             self.tracker.drain()  // also turns /readyz to 503
-            listener.channel.close(promise: nil)
+            for (listener, _) in bound { listener.channel.close(promise: nil) }
             self.scheduleCut(at: deadline)
         }
         await finishFills()

@@ -89,7 +89,16 @@ struct CacheProxyCommand: AsyncParsableCommand {
                 }
             }
         }
-        defer { watcher.cancel() }
+        // SIGHUP: the listener's certificate and key are read again (a
+        // renewal); connections already open are not touched.
+        let hangups = await UnixSignalsSequence(trapping: .sighup)
+        let reloader = Task {
+            for await _ in hangups { server.reloadTLS() }
+        }
+        defer {
+            watcher.cancel()
+            reloader.cancel()
+        }
         try await group.run()
     }
 }

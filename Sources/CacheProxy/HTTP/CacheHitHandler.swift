@@ -22,7 +22,11 @@ struct CacheHitResponder: Sendable {
     var smallBlobs: SmallBlobCache { store.smallBlobs }
 
     /// Writes the whole response and returns true when the request is a hit.
-    func answer(_ head: HTTPRequestHead, context: ChannelHandlerContext,
+    ///
+    /// On a TLS connection (`tls`) bytes cannot go by sendfile: only blobs
+    /// small enough to be sent from memory are answered here, larger ones
+    /// are read in large chunks on the async side.
+    func answer(_ head: HTTPRequestHead, context: ChannelHandlerContext, tls: Bool = false,
                 wrap: (HTTPServerResponsePart) -> NIOAny) -> Bool {
         guard head.method == .GET || head.method == .HEAD,
               case .blob(let name, let digest)? = try? RequestTarget.classify(method: head.method.rawValue, uri: head.uri),
@@ -31,6 +35,7 @@ struct CacheHitResponder: Sendable {
                                           namespace: RequestURI.queryValue("ns", in: head.uri)),
               // A client whose access is not known to be fresh is checked
               // on the async side (an upstream HEAD).
+              !tls || head.method == .HEAD || size <= smallBlobs.maxBlobSize,
               gate.allowsNow(upstream: upstream, headers: head.headers, repository: name)
         else { return false }
         let started = ContinuousClock.now

@@ -2,12 +2,16 @@ import AsyncAlgorithms
 import AsyncHTTPClient
 import NIOCore
 import NIOHTTP1
+import NIOPosix
 
 /// Serves the requests of one client connection, one after the other.
 struct ClientConnection {
     let channel: NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>
     let handler: RequestHandler
     let tracker: ConnectionTracker
+    /// Set on a TLS connection: file bytes are read and encrypted, not sent
+    /// with sendfile.
+    let fileIO: NonBlockingFileIO?
 
     func serve() async {
         let raw = channel.channel
@@ -28,8 +32,9 @@ struct ClientConnection {
                     tracker.setIdle(raw, false)
                     let keepAlive = head.isKeepAlive && !tracker.isDraining
                     let response = ResponseChannel(channel: raw, keepAlive: keepAlive, version: head.version,
-                                                   closeWatch: closeWatch)
-                    let origin = PassThrough.Origin(head: head, clientAddress: remoteAddress, listenerScheme: "http",
+                                                   closeWatch: closeWatch, fileIO: fileIO)
+                    let origin = PassThrough.Origin(head: head, clientAddress: remoteAddress,
+                                                    listenerScheme: fileIO == nil ? "http" : "https",
                                                     trustForwarded: handler.trustForwardedHeaders)
                     try await serveRequest(head, parts: &parts, origin: origin, response: response)
                     guard keepAlive, tracker.setIdle(raw, true), raw.isActive else { break }

@@ -5,6 +5,7 @@ import ProxyMetrics
 /// The handlers of one client connection, head to tail:
 ///
 /// ```
+/// (NIOSSLServerHandler)   on a TLS listener
 /// RequestHeadLimiter      431 above the head-size limit (sees raw bytes)
 /// HTTPResponseEncoder
 /// HTTPRequestDecoder      (its own header limits as a second line)
@@ -20,7 +21,7 @@ import ProxyMetrics
 /// about 3-5% of the throughput per handler).
 enum ClientPipeline {
     static func configure(_ channel: any Channel, config: ProxyConfig, router: Router, hits: CacheHitResponder,
-                          metrics: ProxyMetrics) throws {
+                          metrics: ProxyMetrics, tls: Bool = false) throws {
         let t = config.timeouts
         let timeouts = ConnectionTimeoutsHandler(
             limits: .init(head: .fromSeconds(t.headerReadSeconds), idle: .fromSeconds(t.idleSeconds),
@@ -41,7 +42,7 @@ enum ClientPipeline {
                                                                     limitConfiguration: limits)))
         try sync.addHandler(timeouts)
         try sync.addHandler(HTTPServerPipelineHandler())
-        try sync.addHandler(RequestFrontHandler(hits: hits))
+        try sync.addHandler(RequestFrontHandler(hits: hits, tls: tls))
     }
 }
 

@@ -24,8 +24,13 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
     /// True from a refused head on: the rest of the connection is dropped.
     private var refused = false
 
-    init(hits: CacheHitResponder) {
+    /// A TLS connection: no sendfile, so only blobs small enough to be
+    /// answered from memory are hits here.
+    private let tls: Bool
+
+    init(hits: CacheHitResponder, tls: Bool) {
         self.hits = hits
+        self.tls = tls
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -34,7 +39,7 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
         case .head(let head):
             switch RequestValidator.check(head, router: hits.router) {
             case .accept(var head):
-                if hits.answer(head, context: context, wrap: wrapOutboundOut) {
+                if hits.answer(head, context: context, tls: tls, wrap: wrapOutboundOut) {
                     consuming = true
                     return
                 }

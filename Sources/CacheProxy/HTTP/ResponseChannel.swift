@@ -1,6 +1,7 @@
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
+import NIOPosix
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -16,6 +17,10 @@ struct ResponseChannel: Sendable {
     let version: HTTPVersion
     /// The connection's close, for waits that must end when the client goes.
     let closeWatch: CloseWatch
+    /// Set on a TLS connection: file bytes must be read to be encrypted, so
+    /// they are read on the thread pool, `tlsChunk` at a time, instead of
+    /// going by sendfile.
+    var fileIO: NonBlockingFileIO? = nil
     /// When the response head went out, for the time-to-first-byte histogram.
     let headSentAt = NIOLockedValueBox<ContinuousClock.Instant?>(nil)
 
@@ -23,6 +28,12 @@ struct ResponseChannel: Sendable {
     /// length to one `sendfile`, and one huge call would hold the event loop
     /// (nginx's `sendfile_max_chunk` does the same).
     static let maxRegion: Int64 = 4 * 1024 * 1024
+
+    /// Bytes read per step for a TLS connection: large enough that the
+    /// thread hop is a small share of the cost, small enough that a slow
+    /// client holds little memory (at most two chunks: one being written,
+    /// one being read).
+    static let tlsChunk = 512 * 1024
 
     func head(_ status: HTTPResponseStatus, _ headers: HTTPHeaders) {
         var headers = headers
@@ -50,8 +61,10 @@ struct ResponseChannel: Sendable {
         }
     }
 
-    /// Sends `range` of the file with `sendfile`, in bounded regions.
+    /// Sends `range` of the file with `sendfile`, in bounded regions (over
+    /// TLS: read and written in chunks).
     func file(_ handle: NIOFileHandle, range: Range<Int64>) async throws {
+        if let fileIO { return try await readAndSend(handle, range: range, fileIO: fileIO) }
         var offset = range.lowerBound
         while offset < range.upperBound {
             let end = min(range.upperBound, offset + Self.maxRegion)
@@ -61,11 +74,31 @@ struct ResponseChannel: Sendable {
         }
     }
 
+    /// The next chunk is read while the current one is written, so the disk
+    /// (or page cache) and the encryption overlap.
+    private func readAndSend(_ handle: NIOFileHandle, range: Range<Int64>, fileIO: NonBlockingFileIO) async throws {
+        let (allocator, eventLoop) = (channel.allocator, channel.eventLoop)
+        func read(from offset: Int64) -> EventLoopFuture<ByteBuffer> {
+            let count = Int(min(Int64(Self.tlsChunk), range.upperBound - offset))
+            return fileIO.read(fileHandle: handle, fromOffset: offset, byteCount: count, allocator: allocator,
+                               eventLoop: eventLoop)
+        }
+        var offset = range.lowerBound
+        var next = read(from: offset)
+        while offset < range.upperBound {
+            let chunk = try await next.get()
+            guard chunk.readableBytes > 0 else { throw IOError(errnoCode: EIO, reason: "cached file shorter than its index entry") }
+            offset += Int64(chunk.readableBytes)
+            if offset < range.upperBound { next = read(from: offset) }
+            try await body(chunk)
+        }
+    }
+
     /// A whole response whose body is one file region: head, body and end
     /// are handed to the event loop in one hop (the hit path for small blobs).
     func fileResponse(_ status: HTTPResponseStatus, _ headers: HTTPHeaders, _ handle: NIOFileHandle,
                       range: Range<Int64>) async throws {
-        guard range.count <= Self.maxRegion else {
+        guard range.count <= Self.maxRegion, fileIO == nil else {
             head(status, headers)
             try await file(handle, range: range)
             try await end()

@@ -16,6 +16,7 @@ func shell(_ command: String, _ arguments: [String], timeout: TimeInterval = 120
     let pipe = Pipe()
     process.standardOutput = pipe
     process.standardError = pipe
+    process.standardInput = FileHandle.nullDevice  // nothing waits on the test's stdin
     try process.run()
     let deadline = Date().addingTimeInterval(timeout)
     let data = NIOLockedValueBox(Data())

@@ -9,6 +9,8 @@ final class TestProxy: @unchecked Sendable {
     let group: ServiceGroup
     let task: Task<Void, Error>
     let port: Int
+    /// The TLS listener's port when it runs beside the plaintext one.
+    let tlsPort: Int?
     let folder: String
 
     /// `upstreams` are YAML list items; the storage folder is new and empty
@@ -26,14 +28,17 @@ final class TestProxy: @unchecked Sendable {
             """
         var config = try ConfigLoader.parse(yaml: yaml)
         config.api.port = 0
+        if config.api.tlsPort != nil { config.api.tlsPort = 0 }
         var logger = Logger(label: "test-proxy")
         logger.logLevel = .error
         server = try ProxyServer(config: config, logger: logger)
         group = ServiceGroup(services: [server], logger: logger)
         let group = self.group
         task = Task { try await group.run() }
-        guard let port = await server.boundPort() else { throw TestError("proxy did not bind") }
+        let ports = await server.boundPorts()
+        guard let port = ports.first else { throw TestError("proxy did not bind") }
         self.port = port
+        self.tlsPort = ports.count > 1 ? ports[1] : nil
     }
 
     var base: String { "http://127.0.0.1:\(port)" }

@@ -1,0 +1,169 @@
+import CacheProxy
+import Foundation
+import XCTest
+
+/// TLS on both sides, with certificates made for the test by openssl: the
+/// listener (beside a plaintext one, reloaded on SIGHUP), and upstreams
+/// that are the real registry serving TLS, with and without asking for a
+/// client certificate.
+final class TLSTests: XCTestCase {
+    private func https(_ url: String, _ certificates: TestCertificates, _ extra: [String] = [])
+        throws -> (exit: Int32, body: Data, code: Int) {
+        try curl(url, ["--cacert", certificates.caCert] + extra)
+    }
+
+    func testTLSListenerBesidePlaintextServesMissesHitsAndRanges() async throws {
+        let certificates = try TestCertificates.make()
+        let registry = try Registry()
+        let image = try TestImage.make(layerSizes: [4096, 3_000_000])
+        try image.push(to: "\(registry.address)/team/app:v1")
+        let proxy = try await TestProxy(
+            upstreamsYAML: "  - {host: \"localhost\", registry: \"127.0.0.1\", port: \(registry.port), schema: http}",
+            apiYAML: ", tls_cert: \"\(certificates.serverCert)\", tls_key: \"\(certificates.serverKey)\", tls_port: 2")
+        defer { Task { await proxy.stop() } }
+        let tlsPort = try XCTUnwrap(proxy.tlsPort)
+        let base = "https://localhost:\(tlsPort)/v2/team/app/blobs/"
+        for layer in image.layers {
+            let miss = try https(base + layer, certificates)
+            XCTAssertEqual(miss.code, 200)
+            XCTAssertEqual(TestImage.digest(miss.body), layer, "a fill, over TLS")
+            let hit = try https(base + layer, certificates)
+            XCTAssertEqual(TestImage.digest(hit.body), layer, "a hit, over TLS")
+            let range = try https(base + layer, certificates, ["-H", "Range: bytes=1000-2999"])
+            XCTAssertEqual(range.code, 206)
+            XCTAssertEqual(range.body, miss.body.subdata(in: 1000..<3000))
+            XCTAssertEqual(registry.blobGets(layer), 1)
+        }
+        // The plaintext listener serves the same cache.
+        let plain = try curl("http://localhost:\(proxy.port)/v2/team/app/blobs/\(image.layers[1])")
+        XCTAssertEqual(TestImage.digest(plain.body), image.layers[1])
+        // Plain HTTP on the TLS port is no request at all.
+        XCTAssertNotEqual(try curl("http://localhost:\(tlsPort)/v2/").code, 200)
+        // TLS 1.1 is refused. The client is told it may use TLS 1.1 (security
+        // level 0), so only the server can be the one saying no.
+        let (status, output) = try shell("openssl", [
+            "s_client", "-connect", "127.0.0.1:\(tlsPort)", "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0",
+            "-CAfile", certificates.caCert])
+        XCTAssertNotEqual(status, 0, output)
+        let modern = try shell("openssl", ["s_client", "-connect", "127.0.0.1:\(tlsPort)", "-tls1_2",
+                                           "-CAfile", certificates.caCert])
+        XCTAssertEqual(modern.status, 0, modern.output)
+    }
+
+    func testSIGHUPReloadsTheCertificateWithoutDroppingConnections() async throws {
+        let certificates = try TestCertificates.make()
+        let bytes = (0..<4_000_000).map { UInt8(truncatingIfNeeded: $0 &* 11) }
+        let digest = TestImage.digest(Data(bytes))
+        let upstream = try await FakeUpstream { _ in .init(body: bytes, chunkSize: 100_000, delay: .milliseconds(60)) }
+        defer { Task { await upstream.stop() } }
+        let folder = try makeTemporaryFolder("tls-reload")
+        let config = """
+            upstreams:
+            \(localUpstreamYAML(upstream.port))
+            storage: {folder: "\(folder)/cache", io_backend: \(TestBackend.yaml)}
+            """
+        let (daemon, port) = try startProxyProcess(
+            folder: folder, config: config,
+            api: ", tls_cert: \"\(certificates.serverCert)\", tls_key: \"\(certificates.serverKey)\"")
+        defer { daemon.stop() }
+        func subject() throws -> String {
+            let (_, output) = try shell("openssl", ["s_client", "-connect", "127.0.0.1:\(port)",
+                                                    "-CAfile", certificates.caCert])
+            return output
+        }
+        XCTAssertTrue(try subject().contains("CN=localhost") || subject().contains("CN = localhost"))
+
+        // A download of ~2.5 s is running over TLS when the certificate changes.
+        let download = Task.detached {
+            try curl("https://127.0.0.1:\(port)/v2/a/blobs/\(digest)", ["--cacert", certificates.caCert])
+        }
+        try await Task.sleep(for: .milliseconds(500))
+        try certificates.issue(name: "server", subject: "/CN=renewed",
+                               extensions: "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth")
+        kill(daemon.process.processIdentifier, SIGHUP)
+        XCTAssertTrue(eventually { daemon.log.contains("TLS certificate reloaded") }, daemon.log)
+        let renewed = try subject()
+        XCTAssertTrue(renewed.contains("CN=renewed") || renewed.contains("CN = renewed"), renewed)
+        let finished = try await download.value
+        XCTAssertEqual(finished.exit, 0)
+        XCTAssertEqual(TestImage.digest(finished.body), digest, "the connection open across the reload finished")
+
+        // A broken renewal keeps the working certificate.
+        try "not a key".write(toFile: certificates.serverKey, atomically: true, encoding: .utf8)
+        kill(daemon.process.processIdentifier, SIGHUP)
+        XCTAssertTrue(eventually { daemon.log.contains("reload failed") }, daemon.log)
+        let still = try curl("https://127.0.0.1:\(port)/v2/a/blobs/\(digest)", ["--cacert", certificates.caCert])
+        XCTAssertEqual(TestImage.digest(still.body), digest)
+        XCTAssertTrue(daemon.process.isRunning)
+    }
+
+    /// The real registry serving TLS with a certificate from the test's CA.
+    func testUpstreamTLSWithAPrivateCA() async throws {
+        let certificates = try TestCertificates.make()
+        let registry = try Registry(tls: certificates)
+        let image = try TestImage.make(layerSizes: [50_000])
+        try image.push(to: "\(registry.address)/team/app:v1")
+        let layer = image.layers[0]
+        func proxy(_ extra: String) async throws -> TestProxy {
+            try await TestProxy(upstreamsYAML:
+                "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(registry.port), schema: https\(extra)}")
+        }
+
+        let trusting = try await proxy(", ca_file: \"\(certificates.caCert)\"")
+        let good = try curl("\(trusting.base)/v2/team/app/blobs/\(layer)")
+        XCTAssertEqual(TestImage.digest(good.body), layer)
+        XCTAssertEqual(try curl("\(trusting.base)/v2/team/app/manifests/v1",
+                            ["-H", "Accept: application/vnd.oci.image.manifest.v1+json"]).code, 200)
+        await trusting.stop()
+
+        // The system's CAs do not know the test's: 502, an OCI error, no blob.
+        let strict = try await proxy("")
+        for path in ["blobs/\(layer)", "manifests/v1"] {
+            let refused = try curl("\(strict.base)/v2/team/app/\(path)")
+            XCTAssertEqual(refused.code, 502, path)
+            XCTAssertTrue(String(decoding: refused.body, as: UTF8.self).contains(#""code":"UNAVAILABLE""#))
+        }
+        XCTAssertTrue(strict.files(in: "blobs").isEmpty)
+        await strict.stop()
+
+        let insecure = try await proxy(", insecure: true")
+        XCTAssertEqual(TestImage.digest(try curl("\(insecure.base)/v2/team/app/blobs/\(layer)").body), layer)
+        await insecure.stop()
+    }
+
+    /// The real registry asking for a client certificate signed by the CA.
+    func testUpstreamClientCertificate() async throws {
+        let certificates = try TestCertificates.make()
+        let registry = try Registry(tls: certificates, requireClientCertificate: true)
+        let image = try TestImage.make(layerSizes: [50_000])
+        try image.push(to: "\(registry.address)/team/app:v1", certificates: certificates.skopeoDir)
+        let layer = image.layers[0]
+        let upstream = "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(registry.port), schema: https, ca_file: \"\(certificates.caCert)\""
+
+        let withCertificate = try await TestProxy(upstreamsYAML: upstream
+            + ", client_cert: \"\(certificates.clientCert)\", client_key: \"\(certificates.clientKey)\"}")
+        XCTAssertEqual(TestImage.digest(try curl("\(withCertificate.base)/v2/team/app/blobs/\(layer)").body), layer)
+        await withCertificate.stop()
+
+        let without = try await TestProxy(upstreamsYAML: upstream + "}")
+        let refused = try curl("\(without.base)/v2/team/app/blobs/\(layer)")
+        XCTAssertEqual(refused.code, 502)
+        XCTAssertTrue(String(decoding: refused.body, as: UTF8.self).contains("UNAVAILABLE"))
+        await without.stop()
+    }
+
+    func testListenerConfigErrorsNameTheKey() throws {
+        let certificates = try TestCertificates.make()
+        let cases: [(String, String)] = [
+            ("tls_cert: \"\(certificates.serverCert)\"", "api.tls_key"),
+            ("tls_cert: /nonexistent.pem, tls_key: /nonexistent.key", "api.tls_cert"),
+            ("tls_port: 5443", "api.tls_port"),
+        ]
+        for (api, key) in cases {
+            let yaml = "api: {port: 5000, \(api)}\nupstreams: [{host: a, registry: r}]\nstorage: {folder: /tmp/x}\n"
+            XCTAssertThrowsError(try ConfigLoader.parse(yaml: yaml), api) { error in
+                XCTAssertEqual((error as? ConfigError)?.key, key, "\(error)")
+            }
+        }
+    }
+}
