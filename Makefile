@@ -11,7 +11,7 @@ BUILD_PACKAGES := liburing-dev pkg-config
 TEST_PACKAGES  := docker-registry skopeo containerd prometheus curl apache2-utils openssl
 CONFIG ?= config.yaml
 
-.PHONY: run test build release deps-build deps-test bench clean
+.PHONY: run test build release deps-build deps-test bench fuzz clean
 
 run: deps-build release
 	.build/release/cache-proxy --config $(CONFIG)
@@ -32,6 +32,11 @@ release: deps-build
 
 bench: deps-build release
 	benchmarks/run.sh
+
+# The parsers that read client, upstream and operator input, under libFuzzer
+# for FUZZ_SECONDS each (default 60): see scripts/fuzz and Fuzz/README.md.
+fuzz: deps-build
+	scripts/fuzz
 
 deps-build:
 	@./scripts/apt-install.sh $(BUILD_PACKAGES)

@@ -32,6 +32,21 @@ final class BadInputTests: XCTestCase {
         return String(decoding: socket.receive(), as: UTF8.self)
     }
 
+    /// Found by the route fuzzer: `/blobs/` right after `/v2` (no
+    /// repository name) once cut the path with a reversed range, a trap that
+    /// took the whole proxy down.
+    func testABlobPathWithoutARepositoryNameIs400() throws {
+        let digest = "sha256:" + String(repeating: "a", count: 64)
+        for path in ["/v2/blobs/9f8", "/v2/blobs/\(digest)", "/v2//blobs/\(digest)"] {
+            for method in ["GET", "HEAD"] {
+                XCTAssertThrowsError(try RequestTarget.classify(method: method, uri: path), path)
+                let answer = try exchange("\(method) \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                XCTAssertTrue(answer.hasPrefix("HTTP/1.1 400"), "\(method) \(path) ─► \(answer)")
+                try assertStillServing()
+            }
+        }
+    }
+
     func testMalformedRequestLine() throws {
         for garbage in ["GARBAGE\r\n\r\n", "GET /v2/\r\n\r\n", "GET /v2/ HTTP/9.9 extra\r\n\r\n", "\u{1}\u{2}\u{3}\r\n\r\n"] {
             let answer = try exchange(garbage)

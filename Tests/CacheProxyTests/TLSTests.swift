@@ -106,7 +106,8 @@ final class TLSTests: XCTestCase {
         let layer = image.layers[0]
         func proxy(_ extra: String) async throws -> TestProxy {
             try await TestProxy(upstreamsYAML:
-                "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(registry.port), schema: https\(extra)}")
+                "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(registry.port), schema: https\(extra)}",
+                extraYAML: "timeouts: {connect: 1}")
         }
 
         let trusting = try await proxy(", ca_file: \"\(certificates.caCert)\"")

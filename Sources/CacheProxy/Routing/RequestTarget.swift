@@ -36,7 +36,11 @@ public enum RequestTarget: Equatable, Sendable {
         if digestPart.utf8.contains(UInt8(ascii: "/")) || digestPart == "uploads" {
             return .passThrough
         }
-        let name = path[path.index(path.startIndex, offsetBy: 4)..<blobs.lowerBound]
+        // `/v2/blobs/...` has no name at all: its `/blobs/` starts inside
+        // the `/v2/` prefix (a reversed range, once a trap; found by fuzzing).
+        let nameStart = path.utf8.index(path.startIndex, offsetBy: 4)
+        guard blobs.lowerBound > nameStart else { throw .nameInvalid("invalid repository name") }
+        let name = path[nameStart..<blobs.lowerBound]
         guard RepositoryName.isValid(name) else {
             throw .nameInvalid("invalid repository name")
         }

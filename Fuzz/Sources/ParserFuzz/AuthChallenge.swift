@@ -1,0 +1,1 @@
+../../../Sources/CacheProxy/Access/AuthChallenge.swift

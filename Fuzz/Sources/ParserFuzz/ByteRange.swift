@@ -1,0 +1,1 @@
+../../../Sources/CacheProxy/Routing/ByteRange.swift

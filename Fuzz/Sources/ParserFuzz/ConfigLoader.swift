@@ -1,0 +1,1 @@
+../../../Sources/CacheProxy/Config/ConfigLoader.swift

@@ -1,0 +1,1 @@
+../../../Sources/CacheProxy/Config/ProxyConfig.swift
