@@ -139,6 +139,15 @@ final class AccessCheckTests: XCTestCase {
         XCTAssertEqual(again.code, 200)
         XCTAssertEqual(Array(again.body), blob)
         XCTAssertEqual(upstream.blobGets, 1, "served from the cache")
+        // The checks carried the client's credentials and nothing else of
+        // its request (its Host, its Range).
+        let checks = upstream.fake.requests.filter { $0.method == .HEAD }
+        XCTAssertFalse(checks.isEmpty)
+        for check in checks {
+            XCTAssertEqual(check.headers.first(name: "host"), "127.0.0.1:\(upstream.fake.port)")
+            XCTAssertFalse(check.headers.contains(name: "range"))
+            XCTAssertEqual(check.uri, "/v2/team/app/blobs/\(upstream.digest)")
+        }
     }
 
     /// A client joining a fill someone else started is checked too.

@@ -2,6 +2,16 @@ import XCTest
 @testable import CacheProxy
 
 final class ConfigTests: XCTestCase {
+    /// Found by the config fuzzer: an empty key gave `config: : unknown key`.
+    func testAnEmptyKeyIsNamed() {
+        XCTAssertThrowsError(try ConfigLoader.parse(yaml: "? \napi: {port: 1}\n")) { error in
+            XCTAssertEqual((error as? ConfigError)?.key, "\"\"", "\(error)")
+        }
+        XCTAssertThrowsError(try ConfigLoader.parse(yaml: "api: {port: 1, \"\": 2}\n")) { error in
+            XCTAssertEqual((error as? ConfigError)?.key, "api.\"\"", "\(error)")
+        }
+    }
+
     func testReferenceDesignFileWorksUnchanged() throws {
         let c = try ConfigLoader.parse(yaml: """
             api:

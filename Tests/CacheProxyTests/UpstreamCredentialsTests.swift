@@ -66,10 +66,41 @@ final class UpstreamCredentialsTests: XCTestCase {
         let results = try curlAtOnce("\(proxy.base)/v2/team/app/manifests/v1", count: 12)
         XCTAssertEqual(results.map(\.code), Array(repeating: 200, count: 12))
         XCTAssertEqual(tokens.withLockedValue { $0 }, 1, "one token request for one scope")
+        let before = fake.requests.count
         XCTAssertEqual(try curl("\(proxy.base)/v2/team/app/manifests/v2").code, 200)
         XCTAssertEqual(tokens.withLockedValue { $0 }, 1, "the token is reused")
-        let sent = fake.requests.filter { !$0.uri.hasPrefix("/token") }
-        XCTAssertEqual(sent.last?.headers.first(name: "authorization"), "Bearer t0k3n", "sent up front once known")
+        let sent = fake.requests.dropFirst(before)
+        XCTAssertEqual(sent.map { $0.headers.first(name: "authorization") }, ["Bearer t0k3n"],
+                       "sent up front once known: one request, no 401 first")
+    }
+
+    /// A token the upstream stops taking before it expires is dropped and
+    /// a new one fetched, instead of being sent again until it expires.
+    func testARevokedTokenIsReplaced() async throws {
+        let issued = NIOLockedValueBox(0)
+        let port = NIOLockedValueBox(0)
+        let fake = try await FakeUpstream { head in
+            if head.uri.hasPrefix("/token") {
+                let n = issued.withLockedValue { $0 += 1; return $0 }
+                return .init(body: Array(#"{"token":"t\#(n)","expires_in":3600}"#.utf8))
+            }
+            // Only the newest token is good.
+            guard head.headers.first(name: "authorization") == "Bearer t\(issued.withLockedValue { $0 })" else {
+                return .init(status: .unauthorized, headers: [
+                    "www-authenticate": #"Bearer realm="http://127.0.0.1:\#(port.withLockedValue { $0 })/token",scope="repository:a:pull""#])
+            }
+            return .init(body: Array("{}".utf8))
+        }
+        port.withLockedValue { $0 = fake.port }
+        let proxy = try await TestProxy(upstreamsYAML: """
+              - {host: "127.0.0.1", registry: "127.0.0.1", port: \(fake.port), schema: http, username: u, password: p}
+            """)
+        defer { Task { await proxy.stop(); await fake.stop() } }
+        XCTAssertEqual(try curl("\(proxy.base)/v2/a/manifests/v1").code, 200)
+        issued.withLockedValue { $0 += 1 }  // t1 revoked: only t2 (not yet issued) would do
+        let after = try curl("\(proxy.base)/v2/a/manifests/v1")
+        XCTAssertEqual(after.code, 200)
+        XCTAssertEqual(issued.withLockedValue { $0 }, 3, "a new token was fetched")
     }
 
     func testPasswordsAreNeverPrinted() throws {

@@ -143,7 +143,9 @@ public final class AccessGate: Sendable {
         defer { state.withLockedValue { _ = $0.inFlight.removeValue(forKey: key) } }
         var request = HTTPClientRequest(url: "\(upstream.origin)/v2/\(repository)/blobs/\(digest)")
         request.method = .HEAD
-        request.headers = headers
+        // The client's credentials and nothing else of its request: its
+        // Host, Range or forwarding headers are not the check's business.
+        request.headers = BlobResponder.upstreamHeaders(headers)
         let failure: OCIError
         do {
             let response = try await client.send(request, to: upstream)

@@ -52,8 +52,16 @@ final class UpstreamAuth: Sendable {
     }
 
     /// The `Authorization` to retry with after a 401 carrying `challenges`,
-    /// or nil when none of them can be met.
-    func answer(_ challenges: [AuthChallenge], using client: UpstreamClient) async -> String? {
+    /// or nil when none of them can be met. `refused` is what the request
+    /// carried: a token the upstream no longer takes (revoked, expired
+    /// early) is dropped, so the retry fetches a new one.
+    func answer(_ challenges: [AuthChallenge], refused: String?, using client: UpstreamClient) async -> String? {
+        if let refused, refused.hasPrefix("Bearer ") {
+            let token = String(refused.dropFirst("Bearer ".count))
+            state.withLockedValue { state in
+                for (scope, cached) in state.tokens where cached.value == token { state.tokens[scope] = nil }
+            }
+        }
         if challenges.contains(where: { $0.scheme == "basic" }) {
             state.withLockedValue { $0.basic = true }
             return basicValue
@@ -114,12 +122,12 @@ final class UpstreamAuth: Sendable {
         return value.addingPercentEncoding(withAllowedCharacters: allowed) ?? ""
     }
 
-    /// The scope a request needs, as registries name it in their challenges:
+    /// The scope a request to `url` needs, as registries name it in their challenges:
     /// `repository:<name>:pull` (or `pull,push` for writes), nil for
     /// requests outside a repository (`/v2/`, `/v2/_catalog`).
-    static func scope(method: HTTPMethod, uri: String) -> String? {
-        let path = uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? uri
-        guard path.hasPrefix("/v2/") else { return nil }
+    static func scope(method: HTTPMethod, url: String) -> String? {
+        guard let start = url.range(of: "/v2/") else { return nil }
+        let path = url[start.lowerBound...].split(separator: "?", maxSplits: 1).first ?? ""
         let rest = path.dropFirst(4)
         for marker in ["/blobs/", "/manifests/", "/tags/", "/referrers/"] {
             if let range = rest.range(of: marker, options: .backwards) {

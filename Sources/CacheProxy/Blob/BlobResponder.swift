@@ -320,9 +320,13 @@ struct BlobResponder: Sendable {
     /// The client's headers the fill may send upstream: its credentials and
     /// what it accepts, nothing about this hop.
     static func upstreamHeaders(_ head: HTTPRequestHead) -> HTTPHeaders {
+        upstreamHeaders(head.headers)
+    }
+
+    static func upstreamHeaders(_ headers: HTTPHeaders) -> HTTPHeaders {
         var out = HTTPHeaders()
         for name in ["authorization", "user-agent"] {
-            for value in head.headers[canonicalForm: name] { out.add(name: name, value: String(value)) }
+            for value in headers[canonicalForm: name] { out.add(name: name, value: String(value)) }
         }
         return out
     }

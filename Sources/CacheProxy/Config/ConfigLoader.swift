@@ -231,7 +231,9 @@ struct Node {
             throw ConfigError(key: key, problem: "expected a mapping")
         }
         for name in dict.keys.sorted() where !allowed.contains(name) {
-            throw ConfigError(key: join(name), problem: "unknown key (allowed: \(allowed.sorted().joined(separator: ", ")))")
+            // An empty key (`? ` or `"":` in YAML) is named as written, so
+            // the message still points somewhere (found by fuzzing).
+            throw ConfigError(key: join(name.isEmpty ? "\"\"" : name), problem: "unknown key (allowed: \(allowed.sorted().joined(separator: ", ")))")
         }
         return Mapping(values: dict, key: key == "(top level)" ? "" : key)
     }

@@ -73,6 +73,14 @@ struct CacheHitResponder: Sendable {
                 inline = bytes
             }
         }
+        if tls, inline == nil, head.method != .HEAD {
+            // No sendfile through TLS: the async side reads it in chunks.
+            if let file {
+                try? file.close()
+                store.release(digest)
+            }
+            return false
+        }
         var headers = plan.headers
         if !keepAlive { headers.replaceOrAdd(name: "connection", value: "close") }
         context.write(wrap(.head(HTTPResponseHead(version: head.version, status: plan.status, headers: headers))),

@@ -101,13 +101,12 @@ public final class UpstreamClient: Sendable {
         guard authorize, let auth = session?.auth, !request.headers.contains(name: "authorization") else {
             return try await execute(request, body: body)
         }
-        if let value = auth.known(scope: UpstreamAuth.scope(method: request.method, uri: request.url)) {
-            request.headers.add(name: "authorization", value: value)
-        }
+        let known = auth.known(scope: UpstreamAuth.scope(method: request.method, url: request.url))
+        if let known { request.headers.add(name: "authorization", value: known) }
         let response = try await execute(request, body: body)
         guard response.status == .unauthorized, body == nil else { return response }
         let challenges = AuthChallenge.parse(response.headers[canonicalForm: "www-authenticate"].joined(separator: ", "))
-        guard let value = await auth.answer(challenges, using: self) else { return response }
+        guard let value = await auth.answer(challenges, refused: known, using: self) else { return response }
         _ = try? await response.body.collect(upTo: 1 << 16)  // frees the connection for the retry
         request.headers.replaceOrAdd(name: "authorization", value: value)
         return try await execute(request)
