@@ -116,7 +116,7 @@ def main():
         rounds = 8
         print(f"\n{big >> 20} MiB cached blob x {rounds} downloads, one curl at a time:")
         for name, url, extra in (("plaintext", f"http://127.0.0.1:{port}{path}", []),
-                                 ("TLS", f"https://localhost:{tls_port}{path}", ["--cacert", f"{work}/ca.pem"])):
+                                 ("TLS", f"https://127.0.0.1:{tls_port}{path}", ["--cacert", f"{work}/ca.pem"])):
             cpu0, started = proxy.cpu_seconds(), time.monotonic()
             for _ in range(rounds):
                 out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", *extra,

@@ -325,8 +325,10 @@ struct BlobResponder: Sendable {
 
     static func upstreamHeaders(_ headers: HTTPHeaders) -> HTTPHeaders {
         var out = HTTPHeaders()
+        // Whole values: a credential may hold commas (Digest, some tokens),
+        // and splitting it (`[canonicalForm:]`) would change what it says.
         for name in ["authorization", "user-agent"] {
-            for value in headers[canonicalForm: name] { out.add(name: name, value: String(value)) }
+            for value in headers[name] { out.add(name: name, value: value) }
         }
         return out
     }

@@ -27,6 +27,7 @@ struct CacheHitResponder: Sendable {
     /// small enough to be sent from memory are answered here, larger ones
     /// are read in large chunks on the async side.
     func answer(_ head: HTTPRequestHead, context: ChannelHandlerContext, tls: Bool = false,
+                credentials: AccessGate.CredentialMemo? = nil,
                 wrap: (HTTPServerResponsePart) -> NIOAny) -> Bool {
         guard head.method == .GET || head.method == .HEAD,
               case .blob(let name, let digest)? = try? RequestTarget.classify(method: head.method.rawValue, uri: head.uri),
@@ -36,7 +37,7 @@ struct CacheHitResponder: Sendable {
               // A client whose access is not known to be fresh is checked
               // on the async side (an upstream HEAD).
               !tls || head.method == .HEAD || size <= smallBlobs.maxBlobSize,
-              gate.allowsNow(upstream: upstream, headers: head.headers, repository: name)
+              gate.allowsNow(upstream: upstream, headers: head.headers, repository: name, memo: credentials)
         else { return false }
         let started = ContinuousClock.now
         let channel = context.channel

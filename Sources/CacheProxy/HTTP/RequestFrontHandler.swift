@@ -27,6 +27,8 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
     /// A TLS connection: no sendfile, so only blobs small enough to be
     /// answered from memory are hits here.
     private let tls: Bool
+    /// This connection's last credential and its hash (access checks).
+    private let credentials = AccessGate.CredentialMemo()
 
     init(hits: CacheHitResponder, tls: Bool) {
         self.hits = hits
@@ -39,7 +41,7 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
         case .head(let head):
             switch RequestValidator.check(head, router: hits.router) {
             case .accept(var head):
-                if hits.answer(head, context: context, tls: tls, wrap: wrapOutboundOut) {
+                if hits.answer(head, context: context, tls: tls, credentials: credentials, wrap: wrapOutboundOut) {
                     consuming = true
                     return
                 }

@@ -105,7 +105,7 @@ public final class UpstreamClient: Sendable {
         if let known { request.headers.add(name: "authorization", value: known) }
         let response = try await execute(request, body: body)
         guard response.status == .unauthorized, body == nil else { return response }
-        let challenges = AuthChallenge.parse(response.headers[canonicalForm: "www-authenticate"].joined(separator: ", "))
+        let challenges = AuthChallenge.parse(response.headers["www-authenticate"].joined(separator: ", "))
         guard let value = await auth.answer(challenges, refused: known, using: self) else { return response }
         _ = try? await response.body.collect(upTo: 1 << 16)  // frees the connection for the retry
         request.headers.replaceOrAdd(name: "authorization", value: value)
