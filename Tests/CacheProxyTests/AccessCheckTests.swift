@@ -75,6 +75,49 @@ final class AccessCheckTests: XCTestCase {
         XCTAssertGreaterThanOrEqual(try proxy.metric("cacheproxy_access_checks_total{result=\"remembered\"}"), 1)
     }
 
+    /// The real registry in token mode (`auth: token`, ES256 JWTs from a
+    /// token service with Docker Hub's behaviour): only a token whose
+    /// `access` claim covers the repository gets the cached blob.
+    func testTokenRegistry_OnlyATokenForTheRepositoryGetsTheCachedBlob() async throws {
+        let tokens = try await TokenServer(users: ["alice": ("secret", ["team/app"]), "bob": ("builder", ["team/other"])])
+        defer { Task { await tokens.fake.stop() } }
+        let registry = try Registry(tokens: tokens)
+        let image = try TestImage.make(layerSizes: [300_000])
+        try image.push(to: "\(registry.address)/team/app:v1", credentials: "alice:secret")
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(registry.port))
+        defer { Task { await proxy.stop() } }
+        let layer = image.layers[0]
+        let url = "\(proxy.base)/v2/team/app/blobs/\(layer)"
+        let scope = "repository:team/app:pull"
+
+        let alice = ["-H", "Authorization: Bearer " + (try tokens.token(user: "alice:secret", scope: scope))]
+        let filled = try request(url, host: "127.0.0.1", alice)
+        XCTAssertEqual(filled.code, 200)
+        XCTAssertEqual(Self.sha(filled.body), layer)
+        XCTAssertEqual(registry.blobGets(layer), 1)
+
+        let strangers: [(String, [String])] = [
+            ("anonymous", []),
+            ("bogus token", ["-H", "Authorization: Bearer not.a.token"]),
+            ("anonymous token", ["-H", "Authorization: Bearer " + (try tokens.token(user: nil, scope: scope))]),
+            ("token of a user without access", ["-H", "Authorization: Bearer " + (try tokens.token(user: "bob:builder", scope: scope))]),
+        ]
+        for (who, credentials) in strangers {
+            for (what, extra) in [("GET", [String]()), ("HEAD", ["-I"]), ("Range", ["-H", "Range: bytes=0-99"])] {
+                let answer = try request(url, host: "127.0.0.1", credentials + extra)
+                XCTAssertEqual(answer.code, 401, "\(who), \(what)")
+                XCTAssertTrue(answer.headers.contains("www-authenticate: bearer realm=\"\(tokens.realm)\""),
+                              "\(who), \(what): \(answer.headers)")
+                XCTAssertNotEqual(Self.sha(answer.body), layer)
+                XCTAssertFalse(answer.body.count >= 100 && answer.body.prefix(100) == filled.body.prefix(100))
+            }
+        }
+        let again = try request(url, host: "127.0.0.1", alice + ["-H", "Range: bytes=0-99"])
+        XCTAssertEqual(again.code, 206)
+        XCTAssertEqual(again.body, filled.body.prefix(100))
+        XCTAssertEqual(registry.blobGets(layer), 1, "from the cache")
+    }
+
     /// A fake registry that wants `Bearer good-token`, and its token service.
     private final class BearerUpstream: Sendable {
         let fake: FakeUpstream
@@ -172,7 +215,7 @@ final class AccessCheckTests: XCTestCase {
         let first = try await leader
         XCTAssertEqual(first.code, 200)
         XCTAssertEqual(Self.sha(first.body), digest)
-        XCTAssertEqual(fake.requests.filter { $0.method == .GET }.count, 1)
+        XCTAssertEqual(fake.gets.count, 1)
     }
 
     /// Upstream unreachable: a triple allowed before is served (offline:

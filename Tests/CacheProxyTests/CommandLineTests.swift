@@ -166,7 +166,7 @@ extension CommandLineTests {
         let (again, port2) = try startProxyProcess(folder: folder, config: config)
         let hit = try curl("http://127.0.0.1:\(port2)/v2/a/blobs/\(FaultInjectionTests.digest(of: bytes))")
         XCTAssertTrue(hit.body == Data(bytes))
-        XCTAssertEqual(upstream.requests.filter { $0.method == .GET }.count, 1, "a hit after the restart")
+        XCTAssertEqual(upstream.gets.count, 1, "a hit after the restart")
         again.stop()
         await upstream.stop()
     }

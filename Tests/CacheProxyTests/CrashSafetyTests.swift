@@ -98,8 +98,8 @@ final class CrashSafetyTests: XCTestCase {
         XCTAssertNil(again.server.store.size(of: try Digest(parsing: F.digest(of: bytes))))
         XCTAssertEqual(again.server.store.size(of: try Digest(parsing: F.digest(of: other))), 200_000)
         XCTAssertEqual(try curl("\(again.base)/v2/a/blobs/\(F.digest(of: bytes))").body, Data(bytes), "fetched again")
-        XCTAssertEqual(upstream.requests.filter { $0.uri.hasSuffix(F.digest(of: bytes)) }.count, 2)
-        XCTAssertEqual(upstream.requests.filter { $0.uri.hasSuffix(F.digest(of: other)) }.count, 1, "still a hit")
+        XCTAssertEqual(upstream.gets.filter { $0.uri.hasSuffix(F.digest(of: bytes)) }.count, 2)
+        XCTAssertEqual(upstream.gets.filter { $0.uri.hasSuffix(F.digest(of: other)) }.count, 1, "still a hit")
         await again.stop()
         await upstream.stop()
     }

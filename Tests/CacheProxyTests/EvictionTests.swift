@@ -104,7 +104,7 @@ final class EvictionTests: XCTestCase {
                                         storageYAML: ", max_size: 100000")
         let (a, b, c) = (F.digest(of: blobs[0]), F.digest(of: blobs[1]), F.digest(of: blobs[2]))
         func get(_ d: String) throws -> Data { try curl("\(proxy.base)/v2/x/blobs/\(d)").body }
-        func fetched(_ d: String) -> Int { upstream.requests.filter { $0.uri.hasSuffix(d) }.count }
+        func fetched(_ d: String) -> Int { upstream.gets.filter { $0.uri.hasSuffix(d) }.count }
         func indexed(_ d: String) throws -> Bool { proxy.server.store.size(of: try Digest(parsing: d)) != nil }
 
         XCTAssertEqual(try get(a), Data(blobs[0]))

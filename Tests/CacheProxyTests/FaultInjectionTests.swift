@@ -51,7 +51,7 @@ final class FaultInjectionTests: XCTestCase {
         XCTAssertEqual(try proxy.metric("cacheproxy_digest_mismatches_total"), 1)
         // The next request tries again: nothing bad was remembered.
         _ = try curl("\(proxy.base)/v2/a/blobs/\(digest)")
-        XCTAssertEqual(upstream.requests.count, 2)
+        XCTAssertEqual(upstream.gets.count, 2)
         await proxy.stop()
         await upstream.stop()
     }
@@ -122,7 +122,7 @@ final class FaultInjectionTests: XCTestCase {
             XCTAssertEqual(exit, 0)
             XCTAssertEqual(Self.digest(of: Array(body)), digest)
         }
-        XCTAssertEqual(upstream.requests.filter { $0.method == .GET }.count, 1, "one fill for all clients")
+        XCTAssertEqual(upstream.gets.count, 1, "one fill for all clients")
         XCTAssertEqual(try proxy.metric("cacheproxy_blob_misses_total") + proxy.metric("cacheproxy_blob_coalesced_total")
                        + proxy.metric("cacheproxy_blob_hits_total"), 16)
         await proxy.stop()
@@ -145,7 +145,7 @@ final class FaultInjectionTests: XCTestCase {
         XCTAssertTrue(eventually { proxy.files(in: "blobs").count == 1 })
         let hit = try curl("\(proxy.base)/v2/a/blobs/\(digest)")
         XCTAssertEqual(Array(hit.body), bytes)
-        XCTAssertEqual(upstream.requests.count, 1)
+        XCTAssertEqual(upstream.gets.count, 1)
         await proxy.stop()
         await upstream.stop()
     }
@@ -246,7 +246,7 @@ final class FaultInjectionTests: XCTestCase {
         XCTAssertEqual(allowed.code, 200)
         XCTAssertEqual(Array(allowed.body), bytes)
         XCTAssertEqual(try proxy.metric("cacheproxy_blob_coalesced_total"), 1, "the second client did join first")
-        XCTAssertEqual(upstream.requests.filter { $0.method == .GET }.map { $0.headers.first(name: "authorization") },
+        XCTAssertEqual(upstream.gets.map { $0.headers.first(name: "authorization") },
                        ["Bearer bad", "Bearer good"])
         XCTAssertTrue(eventually { proxy.files(in: "blobs").count == 1 }, "the retry was a verified fill, not an unchecked pass-through")
         await proxy.stop()
@@ -286,7 +286,7 @@ final class FaultInjectionTests: XCTestCase {
         XCTAssertEqual(stored.count, 1)
         XCTAssertTrue(stored.first?.hasPrefix("sha512/") ?? false, "\(stored)")
         XCTAssertEqual(Array(try curl("\(proxy.base)/v2/a/blobs/\(digest)").body), bytes)
-        XCTAssertEqual(upstream.requests.count, 1)
+        XCTAssertEqual(upstream.gets.count, 1)
         await proxy.stop()
         await upstream.stop()
     }
@@ -306,7 +306,7 @@ final class FaultInjectionTests: XCTestCase {
         // (only the HEAD that checks access to that repository).
         let hit = try curl("\(proxy.base)/v2/b/blobs/\(digest)")
         XCTAssertEqual(Array(hit.body), bytes)
-        XCTAssertEqual(upstream.requests.filter { $0.method == .GET }.count, 1)
+        XCTAssertEqual(upstream.gets.count, 1)
         XCTAssertEqual(upstream.requests.filter { $0.method == .HEAD }.map(\.uri), ["/v2/b/blobs/\(digest)"])
 
         let otherBytes = Self.randomBytes(300_000)

@@ -35,6 +35,29 @@ final class UpstreamCredentialsTests: XCTestCase {
         XCTAssertEqual(wrong.code, 401)
     }
 
+    /// The real registry in token mode: an anonymous skopeo pulls through
+    /// the proxy, which runs the token dance with its own account.
+    func testAnonymousPullFromATokenRegistryWithTheProxysAccount() async throws {
+        let tokens = try await TokenServer(users: ["robot": ("t0ps3cret", ["team/app"])])
+        defer { Task { await tokens.fake.stop() } }
+        let registry = try Registry(tokens: tokens)
+        let image = try TestImage.make(layerSizes: [4096, 200_000])
+        try image.push(to: "\(registry.address)/team/app:v1", credentials: "robot:t0ps3cret")
+        let pushTokens = tokens.issued
+        let proxy = try await TestProxy(upstreamsYAML: """
+              - {host: "127.0.0.1", registry: "127.0.0.1", port: \(registry.port), schema: http,
+                 username: robot, password: t0ps3cret}
+            """)
+        defer { Task { await proxy.stop() } }
+        let destination = try makeTemporaryFolder("pulled")
+        let (status, output) = try shell("skopeo", [
+            "copy", "--src-tls-verify=false", "docker://127.0.0.1:\(proxy.port)/team/app:v1", "oci:\(destination):v1"])
+        XCTAssertEqual(status, 0, output)
+        for layer in image.layers { XCTAssertEqual(registry.blobGets(layer), 1) }
+        // One token for the /v2/ check (no scope) and one for the repository.
+        XCTAssertLessThanOrEqual(tokens.issued - pushTokens, 2)
+    }
+
     /// Bearer upstream: many anonymous clients at once, one token request;
     /// later requests reuse the token until it expires.
     func testOneTokenRequestPerScopeHoweverManyClientsAsk() async throws {

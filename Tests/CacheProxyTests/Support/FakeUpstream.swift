@@ -40,6 +40,8 @@ final class FakeUpstream: Sendable {
     let port: Int
 
     var requests: [Seen] { seen.withLockedValue { $0 } }
+    /// The GETs alone: what fetched a blob (access checks are HEADs).
+    var gets: [Seen] { requests.filter { $0.method == .GET } }
 
     init(_ reply: @escaping @Sendable (HTTPRequestHead) -> Reply) async throws {
         let listener = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)

@@ -13,10 +13,15 @@ final class Registry: @unchecked Sendable {
     let requireClientCertificate: Bool
     private var daemon: Daemon?
 
-    init(users: [String: String] = [:], tls: TestCertificates? = nil, requireClientCertificate: Bool = false) throws {
+    /// A token service the registry sends clients to (`auth: token`).
+    let tokens: TokenServer?
+
+    init(users: [String: String] = [:], tls: TestCertificates? = nil, requireClientCertificate: Bool = false,
+         tokens: TokenServer? = nil) throws {
         port = try freePort()
         folder = try makeTemporaryFolder("registry")
         self.users = users
+        self.tokens = tokens
         self.tls = tls
         self.requireClientCertificate = requireClientCertificate
         try start()
@@ -33,6 +38,10 @@ final class Registry: @unchecked Sendable {
                 guard status == 0 else { throw TestError("htpasswd failed: \(output)") }
             }
             auth = "auth: {htpasswd: {realm: test-realm, path: \(folder)/htpasswd}}"
+        }
+        if let tokens {
+            auth = "auth: {token: {realm: \"\(tokens.realm)\", service: \(TokenServer.service), "
+                + "issuer: \(TokenServer.issuer), rootcertbundle: \(tokens.certificate)}}"
         }
         var tlsYAML = ""
         if let tls {
