@@ -91,13 +91,20 @@ struct CacheProxyCommand: AsyncParsableCommand {
         }
         // SIGHUP: the listener's certificate and key are read again (a
         // renewal); connections already open are not touched.
-        let hangups = await UnixSignalsSequence(trapping: .sighup)
-        let reloader = Task {
-            for await _ in hangups { server.reloadTLS() }
+        // Trapped only with a TLS listener: otherwise SIGHUP keeps its
+        // default meaning (the process ends, as on a terminal hang-up).
+        let reloader: Task<Void, Never>?
+        if server.tls != nil {
+            let hangups = await UnixSignalsSequence(trapping: .sighup)
+            reloader = Task {
+                for await _ in hangups { server.reloadTLS() }
+            }
+        } else {
+            reloader = nil
         }
         defer {
             watcher.cancel()
-            reloader.cancel()
+            reloader?.cancel()
         }
         try await group.run()
     }

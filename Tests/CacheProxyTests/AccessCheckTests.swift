@@ -3,6 +3,7 @@ import Foundation
 import NIOConcurrencyHelpers
 import NIOHTTP1
 import XCTest
+@testable import CacheProxy
 
 /// A cached blob goes only to a client the upstream would give it to
 /// (DESIGN.md, Security): checked against the real registry behind
@@ -116,6 +117,57 @@ final class AccessCheckTests: XCTestCase {
         XCTAssertEqual(again.code, 206)
         XCTAssertEqual(again.body, filled.body.prefix(100))
         XCTAssertEqual(registry.blobGets(layer), 1, "from the cache")
+    }
+
+    /// Review finding: a yes for one digest must not open every digest
+    /// under that repository name. Alice may pull only `alice/x`; a layer
+    /// cached for `corp/secret` asked for as `alice/x/blobs/<it>` is the
+    /// registry's 404, however fresh her grant for `alice/x` is.
+    func testAGrantForARepositoryDoesNotOpenBlobsOfOtherRepositories() async throws {
+        let tokens = try await TokenServer(users: ["alice": ("a", ["alice/x"]), "corp": ("c", ["corp/secret"])])
+        defer { Task { await tokens.fake.stop() } }
+        let registry = try Registry(tokens: tokens)
+        let mine = try TestImage.make(layerSizes: [10_000])
+        try mine.push(to: "\(registry.address)/alice/x:v1", credentials: "alice:a")
+        let secret = try TestImage.make(layerSizes: [20_000])
+        try secret.push(to: "\(registry.address)/corp/secret:v1", credentials: "corp:c")
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(registry.port))
+        defer { Task { await proxy.stop() } }
+        let corp = ["-H", "Authorization: Bearer " + (try tokens.token(user: "corp:c", scope: "repository:corp/secret:pull"))]
+        XCTAssertEqual(try request("\(proxy.base)/v2/corp/secret/blobs/\(secret.layers[0])", host: "127.0.0.1", corp).code, 200)
+
+        let alice = ["-H", "Authorization: Bearer " + (try tokens.token(user: "alice:a", scope: "repository:alice/x:pull"))]
+        XCTAssertEqual(try request("\(proxy.base)/v2/alice/x/blobs/\(mine.layers[0])", host: "127.0.0.1", alice).code, 200)
+        for extra in [[String](), ["-I"], ["-H", "Range: bytes=0-9"]] {
+            let stolen = try request("\(proxy.base)/v2/alice/x/blobs/\(secret.layers[0])", host: "127.0.0.1", alice + extra)
+            XCTAssertEqual(stolen.code, 404, "\(extra)")
+            XCTAssertNotEqual(Self.sha(stolen.body), secret.layers[0])
+        }
+    }
+
+    /// Review finding: an upstream with `access_check: never` must not hand
+    /// out blobs that were cached through another upstream.
+    func testANeverUpstreamDoesNotServeBlobsCachedThroughAnother() async throws {
+        let tokens = try await TokenServer(users: ["corp": ("c", ["corp/secret"])])
+        defer { Task { await tokens.fake.stop() } }
+        let privateRegistry = try Registry(tokens: tokens)
+        let secret = try TestImage.make(layerSizes: [20_000])
+        try secret.push(to: "\(privateRegistry.address)/corp/secret:v1", credentials: "corp:c")
+        let publicRegistry = try Registry()
+        let proxy = try await TestProxy(upstreamsYAML: """
+              - {host: "private.test", registry: "127.0.0.1", port: \(privateRegistry.port), schema: http}
+              - {host: "public.test", registry: "127.0.0.1", port: \(publicRegistry.port), schema: http, access_check: never}
+            """)
+        defer { Task { await proxy.stop() } }
+        let corp = ["-H", "Authorization: Bearer " + (try tokens.token(user: "corp:c", scope: "repository:corp/secret:pull"))]
+        let layer = secret.layers[0]
+        XCTAssertEqual(try request("\(proxy.base)/v2/corp/secret/blobs/\(layer)", host: "private.test", corp).code, 200)
+        for extra in [[String](), ["-I"]] {
+            let stolen = try request("\(proxy.base)/v2/corp/secret/blobs/\(layer)", host: "public.test", extra)
+            XCTAssertEqual(stolen.code, 404, "\(extra)")
+            XCTAssertNotEqual(Self.sha(stolen.body), layer)
+        }
+        XCTAssertEqual(publicRegistry.blobGets(layer), 0)
     }
 
     /// A fake registry that wants `Bearer good-token`, and its token service.
@@ -262,5 +314,18 @@ final class AccessCheckTests: XCTestCase {
         XCTAssertEqual(try request(url, host: "127.0.0.1", ["-H", "Authorization: Bearer good-token"]).code, 200)
         XCTAssertEqual(try request(url, host: "127.0.0.1", []).code, 200)
         XCTAssertEqual(upstream.fake.requests.filter { $0.method == .HEAD }.count, 0)
+    }
+}
+
+/// Which upstream redirects of an access check's HEAD count as a yes.
+final class AccessRedirectTests: XCTestCase {
+    func testOnlyRedirectsToTheBlobCountAsAYes() throws {
+        let digest = try Digest(parsing: "sha256:" + String(repeating: "ab", count: 32))
+        let hex = digest.hex
+        XCTAssertTrue(AccessGate.isBlobRedirect("https://cdn.example/registry/v2/blobs/sha256/ab/\(hex)/data?sig=x", digest: digest))
+        XCTAssertTrue(AccessGate.isBlobRedirect("/storage/\(hex)", digest: digest))
+        XCTAssertFalse(AccessGate.isBlobRedirect("https://sso.example/login?next=/v2/a/blobs/sha256:\(hex)", digest: digest))
+        XCTAssertFalse(AccessGate.isBlobRedirect("/login", digest: digest))
+        XCTAssertFalse(AccessGate.isBlobRedirect(nil, digest: digest))
     }
 }

@@ -126,6 +126,49 @@ final class UpstreamCredentialsTests: XCTestCase {
         XCTAssertEqual(issued.withLockedValue { $0 }, 3, "a new token was fetched")
     }
 
+    /// Review finding: the proxy's account is for reading. An anonymous
+    /// DELETE (or push) must not be answered with the account's credentials.
+    func testTheAccountIsNeverUsedToWrite() async throws {
+        let registry = try Registry(users: ["ci": "hunter2"])
+        let image = try TestImage.make(layerSizes: [4096])
+        try image.push(to: "\(registry.address)/team/app:v1", credentials: "ci:hunter2")
+        let proxy = try await TestProxy(upstreamsYAML: """
+              - {host: "127.0.0.1", registry: "127.0.0.1", port: \(registry.port), schema: http, username: ci, password: hunter2}
+            """)
+        defer { Task { await proxy.stop() } }
+        // The proxy has learnt the upstream wants Basic (a read).
+        XCTAssertEqual(try curl("\(proxy.base)/v2/").code, 200)
+        let deleted = try curl("\(proxy.base)/v2/team/app/manifests/\(image.manifest)", ["-X", "DELETE"])
+        XCTAssertEqual(deleted.code, 401)
+        let upload = try curl("\(proxy.base)/v2/team/app/blobs/uploads/", ["-X", "POST"])
+        XCTAssertEqual(upload.code, 401)
+        let still = try curl("http://\(registry.address)/v2/team/app/manifests/\(image.manifest)", [
+            "-u", "ci:hunter2", "-H", "Accept: application/vnd.oci.image.manifest.v1+json"])
+        XCTAssertEqual(still.code, 200, "the manifest is still there")
+    }
+
+    /// Review finding: a token service's `expires_in` is input too.
+    func testAHugeTokenLifetimeIsClamped() async throws {
+        let port = NIOLockedValueBox(0)
+        let fake = try await FakeUpstream { head in
+            if head.uri.hasPrefix("/token") {
+                return .init(body: Array(#"{"token":"t","expires_in":9223372036854775807}"#.utf8))
+            }
+            guard head.headers.first(name: "authorization") == "Bearer t" else {
+                return .init(status: .unauthorized, headers: [
+                    "www-authenticate": #"Bearer realm="http://127.0.0.1:\#(port.withLockedValue { $0 })/token""#])
+            }
+            return .init(body: Array("{}".utf8))
+        }
+        port.withLockedValue { $0 = fake.port }
+        let proxy = try await TestProxy(upstreamsYAML: """
+              - {host: "127.0.0.1", registry: "127.0.0.1", port: \(fake.port), schema: http, username: u, password: p}
+            """)
+        defer { Task { await proxy.stop(); await fake.stop() } }
+        XCTAssertEqual(try curl("\(proxy.base)/v2/a/manifests/v1").code, 200)
+        XCTAssertEqual(try curl("\(proxy.base)/v2/a/manifests/v1").code, 200)
+    }
+
     func testPasswordsAreNeverPrinted() throws {
         let config = try ConfigLoader.parse(yaml: """
             api: {port: 5000}

@@ -11,10 +11,23 @@ import ProxyMetrics
 /// repository (DESIGN.md, Security).
 ///
 /// The upstream is asked with a `HEAD` of the blob carrying the client's own
-/// `Authorization`; its yes is remembered per (upstream, credential,
-/// repository) for the upstream's `access_cache_ttl`, so a hit whose answer
-/// is remembered costs one keyed hash and one dictionary lookup, on the
-/// event loop. Checks of the same triple in flight at once share one `HEAD`.
+/// `Authorization`. A 2xx says two things, remembered apart for the
+/// upstream's `access_cache_ttl`:
+/// - a *grant*: this credential may pull from this repository at this
+///   upstream (registries authorize per repository);
+/// - a *link*: this blob belongs to this repository at this upstream
+///   (registries serve a blob only through a repository that holds it).
+/// A client gets a cached blob without asking when both are fresh: a new
+/// credential pulling a cached image costs one `HEAD`, not one per layer,
+/// while a grant for `alice/x` never opens a blob that only `corp/secret`
+/// holds, and a blob cached through one upstream is never served through
+/// another that does not have it. With `access_check: never` only the link
+/// is required (no credential check, but still no blob from elsewhere).
+///
+/// Remembered answers are read on the event loop (the hit path): one
+/// keyed hash per connection and credential, two lookups under a lock.
+/// Checks of the same (credential, repository, digest) in flight at once
+/// share one `HEAD`.
 ///
 /// Credentials are held only as an HMAC under a key made at start and never
 /// written anywhere, so neither a memory dump of this table nor a log line
@@ -30,10 +43,16 @@ public final class AccessGate: Sendable {
         case unreachable(OCIError)
     }
 
-    struct Key: Hashable {
+    struct Grant: Hashable {
         let upstream: String
         let credential: CredentialHash
         let repository: String
+    }
+
+    struct Link: Hashable {
+        let upstream: String
+        let repository: String
+        let digest: Digest
     }
 
     /// 128 bits of an HMAC-SHA256: enough to tell credentials apart, short
@@ -43,16 +62,17 @@ public final class AccessGate: Sendable {
         let low: UInt64
     }
 
-    private struct Entry {
-        /// Until when the upstream's yes is believed without asking again.
-        var freshUntil: ContinuousClock.Instant
+    private struct State {
+        /// Until when each yes is believed. Stale entries stay (until a
+        /// table is full) as the memory the offline policy serves from.
+        var grants: [Grant: ContinuousClock.Instant] = [:]
+        var links: [Link: ContinuousClock.Instant] = [:]
+        var inFlight: [Pair: Task<Verdict, Never>] = [:]
     }
 
-    private struct State {
-        /// Triples the upstream said yes to; stale entries stay (until the
-        /// table is full) as the memory the offline policy serves from.
-        var allowed: [Key: Entry] = [:]
-        var inFlight: [Key: Task<Verdict, Never>] = [:]
+    private struct Pair: Hashable {
+        let grant: Grant
+        let link: Link
     }
 
     private let state = NIOLockedValueBox(State())
@@ -60,8 +80,8 @@ public final class AccessGate: Sendable {
     private let template = HMAC<SHA256>(key: SymmetricKey(size: .bits256))
     private let client: UpstreamClient
     private let metrics: ProxyMetrics
-    /// Bound on remembered triples: a client sending a new token per request
-    /// must not grow the table without end.
+    /// Bound on each table: a client sending a new token per request must
+    /// not grow them without end.
     let capacity: Int
 
     init(client: UpstreamClient, metrics: ProxyMetrics, capacity: Int = 65536) {
@@ -80,8 +100,8 @@ public final class AccessGate: Sendable {
         init() {}
     }
 
-    func key(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String,
-             memo: CredentialMemo? = nil) -> Key {
+    func grant(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String,
+               memo: CredentialMemo? = nil) -> Grant {
         // `headers[name]`, not `[canonicalForm:]`: the latter splits values
         // at commas character by character, which on a 1 KiB token cost a
         // third of the hit path's throughput.
@@ -102,18 +122,24 @@ public final class AccessGate: Sendable {
             memo?.values = values
             memo?.hash = credential
         }
-        return Key(upstream: upstream.host, credential: credential, repository: repository)
+        return Grant(upstream: upstream.host, credential: credential, repository: repository)
     }
 
-    /// Whether the client may have the blob without asking anyone: checks
-    /// are off for this upstream, or the upstream's yes is still fresh. The
-    /// hit path on the event loop serves only then; otherwise it hands the
-    /// request to the async side, which calls `check`.
-    func allowsNow(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String,
+    /// Whether the client may have the blob without asking anyone: the
+    /// upstream's yes for this credential, repository and blob is still
+    /// fresh. The hit path on the event loop serves only then; otherwise it
+    /// hands the request to the async side, which calls `check`.
+    func allowsNow(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String, digest: Digest,
                    memo: CredentialMemo? = nil) -> Bool {
-        guard upstream.accessCheck == .always else { return true }
-        let key = key(upstream: upstream, headers: headers, repository: repository, memo: memo)
-        let fresh = state.withLockedValue { $0.allowed[key].map { $0.freshUntil > .now } ?? false }
+        let link = Link(upstream: upstream.host, repository: repository, digest: digest)
+        let grant = upstream.accessCheck == .always
+            ? self.grant(upstream: upstream, headers: headers, repository: repository, memo: memo) : nil
+        let now = ContinuousClock.now
+        let fresh = state.withLockedValue { state in
+            guard let linked = state.links[link], linked > now else { return false }
+            guard let grant else { return true }
+            return state.grants[grant].map { $0 > now } ?? false
+        }
         if fresh { metrics.accessChecks["remembered"]?.increment() }
         return fresh
     }
@@ -121,51 +147,55 @@ public final class AccessGate: Sendable {
     /// Asks the upstream unless its answer is remembered.
     func check(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String,
                digest: Digest) async -> Verdict {
-        guard upstream.accessCheck == .always else { return .allowed }
-        let key = key(upstream: upstream, headers: headers, repository: repository)
-        let now = ContinuousClock.now
-        let (task, remembered): (Task<Verdict, Never>?, Bool) = state.withLockedValue { state in
-            if let entry = state.allowed[key], entry.freshUntil > now { return (nil, true) }
-            if let running = state.inFlight[key] { return (running, false) }
-            let task = Task { await self.ask(upstream: upstream, headers: headers, repository: repository,
-                                             digest: digest, key: key) }
-            state.inFlight[key] = task
-            return (task, false)
-        }
-        guard let task else {
-            if remembered { metrics.accessChecks["remembered"]?.increment() }
-            return .allowed
+        if allowsNow(upstream: upstream, headers: headers, repository: repository, digest: digest) { return .allowed }
+        let pair = Pair(grant: grant(upstream: upstream, headers: headers, repository: repository),
+                        link: Link(upstream: upstream.host, repository: repository, digest: digest))
+        let task: Task<Verdict, Never> = state.withLockedValue { state in
+            if let running = state.inFlight[pair] { return running }
+            let task = Task { await self.ask(upstream: upstream, headers: headers, pair: pair) }
+            state.inFlight[pair] = task
+            return task
         }
         return await task.value
     }
 
     /// Records a yes the upstream gave some other way: a fill's own `GET`
     /// with these credentials answered 2xx.
-    func remember(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String) {
-        guard upstream.accessCheck == .always else { return }
-        let key = key(upstream: upstream, headers: headers, repository: repository)
-        allow(key, ttl: upstream.accessCacheTTL)
+    func remember(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String, digest: Digest) {
+        let pair = Pair(grant: grant(upstream: upstream, headers: headers, repository: repository),
+                        link: Link(upstream: upstream.host, repository: repository, digest: digest))
+        allow(pair, ttl: upstream.accessCacheTTL)
     }
 
-    private func allow(_ key: Key, ttl: Double) {
-        let until = ContinuousClock.now + .milliseconds(Int64(ttl * 1000))
+    private func allow(_ pair: Pair, ttl: Double) {
+        let now = ContinuousClock.now
+        let until = now + .milliseconds(Int64(ttl * 1000))
+        let capacity = self.capacity
         state.withLockedValue { state in
-            if state.allowed.count >= capacity, state.allowed[key] == nil {
-                // Full: forget the stale entries first; if that is not
-                // enough, everything (a flood of fresh credentials). Each
-                // forgotten triple costs one more HEAD, never a wrong answer.
-                let now = ContinuousClock.now
-                state.allowed = state.allowed.filter { $0.value.freshUntil > now }
-                if state.allowed.count >= capacity { state.allowed.removeAll(keepingCapacity: true) }
-            }
-            state.allowed[key] = Entry(freshUntil: until)
+            Self.makeRoom(in: &state.grants, for: pair.grant, capacity: capacity, now: now)
+            Self.makeRoom(in: &state.links, for: pair.link, capacity: capacity, now: now)
+            state.grants[pair.grant] = until
+            state.links[pair.link] = until
         }
     }
 
-    private func ask(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String, digest: Digest,
-                     key: Key) async -> Verdict {
-        defer { state.withLockedValue { _ = $0.inFlight.removeValue(forKey: key) } }
-        var request = HTTPClientRequest(url: "\(upstream.origin)/v2/\(repository)/blobs/\(digest)")
+    /// A full table forgets its stale entries first; if that is not enough
+    /// (a flood of fresh credentials), a quarter of the rest, in hash order
+    /// (effectively at random). Each forgotten answer costs one more
+    /// `HEAD`, never a wrong answer.
+    private static func makeRoom<K: Hashable>(in table: inout [K: ContinuousClock.Instant], for key: K,
+                                              capacity: Int, now: ContinuousClock.Instant) {
+        guard table.count >= capacity, table[key] == nil else { return }
+        table = table.filter { $0.value > now }
+        if table.count >= capacity {
+            for victim in Array(table.keys.prefix(max(1, capacity / 4))) { table[victim] = nil }
+        }
+    }
+
+    private func ask(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, pair: Pair) async -> Verdict {
+        defer { state.withLockedValue { _ = $0.inFlight.removeValue(forKey: pair) } }
+        let digest = pair.link.digest
+        var request = HTTPClientRequest(url: "\(upstream.origin)/v2/\(pair.link.repository)/blobs/\(digest)")
         request.method = .HEAD
         // The client's credentials and nothing else of its request: its
         // Host, Range or forwarding headers are not the check's business.
@@ -176,8 +206,13 @@ public final class AccessGate: Sendable {
             metrics.upstreamResponse(upstream: upstream.host, code: Int(response.status.code))
             let code = response.status.code
             switch code {
-            case 200..<400:
-                allow(key, ttl: upstream.accessCacheTTL)
+            case 200..<300:
+                allow(pair, ttl: upstream.accessCacheTTL)
+                metrics.accessChecks["allowed"]?.increment()
+                return .allowed
+            case 300..<400 where Self.isBlobRedirect(response.headers.first(name: "location"), digest: digest):
+                // Blob storage behind the registry (S3, a CDN): a yes.
+                allow(pair, ttl: upstream.accessCacheTTL)
                 metrics.accessChecks["allowed"]?.increment()
                 return .allowed
             case 429, 500...:
@@ -186,6 +221,12 @@ public final class AccessGate: Sendable {
                 failure = OCIError(.badGateway, .unavailable,
                                    "the upstream registry could not confirm access (status \(code))")
             default:
+                // A no also ends what was remembered: a revoked credential
+                // or a deleted blob is not served later from the offline
+                // memory.
+                state.withLockedValue { state in
+                    if code == 404 { state.links[pair.link] = nil } else { state.grants[pair.grant] = nil }
+                }
                 metrics.accessChecks["refused"]?.increment()
                 return .refused(response.status, PassThrough.endToEnd(response.headers))
             }
@@ -195,8 +236,20 @@ public final class AccessGate: Sendable {
                 "upstream": "\(upstream.host)", "error": "\(error)"])
             failure = UpstreamClient.clientError(for: error)
         }
-        let before = upstream.offline == .serve && state.withLockedValue { $0.allowed[key] != nil }
+        let before = upstream.offline == .serve && state.withLockedValue { state in
+            state.links[pair.link] != nil && (upstream.accessCheck == .never || state.grants[pair.grant] != nil)
+        }
         metrics.accessChecks[before ? "offline_served" : "offline_refused"]?.increment()
         return before ? .allowed : .unreachable(failure)
+    }
+
+    /// A redirect counts as a yes only when it sends the blob somewhere
+    /// (its path names the digest, as storage and CDN URLs do), not when it
+    /// sends the client to a login page (which may name the digest in its
+    /// query, as a return address, and so is not looked at).
+    static func isBlobRedirect(_ location: String?, digest: Digest) -> Bool {
+        guard let location else { return false }
+        let path = location.split(separator: "?", maxSplits: 1).first ?? ""
+        return path.contains(digest.hex)
     }
 }

@@ -31,6 +31,7 @@ final class UpstreamAuth: Sendable {
 
     private let state = NIOLockedValueBox(State())
     private let basicValue: String
+    static let maxTokens = 4096
     /// The upstream's own origin: a realm on it may be plain http when the
     /// upstream is; a realm anywhere else must be https, so the password
     /// never crosses a network in clear to a host the operator did not name.
@@ -62,14 +63,18 @@ final class UpstreamAuth: Sendable {
                 for (scope, cached) in state.tokens where cached.value == token { state.tokens[scope] = nil }
             }
         }
-        if challenges.contains(where: { $0.scheme == "basic" }) {
+        // Bearer first when both are offered: the password then goes only to
+        // the token service, not with every request.
+        guard let bearer = challenges.first(where: { $0.scheme == "bearer" }) else {
+            guard challenges.contains(where: { $0.scheme == "basic" }) else { return nil }
             state.withLockedValue { $0.basic = true }
             return basicValue
         }
-        guard let bearer = challenges.first(where: { $0.scheme == "bearer" }),
-              let realm = bearer["realm"], let target = RedirectTarget(realm),
-              target.scheme == "https" || (upstream.schema == "http" && target.host == upstream.registry)
-        else { return nil }
+        guard let realm = bearer["realm"], let target = RedirectTarget(realm), realmAllowed(target) else {
+            client.logger.warning("upstream token realm refused: the account is not sent there", metadata: [
+                "upstream": "\(upstream.host)", "realm_host": "\(RedirectTarget(bearer["realm"] ?? "")?.host ?? "?")"])
+            return nil
+        }
         let scope = bearer["scope"] ?? ""
         let task: Task<String?, Never> = state.withLockedValue { state in
             if let token = state.tokens[scope], token.expires > .now {
@@ -84,6 +89,15 @@ final class UpstreamAuth: Sendable {
         return await task.value.map { "Bearer " + $0 }
     }
 
+    /// Where the account's password may go: an https realm named by a
+    /// verified upstream, or the upstream's own host. An upstream whose
+    /// certificate is not verified (`insecure`) cannot name a realm
+    /// elsewhere: anyone on the path could.
+    private func realmAllowed(_ realm: RedirectTarget) -> Bool {
+        if realm.host == upstream.registry { return realm.scheme == "https" || upstream.schema == "http" }
+        return realm.scheme == "https" && upstream.schema == "https" && !upstream.tls.insecure
+    }
+
     private func fetchToken(realm: String, service: String?, scope: String, client: UpstreamClient) async -> String? {
         defer { state.withLockedValue { _ = $0.fetching.removeValue(forKey: scope) } }
         var query: [String] = []
@@ -94,7 +108,8 @@ final class UpstreamAuth: Sendable {
         request.headers.add(name: "authorization", value: basicValue)
         do {
             let response = try await client.send(request, to: upstream, authorize: false)
-            let body = try await response.body.collect(upTo: 1 << 20)
+            let body = try await UpstreamBody.collect(response.body, limit: 1 << 20, idle: client.idleTimeout,
+                                                      total: client.answerTimeout)
             guard response.status == .ok,
                   let json = try JSONSerialization.jsonObject(with: Data(body.readableBytesView)) as? [String: Any],
                   let token = (json["token"] as? String) ?? (json["access_token"] as? String), !token.isEmpty
@@ -105,9 +120,21 @@ final class UpstreamAuth: Sendable {
             }
             // The distribution spec's default lifetime is 60 s; a token is
             // dropped a little early so it is never sent just as it expires.
-            let lifetime = max(0, Double((json["expires_in"] as? Int) ?? 60) * 0.9 - 1)
-            let expires = ContinuousClock.now + .milliseconds(Int64(lifetime * 1000))
-            state.withLockedValue { $0.tokens[scope] = Token(value: token, expires: expires) }
+            // Clamped to a day: the number is the token service's to choose,
+            // and a huge one must not overflow the clock.
+            let seconds = min(max((json["expires_in"] as? Double) ?? 60, 0), 86400)
+            let lifetime = max(0, seconds * 0.9 - 1)
+            let now = ContinuousClock.now
+            let expires = now + .milliseconds(Int64(lifetime * 1000))
+            state.withLockedValue { state in
+                // Scopes come from repository names clients choose: expired
+                // tokens go, and the table stays bounded.
+                if state.tokens.count >= Self.maxTokens {
+                    state.tokens = state.tokens.filter { $0.value.expires > now }
+                    if state.tokens.count >= Self.maxTokens { state.tokens.removeAll() }
+                }
+                state.tokens[scope] = Token(value: token, expires: expires)
+            }
             return token
         } catch {
             client.logger.warning("upstream token request failed", metadata: [

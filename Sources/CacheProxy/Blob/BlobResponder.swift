@@ -44,6 +44,24 @@ struct BlobResponder: Sendable {
             }
             switch store.openCached(request.digest) {
             case .file(let fd, let size):
+                if !admitted {
+                    // Published between the look at the index and the open:
+                    // checked now, with the file held.
+                    admitted = true
+                    let refusal: HTTPResponseStatus?
+                    do {
+                        refusal = try await admit(request, response: response)
+                    } catch {
+                        close(fd)
+                        store.release(request.digest)
+                        throw error
+                    }
+                    if let refusal {
+                        close(fd)
+                        store.release(request.digest)
+                        return refusal
+                    }
+                }
                 metrics.blobHits.increment()
                 return try await serveComplete(fd: fd, size: size, request, response: response,
                                                source: metrics.bytesFromCache)
@@ -65,10 +83,11 @@ struct BlobResponder: Sendable {
                 let first = await fill.next(after: -1, follower: follower)
                 try response.checkClientPresent()
                 switch first.state {
-                case .rejected where joined && attempt == 1:
+                case .rejected where joined:
                     // The upstream refused someone else's credentials (401,
                     // 403, 404...): ask again, as the leader of a fill with
-                    // this client's own.
+                    // this client's own (never hand it another client's
+                    // refusal; the attempt bound above ends the loop).
                     return nil
                 case .rejected, .failed:
                     if let answer = first.answer {
@@ -85,7 +104,7 @@ struct BlobResponder: Sendable {
                         // The upstream just gave this client the blob: a
                         // later hit with the same credentials needs no HEAD.
                         gate.remember(upstream: request.upstream, headers: request.head.headers,
-                                      repository: request.name)
+                                      repository: request.name, digest: request.digest)
                     }
                     return try await follow(fill, follower: follower, first: first, request, response: response)
                 }
@@ -99,10 +118,14 @@ struct BlobResponder: Sendable {
     /// HEAD right after a GET never goes upstream again), else by the
     /// upstream, storing nothing.
     private func respondToHead(_ request: Request, response: ResponseChannel) async throws -> HTTPResponseStatus {
-        if store.size(of: request.digest) != nil || fills.running(request.digest) != nil,
-           let refusal = try await admit(request, response: response) {
-            return refusal
+        // Anything the proxy knows itself about the blob (that it is cached,
+        // its size) goes only to a client the upstream would tell; a blob
+        // published after this look is the upstream's to answer for.
+        guard store.size(of: request.digest) != nil || fills.running(request.digest) != nil else {
+            return try await passThrough.forward(request.head, to: request.upstream, body: nil,
+                                                 origin: request.origin, response: response)
         }
+        if let refusal = try await admit(request, response: response) { return refusal }
         if let size = store.size(of: request.digest) {
             metrics.blobHits.increment()
             return try await sendHead(request, length: size, contentType: nil, response: response)

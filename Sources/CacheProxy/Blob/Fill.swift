@@ -296,7 +296,7 @@ public final class Fill: Sendable {
                 // The status and headers are the answer (a 401's
                 // `WWW-Authenticate` starts the client's token dance); a
                 // body that stalls or is cut costs only the body.
-                let body = (try? await Self.collectBounded(response.body, limit: 64 * 1024,
+                let body = (try? await UpstreamBody.collect(response.body, limit: 64 * 1024,
                                                            idle: context.client.idleTimeout,
                                                            total: context.client.answerTimeout)) ?? ByteBuffer()
                 inner.withLockedValue {
@@ -472,27 +472,6 @@ public final class Fill: Sendable {
                     inner.withLockedValue { $0.takeRoomWaiter() }?.resume()
                 }
             }
-        }
-    }
-
-    /// Reads a non-200 answer's body: at most `limit` bytes, within the idle
-    /// timeout between reads and `total` in all. Stopping early drops the
-    /// rest (AsyncHTTPClient then closes that connection): an error body
-    /// that is large or trickles must not keep every client of the digest
-    /// waiting for its head.
-    static func collectBounded(_ body: HTTPClientResponse.Body, limit: Int, idle: Duration,
-                               total: Duration) async throws -> ByteBuffer {
-        let started = ContinuousClock.now
-        return try await UpstreamBody.read(idle: idle) { clock in
-            var collected = ByteBuffer()
-            for try await var chunk in body {
-                clock.tick()
-                let room = limit - collected.readableBytes
-                if chunk.readableBytes > room { chunk = chunk.getSlice(at: chunk.readerIndex, length: room) ?? ByteBuffer() }
-                collected.writeBuffer(&chunk)
-                if collected.readableBytes >= limit || ContinuousClock.now - started >= total { break }
-            }
-            return collected
         }
     }
 }

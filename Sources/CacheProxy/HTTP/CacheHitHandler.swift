@@ -37,7 +37,8 @@ struct CacheHitResponder: Sendable {
               // A client whose access is not known to be fresh is checked
               // on the async side (an upstream HEAD).
               !tls || head.method == .HEAD || size <= smallBlobs.maxBlobSize,
-              gate.allowsNow(upstream: upstream, headers: head.headers, repository: name, memo: credentials)
+              gate.allowsNow(upstream: upstream, headers: head.headers, repository: name, digest: digest,
+                             memo: credentials)
         else { return false }
         let started = ContinuousClock.now
         let channel = context.channel

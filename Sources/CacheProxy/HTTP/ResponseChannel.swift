@@ -84,13 +84,24 @@ struct ResponseChannel: Sendable {
                                eventLoop: eventLoop)
         }
         var offset = range.lowerBound
-        var next = read(from: offset)
-        while offset < range.upperBound {
-            let chunk = try await next.get()
-            guard chunk.readableBytes > 0 else { throw IOError(errnoCode: EIO, reason: "cached file shorter than its index entry") }
-            offset += Int64(chunk.readableBytes)
-            if offset < range.upperBound { next = read(from: offset) }
-            try await body(chunk)
+        var next: EventLoopFuture<ByteBuffer>? = read(from: offset)
+        do {
+            while let pending = next {
+                next = nil
+                let chunk = try await pending.get()
+                guard chunk.readableBytes > 0 else {
+                    throw IOError(errnoCode: EIO, reason: "cached file shorter than its index entry")
+                }
+                offset += Int64(chunk.readableBytes)
+                try checkClientPresent()  // a client that left costs no more reads
+                if offset < range.upperBound { next = read(from: offset) }
+                try await channel.writeAndFlush(HTTPServerResponsePart.body(.byteBuffer(chunk)))
+            }
+        } catch {
+            // The caller closes the file when this returns: a read still on
+            // the thread pool must be over by then.
+            _ = try? await next?.get()
+            throw error
         }
     }
 

@@ -1,4 +1,6 @@
+import AsyncHTTPClient
 import NIOConcurrencyHelpers
+import NIOCore
 
 /// Reading an upstream response body under the idle timeout
 /// (`timeouts.upstream_idle`): the body may take as long as it likes while
@@ -24,6 +26,27 @@ enum UpstreamBody {
                 if let result { return result }
             }
             throw UpstreamFailure.idle
+        }
+    }
+
+    /// Reads a small body (an error answer, a token): at most `limit` bytes: at most `limit` bytes, within the idle
+    /// timeout between reads and `total` in all. Stopping early drops the
+    /// rest (AsyncHTTPClient then closes that connection): an error body
+    /// that is large or trickles must not keep every client of the digest
+    /// waiting for its head.
+    static func collect(_ body: HTTPClientResponse.Body, limit: Int, idle: Duration,
+                               total: Duration) async throws -> ByteBuffer {
+        let started = ContinuousClock.now
+        return try await UpstreamBody.read(idle: idle) { clock in
+            var collected = ByteBuffer()
+            for try await var chunk in body {
+                clock.tick()
+                let room = limit - collected.readableBytes
+                if chunk.readableBytes > room { chunk = chunk.getSlice(at: chunk.readerIndex, length: room) ?? ByteBuffer() }
+                collected.writeBuffer(&chunk)
+                if collected.readableBytes >= limit || ContinuousClock.now - started >= total { break }
+            }
+            return collected
         }
     }
 }

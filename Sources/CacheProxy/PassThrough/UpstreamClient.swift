@@ -87,10 +87,11 @@ public final class UpstreamClient: Sendable {
     }
 
     /// Sends a request on behalf of `upstream`: with its TLS settings when
-    /// the request goes to the upstream's host, and, when the client sent no
-    /// `Authorization` and the upstream has an account configured, with the
-    /// account's credentials (answering one 401 challenge when the request
-    /// has no body to send again).
+    /// the request goes to the upstream's host, and, for a read (`GET`,
+    /// `HEAD`) whose client sent no `Authorization`, with the upstream
+    /// account's credentials when one is configured (answering one 401
+    /// challenge). The account never writes: a push, a delete or a mount by
+    /// an anonymous client stays the upstream's 401.
     func send(_ request: HTTPClientRequest, to upstream: ProxyConfig.Upstream, body: RequestBodySource? = nil,
               authorize: Bool = true) async throws -> HTTPClientResponse {
         var request = request
@@ -98,18 +99,26 @@ public final class UpstreamClient: Sendable {
         if let target = RedirectTarget(request.url), target.host == upstream.registry {
             request.tlsConfiguration = session?.tls
         }
-        guard authorize, let auth = session?.auth, !request.headers.contains(name: "authorization") else {
+        guard authorize, let auth = session?.auth, request.method == .GET || request.method == .HEAD,
+              !request.headers.contains(name: "authorization") else {
             return try await execute(request, body: body)
         }
         let known = auth.known(scope: UpstreamAuth.scope(method: request.method, url: request.url))
         if let known { request.headers.add(name: "authorization", value: known) }
-        let response = try await execute(request, body: body)
-        guard response.status == .unauthorized, body == nil else { return response }
-        let challenges = AuthChallenge.parse(response.headers["www-authenticate"].joined(separator: ", "))
-        guard let value = await auth.answer(challenges, refused: known, using: self) else { return response }
-        _ = try? await response.body.collect(upTo: 1 << 16)  // frees the connection for the retry
-        request.headers.replaceOrAdd(name: "authorization", value: value)
-        return try await execute(request)
+        var response = try await execute(request, body: body)
+        if response.status == .unauthorized, body == nil {
+            let challenges = AuthChallenge.parse(response.headers["www-authenticate"].joined(separator: ", "))
+            if let value = await auth.answer(challenges, refused: known, using: self) {
+                // Read (bounded) so the connection can carry the retry.
+                _ = try? await UpstreamBody.collect(response.body, limit: 1 << 16, idle: idleTimeout,
+                                                    total: answerTimeout)
+                request.headers.replaceOrAdd(name: "authorization", value: value)
+                response = try await execute(request)
+            }
+        }
+        // A session the upstream opens for the account is not the client's.
+        response.headers.remove(name: "set-cookie")
+        return response
     }
 
     /// The TLS settings of an upstream that has any; nil for the system's
