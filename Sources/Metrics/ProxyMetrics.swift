@@ -63,35 +63,30 @@ public final class ProxyMetrics: Sendable {
         cacheSizeBytes = registry.makeGauge(descriptor: Self.describe("cacheproxy_cache_size_bytes", "Bytes of complete blobs in the cache folder."))
         cacheEntries = registry.makeGauge(descriptor: Self.describe("cacheproxy_cache_entries", "Complete blobs in the cache folder."))
         connectedClients = registry.makeGauge(descriptor: Self.describe("cacheproxy_connected_clients", "Client connections now open."))
-        var timeouts: [String: Counter] = [:]
-        for kind in ["head", "idle", "request_body", "send"] {
-            timeouts[kind] = registry.makeCounter(
-                descriptor: Self.describe("cacheproxy_client_timeouts_total", "Client connections closed by a timeout, by which one."),
-                labels: [("kind", kind)])
-        }
-        clientTimeouts = timeouts
-        var openErrors: [String: Counter] = [:]
-        for reason in ["emfile", "enfile", "enomem"] {
-            openErrors[reason] = registry.makeCounter(
-                descriptor: Self.describe("cacheproxy_file_open_errors_total", "Cached blobs that could not be opened although present (out of descriptors or memory); answered 503."),
-                labels: [("reason", reason)])
-        }
-        fileOpenErrors = openErrors
+        clientTimeouts = Self.counters(in: registry, "cacheproxy_client_timeouts_total",
+                                       "Client connections closed by a timeout, by which one.",
+                                       label: "kind", values: ["head", "idle", "request_body", "send"])
+        fileOpenErrors = Self.counters(in: registry, "cacheproxy_file_open_errors_total",
+                                       "Cached blobs that could not be opened although present (out of descriptors or memory); answered 503.",
+                                       label: "reason", values: ["emfile", "enfile", "enomem"])
         evictions = registry.makeCounter(descriptor: Self.describe("cacheproxy_evictions_total", "Blobs deleted to keep the cache under storage.max_size (least recently used first)."))
-        var fillErrors: [String: Counter] = [:]
-        for reason in Self.fillErrorReasons {
-            fillErrors[reason] = registry.makeCounter(
-                descriptor: Self.describe("cacheproxy_fill_errors_total", "Storage errors during fills (full disk, I/O error), by errno; the blob was not kept."),
-                labels: [("reason", reason)])
+        fillErrors = Self.counters(in: registry, "cacheproxy_fill_errors_total",
+                                   "Storage errors during fills (full disk, I/O error), by errno; the blob was not kept.",
+                                   label: "reason", values: Self.fillErrorReasons)
+        accessChecks = Self.counters(in: registry, "cacheproxy_access_checks_total",
+                                     "Checks that a client may read a cached blob or join a fill, by result.",
+                                     label: "result", values: Self.accessCheckResults)
+    }
+
+    /// One counter per value of a single label, made up front so the hot
+    /// path only looks one up.
+    private static func counters(in registry: PrometheusCollectorRegistry, _ name: String, _ help: String,
+                                 label: String, values: [String]) -> [String: Counter] {
+        var counters: [String: Counter] = [:]
+        for value in values {
+            counters[value] = registry.makeCounter(descriptor: describe(name, help), labels: [(label, value)])
         }
-        self.fillErrors = fillErrors
-        var accessChecks: [String: Counter] = [:]
-        for result in Self.accessCheckResults {
-            accessChecks[result] = registry.makeCounter(
-                descriptor: Self.describe("cacheproxy_access_checks_total", "Checks that a client may read a cached blob or join a fill, by result."),
-                labels: [("result", result)])
-        }
-        self.accessChecks = accessChecks
+        return counters
     }
 
     /// One finished client request. `kind` is `blob`, `passthrough`, `local`

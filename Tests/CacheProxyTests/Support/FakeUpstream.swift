@@ -129,3 +129,28 @@ final class FakeUpstream: Sendable {
         _ = await task.value
     }
 }
+
+extension FakeUpstream {
+    /// A registry that wants a bearer token and is its own token service at
+    /// `/token`: `token` answers token requests, `accepts` judges a request's
+    /// `Authorization`, `resource` answers the requests it accepts. Others
+    /// get a 401 whose challenge names this server's `/token` as the realm,
+    /// followed by `challenge` (`,service="x",scope="y"`).
+    static func bearer(challenge: String = "", token: @escaping @Sendable (HTTPRequestHead) -> Reply,
+                       accepts: @escaping @Sendable (String?) -> Bool,
+                       resource: @escaping @Sendable (HTTPRequestHead) -> Reply = { _ in .init(body: Array("{}".utf8)) })
+        async throws -> FakeUpstream {
+        let port = NIOLockedValueBox(0)
+        let fake = try await FakeUpstream { head in
+            if head.uri.hasPrefix("/token") { return token(head) }
+            guard accepts(head.headers.first(name: "authorization")) else {
+                let realm = "http://127.0.0.1:\(port.withLockedValue { $0 })/token"
+                return .init(status: .unauthorized, headers: ["www-authenticate": #"Bearer realm="\#(realm)""# + challenge],
+                             body: Array(#"{"errors":[]}"#.utf8))
+            }
+            return resource(head)
+        }
+        port.withLockedValue { $0 = fake.port }
+        return fake
+    }
+}
