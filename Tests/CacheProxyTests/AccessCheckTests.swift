@@ -327,5 +327,9 @@ final class AccessRedirectTests: XCTestCase {
         XCTAssertFalse(AccessGate.isBlobRedirect("https://sso.example/login?next=/v2/a/blobs/sha256:\(hex)", digest: digest))
         XCTAssertFalse(AccessGate.isBlobRedirect("/login", digest: digest))
         XCTAssertFalse(AccessGate.isBlobRedirect(nil, digest: digest))
+        // A redirector to another registry API answers for any repository.
+        XCTAssertFalse(AccessGate.isBlobRedirect("https://mirror.example/v2/any/blobs/sha256:\(hex)", digest: digest))
+        XCTAssertFalse(AccessGate.isBlobRedirect("/v2/other/blobs/sha256:\(hex)", digest: digest))
+        XCTAssertFalse(AccessGate.isBlobRedirect("https://cdn.example/login#\(hex)", digest: digest))
     }
 }

@@ -225,7 +225,15 @@ public final class AccessGate: Sendable {
                 // or a deleted blob is not served later from the offline
                 // memory.
                 state.withLockedValue { state in
-                    if code == 404 { state.links[pair.link] = nil } else { state.grants[pair.grant] = nil }
+                    // A 404 ends the link only when this credential may read
+                    // the repository: registries answer 404 to hide private
+                    // repositories, and a stranger must not erase what
+                    // everyone else relies on.
+                    if code == 404, let granted = state.grants[pair.grant], granted > .now {
+                        state.links[pair.link] = nil
+                    } else {
+                        state.grants[pair.grant] = nil
+                    }
                 }
                 metrics.accessChecks["refused"]?.increment()
                 return .refused(response.status, PassThrough.endToEnd(response.headers))
@@ -243,13 +251,20 @@ public final class AccessGate: Sendable {
         return before ? .allowed : .unreachable(failure)
     }
 
-    /// A redirect counts as a yes only when it sends the blob somewhere
-    /// (its path names the digest, as storage and CDN URLs do), not when it
-    /// sends the client to a login page (which may name the digest in its
-    /// query, as a return address, and so is not looked at).
+    /// A redirect counts as a yes only when it hands the blob to its
+    /// storage (a path that names the digest, as S3 and CDN URLs do), not
+    /// when it sends the client to a login page (which may name the digest
+    /// in its query, as a return address, and so is not looked at), nor to
+    /// another registry API (`/v2/...`: a redirector such as
+    /// registry.k8s.io answers for any repository without checking
+    /// anything). A redirect that is not a yes reaches the client as the
+    /// upstream's answer, and the client follows it past the cache.
     static func isBlobRedirect(_ location: String?, digest: Digest) -> Bool {
-        guard let location else { return false }
-        let path = location.split(separator: "?", maxSplits: 1).first ?? ""
-        return path.contains(digest.hex)
+        guard let location, let target = RedirectTarget(location, relativeTo: "http://upstream.invalid/") else {
+            return false
+        }
+        let afterAuthority = target.url.dropFirst(target.scheme.count + 3).drop { $0 != "/" }
+        let path = afterAuthority.prefix { $0 != "?" && $0 != "#" }
+        return path.contains(digest.hex) && !path.hasPrefix("/v2/")
     }
 }

@@ -70,6 +70,7 @@ final class UpstreamAuth: Sendable {
             state.withLockedValue { $0.basic = true }
             return basicValue
         }
+        state.withLockedValue { $0.basic = false }  // the upstream moved on to tokens
         guard let realm = bearer["realm"], let target = RedirectTarget(realm), realmAllowed(target) else {
             client.logger.warning("upstream token realm refused: the account is not sent there", metadata: [
                 "upstream": "\(upstream.host)", "realm_host": "\(RedirectTarget(bearer["realm"] ?? "")?.host ?? "?")"])

@@ -83,11 +83,12 @@ struct BlobResponder: Sendable {
                 let first = await fill.next(after: -1, follower: follower)
                 try response.checkClientPresent()
                 switch first.state {
-                case .rejected where joined:
-                    // The upstream refused someone else's credentials (401,
-                    // 403, 404...): ask again, as the leader of a fill with
-                    // this client's own (never hand it another client's
-                    // refusal; the attempt bound above ends the loop).
+                case .rejected where joined && [401, 403, 404].contains(first.answer?.status.code ?? 0):
+                    // The upstream refused someone else's credentials: ask
+                    // again, as the leader of a fill with this client's own
+                    // (never hand it another client's refusal; the attempt
+                    // bound above ends the loop). Other answers (429, 5xx)
+                    // say nothing of credentials and are passed on.
                     return nil
                 case .rejected, .failed:
                     if let answer = first.answer {
