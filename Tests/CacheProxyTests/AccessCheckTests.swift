@@ -1,6 +1,7 @@
 import Crypto
 import Foundation
 import NIOConcurrencyHelpers
+import NIOCore
 import NIOHTTP1
 import XCTest
 @testable import CacheProxy
@@ -300,6 +301,45 @@ final class AccessCheckTests: XCTestCase {
         let denied = try request(url(denying), host: "127.0.0.1", good)
         XCTAssertTrue([502, 504].contains(denied.code), "\(denied.code)")
         XCTAssertNotEqual(Array(denied.body), blob)
+    }
+
+    /// An upstream that takes the check's `HEAD` and never answers: the
+    /// check ends at `timeouts.upstream`, like any upstream wait, and the
+    /// offline policy decides (a stall, not a refusal).
+    func testAStalledCheckEndsAtTheUpstreamTimeout() async throws {
+        let blob = (0..<60_000).map { UInt8(truncatingIfNeeded: $0 &* 19) }
+        let digest = Self.sha(Data(blob))
+        let stall = NIOLockedValueBox(false)
+        let fake = try await FakeUpstream { head in
+            let delay: TimeAmount = stall.withLockedValue { $0 } ? .seconds(5) : .zero
+            guard head.headers.first(name: "authorization") == "Bearer good-token" else {
+                return .init(status: .unauthorized, headers: ["www-authenticate": #"Bearer realm="https://auth.invalid/t""#],
+                             headDelay: delay)
+            }
+            return .init(body: blob, headDelay: delay)
+        }
+        let proxy = try await TestProxy(upstreamsYAML:
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(fake.port), schema: http, access_cache_ttl: 0.2}",
+            extraYAML: "timeouts: {upstream: 1}")
+        defer { Task { await proxy.stop(); await fake.stop() } }
+        let url = "\(proxy.base)/v2/team/app/blobs/\(digest)"
+        XCTAssertEqual(try request(url, host: "127.0.0.1", ["-H", "Authorization: Bearer good-token"]).code, 200)
+        stall.withLockedValue { $0 = true }
+        try await Task.sleep(for: .milliseconds(300))  // the yes is stale: the next hit asks again
+
+        var started = ContinuousClock.now
+        let known = try request(url, host: "127.0.0.1", ["-H", "Authorization: Bearer good-token"])
+        XCTAssertEqual(known.code, 200, "allowed before: served while the upstream stalls")
+        XCTAssertEqual(Array(known.body), blob)
+        XCTAssertLessThan(ContinuousClock.now - started, .seconds(3))
+
+        started = ContinuousClock.now
+        let stranger = try request(url, host: "127.0.0.1", ["-H", "Authorization: Bearer other-token"])
+        XCTAssertEqual(stranger.code, 504)
+        XCTAssertNotEqual(Array(stranger.body), blob)
+        let waited = ContinuousClock.now - started
+        XCTAssertGreaterThanOrEqual(waited, .milliseconds(900), "the check waited for the upstream")
+        XCTAssertLessThan(waited, .seconds(3), "and no longer than its timeout")
     }
 
     /// `access_check: never`: the reference design's behaviour, kept for

@@ -50,6 +50,59 @@ final class TLSTests: XCTestCase {
         XCTAssertEqual(modern.status, 0, modern.output)
     }
 
+    /// A slow reader over TLS (the chunked read path, not sendfile) is
+    /// served whole for longer than the send timeout while it keeps
+    /// reading; one that stops reading is cut by it.
+    func testSlowAndStalledReadersOverTLS() async throws {
+        let certificates = try TestCertificates.make()
+        let bytes = (0..<6_000_000).map { UInt8(truncatingIfNeeded: $0 &* 29) }
+        let digest = TestImage.digest(Data(bytes))
+        // Larger than what loopback's socket buffers hold for a client that
+        // stopped reading, so the proxy really waits on it.
+        let large = (0..<24_000_000).map { UInt8(truncatingIfNeeded: $0 &* 31) }
+        let largeDigest = TestImage.digest(Data(large))
+        let upstream = try await FakeUpstream { head in .init(body: head.uri.hasSuffix(digest) ? bytes : large) }
+        let proxy = try await TestProxy(
+            upstreamsYAML: localUpstreamYAML(upstream.port),
+            extraYAML: "timeouts: {send: 1, idle: 1}",
+            apiYAML: ", tls_cert: \"\(certificates.serverCert)\", tls_key: \"\(certificates.serverKey)\", tls_port: 2")
+        defer { Task { await proxy.stop(); await upstream.stop() } }
+        let url = "https://127.0.0.1:\(try XCTUnwrap(proxy.tlsPort))/v2/a/blobs/\(digest)"
+        XCTAssertEqual(try https(url, certificates).code, 200)  // cached now
+
+        let started = ContinuousClock.now
+        let slow = try https(url, certificates, ["--limit-rate", "2M"])
+        XCTAssertEqual(slow.exit, 0)
+        XCTAssertEqual(TestImage.digest(slow.body), digest)
+        XCTAssertGreaterThan(ContinuousClock.now - started, .seconds(2), "slower than the send timeout, and whole")
+
+        // Asks, reads nothing: the send timeout cuts it (the proxy is not
+        // left holding a descriptor and a read-ahead chunk).
+        let largeURL = "https://127.0.0.1:\(try XCTUnwrap(proxy.tlsPort))/v2/a/blobs/\(largeDigest)"
+        XCTAssertEqual(TestImage.digest(try https(largeURL, certificates).body), largeDigest)  // cached now
+        // A TLS client with a 4 KiB receive buffer that reads the first
+        // bytes of the answer, then nothing (Python's ssl module).
+        let script = """
+            import socket, ssl, sys, time
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", int(sys.argv[1])))
+            t = ssl.create_default_context(cafile=sys.argv[2]).wrap_socket(s, server_hostname="127.0.0.1")
+            t.sendall(("GET /v2/a/blobs/" + sys.argv[3] + " HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n\\r\\n").encode())
+            t.recv(100)
+            time.sleep(30)
+            """
+        let stalled = Process()
+        stalled.executableURL = URL(fileURLWithPath: try which("python3"))
+        stalled.arguments = ["-c", script, String(try XCTUnwrap(proxy.tlsPort)), certificates.caCert, largeDigest]
+        let suspended = ContinuousClock.now
+        try stalled.run()
+        defer { stalled.terminate() }
+        XCTAssertTrue(eventually(within: 8) { (try? proxy.metric("cacheproxy_client_timeouts_total{kind=\"send\"}")) ?? 0 >= 1 },
+                      "cut by the send timeout")
+        XCTAssertLessThan(ContinuousClock.now - suspended, .seconds(8))
+    }
+
     func testSIGHUPReloadsTheCertificateWithoutDroppingConnections() async throws {
         let certificates = try TestCertificates.make()
         let bytes = (0..<4_000_000).map { UInt8(truncatingIfNeeded: $0 &* 11) }
