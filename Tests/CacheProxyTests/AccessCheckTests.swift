@@ -373,3 +373,42 @@ final class AccessRedirectTests: XCTestCase {
         XCTAssertFalse(AccessGate.isBlobRedirect("https://cdn.example/login#\(hex)", digest: digest))
     }
 }
+
+/// Review finding: a client whose joined fill was refused for another
+/// client's credentials must not join the next fill that client starts.
+final class RefusedJoinTests: XCTestCase {
+    func testARefusedJoinerStartsItsOwnFillInsteadOfJoiningAnUnansweredOne() async throws {
+        let blob = (0..<10_000).map { UInt8(truncatingIfNeeded: $0 &* 23) }
+        let fake = try await FakeUpstream { _ in .init(body: blob, headDelay: .seconds(2)) }  // unanswered for 2 s
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(fake.port))
+        defer { Task { await proxy.stop(); await fake.stop() } }
+        let digest = try Digest(parsing: TestImage.digest(Data(blob)))
+        let upstream = proxy.server.config.upstreams[0]
+        let fills = proxy.server.fills
+        guard case .fill(let first, joined: false) = fills.fill(for: digest, upstream: upstream, repository: "a",
+                                                                  headers: ["authorization": "Bearer attacker"])
+        else { return XCTFail("no fill started") }
+        XCTAssertTrue(eventually { first.state == .requesting })
+        // An ordinary newcomer joins it.
+        guard case .fill(let joined, joined: true) = fills.fill(for: digest, upstream: upstream, repository: "a",
+                                                                  headers: [:])
+        else { return XCTFail("did not join") }
+        XCTAssertTrue(joined === first)
+        // One refused before does not: it gets a fill of its own, which
+        // newcomers then join.
+        guard case .fill(let own, joined: false) = fills.fill(for: digest, upstream: upstream, repository: "a",
+                                                                headers: ["authorization": "Bearer victim"],
+                                                                ownUnlessAnswered: true)
+        else { return XCTFail("did not start its own") }
+        XCTAssertFalse(own === first)
+        guard case .fill(let next, joined: true) = fills.fill(for: digest, upstream: upstream, repository: "a",
+                                                                headers: [:])
+        else { return XCTFail("did not join") }
+        XCTAssertTrue(next === own)
+        // Both run to their end; the blob is published once or twice, whole.
+        XCTAssertTrue(eventually(within: 8) { proxy.server.store.size(of: digest) == Int64(blob.count) })
+        XCTAssertTrue(eventually { !fills.isBusy })
+        XCTAssertEqual(Array(try curl("\(proxy.base)/v2/a/blobs/\(digest)").body), blob)
+        XCTAssertEqual(proxy.files(in: "tmp"), [])
+    }
+}

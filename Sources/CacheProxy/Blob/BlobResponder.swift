@@ -33,6 +33,9 @@ struct BlobResponder: Sendable {
         // gone through a fill that checks the digest.
         var attempt = 0
         var admitted = false
+        /// Set once a joined fill was refused for another client's
+        /// credentials: from then on this client starts its own.
+        var refusedForOthers = false
         while true {
             attempt += 1
             // Bytes someone else fetched go only to a client the upstream
@@ -72,7 +75,8 @@ struct BlobResponder: Sendable {
             }
             guard attempt <= 3 else { return try await sendOverloaded(response) }
             let lookup = fills.fill(for: request.digest, upstream: request.upstream,
-                                    repository: request.name, headers: Self.upstreamHeaders(request.head))
+                                    repository: request.name, headers: Self.upstreamHeaders(request.head),
+                                    ownUnlessAnswered: refusedForOthers)
             guard case .fill(let fill, let joined) = lookup else { continue }  // published meanwhile
             if joined, !admitted {
                 admitted = true
@@ -89,6 +93,7 @@ struct BlobResponder: Sendable {
                     // (never hand it another client's refusal; the attempt
                     // bound above ends the loop). Other answers (429, 5xx)
                     // say nothing of credentials and are passed on.
+                    refusedForOthers = true
                     return nil
                 case .rejected, .failed:
                     if let answer = first.answer {

@@ -32,16 +32,29 @@ public final class FillRegistry: Sendable {
     /// blob has just been published. A fill publishes (index first) before
     /// it leaves this registry, so a caller that missed the index a moment
     /// ago finds the blob here instead of starting a second download.
-    func fill(for digest: Digest, upstream: ProxyConfig.Upstream, repository: String, headers: HTTPHeaders) -> Lookup {
+    ///
+    /// `ownUnlessAnswered`: a caller whose joined fill was refused for
+    /// someone else's credentials does not join another fill the upstream
+    /// has not answered yet (it could be refused the same way, again and
+    /// again, by a client that keeps starting refused fills): it starts its
+    /// own, which takes the digest's place here. A fill already streaming
+    /// is joined as usual. The fill it displaces runs on for its own
+    /// followers; temporary files are per fill, and publishing the same
+    /// verified blob twice replaces a file by an identical one.
+    func fill(for digest: Digest, upstream: ProxyConfig.Upstream, repository: String, headers: HTTPHeaders,
+              ownUnlessAnswered: Bool = false) -> Lookup {
         let found = running.withLockedValue { running -> (fill: Fill, created: Bool)? in
             if let existing = running.fills[digest] {
                 let state = existing.state  // read once: it may move on meanwhile
                 if case .published = state { return nil }
+                let unanswered = state == .idle || state == .requesting
                 // A failed or refused fill may linger for a moment after it
                 // woke its followers; a new request must not join it. Nor
                 // one whose disk failed and whose first bytes have left its
                 // memory: the newcomer gets a fill of its own.
-                if !state.isFinished && existing.isJoinable { return (existing, false) }
+                if !state.isFinished && existing.isJoinable && !(ownUnlessAnswered && unanswered) {
+                    return (existing, false)
+                }
             } else if context.store.size(of: digest) != nil {
                 return nil
             }
