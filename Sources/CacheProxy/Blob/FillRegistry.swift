@@ -2,8 +2,9 @@ import NIOConcurrencyHelpers
 import NIOHTTP1
 import ProxyMetrics
 
-/// At most one fill per digest: the first miss starts it, every later miss
-/// for the same digest joins it. Also keeps the fills' tasks, so that
+/// One fill per digest to join: the first miss starts it, every later miss
+/// for the same digest joins it (a client refused through someone else's
+/// fill may start a second one, see `fill(for:...)`). Also keeps the fills' tasks, so that
 /// shutdown can wait for them.
 public final class FillRegistry: Sendable {
     private struct Running {
