@@ -21,6 +21,29 @@ final class AccessCheckTests: XCTestCase {
 
     private static func sha(_ data: Data) -> String { TestImage.digest(data) }
 
+    /// Each stranger gets 401 with the upstream's `challenge` for GET, HEAD
+    /// and Range, an OCI error body, and no byte of `blob`.
+    private func assertRefused(_ url: String, host: String, strangers: [(String, [String])], challenge: String,
+                               blob: Data, file: StaticString = #filePath, line: UInt = #line) throws {
+        for (who, credentials) in strangers {
+            for (what, extra) in [("GET", [String]()), ("HEAD", ["-I"]), ("Range", ["-H", "Range: bytes=0-99"])] {
+                let answer = try request(url, host: host, credentials + extra)
+                XCTAssertEqual(answer.code, 401, "\(who), \(what)", file: file, line: line)
+                XCTAssertTrue(answer.headers.contains(challenge),
+                              "\(who), \(what): the upstream's challenge is passed on: \(answer.headers)",
+                              file: file, line: line)
+                XCTAssertNotEqual(Self.sha(answer.body), Self.sha(blob), file: file, line: line)
+                XCTAssertFalse(answer.body.count >= 100 && answer.body.prefix(100) == blob.prefix(100),
+                               file: file, line: line)
+                if what != "HEAD" {  // curl -I writes the head where a body would go
+                    XCTAssertFalse(answer.body.count >= 100, "\(who), \(what): no blob bytes", file: file, line: line)
+                    XCTAssertTrue(String(decoding: answer.body, as: UTF8.self).contains("UNAUTHORIZED"),
+                                  file: file, line: line)
+                }
+            }
+        }
+    }
+
     func testHtpasswdRegistry_OnlyClientsTheRegistryAcceptsGetTheCachedBlob() async throws {
         let registry = try Registry(users: ["alice": "secret"])
         let image = try TestImage.make(layerSizes: [300_000])
@@ -42,18 +65,8 @@ final class AccessCheckTests: XCTestCase {
         let strangers: [(String, [String])] = [
             ("anonymous", []), ("wrong password", ["-u", "alice:wrong"]), ("unknown user", ["-u", "mallory:secret"]),
         ]
-        for (who, credentials) in strangers {
-            for (what, extra) in [("GET", [String]()), ("HEAD", ["-I"]), ("Range", ["-H", "Range: bytes=0-99"])] {
-                let answer = try request(url, host: "private.test", credentials + extra)
-                XCTAssertEqual(answer.code, 401, "\(who), \(what)")
-                XCTAssertTrue(answer.headers.contains("www-authenticate: basic realm=\"test-realm\""),
-                              "\(who), \(what): the upstream's challenge is passed on: \(answer.headers)")
-                if what != "HEAD" {
-                    XCTAssertFalse(answer.body.count >= 100, "\(who), \(what): no blob bytes")
-                    XCTAssertTrue(String(decoding: answer.body, as: UTF8.self).contains("UNAUTHORIZED"))
-                }
-            }
-        }
+        try assertRefused(url, host: "private.test", strangers: strangers,
+                          challenge: "www-authenticate: basic realm=\"test-realm\"", blob: filled.body)
 
         // The authorized client: from the cache, with no second GET upstream.
         let again = try request(url, host: "private.test", ["-u", "alice:secret"])
@@ -104,16 +117,8 @@ final class AccessCheckTests: XCTestCase {
             ("anonymous token", ["-H", "Authorization: Bearer " + (try tokens.token(user: nil, scope: scope))]),
             ("token of a user without access", ["-H", "Authorization: Bearer " + (try tokens.token(user: "bob:builder", scope: scope))]),
         ]
-        for (who, credentials) in strangers {
-            for (what, extra) in [("GET", [String]()), ("HEAD", ["-I"]), ("Range", ["-H", "Range: bytes=0-99"])] {
-                let answer = try request(url, host: "127.0.0.1", credentials + extra)
-                XCTAssertEqual(answer.code, 401, "\(who), \(what)")
-                XCTAssertTrue(answer.headers.contains("www-authenticate: bearer realm=\"\(tokens.realm)\""),
-                              "\(who), \(what): \(answer.headers)")
-                XCTAssertNotEqual(Self.sha(answer.body), layer)
-                XCTAssertFalse(answer.body.count >= 100 && answer.body.prefix(100) == filled.body.prefix(100))
-            }
-        }
+        try assertRefused(url, host: "127.0.0.1", strangers: strangers,
+                          challenge: "www-authenticate: bearer realm=\"\(tokens.realm)\"", blob: filled.body)
         let again = try request(url, host: "127.0.0.1", alice + ["-H", "Range: bytes=0-99"])
         XCTAssertEqual(again.code, 206)
         XCTAssertEqual(again.body, filled.body.prefix(100))

@@ -73,10 +73,6 @@ final class ConfigTests: XCTestCase {
             ("\(base.api)\n\(base.up)\n\(base.st)\nlog_level: loud", "log_level"),
             ("\(base.api)\nupstreams: [{host: h, registry: r}, {host: h, registry: s}]\n\(base.st)", "upstreams[1].host"),
         ]
-        for (yaml, key) in cases {
-            XCTAssertThrowsError(try ConfigLoader.parse(yaml: yaml), yaml) { error in
-                XCTAssertEqual((error as? ConfigError)?.key, key, "\(yaml) ─► \(error)")
-            }
-        }
+        assertConfigErrors(cases)
     }
 }

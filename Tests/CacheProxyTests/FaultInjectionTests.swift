@@ -282,6 +282,9 @@ final class FaultInjectionTests: XCTestCase {
         let first = try curl("\(proxy.base)/v2/a/blobs/\(digest)")
         XCTAssertEqual(first.code, 200)
         XCTAssertEqual(Array(first.body), bytes)
+        // Publishing (fsync, rename) may finish just after the client's last
+        // byte, which goes out once the digest is verified.
+        XCTAssertTrue(eventually { proxy.files(in: "blobs").count == 1 })
         let stored = proxy.files(in: "blobs")
         XCTAssertEqual(stored.count, 1)
         XCTAssertTrue(stored.first?.hasPrefix("sha512/") ?? false, "\(stored)")

@@ -213,11 +213,8 @@ final class TLSTests: XCTestCase {
             ("tls_cert: /nonexistent.pem, tls_key: /nonexistent.key", "api.tls_cert"),
             ("tls_port: 5443", "api.tls_port"),
         ]
-        for (api, key) in cases {
-            let yaml = "api: {port: 5000, \(api)}\nupstreams: [{host: a, registry: r}]\nstorage: {folder: /tmp/x}\n"
-            XCTAssertThrowsError(try ConfigLoader.parse(yaml: yaml), api) { error in
-                XCTAssertEqual((error as? ConfigError)?.key, key, "\(error)")
-            }
-        }
+        assertConfigErrors(cases.map { api, key in
+            ("api: {port: 5000, \(api)}\nupstreams: [{host: a, registry: r}]\nstorage: {folder: /tmp/x}\n", key)
+        })
     }
 }

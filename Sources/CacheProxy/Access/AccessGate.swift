@@ -131,9 +131,28 @@ public final class AccessGate: Sendable {
     /// hands the request to the async side, which calls `check`.
     func allowsNow(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String, digest: Digest,
                    memo: CredentialMemo? = nil) -> Bool {
-        let link = Link(upstream: upstream.host, repository: repository, digest: digest)
         let grant = upstream.accessCheck == .always
             ? self.grant(upstream: upstream, headers: headers, repository: repository, memo: memo) : nil
+        return isFresh(Link(upstream: upstream.host, repository: repository, digest: digest), grant)
+    }
+
+    /// Asks the upstream unless its answer is remembered.
+    func check(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String,
+               digest: Digest) async -> Verdict {
+        let pair = Pair(grant: grant(upstream: upstream, headers: headers, repository: repository),
+                        link: Link(upstream: upstream.host, repository: repository, digest: digest))
+        if isFresh(pair.link, upstream.accessCheck == .always ? pair.grant : nil) { return .allowed }
+        let task: Task<Verdict, Never> = state.withLockedValue { state in
+            if let running = state.inFlight[pair] { return running }
+            let task = Task { await self.ask(upstream: upstream, headers: headers, pair: pair) }
+            state.inFlight[pair] = task
+            return task
+        }
+        return await task.value
+    }
+
+    /// Whether the link, and the grant when one is needed, are fresh.
+    private func isFresh(_ link: Link, _ grant: Grant?) -> Bool {
         let now = ContinuousClock.now
         let fresh = state.withLockedValue { state in
             guard let linked = state.links[link], linked > now else { return false }
@@ -142,21 +161,6 @@ public final class AccessGate: Sendable {
         }
         if fresh { metrics.accessChecks["remembered"]?.increment() }
         return fresh
-    }
-
-    /// Asks the upstream unless its answer is remembered.
-    func check(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String,
-               digest: Digest) async -> Verdict {
-        if allowsNow(upstream: upstream, headers: headers, repository: repository, digest: digest) { return .allowed }
-        let pair = Pair(grant: grant(upstream: upstream, headers: headers, repository: repository),
-                        link: Link(upstream: upstream.host, repository: repository, digest: digest))
-        let task: Task<Verdict, Never> = state.withLockedValue { state in
-            if let running = state.inFlight[pair] { return running }
-            let task = Task { await self.ask(upstream: upstream, headers: headers, pair: pair) }
-            state.inFlight[pair] = task
-            return task
-        }
-        return await task.value
     }
 
     /// Records a yes the upstream gave some other way: a fill's own `GET`

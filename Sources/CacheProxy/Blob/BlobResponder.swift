@@ -75,7 +75,7 @@ struct BlobResponder: Sendable {
             }
             guard attempt <= 3 else { return try await sendOverloaded(response) }
             let lookup = fills.fill(for: request.digest, upstream: request.upstream,
-                                    repository: request.name, headers: Self.upstreamHeaders(request.head),
+                                    repository: request.name, headers: Self.upstreamHeaders(request.head.headers),
                                     ownUnlessAnswered: refusedForOthers)
             guard case .fill(let fill, let joined) = lookup else { continue }  // published meanwhile
             if joined, !admitted {
@@ -348,10 +348,6 @@ struct BlobResponder: Sendable {
 
     /// The client's headers the fill may send upstream: its credentials and
     /// what it accepts, nothing about this hop.
-    static func upstreamHeaders(_ head: HTTPRequestHead) -> HTTPHeaders {
-        upstreamHeaders(head.headers)
-    }
-
     static func upstreamHeaders(_ headers: HTTPHeaders) -> HTTPHeaders {
         var out = HTTPHeaders()
         // Whole values: a credential may hold commas (Digest, some tokens),
