@@ -33,7 +33,7 @@ public final class ProxyServer: Service, Sendable {
 
     public init(config: ProxyConfig, logger: Logger, metrics: ProxyMetrics = ProxyMetrics(),
                 group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
-                threadPool: NIOThreadPool = .singleton) throws {
+                threadPool: NIOThreadPool = .singleton, resolver: any HostResolver = SystemResolver()) throws {
         self.config = config
         self.metrics = metrics
         self.group = group
@@ -53,7 +53,7 @@ public final class ProxyServer: Service, Sendable {
             throw error
         }
         self.client = try UpstreamClient(eventLoopGroup: group, timeouts: config.timeouts,
-                                         upstreams: config.upstreams, logger: logger)
+                                         upstreams: config.upstreams, resolver: resolver, logger: logger)
         for upstream in config.upstreams where upstream.tls.insecure {
             logger.warning("INSECURE: TLS certificates of this upstream are NOT verified; anyone on the path can answer for it (only blobs are still checked against their digests)",
                            metadata: ["upstream": "\(upstream.host)", "registry": "\(upstream.registry)"])
@@ -63,7 +63,9 @@ public final class ProxyServer: Service, Sendable {
                           metadata: ["upstream": "\(upstream.host)"])
         }
         let gate = AccessGate(client: client, metrics: metrics)
-        self.fills = FillRegistry(context: FillContext(client: client, store: store, metrics: metrics, logger: logger))
+        self.fills = FillRegistry(context: FillContext(client: client, store: store, gate: gate, metrics: metrics,
+                                                       logger: logger),
+                                  upstreams: config.upstreams)
         let passThrough = PassThrough(client: client, metrics: metrics)
         let router = Router(upstreams: config.upstreams)
         self.router = router

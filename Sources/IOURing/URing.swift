@@ -73,12 +73,20 @@ public final class URing: @unchecked Sendable {
     private var abandoned: [InFlight] = []
     private var nextID: UInt64 = 1
     private static let wakeID: UInt64 = 0
+    /// Operations the ring thread hands the kernel at once: one submission
+    /// slot is the eventfd read's, the rest are for work. Bounding what is
+    /// in flight to what the rings hold means a submission slot is always
+    /// free and the completion ring (twice the size) never overflows: the
+    /// kernel never answers -EBUSY, and nothing waits in a loop. More work
+    /// than that stays queued until completions make room.
+    let maxInFlight: Int
 
     /// Sets up a ring of `entries` submission slots and starts its thread.
     /// Throws the errno `io_uring_queue_init` failed with: EPERM when a
     /// seccomp filter denies `io_uring_setup` (Docker's default profile) or
     /// `kernel.io_uring_disabled` is set, ENOSYS without kernel support.
     public init(entries: UInt32 = 256) throws(URingError) {
+        maxInFlight = max(1, Int(entries) - 1)
         let typed = UnsafeMutablePointer<io_uring>.allocate(capacity: 1)
         typed.initialize(to: io_uring())
         storage = UnsafeMutableRawPointer(typed)
@@ -215,12 +223,21 @@ public final class URing: @unchecked Sendable {
     /// the ring is stopping (then the eventfd read is left unarmed once it
     /// completes, so the loop can end when nothing is in flight).
     private func takeQueued() -> Bool {
+        let room = maxInFlight - inFlight.count
         let (queued, stopping) = shared.withLockedValue { shared -> ([Queued], Bool) in
-            defer { shared.queue.removeAll(keepingCapacity: true) }
-            return (shared.queue, shared.stopping)
+            let taken = Array(shared.queue.prefix(max(0, room)))
+            shared.queue.removeFirst(taken.count)
+            return (taken, shared.stopping)
         }
         for item in queued {
-            let sqe = nextSQE().assumingMemoryBound(to: io_uring_sqe.self)
+            guard let slot = nextSQE() else {
+                // The kernel refused the submission that would have freed a
+                // slot (it should not, with in-flight work bounded): the
+                // operation fails, and its caller goes on without the disk.
+                item.completion(-EBUSY)
+                continue
+            }
+            let sqe = slot.assumingMemoryBound(to: io_uring_sqe.self)
             let id = nextID
             nextID += 1
             var strings: [UnsafeMutablePointer<CChar>] = []
@@ -252,13 +269,17 @@ public final class URing: @unchecked Sendable {
     }
 
     /// A free submission slot; when all are taken, what is in them goes to
-    /// the kernel first.
-    private func nextSQE() -> UnsafeMutableRawPointer {
+    /// the kernel first. Nil when the kernel will not take them now
+    /// (-EBUSY, -EAGAIN): never a loop around a refusal.
+    private func nextSQE() -> UnsafeMutableRawPointer? {
         let ring = storage.assumingMemoryBound(to: io_uring.self)
-        while true {
+        for _ in 0..<3 {
             if let sqe = io_uring_get_sqe(ring) { return UnsafeMutableRawPointer(sqe) }
-            _ = io_uring_submit(ring)
+            var submitted: Int32
+            repeat { submitted = io_uring_submit(ring) } while submitted == -EINTR
+            if submitted < 0 { return nil }
         }
+        return nil
     }
 
     private func reap() {
@@ -278,7 +299,8 @@ public final class URing: @unchecked Sendable {
     }
 
     private func armWake() {
-        let sqe = nextSQE().assumingMemoryBound(to: io_uring_sqe.self)
+        // A slot is kept for this read (`maxInFlight`), so there is one.
+        guard let sqe = nextSQE()?.assumingMemoryBound(to: io_uring_sqe.self) else { return }
         io_uring_prep_read(sqe, wakeFD, wakeCount, 8, 0)
         io_uring_sqe_set_data64(sqe, Self.wakeID)
     }

@@ -129,6 +129,11 @@ public final class ProxyMetrics: Sendable {
             .increment()
     }
 
+    /// Fills of one upstream waiting for a download slot (`max_fills`).
+    public func fillsWaiting(upstream: String) -> Gauge {
+        registry.makeGauge(descriptor: Self.describe("cacheproxy_fills_waiting", "Upstream blob downloads waiting for a slot (upstreams[].max_fills), by upstream."), labels: [("upstream", upstream)])
+    }
+
     public func setIOBackend(_ backend: String) {
         for name in ["io_uring", "threadpool"] {
             registry.makeGauge(descriptor: Self.describe("cacheproxy_io_backend", "The storage write backend in use (1) and the one not in use (0)."), labels: [("backend", name)])

@@ -82,10 +82,10 @@ struct BlobResponder: Sendable {
                 admitted = true
                 if let refusal = try await admit(request, response: response) { return refusal }
             }
-            (joined ? metrics.coalescedFollowers : metrics.blobMisses).increment()
             let status = try await fill.withFollower(closing: response.closeWatch) { follower -> HTTPResponseStatus? in
                 let first = await fill.next(after: -1, follower: follower)
                 try response.checkClientPresent()
+                count(first.state, joined: joined)
                 switch first.state {
                 case .rejected where joined && [401, 403, 404].contains(first.answer?.status.code ?? 0):
                     // The upstream refused someone else's credentials: ask
@@ -106,12 +106,8 @@ struct BlobResponder: Sendable {
                     try await response.send(error)
                     return error.status
                 default:
-                    if !joined {
-                        // The upstream just gave this client the blob: a
-                        // later hit with the same credentials needs no HEAD.
-                        gate.remember(upstream: request.upstream, headers: request.head.headers,
-                                      repository: request.name, digest: request.digest)
-                    }
+                    // The upstream's yes to this client, if it was one, is
+                    // remembered by the fill once the digest verified.
                     return try await follow(fill, follower: follower, first: first, request, response: response)
                 }
             }
@@ -127,16 +123,23 @@ struct BlobResponder: Sendable {
         // Anything the proxy knows itself about the blob (that it is cached,
         // its size) goes only to a client the upstream would tell; a blob
         // published after this look is the upstream's to answer for.
-        guard store.size(of: request.digest) != nil || fills.running(request.digest) != nil else {
+        guard store.size(of: request.digest) != nil
+                || fills.running(request.digest, upstream: request.upstream) != nil else {
             return try await passThrough.forward(request.head, to: request.upstream, body: nil,
                                                  origin: request.origin, response: response)
         }
-        if let refusal = try await admit(request, response: response) { return refusal }
+        let running = fills.running(request.digest, upstream: request.upstream)
+        if let running, running.vouched, asksAsStarter(of: running, request) {
+            // The fill's own answer was the upstream's yes to this client,
+            // just now: what a HEAD of the check would have asked.
+        } else if let refusal = try await admit(request, response: response) {
+            return refusal
+        }
         if let size = store.size(of: request.digest) {
             metrics.blobHits.increment()
             return try await sendHead(request, length: size, contentType: nil, response: response)
         }
-        if let fill = fills.running(request.digest) {
+        if let fill = fills.running(request.digest, upstream: request.upstream) {
             // The fill's answer: its length as soon as the upstream said 200
             // with one (the upstream's own claim, as a HEAD to the upstream
             // would give; a HEAD carries no bytes to verify), or the verified
@@ -154,13 +157,32 @@ struct BlobResponder: Sendable {
             default: length = nil
             }
             if let length {
-                metrics.coalescedFollowers.increment()
+                count(snapshot.state, joined: true)
                 return try await sendHead(request, length: length, contentType: snapshot.head?.contentType,
                                           response: response)
             }
         }
         return try await passThrough.forward(request.head, to: request.upstream, body: nil,
                                              origin: request.origin, response: response)
+    }
+
+    /// Whether `request` comes with the credentials and repository of the
+    /// client that started `fill`.
+    private func asksAsStarter(of fill: Fill, _ request: Request) -> Bool {
+        fill.repository == request.name
+            && gate.grant(upstream: request.upstream, headers: request.head.headers, repository: request.name)
+                == gate.grant(upstream: request.upstream, headers: fill.requestHeaders, repository: fill.repository)
+    }
+
+    /// Counts a read that follows a fill by what it got: a fill that had
+    /// already verified its bytes gives none from the upstream to this
+    /// read, which is then a hit (users read `blob_hits_total` as "answered
+    /// without the upstream"); otherwise a join, or the miss that started it.
+    private func count(_ state: FillStateMachine.State, joined: Bool) {
+        switch state {
+        case .verified, .published, .delivered: metrics.blobHits.increment()
+        default: (joined ? metrics.coalescedFollowers : metrics.blobMisses).increment()
+        }
     }
 
     /// Answers the client when the upstream would not give it this blob;

@@ -97,7 +97,10 @@ struct BlobSink {
     private mutating func awaitWrite() async throws -> Int64 {
         guard let (task, batch, at) = writing else { return 0 }
         writing = nil
-        let result = await task.value
+        // A slow disk (a long fsync of another fill on a shared thread
+        // pool, say) is not a silent upstream: the wait is paused out of
+        // `upstream_idle`.
+        let result = await clock.paused { await task.value }
         hasher = result.hasher
         if let error = result.error {
             // The file holds everything before this batch; from here on

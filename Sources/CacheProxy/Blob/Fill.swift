@@ -39,6 +39,8 @@ public struct FillSnapshot: Sendable {
 struct FillContext: Sendable {
     let client: UpstreamClient
     let store: BlobStore
+    /// Told of the upstream's yes once the bytes it vouched for verified.
+    let gate: AccessGate
     let metrics: ProxyMetrics
     let logger: Logger
     var writer: any BlobWriter { store.writer }
@@ -79,6 +81,16 @@ public final class Fill: Sendable {
         var storageError: (any Error)?
         /// The fill, waiting for followers to make room in the window.
         var roomWaiter: CheckedContinuation<Void, Never>?
+        /// The upstream's download bound, while the fill waits for a slot:
+        /// the last follower to leave withdraws the wait.
+        var slots: FillSlots?
+        /// The upstream's answer was its own yes to the client that
+        /// started the fill (`UpstreamClient.BlobAnswer.vouches`).
+        var vouched = false
+
+        /// Whether no client wants the fill any more (before the first
+        /// follower registers, the one that started it is on its way).
+        var isUnwanted: Bool { everFollowed && needs.isEmpty }
 
         var snapshot: FillSnapshot {
             FillSnapshot(state: machine.state, mark: machine.followerMark, head: head, answer: answer,
@@ -138,12 +150,13 @@ public final class Fill: Sendable {
         let token = watch.onClose { [weak self] in self?.abandon(id) }
         defer {
             watch.cancel(token)
-            let waiter = inner.withLockedValue { inner in
+            let (waiter, slots) = inner.withLockedValue { inner in
                 inner.abandoned.remove(id)
                 inner.needs[id] = nil
-                return inner.takeRoomWaiter()
+                return (inner.takeRoomWaiter(), inner.isUnwanted ? inner.slots : nil)
             }
             waiter?.resume()
+            slots?.withdraw(slotID)
         }
         return try await body(id)
     }
@@ -239,6 +252,10 @@ public final class Fill: Sendable {
 
     public var state: FillStateMachine.State { inner.withLockedValue { $0.machine.state } }
 
+    /// Whether the upstream said yes to the client that started this fill
+    /// (its credentials are `requestHeaders`'), as a `HEAD` would have.
+    var vouched: Bool { inner.withLockedValue { $0.vouched } }
+
     public var isFinished: Bool { inner.withLockedValue { $0.machine.isFinished } }
 
     // MARK: fill side
@@ -267,9 +284,30 @@ public final class Fill: Sendable {
         return action
     }
 
+    /// Names this fill's wait in its upstream's `FillSlots`.
+    private var slotID: Int { ObjectIdentifier(self).hashValue }
+
+    /// Waits for one of the upstream's download slots; throws `busy` when
+    /// none came in time (or the queue is full), and ends the fill quietly
+    /// when every client left while it waited.
+    private func takeSlot(_ slots: FillSlots, timeout: Duration) async throws {
+        inner.withLockedValue { $0.slots = slots }
+        let outcome = await slots.acquire(id: slotID, timeout: timeout) { [weak self] in
+            self?.inner.withLockedValue { !$0.isUnwanted } ?? false
+        }
+        inner.withLockedValue { $0.slots = nil }
+        switch outcome {
+        case .granted: return
+        case .queueFull, .timedOut: throw UpstreamFailure.busy
+        case .withdrawn: throw CancellationError()
+        }
+    }
+
     /// Runs the download to its end. Never throws: every failure ends in the
     /// `failed` state with the temporary file deleted.
-    func run(_ context: FillContext) async {
+    func run(_ context: FillContext, slots: FillSlots? = nil) async {
+        var holdsSlot = false
+        defer { if holdsSlot { slots?.release() } }
         // The temporary file, whose descriptor closes on the way out; it is
         // deleted unless it became the cache entry.
         var temporary: (path: String, fd: CInt)?
@@ -279,16 +317,21 @@ public final class Fill: Sendable {
         }
         do {
             transition { $0.start() }
+            if let slots {
+                try await takeSlot(slots, timeout: context.client.answerTimeout)
+                holdsSlot = true
+            }
             var headers = requestHeaders
             headers.replaceOrAdd(name: "accept", value: "*/*")
             let url = "\(upstream.origin)/v2/\(repository)/blobs/\(digest)"
-            let response: HTTPClientResponse
+            let answer: UpstreamClient.BlobAnswer
             do {
-                response = try await context.client.getFollowingRedirects(url: url, headers: headers, upstream: upstream)
+                answer = try await context.client.getBlob(url: url, headers: headers, upstream: upstream, digest: digest)
             } catch {
                 context.metrics.upstreamResponse(upstream: upstream.host, code: 0)
                 throw error
             }
+            let response = answer.response
             context.metrics.upstreamResponse(upstream: upstream.host, code: Int(response.status.code))
             let length = response.headers.first(name: "content-length").flatMap { Int64(digitsOnly: Substring($0)) }
 
@@ -325,6 +368,7 @@ public final class Fill: Sendable {
             temporary = file
             inner.withLockedValue {
                 $0.readFD = readFD
+                $0.vouched = answer.vouches
                 $0.head = BlobHead(contentLength: length, contentType: response.headers.first(name: "content-type"))
             }
             transition { $0.upstreamResponded(status: 200, contentLength: length) }
@@ -350,6 +394,14 @@ public final class Fill: Sendable {
                 }
             }
             if case .discard(let failure) = transition({ $0.upstreamEnded() }) { throw failure }
+            if hex == digest.hex, answer.vouches {
+                // The upstream's yes to the client that started the fill,
+                // remembered only now that the bytes it said yes to are the
+                // digest's, and before any follower is told they are: a
+                // later hit with the same credentials needs no `HEAD`.
+                context.gate.remember(upstream: upstream, headers: requestHeaders, repository: repository,
+                                      digest: digest)
+            }
             switch transition({ $0.digestChecked(matches: hex == digest.hex) }) {
             case .discard(let failure):
                 throw failure
@@ -387,11 +439,10 @@ public final class Fill: Sendable {
             // be reached or did not answer in time.
             if state == .requesting {
                 let oci = UpstreamClient.clientError(for: error)
+                var headers: HTTPHeaders = ["content-type": "application/json"]
+                if case UpstreamFailure.busy = error { headers.add(name: "retry-after", value: "5") }
                 inner.withLockedValue {
-                    $0.answer = UpstreamAnswer(
-                        status: oci.status,
-                        headers: ["content-type": "application/json"],
-                        body: ByteBuffer(string: oci.body))
+                    $0.answer = UpstreamAnswer(status: oci.status, headers: headers, body: ByteBuffer(string: oci.body))
                 }
             }
             transition { $0.fail(failure) }

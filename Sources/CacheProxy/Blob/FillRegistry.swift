@@ -2,23 +2,48 @@ import NIOConcurrencyHelpers
 import NIOHTTP1
 import ProxyMetrics
 
-/// One fill per digest to join: the first miss starts it, every later miss
-/// for the same digest joins it (a client refused through someone else's
-/// fill may start a second one, see `fill(for:...)`). Also keeps the fills' tasks, so that
-/// shutdown can wait for them.
+/// One fill per upstream and digest to join: the first miss starts it,
+/// every later miss for the same digest through the same upstream joins it
+/// (a client refused through someone else's fill may start a second one,
+/// see `fill(for:...)`). Also keeps the fills' tasks, so that shutdown can
+/// wait for them, and each upstream's download bound (`FillSlots`).
+///
+/// Why per upstream: a client of upstream A must never wait on upstream
+/// B's download of the same digest. B may be slow, hostile, or (with
+/// `insecure: true`) anyone on its path; A's clients get A's speed. Only the
+/// verified, published file is shared (content addressing makes that safe),
+/// behind each client's own access check.
 public final class FillRegistry: Sendable {
+    struct Key: Hashable {
+        let upstream: String
+        let digest: Digest
+    }
+
     private struct Running {
-        var fills: [Digest: Fill] = [:]
+        var fills: [Key: Fill] = [:]
         var tasks: [ObjectIdentifier: Task<Void, Never>] = [:]
     }
 
     private let running = NIOLockedValueBox(Running())
     private let context: FillContext
     private let holdBack: Int64
+    /// Each upstream's download bound, by its `host`.
+    private let slots: [String: FillSlots]
 
-    init(context: FillContext, holdBack: Int64 = 64 * 1024) {
+    /// Fills past an upstream's bound wait in a queue this many times the
+    /// bound; more get 503 at once.
+    static let queueFactor = 4
+
+    init(context: FillContext, upstreams: [ProxyConfig.Upstream], holdBack: Int64 = 64 * 1024) {
         self.context = context
         self.holdBack = holdBack
+        var slots: [String: FillSlots] = [:]
+        for upstream in upstreams {
+            slots[upstream.host] = FillSlots(capacity: upstream.maxFills,
+                                             queueLimit: upstream.maxFills * Self.queueFactor,
+                                             waitingGauge: context.metrics.fillsWaiting(upstream: upstream.host))
+        }
+        self.slots = slots
     }
 
     enum Lookup {
@@ -44,8 +69,9 @@ public final class FillRegistry: Sendable {
     /// verified blob twice replaces a file by an identical one.
     func fill(for digest: Digest, upstream: ProxyConfig.Upstream, repository: String, headers: HTTPHeaders,
               ownUnlessAnswered: Bool = false) -> Lookup {
+        let key = Key(upstream: upstream.host, digest: digest)
         let found = running.withLockedValue { running -> (fill: Fill, created: Bool)? in
-            if let existing = running.fills[digest] {
+            if let existing = running.fills[key] {
                 let state = existing.state  // read once: it may move on meanwhile
                 if case .published = state { return nil }
                 let unanswered = state == .idle || state == .requesting
@@ -61,35 +87,37 @@ public final class FillRegistry: Sendable {
             }
             let fill = Fill(digest: digest, upstream: upstream, repository: repository,
                             requestHeaders: headers, holdBack: holdBack)
-            running.fills[digest] = fill
+            running.fills[key] = fill
             return (fill, true)
         }
         guard let (fill, created) = found else { return .cached }
         if created {
             context.metrics.fillsInFlight.increment()
-            let context = self.context
+            let (context, slots) = (self.context, self.slots[upstream.host])
             let id = ObjectIdentifier(fill)
             let task = Task {
-                await fill.run(context)
+                await fill.run(context, slots: slots)
                 self.finished(fill)
             }
             running.withLockedValue { running in
-                // The task may have finished before it was recorded.
-                if running.fills[digest] === fill { running.tasks[id] = task }
+                // The task may have finished before it was recorded (and a
+                // fill displaced meanwhile still runs: it is recorded too).
+                if !fill.isFinished { running.tasks[id] = task }
             }
         }
         return .fill(fill, joined: !created)
     }
 
-    /// The fill in flight for `digest`, if any, up to and including the
-    /// moment it is published.
-    func running(_ digest: Digest) -> Fill? {
-        running.withLockedValue { $0.fills[digest] }
+    /// The fill in flight for `digest` through `upstream`, if any, up to
+    /// and including the moment it is published.
+    func running(_ digest: Digest, upstream: ProxyConfig.Upstream) -> Fill? {
+        running.withLockedValue { $0.fills[Key(upstream: upstream.host, digest: digest)] }
     }
 
     private func finished(_ fill: Fill) {
+        let key = Key(upstream: fill.upstream.host, digest: fill.digest)
         running.withLockedValue { running in
-            if running.fills[fill.digest] === fill { running.fills[fill.digest] = nil }
+            if running.fills[key] === fill { running.fills[key] = nil }
             running.tasks[ObjectIdentifier(fill)] = nil
         }
         context.metrics.fillsInFlight.decrement()

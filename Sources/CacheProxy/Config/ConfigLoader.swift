@@ -65,11 +65,20 @@ public enum ConfigLoader {
             guard !registry.isEmpty, !registry.contains("/"), !registry.contains(" ") else {
                 throw ConfigError(key: registryNode.key, problem: "must be a host name without scheme or path")
             }
+            // The TLS settings, the token realm rule and the redirect rule
+            // all compare the registry's host name; a port written into it
+            // would silently make them not apply.
+            let bracketed = registry.hasPrefix("[") && registry.hasSuffix("]")
+            guard !registry.contains(":") || bracketed else {
+                throw ConfigError(key: registryNode.key, problem:
+                    "must be a host name without a port (give the port as \(node.key).port; an IPv6 address goes in brackets)")
+            }
             let aliases = try u.optional("aliases")?.sequence().map { try $0.string().lowercased() } ?? []
             var upstream = ProxyConfig.Upstream(
                 host: host, registry: registry,
                 port: try u.optional("port")?.port() ?? (schema == "https" ? 443 : 80),
                 schema: schema, aliases: aliases)
+            upstream.maxFills = try u.optional("max_fills")?.integer(in: 1...4096) ?? upstream.maxFills
             try Self.security(u, into: &upstream)
             return upstream
         }
@@ -130,6 +139,7 @@ extension ConfigLoader {
     static let upstreamKeys: Set<String> = [
         "host", "registry", "port", "schema", "aliases", "access_check", "access_cache_ttl", "offline",
         "username", "password", "password_file", "password_env", "ca_file", "client_cert", "client_key", "insecure",
+        "max_fills",
     ]
 
     /// The keys of an upstream that decide who gets what: access checks,

@@ -80,6 +80,10 @@ public struct ProxyConfig: Sendable, Equatable {
         public var offline: Offline = .serve
         public var credentials: Credentials?
         public var tls = UpstreamTLS()
+        /// Blob downloads from this upstream at once (`FillSlots`); more
+        /// wait in a bounded queue. containerd and Docker fetch three
+        /// layers at a time per image.
+        public var maxFills: Int = 32
 
         /// `scheme://registry[:port]`, with the port left out when it is the
         /// scheme's default, as registries write it in `Location` headers.

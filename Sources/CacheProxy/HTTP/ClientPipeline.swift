@@ -33,13 +33,21 @@ enum ClientPipeline {
         limits.maxHeaderFieldSize = config.maxHeaderBytes
         let sync = channel.pipeline.syncOperations
         try sync.addHandler(RequestHeadLimiter(timeouts: timeouts, limit: config.maxHeaderBytes))
+        // The encoder and decoder come from NIO's own set-up, not built by
+        // hand: only then does the decoder tell the encoder each request's
+        // method, so an answer to a `HEAD` never carries a body, whatever
+        // its framing headers say. (An upstream's `HEAD` answer framed
+        // `Transfer-Encoding: chunked` otherwise got a `0\r\n\r\n` the
+        // client read as the start of its next answer.)
         // Outbound header validation is off: every header value the proxy
         // sends is its own or was parsed from an upstream response by a
         // validating parser, and on the 4 KiB hit path the check cost several
-        // percent.
-        try sync.addHandler(HTTPResponseEncoder(configuration: .init()))
-        try sync.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, informationalResponseStrategy: .drop,
-                                                                    limitConfiguration: limits)))
+        // percent. Pipelining and protocol errors are handled below, after
+        // the timeouts handler.
+        try sync.configureHTTPServerPipeline(
+            position: .last, withPipeliningAssistance: false, withServerUpgrade: nil, withErrorHandling: false,
+            withOutboundHeaderValidation: false, withEncoderConfiguration: .init(),
+            withDecoderLimitConfiguration: limits)
         try sync.addHandler(timeouts)
         try sync.addHandler(HTTPServerPipelineHandler())
         try sync.addHandler(RequestFrontHandler(hits: hits, tls: tls))

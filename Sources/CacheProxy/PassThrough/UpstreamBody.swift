@@ -9,8 +9,9 @@ import NIOCore
 /// A watchdog task looks at a progress counter every quarter of the limit
 /// instead of racing a timer against every read: the read loop pays one
 /// uncontended lock per chunk, and a stall is found within 1¼ × the limit.
-/// Time the reader spends handing a chunk on (to a slow client) is paused
-/// out: that wait belongs to the send timeout, not to the upstream.
+/// Time the reader spends handing a chunk on (to a slow client) or waiting
+/// for the disk to take the previous batch is paused out: those waits
+/// belong to the send timeout and to the disk, never to the upstream.
 enum UpstreamBody {
     static func read<T: Sendable>(idle limit: Duration,
                                   _ work: @escaping @Sendable (IdleClock) async throws -> T) async throws -> T {
@@ -55,7 +56,9 @@ enum UpstreamBody {
 final class IdleClock: Sendable {
     private struct State {
         var ticks: UInt64 = 0
-        var paused = false
+        /// Pauses in progress: a disk wait may hold a memory-window wait
+        /// inside it, and the inner one's end must not restart the clock.
+        var pauses = 0
     }
 
     private let state = NIOLockedValueBox(State())
@@ -67,8 +70,8 @@ final class IdleClock: Sendable {
 
     /// Runs `body` with the clock stopped (the wait is not the upstream's).
     func paused<T>(_ body: () async throws -> T) async rethrows -> T {
-        state.withLockedValue { $0.paused = true }
-        defer { state.withLockedValue { $0.paused = false; $0.ticks &+= 1 } }
+        state.withLockedValue { $0.pauses += 1 }
+        defer { state.withLockedValue { $0.pauses -= 1; $0.ticks &+= 1 } }
         return try await body()
     }
 
@@ -80,7 +83,7 @@ final class IdleClock: Sendable {
         var still = Duration.zero
         while true {
             try await Task.sleep(for: step)
-            let (ticks, paused) = state.withLockedValue { ($0.ticks, $0.paused) }
+            let (ticks, paused) = state.withLockedValue { ($0.ticks, $0.pauses > 0) }
             if ticks != last || paused {
                 last = ticks
                 still = .zero

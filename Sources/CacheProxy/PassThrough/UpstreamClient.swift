@@ -14,12 +14,27 @@ import NIOSSL
 ///   response body (`UpstreamBody`).
 ///
 /// Redirects are never followed by the client itself: a blob fill follows
-/// them by hand (`getFollowingRedirects`), a pass-through hands them to the
+/// them by hand (`getBlob`), a pass-through hands them to the
 /// client unchanged.
 ///
 /// Each upstream's TLS settings (`ca_file`, client certificate, `insecure`)
 /// and its credentials go with every request sent `to:` it (`send`).
+///
+/// Two HTTP clients, so two connection pools per upstream host (`Pool`):
+/// blob downloads in one, everything else in the other. A download holds
+/// its connection as long as the upstream trickles, and no number of them
+/// may delay a `/v2/` ping, a manifest, a token or an access check.
 public final class UpstreamClient: Sendable {
+    /// Which connection pool a request uses.
+    enum Pool: Sendable {
+        /// The `/v2/` ping, manifests, tags, tokens, access-check `HEAD`s,
+        /// uploads: short exchanges a pull waits on.
+        case control
+        /// Fills: long downloads, bounded per upstream by `max_fills`
+        /// (`FillSlots`), so this pool never needs more than their sum.
+        case fills
+    }
+
     /// What is particular to one upstream.
     struct Session: Sendable {
         let tls: TLSConfiguration?
@@ -27,15 +42,20 @@ public final class UpstreamClient: Sendable {
     }
 
     let http: HTTPClient
+    private let fillHTTP: HTTPClient
     private let sessions: [String: Session]
+    /// Where redirect targets lead (`AddressScope`).
+    let resolver: any HostResolver
     let answerTimeout: Duration
     let idleTimeout: Duration
     /// Where the detail of upstream failures goes (clients get a summary).
     let logger: Logger
 
     public init(eventLoopGroup: any EventLoopGroup, timeouts: ProxyConfig.Timeouts,
-                upstreams: [ProxyConfig.Upstream] = [], logger: Logger) throws {
+                upstreams: [ProxyConfig.Upstream] = [], resolver: any HostResolver = SystemResolver(),
+                logger: Logger) throws {
         self.logger = logger
+        self.resolver = resolver
         var sessions: [String: Session] = [:]
         for (index, upstream) in upstreams.enumerated() {
             sessions[upstream.host] = Session(
@@ -54,6 +74,11 @@ public final class UpstreamClient: Sendable {
         configuration.connectionPool.idleTimeout = .seconds(60)
         configuration.connectionPool.concurrentHTTP1ConnectionsPerHostSoftLimit = 64
         self.http = HTTPClient(eventLoopGroupProvider: .shared(eventLoopGroup), configuration: configuration)
+        // Upstreams may share a registry host, and redirects of all of them
+        // may share a CDN host: the fills' pool may hold every fill at once.
+        configuration.connectionPool.concurrentHTTP1ConnectionsPerHostSoftLimit =
+            max(1, upstreams.reduce(0) { $0 + $1.maxFills })
+        self.fillHTTP = HTTPClient(eventLoopGroupProvider: .shared(eventLoopGroup), configuration: configuration)
         self.answerTimeout = .milliseconds(Int64(timeouts.upstreamSeconds * 1000))
         self.idleTimeout = .milliseconds(Int64(timeouts.upstreamIdleSeconds * 1000))
     }
@@ -63,7 +88,8 @@ public final class UpstreamClient: Sendable {
     /// handed over whole. While it is being sent, an upstream that stops
     /// taking it for the idle timeout is given up too (a client that is slow
     /// to send is the request-body timeout's business, not this one's).
-    func execute(_ request: HTTPClientRequest, body: RequestBodySource? = nil) async throws -> HTTPClientResponse {
+    func execute(_ request: HTTPClientRequest, body: RequestBodySource? = nil,
+                 pool: Pool = .control) async throws -> HTTPClientResponse {
         var request = request
         let upload = UploadProgress()
         if let body {
@@ -71,7 +97,8 @@ public final class UpstreamClient: Sendable {
         } else {
             upload.ended()
         }
-        let (http, answer, idle, ready) = (self.http, self.answerTimeout, self.idleTimeout, request)
+        let http = pool == .fills ? fillHTTP : self.http
+        let (answer, idle, ready) = (self.answerTimeout, self.idleTimeout, request)
         return try await withThrowingTaskGroup(of: HTTPClientResponse?.self) { group in
             group.addTask { try await http.execute(ready, deadline: .distantFuture) }
             group.addTask {
@@ -93,7 +120,7 @@ public final class UpstreamClient: Sendable {
     /// challenge). The account never writes: a push, a delete or a mount by
     /// an anonymous client stays the upstream's 401.
     func send(_ request: HTTPClientRequest, to upstream: ProxyConfig.Upstream, body: RequestBodySource? = nil,
-              authorize: Bool = true) async throws -> HTTPClientResponse {
+              authorize: Bool = true, pool: Pool = .control) async throws -> HTTPClientResponse {
         var request = request
         let session = sessions[upstream.host]
         if let target = RedirectTarget(request.url), target.host == upstream.registry {
@@ -101,11 +128,11 @@ public final class UpstreamClient: Sendable {
         }
         guard authorize, let auth = session?.auth, request.method == .GET || request.method == .HEAD,
               !request.headers.contains(name: "authorization") else {
-            return try await execute(request, body: body)
+            return try await execute(request, body: body, pool: pool)
         }
         let known = auth.known(scope: UpstreamAuth.scope(method: request.method, url: request.url))
         if let known { request.headers.add(name: "authorization", value: known) }
-        var response = try await execute(request, body: body)
+        var response = try await execute(request, body: body, pool: pool)
         if response.status == .unauthorized, body == nil {
             let challenges = AuthChallenge.parse(response.headers["www-authenticate"].joined(separator: ", "))
             if let value = await auth.answer(challenges, refused: known, using: self) {
@@ -113,7 +140,7 @@ public final class UpstreamClient: Sendable {
                 _ = try? await UpstreamBody.collect(response.body, limit: 1 << 16, idle: idleTimeout,
                                                     total: answerTimeout)
                 request.headers.replaceOrAdd(name: "authorization", value: value)
-                response = try await execute(request)
+                response = try await execute(request, pool: pool)
             }
         }
         // A session the upstream opens for the account is not the client's.
@@ -150,26 +177,44 @@ public final class UpstreamClient: Sendable {
         return configuration
     }
 
-    /// A GET that follows up to `limit` redirects. `Authorization` and
-    /// cookies go only where the original request went: a redirect that
-    /// changes scheme, host or port (a CDN with a signed URL, say) gets
-    /// none. Only http and https are followed.
-    func getFollowingRedirects(url: String, headers: HTTPHeaders, upstream: ProxyConfig.Upstream,
-                               limit: Int = 5) async throws -> HTTPClientResponse {
+    /// A blob's upstream answer, and whether it is the upstream's own yes
+    /// to the client that asked (`AccessGate`'s terms for a `HEAD`): a 200
+    /// from the upstream itself, or a redirect from it to blob storage that
+    /// names the digest. A 200 from wherever a redirect led (a login page
+    /// behind an SSO front, say) says nothing about access.
+    struct BlobAnswer {
+        let response: HTTPClientResponse
+        let vouches: Bool
+    }
+
+    /// A GET of a blob that follows up to `limit` redirects, on the fills'
+    /// pool. `Authorization` and cookies go only where the original request
+    /// went: a redirect that changes scheme, host or port (a CDN with a
+    /// signed URL, say) gets none. Only http and https are followed, and
+    /// only to addresses `AddressScope` allows for this upstream.
+    func getBlob(url: String, headers: HTTPHeaders, upstream: ProxyConfig.Upstream, digest: Digest,
+                 limit: Int = 5) async throws -> BlobAnswer {
         var current = url
         var headers = headers
+        var vouches = true
         guard let original = RedirectTarget(url) else { throw UpstreamFailure.badRedirect }
-        for _ in 0...limit {
+        for hop in 0...limit {
             var request = HTTPClientRequest(url: current)
             request.method = .GET
             request.headers = headers
             // The upstream's own credentials go to the upstream only, never
             // to where it redirects.
-            let response = try await send(request, to: upstream, authorize: current == url)
+            let response = try await send(request, to: upstream, authorize: current == url, pool: .fills)
             guard [301, 302, 303, 307, 308].contains(response.status.code),
                   let location = response.headers.first(name: "location")
-            else { return response }
+            else { return BlobAnswer(response: response, vouches: vouches && response.status == .ok) }
+            if hop == 0 { vouches = AccessGate.isBlobRedirect(location, digest: digest) }
             guard let next = RedirectTarget(location, relativeTo: current) else { throw UpstreamFailure.badRedirect }
+            guard await mayFollow(next, from: upstream) else {
+                logger.warning("redirect to an inner address refused", metadata: [
+                    "upstream": "\(upstream.host)", "target": "\(next.host)"])
+                throw UpstreamFailure.innerRedirect
+            }
             if !next.sameOrigin(as: original) {
                 headers.remove(name: "authorization")
                 headers.remove(name: "cookie")
@@ -179,8 +224,19 @@ public final class UpstreamClient: Sendable {
         throw UpstreamFailure.tooManyRedirects
     }
 
+    /// Whether a redirect of `upstream` may lead to `target` (`AddressScope`).
+    /// A name that does not resolve here is let through: the connection
+    /// then fails on its own.
+    func mayFollow(_ target: RedirectTarget, from upstream: ProxyConfig.Upstream) async -> Bool {
+        let targets = Set(await resolver.addresses(of: target.host).map(AddressScope.init(bytes:)))
+        guard targets.contains(where: { $0 != .publicNetwork }) else { return true }
+        let own = Set(await resolver.addresses(of: upstream.registry).map(AddressScope.init(bytes:)))
+        return AddressScope.redirectAllowed(to: targets, from: own)
+    }
+
     public func shutdown() async throws {
         try await http.shutdown()
+        try await fillHTTP.shutdown()
     }
 
     /// Maps a failure to reach the upstream to the answer the client gets:
@@ -194,8 +250,10 @@ public final class UpstreamClient: Sendable {
             return OCIError(.gatewayTimeout, .timeout, "the upstream registry did not answer in time")
         case UpstreamFailure.tooManyRedirects:
             return OCIError(.badGateway, .unavailable, "the upstream registry redirected too many times")
-        case UpstreamFailure.badRedirect:
+        case UpstreamFailure.badRedirect, UpstreamFailure.innerRedirect:
             return OCIError(.badGateway, .unavailable, "the upstream registry redirected to an address the proxy does not follow")
+        case UpstreamFailure.busy:
+            return OCIError(.serviceUnavailable, .unavailable, "too many downloads from this upstream registry; retry shortly")
         default:
             break
         }
@@ -216,6 +274,11 @@ enum UpstreamFailure: Error, Equatable {
     case idle
     case tooManyRedirects
     case badRedirect
+    /// A redirect to a loopback, link-local or private address of a scope
+    /// the upstream itself is not in (`AddressScope`).
+    case innerRedirect
+    /// No download slot for this upstream (`FillSlots`): 503.
+    case busy
 }
 
 /// A redirect target the proxy is willing to follow: http or https only,
