@@ -13,6 +13,8 @@ final class CommandLineTests: XCTestCase {
              "upstreams[0].schema"),
             ("api: {port: 5000}\nupstreams: [{host: h, registry: r}]\nstorage: {folder: /tmp/x}\nsurprise: 1", "surprise"),
             ("api: {port: 5000}\nupstreams: [{host: h, registry: r}]", "storage"),
+            ("api: {port: 5000}\nupstreams: [{host: h, registry: \"r:5000\"}]\nstorage: {folder: /tmp/x}",
+             "upstreams[0].registry"),
         ]
         for (yaml, key) in cases {
             try yaml.write(toFile: folder + "/c.yaml", atomically: true, encoding: .utf8)

@@ -72,6 +72,11 @@ final class ConfigTests: XCTestCase {
             ("\(base.api)\n\(base.up)\n\(base.st)\ntimeouts: {upstream: -1}", "timeouts.upstream"),
             ("\(base.api)\n\(base.up)\n\(base.st)\nlog_level: loud", "log_level"),
             ("\(base.api)\nupstreams: [{host: h, registry: r}, {host: h, registry: s}]\n\(base.st)", "upstreams[1].host"),
+            // A port in the registry's name would silently escape its TLS
+            // settings and the realm and redirect rules: `port` is the key.
+            ("\(base.api)\nupstreams: [{host: h, registry: \"r:5000\"}]\n\(base.st)", "upstreams[0].registry"),
+            ("\(base.api)\nupstreams: [{host: h, registry: \"::1\"}]\n\(base.st)", "upstreams[0].registry"),
+            ("\(base.api)\nupstreams: [{host: h, registry: r, max_fills: 0}]\n\(base.st)", "upstreams[0].max_fills"),
         ]
         assertConfigErrors(cases)
     }

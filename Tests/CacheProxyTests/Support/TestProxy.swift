@@ -16,7 +16,7 @@ final class TestProxy: @unchecked Sendable {
     /// `upstreams` are YAML list items; the storage folder is new and empty
     /// unless one is given.
     init(upstreamsYAML: String, folder: String? = nil, extraYAML: String = "", fsync: Bool = false,
-         apiYAML: String = "", storageYAML: String = "") async throws {
+         apiYAML: String = "", storageYAML: String = "", resolver: any HostResolver = SystemResolver()) async throws {
         let folder = try folder ?? makeTemporaryFolder("cache")
         self.folder = folder
         let yaml = """
@@ -31,7 +31,7 @@ final class TestProxy: @unchecked Sendable {
         if config.api.tlsPort != nil { config.api.tlsPort = 0 }
         var logger = Logger(label: "test-proxy")
         logger.logLevel = .error
-        server = try ProxyServer(config: config, logger: logger)
+        server = try ProxyServer(config: config, logger: logger, resolver: resolver)
         group = ServiceGroup(services: [server], logger: logger)
         let group = self.group
         task = Task { try await group.run() }

@@ -1,0 +1,52 @@
+import Foundation
+import NIOCore
+import XCTest
+@testable import CacheProxy
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Time spent waiting on the disk is never the upstream's: a fill whose
+/// writes are slow (a long fsync of another fill on a shared thread pool,
+/// say) must not fail as "upstream idle" while its upstream is prompt.
+final class SlowDiskTests: XCTestCase {
+    /// Writes like the thread-pool backend, each after `delay`.
+    struct SlowWriter: BlobWriter {
+        let delay: Duration
+        var backendName: String { "slow" }
+        func open(_ path: String, flags: CInt, mode: mode_t) async throws -> CInt { Glibc.open(path, flags, mode) }
+        func write(_ buffer: ByteBuffer, to fd: CInt, at offset: Int64) async throws {
+            try await Task.sleep(for: delay)
+            let written = buffer.withUnsafeReadableBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(offset)) }
+            guard written == buffer.readableBytes else { throw StoreError.system("pwrite", errno) }
+        }
+        func sync(_ fd: CInt) async throws {}
+        func rename(_ from: String, to: String) async throws {}
+        func unlink(_ path: String) async throws {}
+        func close(_ fd: CInt) async { _ = Glibc.close(fd) }
+        func setAttribute(_ name: String, to value: String, on fd: CInt) async throws {}
+        func shutdown() {}
+    }
+
+    func testWaitingOnASlowDiskIsNotCountedAsASilentUpstream() async throws {
+        let bytes = FaultInjectionTests.randomBytes(3 * BlobSink.batchSize)
+        let digest = try Digest(parsing: FaultInjectionTests.digest(of: bytes))
+        let upstream = ProxyConfig.Upstream(host: "h", registry: "127.0.0.1", port: 80, schema: "http", aliases: [])
+        let fill = Fill(digest: digest, upstream: upstream, repository: "r", requestHeaders: [:], holdBack: 0)
+        let folder = try makeTemporaryFolder("slow-disk")
+        let fd = Glibc.open(folder + "/blob", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        defer { Glibc.close(fd) }
+        // The upstream hands over a batch at once each time it is asked;
+        // each write takes three times the idle limit.
+        let hex = try await UpstreamBody.read(idle: .milliseconds(200)) { clock in
+            var sink = BlobSink(writer: SlowWriter(delay: .milliseconds(600)), fd: fd, fill: fill, clock: clock,
+                                algorithm: .sha256)
+            for start in stride(from: 0, to: bytes.count, by: BlobSink.batchSize) {
+                clock.tick()
+                _ = try await sink.append(ByteBuffer(bytes: bytes[start..<(start + BlobSink.batchSize)]))
+            }
+            return try await sink.finish().hex
+        }
+        XCTAssertEqual(hex, digest.hex)
+    }
+}
