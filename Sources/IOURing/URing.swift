@@ -53,6 +53,9 @@ public final class URing: @unchecked Sendable {
         var queue: [Queued] = []
         var stopping = false
         var shutDown = false
+        /// The most operations the kernel held at once (for tests and
+        /// diagnostics: it never exceeds `maxInFlight`).
+        var peakInFlight = 0
     }
 
     /// The `io_uring`, untyped: no declaration of this module may name a
@@ -79,7 +82,7 @@ public final class URing: @unchecked Sendable {
     /// free and the completion ring (twice the size) never overflows: the
     /// kernel never answers -EBUSY, and nothing waits in a loop. More work
     /// than that stays queued until completions make room.
-    let maxInFlight: Int
+    public let maxInFlight: Int
 
     /// Sets up a ring of `entries` submission slots and starts its thread.
     /// Throws the errno `io_uring_queue_init` failed with: EPERM when a
@@ -157,6 +160,9 @@ public final class URing: @unchecked Sendable {
         return needed.first { io_uring_opcode_supported(probe, $0.0) == 0 }?.1
     }
 
+    /// The most operations in the kernel's hands at once so far.
+    public var peakInFlight: Int { shared.withLockedValue { $0.peakInFlight } }
+
     /// Hands an operation to the ring. After `shutdown` it completes at once
     /// with `-ECANCELED`.
     public func submit(_ operation: Operation, completion: @escaping Completion) {
@@ -224,9 +230,10 @@ public final class URing: @unchecked Sendable {
     /// completes, so the loop can end when nothing is in flight).
     private func takeQueued() -> Bool {
         let room = maxInFlight - inFlight.count
-        let (queued, stopping) = shared.withLockedValue { shared -> ([Queued], Bool) in
+        let (queued, stopping) = shared.withLockedValue { [inFlight] shared -> ([Queued], Bool) in
             let taken = Array(shared.queue.prefix(max(0, room)))
             shared.queue.removeFirst(taken.count)
+            shared.peakInFlight = max(shared.peakInFlight, inFlight.count + taken.count)
             return (taken, shared.stopping)
         }
         for item in queued {

@@ -58,6 +58,29 @@ final class FillAnswersTests: XCTestCase {
         await upstream.stop()
     }
 
+    /// A GET that comes between a fill's last byte and its publish (fsync
+    /// on makes that window wide) gets no byte from the upstream: it is a
+    /// hit, not a join.
+    func testAGetBetweenTheLastByteAndThePublishCountsAsAHit() async throws {
+        let blobs = (0..<4).map { _ in F.randomBytes(2 << 20) }
+        let upstream = try await FakeUpstream { head in
+            .init(body: blobs.first { F.digest(of: $0) == head.uri.split(separator: "/").last.map(String.init) } ?? [],
+                  chunkSize: 1 << 20)
+        }
+        let proxy = try await proxy(for: upstream, fsync: true)
+        for blob in blobs {
+            let url = "\(proxy.base)/v2/a/blobs/\(F.digest(of: blob))"
+            let (status, _) = try shell("sh", ["-c", "curl -s -o /dev/null \(url) && curl -s -o /dev/null \(url)"])
+            XCTAssertEqual(status, 0)
+        }
+        XCTAssertEqual(upstream.gets.count, 4)
+        XCTAssertEqual(try proxy.metric("cacheproxy_blob_misses_total"), 4)
+        XCTAssertEqual(try proxy.metric("cacheproxy_blob_hits_total"), 4)
+        XCTAssertEqual(try proxy.metric("cacheproxy_blob_coalesced_total"), 0, "a read of verified bytes counted as a join")
+        await proxy.stop()
+        await upstream.stop()
+    }
+
     func testTheEmptyBlobFromAChunkedUpstreamCompletes() async throws {
         let empty = F.digest(of: [])
         let upstream = try await FakeUpstream { _ in .init(body: [], chunked: true) }

@@ -88,6 +88,54 @@ final class IOBackendTests: XCTestCase {
         }
     }
 
+    /// Far more fills at once than the ring has entries, each writing,
+    /// syncing and renaming: what is in flight stays within what the ring
+    /// can complete (the rest waits in the queue), nothing spins, and every
+    /// file ends whole.
+    func testMoreConcurrentFillsThanRingEntriesAllComplete() async throws {
+        let ring: URing
+        do {
+            ring = try URing(entries: 4)
+        } catch {
+            XCTAssertEqual(expected, "threadpool", "io_uring failed where it should work: \(error)")
+            return
+        }
+        XCTAssertEqual(ring.maxInFlight, 3)
+        let writer = URingBlobWriter(ring: ring, group: MultiThreadedEventLoopGroup.singleton)
+        defer { writer.shutdown() }
+        let folder = try makeTemporaryFolder("ring-many")
+        let fills = 24, writes = 32, size = 4096
+        let started = ContinuousClock.now
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for fill in 0..<fills {
+                group.addTask {
+                    let fd = try await writer.create(folder + "/tmp-\(fill)")
+                    try await withThrowingTaskGroup(of: Void.self) { batch in
+                        for piece in 0..<writes {
+                            let bytes = ByteBuffer(bytes: Array(repeating: UInt8(truncatingIfNeeded: fill &+ piece), count: size))
+                            batch.addTask { try await writer.write(bytes, to: fd, at: Int64(piece * size)) }
+                        }
+                        try await batch.waitForAll()
+                    }
+                    try await writer.sync(fd)
+                    await writer.close(fd)
+                    try await writer.rename(folder + "/tmp-\(fill)", to: folder + "/blob-\(fill)")
+                }
+            }
+            try await group.waitForAll()
+        }
+        XCTAssertLessThan(ContinuousClock.now - started, .seconds(30))
+        XCTAssertGreaterThan(ring.peakInFlight, 0)
+        XCTAssertLessThanOrEqual(ring.peakInFlight, ring.maxInFlight, "more in flight than the ring can complete")
+        for fill in 0..<fills {
+            let data = try Data(contentsOf: URL(fileURLWithPath: folder + "/blob-\(fill)"))
+            XCTAssertEqual(data.count, writes * size)
+            for piece in 0..<writes {
+                XCTAssertEqual(data[piece * size], UInt8(truncatingIfNeeded: fill &+ piece), "fill \(fill) piece \(piece)")
+            }
+        }
+    }
+
     /// Docker's default seccomp profile: `auto` falls back to the thread
     /// pool and says so; `io_uring` by name refuses to start, naming why.
     func testUnderASeccompFilterAutoFallsBackAndIOUringByNameRefusesToStart() async throws {
