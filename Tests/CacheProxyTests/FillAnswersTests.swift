@@ -21,6 +21,16 @@ final class FillAnswersTests: XCTestCase {
             extraYAML: "timeouts: {upstream: 2, upstream_idle: 2}", fsync: fsync, apiYAML: apiYAML)
     }
 
+    /// Four 2 MiB blobs, each served by its digest.
+    private func fourBlobsUpstream() async throws -> ([[UInt8]], FakeUpstream) {
+        let blobs = (0..<4).map { _ in F.randomBytes(2 << 20) }
+        let upstream = try await FakeUpstream { head in
+            .init(body: blobs.first { F.digest(of: $0) == head.uri.split(separator: "/").last.map(String.init) } ?? [],
+                  chunkSize: 1 << 20)
+        }
+        return (blobs, upstream)
+    }
+
     func testHeadDuringAFillIsAnsweredFromTheFill() async throws {
         let bytes = F.randomBytes(1_000_000)
         let digest = F.digest(of: bytes)
@@ -41,11 +51,7 @@ final class FillAnswersTests: XCTestCase {
     func testHeadRightAfterAGetNeverGoesUpstream() async throws {
         // With fsync on, the blob is published a moment after its last byte
         // went out: a HEAD sent as soon as the GET ends falls in that window.
-        let blobs = (0..<4).map { _ in F.randomBytes(2 << 20) }
-        let upstream = try await FakeUpstream { head in
-            .init(body: blobs.first { F.digest(of: $0) == head.uri.split(separator: "/").last.map(String.init) } ?? [],
-                  chunkSize: 1 << 20)
-        }
+        let (blobs, upstream) = try await fourBlobsUpstream()
         let proxy = try await proxy(for: upstream, fsync: true)
         for blob in blobs {
             let url = "\(proxy.base)/v2/a/blobs/\(F.digest(of: blob))"
@@ -62,11 +68,7 @@ final class FillAnswersTests: XCTestCase {
     /// on makes that window wide) gets no byte from the upstream: it is a
     /// hit, not a join.
     func testAGetBetweenTheLastByteAndThePublishCountsAsAHit() async throws {
-        let blobs = (0..<4).map { _ in F.randomBytes(2 << 20) }
-        let upstream = try await FakeUpstream { head in
-            .init(body: blobs.first { F.digest(of: $0) == head.uri.split(separator: "/").last.map(String.init) } ?? [],
-                  chunkSize: 1 << 20)
-        }
+        let (blobs, upstream) = try await fourBlobsUpstream()
         let proxy = try await proxy(for: upstream, fsync: true)
         for blob in blobs {
             let url = "\(proxy.base)/v2/a/blobs/\(F.digest(of: blob))"
