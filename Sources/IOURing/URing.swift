@@ -75,6 +75,8 @@ public final class URing: @unchecked Sendable {
     /// Operations the kernel may still hold after the ring failed.
     private var abandoned: [InFlight] = []
     private var nextID: UInt64 = 1
+    /// Whether the eventfd read is in the ring (or about to be submitted).
+    private var armed = true
     private static let wakeID: UInt64 = 0
     /// Operations the ring thread hands the kernel at once: one submission
     /// slot is the eventfd read's, the rest are for work. Bounding what is
@@ -212,6 +214,7 @@ public final class URing: @unchecked Sendable {
                 return
             }
         }
+        var refusals = 0
         while true {
             let stopping = takeQueued()
             if stopping && inFlight.isEmpty { return }
@@ -221,7 +224,26 @@ public final class URing: @unchecked Sendable {
                 failAll(submitted)
                 return
             }
-            reap()
+            let reaped = reap()
+            if !armed {
+                // The eventfd read could not be put back: new work would
+                // never be noticed. Fail everything rather than hang it.
+                failAll(-EBUSY)
+                return
+            }
+            // -EBUSY/-EAGAIN with nothing to reap would loop at full speed:
+            // back off, and after a second of it give the ring up (every
+            // operation fails, fills go on from memory).
+            if submitted == -EAGAIN || submitted == -EBUSY, reaped == 0 {
+                refusals += 1
+                if refusals > 1000 {
+                    failAll(submitted)
+                    return
+                }
+                usleep(1000)
+            } else {
+                refusals = 0
+            }
         }
     }
 
@@ -289,10 +311,14 @@ public final class URing: @unchecked Sendable {
         return nil
     }
 
-    private func reap() {
+    /// Runs the completions that are in; returns how many there were.
+    @discardableResult
+    private func reap() -> Int {
         let ring = storage.assumingMemoryBound(to: io_uring.self)
         var cqe: UnsafeMutablePointer<io_uring_cqe>?
+        var count = 0
         while io_uring_peek_cqe(ring, &cqe) == 0, let entry = cqe {
+            count += 1
             let (id, result) = (io_uring_cqe_get_data64(entry), entry.pointee.res)
             io_uring_cqe_seen(ring, entry)
             if id == Self.wakeID {
@@ -303,11 +329,17 @@ public final class URing: @unchecked Sendable {
             for string in done.strings { free(string) }
             done.completion(result)
         }
+        return count
     }
 
     private func armWake() {
-        // A slot is kept for this read (`maxInFlight`), so there is one.
-        guard let sqe = nextSQE()?.assumingMemoryBound(to: io_uring_sqe.self) else { return }
+        // A slot is kept for this read (`maxInFlight`), so there is one; if
+        // the kernel still refused, the loop sees `armed` false.
+        guard let sqe = nextSQE()?.assumingMemoryBound(to: io_uring_sqe.self) else {
+            armed = false
+            return
+        }
+        armed = true
         io_uring_prep_read(sqe, wakeFD, wakeCount, 8, 0)
         io_uring_sqe_set_data64(sqe, Self.wakeID)
     }

@@ -19,7 +19,8 @@ final class RedirectScopeTests: XCTestCase {
             ("192.168.1.1", .privateNetwork), ("100.64.0.1", .privateNetwork), ("fd00::1", .privateNetwork),
             ("172.32.0.1", .publicNetwork), ("100.128.0.1", .publicNetwork), ("8.8.8.8", .publicNetwork),
             ("2001:db8::1", .publicNetwork), ("224.0.0.1", .unusable), ("255.255.255.255", .unusable),
-            ("ff02::1", .unusable),
+            ("ff02::1", .unusable), ("64:ff9b::a9fe:a9fe", .linkLocal), ("2002:a00:1::1", .privateNetwork),
+            ("fec0::1", .privateNetwork), ("198.18.0.1", .privateNetwork), ("192.0.0.1", .unusable),
         ]
         for (text, scope) in cases {
             let bytes = try XCTUnwrap(AddressScope.literal(text), text)
@@ -50,6 +51,26 @@ final class RedirectScopeTests: XCTestCase {
             if let mapped = names[host] { return [mapped] }
             return await SystemResolver().addresses(of: host)
         }
+    }
+
+    /// A name that does not resolve when checked is refused, not left to
+    /// the connection (which resolves again and may get another answer);
+    /// so is an IPv6 zone.
+    func testARedirectToANameThatDoesNotResolveOrToAZoneIsRefused() async throws {
+        let targets = ["http://nowhere.invalid/blob", "http://[fe80::1%25eth0]/blob"]
+        let upstream = try await FakeUpstream { head in
+            .init(status: .temporaryRedirect, headers: ["location": head.uri.contains("/r0/") ? targets[0] : targets[1]])
+        }
+        let proxy = try await TestProxy(upstreamsYAML:
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}",
+            extraYAML: "timeouts: {shutdown: 1}")
+        for repository in ["r0", "r1"] {
+            let url = "\(proxy.base)/v2/\(repository)/blobs/sha256:\(String(repeating: "a", count: 64))"
+            let answer = try shell("curl", ["-s", "--max-time", "10", url]).output
+            XCTAssertTrue(answer.contains("redirected to an address the proxy does not follow"), "\(repository): \(answer)")
+        }
+        await proxy.stop()
+        await upstream.stop()
     }
 
     /// An upstream the proxy takes for a public one (`localhost`, said to be

@@ -38,8 +38,8 @@ final class UpstreamIsolationTests: XCTestCase {
     /// More abandoned, trickling downloads than the fill bound: the
     /// upstream still gets at most `max_fills` of them, and its `/v2/`
     /// ping, a manifest and an access check still answer within a second,
-    /// as does a client of another upstream. A miss past the bound waits
-    /// (counted), then gets 503 with `Retry-After`.
+    /// as does a client of another upstream. A client that then waits for a
+    /// download takes an abandoned one's slot.
     func testAbandonedSlowFillsPastTheBoundStarveNeitherTheControlPlaneNorAnotherUpstream() async throws {
         let small = F.randomBytes(10_000)
         let smallDigest = F.digest(of: small)
@@ -85,21 +85,51 @@ final class UpstreamIsolationTests: XCTestCase {
         XCTAssertEqual(elsewhere.body, Data(other))
         XCTAssertLessThan(elsewhere.seconds, 1, "another upstream's client waited")
 
-        // A miss past the bound waits, counted, for `timeouts.upstream`,
-        // then is told to come back.
+        // A client that waits for a download gets a slot from an abandoned
+        // one (at its next chunk), not a 503.
         let waiting = Task.detached {
-            try shell("curl", ["-si", "-H", "Host: slow.test", "\(base)/v2/r/blobs/sha256:\(String(repeating: "9", count: 64))"])
+            try curl("\(base)/v2/r/blobs/sha256:\(String(repeating: "9", count: 64))",
+                     ["-H", "Host: slow.test", "--max-time", "2"])
         }
-        try await Task.sleep(for: .milliseconds(500))
-        XCTAssertEqual(try proxy.metric(#"cacheproxy_fills_waiting{upstream="slow.test"}"#), 1)
-        let busy = try await waiting.value.output
-        XCTAssertTrue(busy.hasPrefix("HTTP/1.1 503"), busy)
-        XCTAssertTrue(busy.lowercased().contains("retry-after: 5"), busy)
-        XCTAssertEqual(slowGets.withLockedValue { $0 }, 2)
-        XCTAssertEqual(try proxy.metric(#"cacheproxy_fills_waiting{upstream="slow.test"}"#), 0)
+        for _ in 0..<150 where slowGets.withLockedValue({ $0 }) < 3 { try await Task.sleep(for: .milliseconds(10)) }
+        XCTAssertEqual(slowGets.withLockedValue { $0 }, 3, "an abandoned download kept its slot from a waiting client")
+        _ = try await waiting.value
         await proxy.stop()
         await upstream.stop()
         await otherUpstream.stop()
+    }
+
+    /// With every slot held by a download someone still reads, a miss
+    /// waits (counted) for `timeouts.upstream`, then is told to come back;
+    /// a `HEAD` of the queued digest meanwhile goes to the upstream at once.
+    func testAMissPastTheBoundWaitsThenGets503WhileAHeadOfItIsNotQueued() async throws {
+        let slow = F.randomBytes(1 << 20)
+        let upstream = try await FakeUpstream { head in
+            .init(body: slow, chunkSize: 1024, delay: .milliseconds(100))
+        }
+        let proxy = try await TestProxy(upstreamsYAML:
+            "  - {host: \"slow.test\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\", max_fills: 1}",
+            extraYAML: "timeouts: {upstream: 1.5, upstream_idle: 5, shutdown: 1}")
+        let base = proxy.base
+        let reader = Task.detached {
+            try curl("\(base)/v2/r/blobs/sha256:\(String(repeating: "1", count: 64))", ["-H", "Host: slow.test", "--max-time", "4"])
+        }
+        for _ in 0..<200 where upstream.gets.isEmpty { try await Task.sleep(for: .milliseconds(10)) }
+        let queued = "\(base)/v2/r/blobs/sha256:\(String(repeating: "2", count: 64))"
+        let waiting = Task.detached { try shell("curl", ["-si", "--max-time", "5", "-H", "Host: slow.test", queued]) }
+        try await Task.sleep(for: .milliseconds(400))
+        XCTAssertEqual(try proxy.metric(#"cacheproxy_fills_waiting{upstream="slow.test"}"#), 1)
+        let head = try timed(queued, host: "slow.test", ["-I"])
+        XCTAssertEqual(head.code, 200)
+        XCTAssertLessThan(head.seconds, 1, "a HEAD waited in the download queue")
+        let busy = try await waiting.value.output
+        XCTAssertTrue(busy.hasPrefix("HTTP/1.1 503"), busy)
+        XCTAssertTrue(busy.lowercased().contains("retry-after: 5"), busy)
+        XCTAssertEqual(upstream.gets.count, 1, "the bound let a second download through")
+        XCTAssertEqual(try proxy.metric(#"cacheproxy_fills_waiting{upstream="slow.test"}"#), 0)
+        _ = try await reader.value
+        await proxy.stop()
+        await upstream.stop()
     }
 
     /// Upstream B trickles digest D; a client of upstream A, which has D at

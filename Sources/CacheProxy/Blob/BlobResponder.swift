@@ -95,6 +95,9 @@ struct BlobResponder: Sendable {
                     // say nothing of credentials and are passed on.
                     refusedForOthers = true
                     return nil
+                case .failed where fill.wasWithdrawn:
+                    // Its last client left just as this one joined: ask again.
+                    return nil
                 case .rejected, .failed:
                     if let answer = first.answer {
                         var headers = PassThrough.endToEnd(answer.headers)
@@ -139,7 +142,9 @@ struct BlobResponder: Sendable {
             metrics.blobHits.increment()
             return try await sendHead(request, length: size, contentType: nil, response: response)
         }
-        if let fill = fills.running(request.digest, upstream: request.upstream) {
+        // A fill still queued for a download slot knows nothing yet, and a
+        // HEAD must not wait in that queue: the upstream is asked at once.
+        if let fill = fills.running(request.digest, upstream: request.upstream), !fill.isWaitingForSlot {
             // The fill's answer: its length as soon as the upstream said 200
             // with one (the upstream's own claim, as a HEAD to the upstream
             // would give; a HEAD carries no bytes to verify), or the verified
@@ -180,7 +185,9 @@ struct BlobResponder: Sendable {
     /// without the upstream"); otherwise a join, or the miss that started it.
     private func count(_ state: FillStateMachine.State, joined: Bool) {
         switch state {
-        case .verified, .published, .delivered: metrics.blobHits.increment()
+        case .verified, .published, .delivered:
+            // The starter fetched it, however fast the fill was done.
+            (joined ? metrics.blobHits : metrics.blobMisses).increment()
         default: (joined ? metrics.coalescedFollowers : metrics.blobMisses).increment()
         }
     }

@@ -87,6 +87,10 @@ public final class Fill: Sendable {
         /// The upstream's answer was its own yes to the client that
         /// started the fill (`UpstreamClient.BlobAnswer.vouches`).
         var vouched = false
+        /// The fill ended because no client wanted it any more (it left the
+        /// slot queue, or gave its slot to a fill someone waits for): a
+        /// request that joined it just then asks again.
+        var withdrawn = false
 
         /// Whether no client wants the fill any more (before the first
         /// follower registers, the one that started it is on its way).
@@ -256,6 +260,13 @@ public final class Fill: Sendable {
     /// (its credentials are `requestHeaders`'), as a `HEAD` would have.
     var vouched: Bool { inner.withLockedValue { $0.vouched } }
 
+    /// Whether the fill ended for want of clients, not for a failure.
+    var wasWithdrawn: Bool { inner.withLockedValue { $0.withdrawn } }
+
+    /// Whether the fill is still queued for a download slot: it has asked
+    /// the upstream nothing yet.
+    var isWaitingForSlot: Bool { inner.withLockedValue { $0.slots != nil } }
+
     public var isFinished: Bool { inner.withLockedValue { $0.machine.isFinished } }
 
     // MARK: fill side
@@ -299,8 +310,20 @@ public final class Fill: Sendable {
         switch outcome {
         case .granted: return
         case .queueFull, .timedOut: throw UpstreamFailure.busy
-        case .withdrawn: throw CancellationError()
+        case .withdrawn: throw Withdrawn()
         }
+    }
+
+    /// The fill ends because no client wants it (`Inner.withdrawn`).
+    struct Withdrawn: Error {}
+
+    /// Gives the slot up when no client wants this download any more and
+    /// another fill of the upstream waits for one: a client that leaves
+    /// does not stop a fill (others may join it), but abandoned downloads
+    /// must not keep the clients that are there waiting.
+    private func yieldIfUnwanted(_ slots: FillSlots?) throws {
+        guard let slots, slots.hasWaiters, inner.withLockedValue({ $0.isUnwanted }) else { return }
+        throw Withdrawn()
     }
 
     /// Runs the download to its end. Never throws: every failure ends in the
@@ -380,6 +403,7 @@ public final class Fill: Sendable {
                 do {
                     for try await chunk in body {
                         clock.tick()
+                        try self.yieldIfUnwanted(slots)
                         let written = try await sink.append(chunk)
                         if written > 0, case .discard(let failure) = self.transition({ $0.bytesWritten(written) }) {
                             throw failure
@@ -430,8 +454,13 @@ public final class Fill: Sendable {
             context.logger.debug("fill ended", metadata: ["digest": "\(digest)", "state": "\(state)"])
         } catch {
             let failure = (error as? FillStateMachine.Failure) ?? .upstream(String(describing: error))
+            let withdrawn = error is Withdrawn
+            inner.withLockedValue {
+                $0.vouched = false
+                $0.withdrawn = withdrawn
+            }
             if failure == .digestMismatch { context.metrics.digestMismatches.increment() }
-            context.metrics.fillFailures.increment()
+            if !withdrawn { context.metrics.fillFailures.increment() }
             countStorageError(context)
             if let temporary { await context.store.discard(temporaryPath: temporary.path) }
             // A fill that ended before its first byte is told to the clients
@@ -446,7 +475,11 @@ public final class Fill: Sendable {
                 }
             }
             transition { $0.fail(failure) }
-            context.logger.warning("fill failed", metadata: ["digest": "\(digest)", "error": "\(failure)"])
+            if withdrawn {
+                context.logger.debug("fill withdrawn: no client wants it", metadata: ["digest": "\(digest)"])
+            } else {
+                context.logger.warning("fill failed", metadata: ["digest": "\(digest)", "error": "\(failure)"])
+            }
         }
     }
 

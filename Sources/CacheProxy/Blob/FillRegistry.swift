@@ -22,6 +22,8 @@ public final class FillRegistry: Sendable {
     private struct Running {
         var fills: [Key: Fill] = [:]
         var tasks: [ObjectIdentifier: Task<Void, Never>] = [:]
+        /// Fills whose task ended before it was recorded.
+        var endedEarly: Set<ObjectIdentifier> = []
     }
 
     private let running = NIOLockedValueBox(Running())
@@ -100,9 +102,9 @@ public final class FillRegistry: Sendable {
                 self.finished(fill)
             }
             running.withLockedValue { running in
-                // The task may have finished before it was recorded (and a
-                // fill displaced meanwhile still runs: it is recorded too).
-                if !fill.isFinished { running.tasks[id] = task }
+                // The task may have ended before it was recorded. (A fill
+                // displaced meanwhile still runs: it is recorded too.)
+                if running.endedEarly.remove(id) == nil { running.tasks[id] = task }
             }
         }
         return .fill(fill, joined: !created)
@@ -118,7 +120,9 @@ public final class FillRegistry: Sendable {
         let key = Key(upstream: fill.upstream.host, digest: fill.digest)
         running.withLockedValue { running in
             if running.fills[key] === fill { running.fills[key] = nil }
-            running.tasks[ObjectIdentifier(fill)] = nil
+            if running.tasks.removeValue(forKey: ObjectIdentifier(fill)) == nil {
+                running.endedEarly.insert(ObjectIdentifier(fill))
+            }
         }
         context.metrics.fillsInFlight.decrement()
     }

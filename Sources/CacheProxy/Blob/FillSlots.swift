@@ -67,18 +67,20 @@ final class FillSlots: Sendable {
         defer { timer.cancel() }
         return await withTaskCancellationHandler {
             await withCheckedContinuation { continuation in
-                let granted = state.withLockedValue { state -> Bool in
-                    // A slot may have come free between the two looks.
+                let settled = state.withLockedValue { state -> Outcome? in
+                    // A slot may have come free between the two looks, or
+                    // others may have filled the queue.
                     if state.inUse < capacity && state.waiting.isEmpty {
                         state.inUse += 1
-                        return true
+                        return .granted
                     }
+                    if state.waiting.count >= queueLimit { return .queueFull }
                     state.waiting.append(Waiter(id: id, continuation: continuation))
                     waitingGauge.increment()  // before anyone can end the wait
-                    return false
+                    return nil
                 }
-                if granted {
-                    continuation.resume(returning: .granted)
+                if let settled {
+                    continuation.resume(returning: settled)
                     return
                 }
                 if Task.isCancelled || !stillWanted() { end(id, with: .withdrawn) }
@@ -87,6 +89,10 @@ final class FillSlots: Sendable {
             self.end(id, with: .withdrawn)
         }
     }
+
+    /// Whether fills are waiting: a running fill whose clients all left
+    /// then gives its slot up (`Fill.run`).
+    var hasWaiters: Bool { state.withLockedValue { !$0.waiting.isEmpty } }
 
     /// Ends the wait `id` with `withdrawn`, if it is still waiting.
     func withdraw(_ id: Int) {

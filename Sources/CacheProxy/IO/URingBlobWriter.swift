@@ -71,8 +71,12 @@ public final class URingBlobWriter: BlobWriter {
     public func close(_ fd: CInt) async {
         do {
             _ = try await run(.close(fd: fd), "close")
-        } catch StoreError.system(_, let code) where code == ECANCELED {
-            _ = Glibc.close(fd)  // the ring has stopped: the descriptor must not leak
+        } catch StoreError.system(_, let code) where code == ECANCELED || code == EBUSY || code == EAGAIN {
+            // The close never reached the kernel (the ring has stopped, or
+            // refused the submission): the descriptor must not leak. Any
+            // other error came from the kernel's close, which released the
+            // number already: closing it again could close a reused one.
+            _ = Glibc.close(fd)
         } catch {}
     }
 

@@ -36,8 +36,15 @@ public enum AddressScope: Sendable, Hashable {
             return
         }
         let isMappedV4 = bytes[0..<10].allSatisfy { $0 == 0 } && bytes[10] == 0xff && bytes[11] == 0xff
-        if isMappedV4 {
+        // NAT64 (64:ff9b::/96) and 6to4 (2002::/16) reach the IPv4
+        // address they carry.
+        let isNAT64 = bytes[0..<12] == [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0]
+        if isMappedV4 || isNAT64 {
             self = Self.v4(bytes[12], bytes[13])
+        } else if bytes[0] == 0x20 && bytes[1] == 0x02 {
+            self = Self.v4(bytes[2], bytes[3])
+        } else if bytes[0] == 0xfe && bytes[1] & 0xc0 == 0xc0 {
+            self = .privateNetwork  // fec0::/10, the old site-local
         } else if bytes[0..<15].allSatisfy({ $0 == 0 }) && (bytes[15] == 1 || bytes[15] == 0) {
             self = .loopback
         } else if bytes[0] == 0xfe && bytes[1] & 0xc0 == 0x80 {
@@ -58,6 +65,8 @@ public enum AddressScope: Sendable, Hashable {
         case (10, _), (192, 168): return .privateNetwork
         case (172, _) where b & 0xf0 == 16: return .privateNetwork
         case (100, _) where b & 0xc0 == 64: return .privateNetwork
+        case (198, 18), (198, 19): return .privateNetwork  // benchmarking networks
+        case (192, 0): return .unusable  // 192.0.0/24 and 192.0.2/24: protocol and documentation
         case (224..., _): return .unusable
         default: return .publicNetwork
         }
@@ -101,14 +110,23 @@ public protocol HostResolver: Sendable {
     func addresses(of host: String) async -> [[UInt8]]
 }
 
-/// The system's resolver (`getaddrinfo`, which reads /etc/hosts too), on
-/// NIO's thread pool: it blocks.
+/// The system's resolver (`getaddrinfo`, which reads /etc/hosts too). It
+/// blocks, so it runs on two threads of its own: never on NIO's pool, which
+/// the disk and TLS reads use, so a DNS server that drops queries (and
+/// `getaddrinfo` then waits its whole retry schedule) delays redirects, not
+/// every fill's writes. The caller bounds the wait (`UpstreamClient`).
 public struct SystemResolver: HostResolver {
+    private static let threads: NIOThreadPool = {
+        let pool = NIOThreadPool(numberOfThreads: 2)
+        pool.start()
+        return pool
+    }()
+
     public init() {}
 
     public func addresses(of host: String) async -> [[UInt8]] {
         if let literal = AddressScope.literal(host) { return [literal] }
-        return (try? await NIOThreadPool.singleton.runIfActive { Self.lookup(host) }) ?? []
+        return (try? await Self.threads.runIfActive { Self.lookup(host) }) ?? []
     }
 
     private static func lookup(_ host: String) -> [[UInt8]] {

@@ -48,6 +48,8 @@ public final class UpstreamClient: Sendable {
     let resolver: any HostResolver
     let answerTimeout: Duration
     let idleTimeout: Duration
+    /// Also bounds the name look-up of a redirect's target.
+    let connectTimeout: Duration
     /// Where the detail of upstream failures goes (clients get a summary).
     let logger: Logger
 
@@ -80,6 +82,7 @@ public final class UpstreamClient: Sendable {
             max(1, upstreams.reduce(0) { $0 + $1.maxFills })
         self.fillHTTP = HTTPClient(eventLoopGroupProvider: .shared(eventLoopGroup), configuration: configuration)
         self.answerTimeout = .milliseconds(Int64(timeouts.upstreamSeconds * 1000))
+        self.connectTimeout = .milliseconds(Int64(timeouts.connectSeconds * 1000))
         self.idleTimeout = .milliseconds(Int64(timeouts.upstreamIdleSeconds * 1000))
     }
 
@@ -225,18 +228,38 @@ public final class UpstreamClient: Sendable {
     }
 
     /// Whether a redirect of `upstream` may lead to `target` (`AddressScope`).
-    /// A name that does not resolve here is let through: the connection
-    /// then fails on its own.
+    /// A name that does not resolve here, or not within the connect
+    /// timeout, is refused: the connection would resolve it again and could
+    /// get another answer.
     func mayFollow(_ target: RedirectTarget, from upstream: ProxyConfig.Upstream) async -> Bool {
-        let targets = Set(await resolver.addresses(of: target.host).map(AddressScope.init(bytes:)))
+        let targets = Set(await resolve(target.host).map(AddressScope.init(bytes:)))
+        guard !targets.isEmpty else { return false }
         guard targets.contains(where: { $0 != .publicNetwork }) else { return true }
-        let own = Set(await resolver.addresses(of: upstream.registry).map(AddressScope.init(bytes:)))
+        let own = Set(await resolve(upstream.registry).map(AddressScope.init(bytes:)))
         return AddressScope.redirectAllowed(to: targets, from: own)
     }
 
+    /// The host's addresses, or none after `connectTimeout`.
+    private func resolve(_ host: String) async -> [[UInt8]] {
+        let (resolver, limit) = (self.resolver, self.connectTimeout)
+        return await withTaskGroup(of: [[UInt8]]?.self) { group in
+            group.addTask { await resolver.addresses(of: host) }
+            group.addTask {
+                try? await Task.sleep(for: limit)
+                return nil
+            }
+            defer { group.cancelAll() }
+            return (await group.next() ?? nil) ?? []
+        }
+    }
+
+    /// Shuts both clients down, the second even when the first fails (each
+    /// must be shut down before it is released).
     public func shutdown() async throws {
-        try await http.shutdown()
+        var failure: (any Error)?
+        do { try await http.shutdown() } catch { failure = error }
         try await fillHTTP.shutdown()
+        if let failure { throw failure }
     }
 
     /// Maps a failure to reach the upstream to the answer the client gets:
@@ -311,7 +334,9 @@ struct RedirectTarget {
         let rest = text.dropFirst(scheme.count + 3)
         let end = rest.firstIndex(where: { $0 == "/" || $0 == "?" || $0 == "#" }) ?? rest.endIndex
         let authority = rest[..<end]
-        guard !authority.isEmpty, !authority.contains("@"),
+        // `@` (userinfo) and `%` (an IPv6 zone, or an escape the resolver
+        // and the connection might read apart) are refused.
+        guard !authority.isEmpty, !authority.contains("@"), !authority.contains("%"),
               text.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7f }) else { return nil }
         var host = Substring(authority.lowercased())
         var port = scheme == "https" ? 443 : 80
