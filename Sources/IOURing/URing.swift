@@ -350,8 +350,12 @@ public final class URing: @unchecked Sendable {
     /// completions) is kept, leaked, for the life of the process.
     private func failAll(_ error: Int32) {
         shared.withLockedValue { $0.stopping = true }
+        // What was in flight may have reached the kernel: its callers must
+        // not take the error for "never submitted" (ECANCELED, EBUSY,
+        // EAGAIN), on which a close is redone by hand.
+        let inFlightError = [-ECANCELED, -EBUSY, -EAGAIN].contains(error) ? -EIO : error
         for (_, done) in inFlight {
-            done.completion(error)
+            done.completion(inFlightError)
         }
         abandoned = Array(inFlight.values)
         inFlight.removeAll()

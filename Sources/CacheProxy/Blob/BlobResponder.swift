@@ -85,7 +85,10 @@ struct BlobResponder: Sendable {
             let status = try await fill.withFollower(closing: response.closeWatch) { follower -> HTTPResponseStatus? in
                 let first = await fill.next(after: -1, follower: follower)
                 try response.checkClientPresent()
-                count(first.state, joined: joined)
+                if fill.wasWithdrawn {
+                    // Its last client left just as this one came: ask again.
+                    return nil
+                }
                 switch first.state {
                 case .rejected where joined && [401, 403, 404].contains(first.answer?.status.code ?? 0):
                     // The upstream refused someone else's credentials: ask
@@ -95,10 +98,8 @@ struct BlobResponder: Sendable {
                     // say nothing of credentials and are passed on.
                     refusedForOthers = true
                     return nil
-                case .failed where fill.wasWithdrawn:
-                    // Its last client left just as this one joined: ask again.
-                    return nil
                 case .rejected, .failed:
+                    count(first.state, joined: joined)
                     if let answer = first.answer {
                         var headers = PassThrough.endToEnd(answer.headers)
                         headers.remove(name: "content-length")
@@ -109,6 +110,7 @@ struct BlobResponder: Sendable {
                     try await response.send(error)
                     return error.status
                 default:
+                    count(first.state, joined: joined)
                     // The upstream's yes to this client, if it was one, is
                     // remembered by the fill once the digest verified.
                     return try await follow(fill, follower: follower, first: first, request, response: response)

@@ -229,7 +229,7 @@ public final class Fill: Sendable {
     /// Whether a new request may follow this fill from its first byte: not
     /// once bytes that never reached the disk have left the memory window.
     var isJoinable: Bool {
-        inner.withLockedValue { $0.window.holds(from: 0, fileEnd: $0.fileEnd) }
+        inner.withLockedValue { !$0.withdrawn && $0.window.holds(from: 0, fileEnd: $0.fileEnd) }
     }
 
     enum Reader {
@@ -266,6 +266,13 @@ public final class Fill: Sendable {
     /// Whether the fill is still queued for a download slot: it has asked
     /// the upstream nothing yet.
     var isWaitingForSlot: Bool { inner.withLockedValue { $0.slots != nil } }
+
+    /// Marks the fill as queued for one of `slots` from its creation, before
+    /// its task runs (`FillRegistry`), so a `HEAD` that comes in between
+    /// does not wait in the queue.
+    func queue(on slots: FillSlots) {
+        inner.withLockedValue { $0.slots = slots }
+    }
 
     public var isFinished: Bool { inner.withLockedValue { $0.machine.isFinished } }
 
@@ -306,8 +313,18 @@ public final class Fill: Sendable {
         let outcome = await slots.acquire(id: slotID, timeout: timeout) { [weak self] in
             self?.inner.withLockedValue { !$0.isUnwanted } ?? false
         }
-        inner.withLockedValue { $0.slots = nil }
+        // A slot handed over by a fill that gave it up may come just as
+        // this fill's own clients left too: then it passes on at once,
+        // before any request goes upstream.
+        let unwanted = inner.withLockedValue { inner -> Bool in
+            inner.slots = nil
+            let unwanted = outcome == .withdrawn || (outcome == .granted && inner.isUnwanted)
+            if unwanted { inner.withdrawn = true }
+            return unwanted
+        }
+        if unwanted && outcome == .granted { slots.release() }
         switch outcome {
+        case _ where unwanted: throw Withdrawn()
         case .granted: return
         case .queueFull, .timedOut: throw UpstreamFailure.busy
         case .withdrawn: throw Withdrawn()
@@ -322,8 +339,15 @@ public final class Fill: Sendable {
     /// does not stop a fill (others may join it), but abandoned downloads
     /// must not keep the clients that are there waiting.
     private func yieldIfUnwanted(_ slots: FillSlots?) throws {
-        guard let slots, slots.hasWaiters, inner.withLockedValue({ $0.isUnwanted }) else { return }
-        throw Withdrawn()
+        guard let slots, slots.hasWaiters else { return }
+        // Decided and marked at once: from here no request joins this fill
+        // (`isJoinable`), and one that found it a moment ago asks again.
+        let yields = inner.withLockedValue { inner -> Bool in
+            guard inner.isUnwanted else { return false }
+            inner.withdrawn = true
+            return true
+        }
+        if yields { throw Withdrawn() }
     }
 
     /// Runs the download to its end. Never throws: every failure ends in the
@@ -455,10 +479,7 @@ public final class Fill: Sendable {
         } catch {
             let failure = (error as? FillStateMachine.Failure) ?? .upstream(String(describing: error))
             let withdrawn = error is Withdrawn
-            inner.withLockedValue {
-                $0.vouched = false
-                $0.withdrawn = withdrawn
-            }
+            inner.withLockedValue { $0.vouched = false }
             if failure == .digestMismatch { context.metrics.digestMismatches.increment() }
             if !withdrawn { context.metrics.fillFailures.increment() }
             countStorageError(context)

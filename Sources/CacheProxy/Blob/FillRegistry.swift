@@ -96,6 +96,7 @@ public final class FillRegistry: Sendable {
         if created {
             context.metrics.fillsInFlight.increment()
             let (context, slots) = (self.context, self.slots[upstream.host])
+            if let slots { fill.queue(on: slots) }
             let id = ObjectIdentifier(fill)
             let task = Task {
                 await fill.run(context, slots: slots)
@@ -108,6 +109,11 @@ public final class FillRegistry: Sendable {
             }
         }
         return .fill(fill, joined: !created)
+    }
+
+    /// The most downloads `upstream` (its `host`) ever ran at once.
+    func peakDownloads(of upstream: String) -> Int {
+        slots[upstream]?.peakInUse ?? 0
     }
 
     /// The fill in flight for `digest` through `upstream`, if any, up to

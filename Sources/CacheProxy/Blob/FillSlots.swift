@@ -33,7 +33,14 @@ final class FillSlots: Sendable {
 
     private struct State {
         var inUse = 0
+        /// The most slots ever in use at once (diagnostics and tests).
+        var peak = 0
         var waiting = Deque<Waiter>()
+
+        mutating func take() {
+            inUse += 1
+            peak = max(peak, inUse)
+        }
     }
 
     let capacity: Int
@@ -54,7 +61,7 @@ final class FillSlots: Sendable {
     func acquire(id: Int, timeout: Duration, stillWanted: @escaping @Sendable () -> Bool) async -> Outcome {
         let immediate: Outcome? = state.withLockedValue { state in
             if state.inUse < capacity && state.waiting.isEmpty {
-                state.inUse += 1
+                state.take()
                 return .granted
             }
             return state.waiting.count >= queueLimit ? .queueFull : nil
@@ -71,7 +78,7 @@ final class FillSlots: Sendable {
                     // A slot may have come free between the two looks, or
                     // others may have filled the queue.
                     if state.inUse < capacity && state.waiting.isEmpty {
-                        state.inUse += 1
+                        state.take()
                         return .granted
                     }
                     if state.waiting.count >= queueLimit { return .queueFull }
@@ -93,6 +100,9 @@ final class FillSlots: Sendable {
     /// Whether fills are waiting: a running fill whose clients all left
     /// then gives its slot up (`Fill.run`).
     var hasWaiters: Bool { state.withLockedValue { !$0.waiting.isEmpty } }
+
+    /// The most downloads that ever ran at once.
+    var peakInUse: Int { state.withLockedValue { $0.peak } }
 
     /// Ends the wait `id` with `withdrawn`, if it is still waiting.
     func withdraw(_ id: Int) {

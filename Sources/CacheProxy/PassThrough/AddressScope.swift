@@ -28,7 +28,7 @@ public enum AddressScope: Sendable, Hashable {
     /// The scope of a raw address: 4 bytes (IPv4) or 16 (IPv6), network order.
     public init(bytes: [UInt8]) {
         if bytes.count == 4 {
-            self = Self.v4(bytes[0], bytes[1])
+            self = Self.v4(bytes[0], bytes[1], bytes[2])
             return
         }
         guard bytes.count == 16 else {
@@ -40,9 +40,9 @@ public enum AddressScope: Sendable, Hashable {
         // address they carry.
         let isNAT64 = bytes[0..<12] == [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0]
         if isMappedV4 || isNAT64 {
-            self = Self.v4(bytes[12], bytes[13])
+            self = Self.v4(bytes[12], bytes[13], bytes[14])
         } else if bytes[0] == 0x20 && bytes[1] == 0x02 {
-            self = Self.v4(bytes[2], bytes[3])
+            self = Self.v4(bytes[2], bytes[3], bytes[4])
         } else if bytes[0] == 0xfe && bytes[1] & 0xc0 == 0xc0 {
             self = .privateNetwork  // fec0::/10, the old site-local
         } else if bytes[0..<15].allSatisfy({ $0 == 0 }) && (bytes[15] == 1 || bytes[15] == 0) {
@@ -58,7 +58,7 @@ public enum AddressScope: Sendable, Hashable {
         }
     }
 
-    private static func v4(_ a: UInt8, _ b: UInt8) -> AddressScope {
+    private static func v4(_ a: UInt8, _ b: UInt8, _ c: UInt8) -> AddressScope {
         switch (a, b) {
         case (127, _), (0, _): return .loopback
         case (169, 254): return .linkLocal
@@ -66,7 +66,7 @@ public enum AddressScope: Sendable, Hashable {
         case (172, _) where b & 0xf0 == 16: return .privateNetwork
         case (100, _) where b & 0xc0 == 64: return .privateNetwork
         case (198, 18), (198, 19): return .privateNetwork  // benchmarking networks
-        case (192, 0): return .unusable  // 192.0.0/24 and 192.0.2/24: protocol and documentation
+        case (192, 0) where c == 0 || c == 2: return .unusable  // protocol assignments, documentation
         case (224..., _): return .unusable
         default: return .publicNetwork
         }

@@ -239,17 +239,28 @@ public final class UpstreamClient: Sendable {
         return AddressScope.redirectAllowed(to: targets, from: own)
     }
 
-    /// The host's addresses, or none after `connectTimeout`.
+    /// The host's addresses, or none after `connectTimeout`. Not a task
+    /// group: a group waits for all its children, and a `getaddrinfo` that
+    /// has started cannot be cancelled. The look-up runs on; its answer is
+    /// dropped.
     private func resolve(_ host: String) async -> [[UInt8]] {
         let (resolver, limit) = (self.resolver, self.connectTimeout)
-        return await withTaskGroup(of: [[UInt8]]?.self) { group in
-            group.addTask { await resolver.addresses(of: host) }
-            group.addTask {
-                try? await Task.sleep(for: limit)
-                return nil
+        let answer = NIOLockedValueBox<CheckedContinuation<[[UInt8]], Never>?>(nil)
+        let finish: @Sendable ([[UInt8]]) -> Void = { addresses in
+            answer.withLockedValue { continuation in
+                continuation?.resume(returning: addresses)
+                continuation = nil
             }
-            defer { group.cancelAll() }
-            return (await group.next() ?? nil) ?? []
+        }
+        var tasks: [Task<Void, Never>] = []
+        defer { for task in tasks { task.cancel() } }
+        return await withCheckedContinuation { continuation in
+            answer.withLockedValue { $0 = continuation }
+            tasks.append(Task { finish(await resolver.addresses(of: host)) })
+            tasks.append(Task {
+                try? await Task.sleep(for: limit)
+                finish([])
+            })
         }
     }
 
