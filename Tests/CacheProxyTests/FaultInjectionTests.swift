@@ -245,7 +245,12 @@ final class FaultInjectionTests: XCTestCase {
         XCTAssertEqual(refusedCode, 401)
         XCTAssertEqual(allowed.code, 200)
         XCTAssertEqual(Array(allowed.body), bytes)
-        XCTAssertEqual(try proxy.metric("cacheproxy_blob_coalesced_total"), 1, "the second client did join first")
+        // A join is checked with the client's own credentials (one HEAD);
+        // the request is counted once, as the miss its retry was.
+        XCTAssertEqual(upstream.requests.filter { $0.method == .HEAD }.map { $0.headers.first(name: "authorization") },
+                       ["Bearer good"], "the second client did join first")
+        XCTAssertEqual(try proxy.metric("cacheproxy_blob_coalesced_total"), 0)
+        XCTAssertEqual(try proxy.metric("cacheproxy_blob_misses_total"), 2)
         XCTAssertEqual(upstream.gets.map { $0.headers.first(name: "authorization") },
                        ["Bearer bad", "Bearer good"])
         XCTAssertTrue(eventually { proxy.files(in: "blobs").count == 1 }, "the retry was a verified fill, not an unchecked pass-through")
