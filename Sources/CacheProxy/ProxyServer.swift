@@ -1,4 +1,5 @@
 import AsyncHTTPClient
+import Crypto
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -27,6 +28,11 @@ public final class ProxyServer: Service, Sendable {
     public let tls: ServerTLS?
     /// Reads cached files for TLS connections, which cannot use sendfile.
     let fileIO: NonBlockingFileIO
+    /// Who may read what, as the upstreams said; written to the storage
+    /// folder (`AccessMemory`) every `memoryInterval` and at the end.
+    let gate: AccessGate
+    private let threadPool: NIOThreadPool
+    static let memoryInterval: Duration = .seconds(5)
     private let bound = AsyncStream<[Int]>.makeStream()
     /// When the first shutdown signal's grace ends.
     private let shutdownDeadline = NIOLockedValueBox<ContinuousClock.Instant?>(nil)
@@ -39,6 +45,7 @@ public final class ProxyServer: Service, Sendable {
         self.group = group
         self.logger = logger
         self.fileIO = NonBlockingFileIO(threadPool: threadPool)
+        self.threadPool = threadPool
         if let certificate = config.api.tlsCert, let key = config.api.tlsKey {
             self.tls = try ServerTLS(certificate: certificate, key: key)
         } else {
@@ -52,6 +59,17 @@ public final class ProxyServer: Service, Sendable {
             writer.shutdown()
             throw error
         }
+        // After the store: it holds the folder's lock, so no other process
+        // writes the memory meanwhile.
+        let memory: (key: SymmetricKey, snapshot: AccessMemory.Snapshot)
+        do {
+            let (key, isNew) = try AccessMemory.key(storage: config.storage.folder, logger: logger)
+            memory = (key, isNew ? .init() : AccessMemory.load(storage: config.storage.folder, capacity: 65536))
+        } catch {
+            store.releaseFolder()
+            writer.shutdown()
+            throw error
+        }
         self.client = try UpstreamClient(eventLoopGroup: group, timeouts: config.timeouts,
                                          upstreams: config.upstreams, resolver: resolver, logger: logger)
         for upstream in config.upstreams where upstream.tls.insecure {
@@ -62,7 +80,10 @@ public final class ProxyServer: Service, Sendable {
             logger.notice("access checks are off for this upstream: any client that knows a digest gets the cached blob",
                           metadata: ["upstream": "\(upstream.host)"])
         }
-        let gate = AccessGate(client: client, metrics: metrics)
+        logger.info("offline memory loaded", metadata: [
+            "grants": "\(memory.snapshot.grants.count)", "links": "\(memory.snapshot.links.count)"])
+        let gate = AccessGate(client: client, metrics: metrics, key: memory.key, remembered: memory.snapshot)
+        self.gate = gate
         self.fills = FillRegistry(context: FillContext(client: client, store: store, gate: gate, metrics: metrics,
                                                        logger: logger),
                                   upstreams: config.upstreams)
@@ -186,7 +207,15 @@ public final class ProxyServer: Service, Sendable {
             for (listener, _) in bound { listener.channel.close(promise: nil) }
             self.scheduleCut(at: deadline)
         }
+        let remembering = Task { [self] in
+            while !Task.isCancelled {
+                try? await Task.sleep(for: Self.memoryInterval)
+                await saveMemory()
+            }
+        }
         await finishFills()
+        remembering.cancel()
+        await saveMemory()
         // Every fill has ended and deleted its own file; anything left is
         // debris (a delete that failed) and must not outlive the process.
         store.removeTemporaryFiles()
@@ -221,6 +250,20 @@ public final class ProxyServer: Service, Sendable {
             scheduleCut(at: .now + .milliseconds(Int64(config.timeouts.shutdownSeconds * 1000)))
         }
         await fills.drain()
+    }
+
+    /// Writes the access tables to the storage folder when they changed (on
+    /// the thread pool: a write, two fsyncs and a rename). A failure is
+    /// logged and the next interval tries again.
+    private func saveMemory() async {
+        guard let snapshot = gate.snapshotIfChanged() else { return }
+        let folder = config.storage.folder
+        do {
+            try await threadPool.runIfActive { try AccessMemory.save(snapshot, storage: folder) }
+        } catch {
+            gate.markChanged()
+            logger.warning("offline memory not saved", metadata: ["error": "\(error)"])
+        }
     }
 
     /// For an exit that cannot wait (a second signal): deletes the temporary

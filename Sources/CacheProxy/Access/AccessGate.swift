@@ -29,9 +29,11 @@ import ProxyMetrics
 /// Checks of the same (credential, repository, digest) in flight at once
 /// share one `HEAD`.
 ///
-/// Credentials are held only as an HMAC under a key made at start and never
-/// written anywhere, so neither a memory dump of this table nor a log line
-/// gives a usable secret, and a restart forgets every decision.
+/// Credentials are held only as an HMAC under the storage folder's key
+/// (`AccessMemory`), so neither a memory dump of this table, the memory file
+/// nor a log line gives a usable secret. The tables are written to the
+/// folder (`snapshotIfChanged`) and loaded at start as stale entries: a
+/// restart forgets what is fresh, not what the offline policy serves from.
 public final class AccessGate: Sendable {
     /// What a client gets.
     enum Verdict: Sendable {
@@ -68,6 +70,8 @@ public final class AccessGate: Sendable {
         var grants: [Grant: ContinuousClock.Instant] = [:]
         var links: [Link: ContinuousClock.Instant] = [:]
         var inFlight: [Pair: Task<Verdict, Never>] = [:]
+        /// The tables changed since the last snapshot.
+        var changed = false
     }
 
     private struct Pair: Hashable {
@@ -75,19 +79,43 @@ public final class AccessGate: Sendable {
         let link: Link
     }
 
-    private let state = NIOLockedValueBox(State())
-    /// An HMAC under a key made at start, never stored or shown.
-    private let template = HMAC<SHA256>(key: SymmetricKey(size: .bits256))
+    private let state: NIOLockedValueBox<State>
+    /// An HMAC under the folder's key, never shown.
+    private let template: HMAC<SHA256>
     private let client: UpstreamClient
     private let metrics: ProxyMetrics
     /// Bound on each table: a client sending a new token per request must
     /// not grow them without end.
     let capacity: Int
 
-    init(client: UpstreamClient, metrics: ProxyMetrics, capacity: Int = 65536) {
+    /// `key` hashes credentials; `remembered` is what an earlier run
+    /// learnt, taken as stale (fresh for no one, served only offline).
+    init(client: UpstreamClient, metrics: ProxyMetrics, capacity: Int = 65536,
+         key: SymmetricKey = SymmetricKey(size: .bits256), remembered: AccessMemory.Snapshot = .init()) {
         self.client = client
         self.metrics = metrics
         self.capacity = capacity
+        self.template = HMAC<SHA256>(key: key)
+        var state = State()
+        let loaded = ContinuousClock.now
+        for grant in remembered.grants.prefix(capacity) { state.grants[grant] = loaded }
+        for link in remembered.links.prefix(capacity) { state.links[link] = loaded }
+        self.state = NIOLockedValueBox(state)
+    }
+
+    /// The last snapshot was not written: the next call takes them again.
+    func markChanged() {
+        state.withLockedValue { $0.changed = true }
+    }
+
+    /// The tables, when they changed since the last call: what
+    /// `AccessMemory.save` writes.
+    func snapshotIfChanged() -> AccessMemory.Snapshot? {
+        state.withLockedValue { state in
+            guard state.changed else { return nil }
+            state.changed = false
+            return AccessMemory.Snapshot(grants: Array(state.grants.keys), links: Array(state.links.keys))
+        }
     }
 
     /// The last credential seen on one connection and its hash: a client
@@ -178,8 +206,9 @@ public final class AccessGate: Sendable {
         state.withLockedValue { state in
             Self.makeRoom(in: &state.grants, for: pair.grant, capacity: capacity, now: now)
             Self.makeRoom(in: &state.links, for: pair.link, capacity: capacity, now: now)
-            state.grants[pair.grant] = until
-            state.links[pair.link] = until
+            // Only a new fact is worth a write; a renewal is not.
+            if state.grants.updateValue(until, forKey: pair.grant) == nil { state.changed = true }
+            if state.links.updateValue(until, forKey: pair.link) == nil { state.changed = true }
         }
     }
 
@@ -234,9 +263,9 @@ public final class AccessGate: Sendable {
                     // repositories, and a stranger must not erase what
                     // everyone else relies on.
                     if code == 404, let granted = state.grants[pair.grant], granted > .now {
-                        state.links[pair.link] = nil
+                        if state.links.removeValue(forKey: pair.link) != nil { state.changed = true }
                     } else {
-                        state.grants[pair.grant] = nil
+                        if state.grants.removeValue(forKey: pair.grant) != nil { state.changed = true }
                     }
                 }
                 metrics.accessChecks["refused"]?.increment()
