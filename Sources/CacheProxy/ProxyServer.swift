@@ -31,6 +31,9 @@ public final class ProxyServer: Service, Sendable {
     /// Who may read what, as the upstreams said; written to the storage
     /// folder (`AccessMemory`) every `memoryInterval` and at the end.
     let gate: AccessGate
+    /// False when the folder's key could not be read: the memory is then
+    /// neither loaded nor overwritten.
+    private let remembers: Bool
     private let threadPool: NIOThreadPool
     static let memoryInterval: Duration = .seconds(5)
     private let bound = AsyncStream<[Int]>.makeStream()
@@ -64,7 +67,14 @@ public final class ProxyServer: Service, Sendable {
         let memory: (key: SymmetricKey, snapshot: AccessMemory.Snapshot)
         do {
             let (key, isNew) = try AccessMemory.key(storage: config.storage.folder, logger: logger)
-            memory = (key, isNew ? .init() : AccessMemory.load(storage: config.storage.folder, capacity: 65536))
+            memory = (key, isNew ? .init() : AccessMemory.load(storage: config.storage.folder, capacity: 65536,
+                                                                upstreams: config.upstreams))
+            remembers = true
+        } catch let error as AccessMemory.KeyUnreadable {
+            logger.warning("offline memory key unreadable: this run neither loads nor saves the offline memory",
+                           metadata: ["error": "\(error)"])
+            memory = (SymmetricKey(size: .bits256), .init())
+            remembers = false
         } catch {
             store.releaseFolder()
             writer.shutdown()
@@ -177,6 +187,15 @@ public final class ProxyServer: Service, Sendable {
         }
         let bound = opened
         self.bound.continuation.yield(bound.map { $0.0.channel.localAddress?.port ?? 0 })
+        // Written while serving, not only at the end: a crash (kill -9, OOM,
+        // power) loses at most one interval of answers.
+        let remembering = Task { [self] in
+            while true {
+                do { try await Task.sleep(for: Self.memoryInterval) } catch { return }
+                await saveMemory()
+            }
+        }
+        defer { remembering.cancel() }  // also when serving ends in an error
         let fileIO = self.fileIO
 
         try await withGracefulShutdownHandler {
@@ -207,14 +226,10 @@ public final class ProxyServer: Service, Sendable {
             for (listener, _) in bound { listener.channel.close(promise: nil) }
             self.scheduleCut(at: deadline)
         }
-        let remembering = Task { [self] in
-            while !Task.isCancelled {
-                try? await Task.sleep(for: Self.memoryInterval)
-                await saveMemory()
-            }
-        }
         await finishFills()
+        // The last save after the periodic one has stopped: never two at once.
         remembering.cancel()
+        await remembering.value
         await saveMemory()
         // Every fill has ended and deleted its own file; anything left is
         // debris (a delete that failed) and must not outlive the process.
@@ -256,10 +271,14 @@ public final class ProxyServer: Service, Sendable {
     /// the thread pool: a write, two fsyncs and a rename). A failure is
     /// logged and the next interval tries again.
     private func saveMemory() async {
-        guard let snapshot = gate.snapshotIfChanged() else { return }
-        let folder = config.storage.folder
+        guard remembers, let snapshot = gate.snapshotIfChanged() else { return }
+        let (folder, upstreams) = (config.storage.folder, config.upstreams)
         do {
-            try await threadPool.runIfActive { try AccessMemory.save(snapshot, storage: folder) }
+            // The future-based call: the async one skips its work when the
+            // calling task is cancelled, and the last save must run.
+            try await threadPool.runIfActive(eventLoop: group.next()) {
+                try AccessMemory.save(snapshot, storage: folder, upstreams: upstreams)
+            }.get()
         } catch {
             gate.markChanged()
             logger.warning("offline memory not saved", metadata: ["error": "\(error)"])

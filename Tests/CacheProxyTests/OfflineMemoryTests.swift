@@ -49,9 +49,20 @@ final class OfflineMemoryTests: XCTestCase {
         XCTAssertEqual(try curl(restarted.base + url).code, 502, "nor an anonymous client")
         await restarted.stop()
 
+        // The same Host pointed at another registry (here: nothing on port
+        // 1): what the old one allowed counts for nothing.
+        let repointed = try await TestProxy(upstreamsYAML:
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: 1, schema: \"http\"}", folder: folder,
+            extraYAML: "timeouts: {connect: 0.5}")
+        XCTAssertEqual(try curl(repointed.base + url, ["-H", "Authorization: \(good)"]).code, 502)
+        await repointed.stop()
+        // (Its tables never held the old lines; the copy below is given the
+        // first run's memory, whatever this run left.)
+
         // The folder copied elsewhere serves there; `offline: deny` does not.
         let copy = try makeTemporaryFolder("offline-copy") + "/cache"
         XCTAssertEqual(try shell("cp", ["-a", folder, copy]).status, 0)
+        try memory.write(toFile: copy + "/offline/memory", atomically: true, encoding: .utf8)
         let elsewhere = try await TestProxy(upstreamsYAML: yaml("serve"), folder: copy)
         XCTAssertEqual(try curl(elsewhere.base + url, ["-H", "Authorization: \(good)"]).body, Data(blob))
         await elsewhere.stop()
@@ -61,14 +72,41 @@ final class OfflineMemoryTests: XCTestCase {
         await upstream.stop()
     }
 
+    /// Written while serving, not only at a clean stop: a `kill -9` loses
+    /// at most one interval (5 s) of the upstream's answers.
+    func testTheMemoryIsWrittenWhileServingSoAKillLosesLittle() async throws {
+        let blob = F.randomBytes(20_000)
+        let upstream = try await FakeUpstream { _ in .init(body: blob) }
+        let folder = try makeTemporaryFolder("offline-kill")
+        let (daemon, port) = try startProxyProcess(folder: folder, config: """
+            upstreams: [{host: "127.0.0.1", registry: "127.0.0.1", port: \(upstream.port), schema: "http"}]
+            storage: {folder: "\(folder)/cache"}
+            """)
+        XCTAssertEqual(try curl("http://127.0.0.1:\(port)/v2/team/app/blobs/\(F.digest(of: blob))").body, Data(blob))
+        let written = eventually(within: 8) {
+            ((try? String(contentsOfFile: folder + "/cache/offline/memory", encoding: .utf8)) ?? "").contains("team/app")
+        }
+        kill(daemon.process.processIdentifier, SIGKILL)
+        daemon.process.waitUntilExit()
+        XCTAssertTrue(written, "nothing written while serving")
+        await upstream.stop()
+    }
+
     /// A memory file that is damaged or from elsewhere costs what it held,
     /// never the start; a key of the wrong size is replaced.
     func testADamagedMemoryIsIgnoredLineByLine() throws {
         let folder = try makeTemporaryFolder("offline-damaged")
         try FileManager.default.createDirectory(atPath: folder + "/offline", withIntermediateDirectories: true)
         let digest = "sha256:" + String(repeating: "a", count: 64)
+        let up = ProxyConfig.Upstream(host: "up", registry: "r", port: 443, schema: "https", aliases: [])
+        let gone = ProxyConfig.Upstream(host: "gone", registry: "r", port: 443, schema: "https", aliases: [])
         try """
             \(AccessMemory.header)
+            u up \(AccessMemory.fingerprint(up))
+            u gone 0123
+            g gone 1f 2e repo
+            l gone repo \(digest)
+            g up 1f 2e ../repo
             g up 1f 2e repo
             g up zz 2e repo
             l up repo \(digest)
@@ -76,16 +114,16 @@ final class OfflineMemoryTests: XCTestCase {
             x what is this
             g too few
             """.write(toFile: folder + "/offline/memory", atomically: true, encoding: .utf8)
-        let loaded = AccessMemory.load(storage: folder, capacity: 10)
+        let loaded = AccessMemory.load(storage: folder, capacity: 10, upstreams: [up, gone])
         XCTAssertEqual(loaded.grants.map(\.repository), ["repo"])
         XCTAssertEqual(loaded.grants.first?.credential, AccessGate.CredentialHash(high: 0x1f, low: 0x2e))
         XCTAssertEqual(loaded.links.map(\.digest.description), [digest])
-        XCTAssertEqual(AccessMemory.load(storage: folder, capacity: 0), AccessMemory.Snapshot())
+        XCTAssertEqual(AccessMemory.load(storage: folder, capacity: 0, upstreams: [up, gone]), AccessMemory.Snapshot())
         try "other format\ng up 1 2 repo\n".write(toFile: folder + "/offline/memory", atomically: true, encoding: .utf8)
-        XCTAssertEqual(AccessMemory.load(storage: folder, capacity: 10), AccessMemory.Snapshot())
+        XCTAssertEqual(AccessMemory.load(storage: folder, capacity: 10, upstreams: [up, gone]), AccessMemory.Snapshot())
         // Saved and loaded back alike.
-        try AccessMemory.save(loaded, storage: folder)
-        XCTAssertEqual(AccessMemory.load(storage: folder, capacity: 10), loaded)
+        try AccessMemory.save(loaded, storage: folder, upstreams: [up, gone])
+        XCTAssertEqual(AccessMemory.load(storage: folder, capacity: 10, upstreams: [up, gone]), loaded)
         try Data([1, 2, 3]).write(to: URL(fileURLWithPath: folder + "/offline/key"))
         let (_, isNew) = try AccessMemory.key(storage: folder, logger: .init(label: "test"))
         XCTAssertTrue(isNew)

@@ -262,8 +262,12 @@ public final class AccessGate: Sendable {
                     // the repository: registries answer 404 to hide private
                     // repositories, and a stranger must not erase what
                     // everyone else relies on.
-                    if code == 404, let granted = state.grants[pair.grant], granted > .now {
+                    // A grant known only from before a restart (stale) is
+                    // not proof enough to keep the link against a 404, nor
+                    // to keep itself: both go.
+                    if code == 404, let granted = state.grants[pair.grant] {
                         if state.links.removeValue(forKey: pair.link) != nil { state.changed = true }
+                        if granted <= .now, state.grants.removeValue(forKey: pair.grant) != nil { state.changed = true }
                     } else {
                         if state.grants.removeValue(forKey: pair.grant) != nil { state.changed = true }
                     }

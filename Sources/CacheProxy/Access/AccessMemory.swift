@@ -18,7 +18,23 @@ import Glibc
 /// Everything loaded is stale (a restart forgets what is fresh): while the
 /// upstream answers, each (credential, repository) is asked again; while it
 /// cannot be asked, `offline: serve` serves from it.
+///
+/// Each upstream's lines count only while the upstream is configured as
+/// when they were written (`fingerprint`): pointing a `host` at another
+/// registry, or removing the proxy's account, drops what its answers
+/// allowed.
 enum AccessMemory {
+    /// A key file that exists but cannot be read: the memory is neither
+    /// loaded nor written for this run (a new key would orphan it).
+    struct KeyUnreadable: Error, CustomStringConvertible {
+        let path: String
+        let code: Int32
+        var description: String { "\(path): \(String(cString: strerror(code)))" }
+    }
+
+    /// The largest memory file read: 2 × 65,536 lines of at most ~400
+    /// bytes fit well inside; anything larger is not this proxy's.
+    static let maxFileSize = 64 << 20
     struct Snapshot: Sendable, Equatable {
         var grants: [AccessGate.Grant] = []
         var links: [AccessGate.Link] = []
@@ -34,13 +50,18 @@ enum AccessMemory {
     static func key(storage: String, logger: Logger) throws -> (key: SymmetricKey, isNew: Bool) {
         let dir = folder(storage)
         if mkdir(dir, 0o700) != 0 && errno != EEXIST { throw StoreError.system("mkdir \(dir)", errno) }
+        removeTemporaryFiles(in: dir)
         let path = dir + "/key"
-        if let data = FileManager.default.contents(atPath: path), data.count == 32 {
+        switch read(path, limit: 64) {
+        case .success(let data) where data.count == 32:
             return (SymmetricKey(data: data), false)
-        }
-        if FileManager.default.fileExists(atPath: path) {
-            logger.warning("offline memory key unusable; making a new one (earlier access answers are forgotten)",
+        case .success:
+            logger.warning("offline memory key has the wrong size; making a new one (earlier access answers are forgotten)",
                            metadata: ["path": "\(path)"])
+        case .failure(let code) where code == ENOENT:
+            break
+        case .failure(let code):
+            throw KeyUnreadable(path: path, code: code)
         }
         let key = SymmetricKey(size: .bits256)
         try key.withUnsafeBytes { bytes in
@@ -49,26 +70,45 @@ enum AccessMemory {
         return (key, true)
     }
 
-    /// What the memory file holds; nothing when it is missing, and without
-    /// the lines that do not parse (a file from a later version, damage).
-    static func load(storage: String, capacity: Int) -> Snapshot {
-        guard let text = try? String(contentsOfFile: folder(storage) + "/memory", encoding: .utf8) else {
+    /// An upstream's configuration as far as its answers are concerned:
+    /// where it is, whether credentials are checked, and whose account
+    /// anonymous clients read as. No secret goes in.
+    static func fingerprint(_ upstream: ProxyConfig.Upstream) -> String {
+        let text = "\(upstream.origin)|\(upstream.accessCheck.rawValue)|\(upstream.credentials?.username ?? "")"
+        return SHA256.hash(data: Data(text.utf8)).prefix(16).map { String(format: "%02x", $0) }.joined()
+    }
+
+    /// What the memory file holds for the upstreams configured now;
+    /// nothing when it is missing or not a regular file of a sane size, and
+    /// without the lines that do not parse (a file from a later version,
+    /// damage) or that belong to an upstream configured otherwise.
+    static func load(storage: String, capacity: Int, upstreams: [ProxyConfig.Upstream]) -> Snapshot {
+        guard case .success(let data) = read(folder(storage) + "/memory", limit: maxFileSize),
+              let text = String(data: data, encoding: .utf8) else {
             return Snapshot()
         }
         var snapshot = Snapshot()
         var lines = text.split(separator: "\n")[...]
         guard lines.popFirst() == Substring(header) else { return snapshot }
+        let current = Dictionary(upstreams.map { ($0.host, fingerprint($0)) }, uniquingKeysWith: { first, _ in first })
+        var valid = Set<Substring>()
+        for line in lines where line.hasPrefix("u ") {
+            let fields = line.split(separator: " ", omittingEmptySubsequences: false)
+            if fields.count == 3, let now = current[String(fields[1])], now == fields[2] { valid.insert(fields[1]) }
+        }
         for line in lines {
             let fields = line.split(separator: " ", omittingEmptySubsequences: false)
+            guard fields.count >= 2, valid.contains(fields[1]) else { continue }
             switch (fields.first, fields.count) {
             case ("g", 5):
-                guard snapshot.grants.count < capacity, let high = UInt64(fields[2], radix: 16),
-                      let low = UInt64(fields[3], radix: 16) else { continue }
+                guard snapshot.grants.count < capacity, RepositoryName.isValid(fields[4]),
+                      let high = UInt64(fields[2], radix: 16), let low = UInt64(fields[3], radix: 16) else { continue }
                 snapshot.grants.append(AccessGate.Grant(
                     upstream: String(fields[1]), credential: AccessGate.CredentialHash(high: high, low: low),
                     repository: String(fields[4])))
             case ("l", 4):
-                guard snapshot.links.count < capacity, let digest = try? Digest(parsing: fields[3]) else { continue }
+                guard snapshot.links.count < capacity, RepositoryName.isValid(fields[2]),
+                      let digest = try? Digest(parsing: fields[3]) else { continue }
                 snapshot.links.append(AccessGate.Link(upstream: String(fields[1]), repository: String(fields[2]),
                                                       digest: digest))
             default:
@@ -81,9 +121,12 @@ enum AccessMemory {
     /// Writes the memory crash-safely: a new file, fsynced, renamed over the
     /// old one, and the folder fsynced, so a crash leaves the old memory or
     /// the new one, never a part.
-    static func save(_ snapshot: Snapshot, storage: String) throws {
+    static func save(_ snapshot: Snapshot, storage: String, upstreams: [ProxyConfig.Upstream]) throws {
         var text = header + "\n"
-        text.reserveCapacity(64 * (snapshot.grants.count + snapshot.links.count + 1))
+        text.reserveCapacity(64 * (snapshot.grants.count + snapshot.links.count + upstreams.count + 1))
+        for upstream in upstreams {
+            text += "u \(upstream.host) \(fingerprint(upstream))\n"
+        }
         for grant in snapshot.grants {
             text += "g \(grant.upstream) \(String(grant.credential.high, radix: 16)) \(String(grant.credential.low, radix: 16)) \(grant.repository)\n"
         }
@@ -93,7 +136,38 @@ enum AccessMemory {
         try write(Data(text.utf8), to: folder(storage) + "/memory", mode: 0o600)
     }
 
-    /// `data` to `path` through a temporary file and a rename.
+    /// A regular file's bytes, at most `limit` of them; the errno otherwise
+    /// (EFBIG when larger, EINVAL when not a regular file: a FIFO or a
+    /// device must not block or flood the start).
+    private enum Read {
+        case success(Data)
+        case failure(Int32)
+    }
+
+    private static func read(_ path: String, limit: Int) -> Read {
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+        guard fd >= 0 else { return .failure(errno) }
+        defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { return .failure(errno) }
+        guard info.st_mode & S_IFMT == S_IFREG else { return .failure(EINVAL) }
+        guard info.st_size <= limit else { return .failure(EFBIG) }
+        var data = Data(count: Int(info.st_size))
+        let count = data.count
+        let got = data.withUnsafeMutableBytes { pread(fd, $0.baseAddress, count, 0) }
+        guard got >= 0 else { return .failure(errno) }
+        return .success(data.prefix(got))
+    }
+
+    /// Temporary files of a write a crash interrupted.
+    private static func removeTemporaryFiles(in dir: String) {
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? [] where name.hasSuffix(".tmp") {
+            unlink(dir + "/" + name)
+        }
+    }
+
+    /// `data` to `path` through a temporary file and a rename. Callers
+    /// write one at a time (`ProxyServer` saves in one task).
     private static func write(_ data: Data, to path: String, mode: mode_t) throws {
         let temporary = "\(path).\(getpid()).tmp"
         let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode)
