@@ -124,9 +124,17 @@ public final class ProxyMetrics: Sendable {
         }
     }
 
-    public func upstreamResponse(upstream: String, code: Int) {
-        registry.makeCounter(descriptor: Self.describe("cacheproxy_upstream_requests_total", "Requests sent to upstream registries, by upstream and response status (0: no response)."), labels: [("upstream", upstream), ("code", String(code))])
+    /// One request sent to an upstream, by method (a `GET` of a manifest
+    /// is what Docker Hub counts as a pull; a `HEAD` is free) and status
+    /// (0: no response). `rateLimitRemaining` is the upstream's
+    /// `ratelimit-remaining`, when it sent one.
+    public func upstreamResponse(upstream: String, method: String, code: Int, rateLimitRemaining: Int? = nil) {
+        registry.makeCounter(descriptor: Self.describe("cacheproxy_upstream_requests_total", "Requests sent to upstream registries, by upstream, method and response status (0: no response)."), labels: [("upstream", upstream), ("method", Self.boundedMethod(method)), ("code", String(code))])
             .increment()
+        if let rateLimitRemaining {
+            registry.makeGauge(descriptor: Self.describe("cacheproxy_upstream_ratelimit_remaining", "The upstream's ratelimit-remaining header at its last answer that had one (Docker Hub: pulls left in its window)."), labels: [("upstream", upstream)])
+                .set(to: Double(rateLimitRemaining))
+        }
     }
 
     /// Fills of one upstream waiting for a download slot (`max_fills`).

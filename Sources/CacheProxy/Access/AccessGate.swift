@@ -236,7 +236,7 @@ public final class AccessGate: Sendable {
         let failure: OCIError
         do {
             let response = try await client.send(request, to: upstream)
-            metrics.upstreamResponse(upstream: upstream.host, code: Int(response.status.code))
+            metrics.upstreamAnswered(upstream, method: .HEAD, response: response)
             let code = response.status.code
             switch code {
             case 200..<300:
@@ -276,7 +276,7 @@ public final class AccessGate: Sendable {
                 return .refused(response.status, PassThrough.endToEnd(response.headers))
             }
         } catch {
-            metrics.upstreamResponse(upstream: upstream.host, code: 0)
+            metrics.upstreamAnswered(upstream, method: .HEAD, response: nil)
             client.logger.notice("access check failed", metadata: [
                 "upstream": "\(upstream.host)", "error": "\(error)"])
             failure = UpstreamClient.clientError(for: error)

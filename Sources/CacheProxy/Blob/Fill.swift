@@ -375,11 +375,11 @@ public final class Fill: Sendable {
             do {
                 answer = try await context.client.getBlob(url: url, headers: headers, upstream: upstream, digest: digest)
             } catch {
-                context.metrics.upstreamResponse(upstream: upstream.host, code: 0)
+                context.metrics.upstreamAnswered(upstream, method: .GET, response: nil)
                 throw error
             }
             let response = answer.response
-            context.metrics.upstreamResponse(upstream: upstream.host, code: Int(response.status.code))
+            context.metrics.upstreamAnswered(upstream, method: .GET, response: response)
             let length = response.headers.first(name: "content-length").flatMap { Int64(digitsOnly: Substring($0)) }
 
             guard response.status == .ok else {

@@ -103,14 +103,14 @@ struct PassThrough: Sendable {
         do {
             upstreamResponse = try await client.send(request, to: upstream, body: body)
         } catch {
-            metrics.upstreamResponse(upstream: upstream.host, code: 0)
+            metrics.upstreamAnswered(upstream, method: head.method, response: nil)
             client.logger.notice("upstream request failed", metadata: [
                 "upstream": "\(upstream.host)", "method": "\(head.method.rawValue)", "error": "\(error)"])
             let mapped = UpstreamClient.clientError(for: error)
             try await response.send(mapped, omitBody: head.method == .HEAD)
             return mapped.status
         }
-        metrics.upstreamResponse(upstream: upstream.host, code: Int(upstreamResponse.status.code))
+        metrics.upstreamAnswered(upstream, method: head.method, response: upstreamResponse)
 
         var outHeaders = Self.endToEnd(upstreamResponse.headers)
         if let location = outHeaders.first(name: "location"), let host = origin.clientHost {

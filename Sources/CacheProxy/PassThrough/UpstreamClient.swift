@@ -4,6 +4,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOSSL
+import ProxyMetrics
 
 /// The one HTTP client every upstream request goes through, with the
 /// upstream's two timeouts kept apart (DESIGN.md, Timeouts):
@@ -296,6 +297,25 @@ public final class UpstreamClient: Sendable {
             return OCIError(.gatewayTimeout, .timeout, "the upstream registry did not answer in time")
         }
         return OCIError(.badGateway, .unavailable, "the upstream registry could not be reached")
+    }
+}
+
+extension ProxyMetrics {
+    /// Counts one upstream exchange: `response` nil when none came. The
+    /// one place that reads an upstream's `ratelimit-remaining`.
+    func upstreamAnswered(_ upstream: ProxyConfig.Upstream, method: HTTPMethod, response: HTTPClientResponse?) {
+        upstreamResponse(upstream: upstream.host, method: method.rawValue, code: Int(response?.status.code ?? 0),
+                         rateLimitRemaining: response.flatMap { UpstreamClient.rateLimitRemaining($0.headers) })
+    }
+}
+
+extension UpstreamClient {
+    /// The count in a `ratelimit-remaining` header (Docker Hub writes
+    /// `100;w=21600`: the pulls left, then the window in seconds).
+    static func rateLimitRemaining(_ headers: HTTPHeaders) -> Int? {
+        guard let value = headers.first(name: "ratelimit-remaining") else { return nil }
+        let count = String(value.prefix { $0 != ";" }.filter { !$0.isWhitespace })
+        return Int(count).flatMap { $0 >= 0 ? $0 : nil }
     }
 }
 
