@@ -73,6 +73,31 @@ final class RedirectScopeTests: XCTestCase {
         await upstream.stop()
     }
 
+    /// A look-up slower than `timeouts.connect` (a DNS server that drops
+    /// queries) is not waited out: the redirect is refused at the timeout.
+    func testARedirectWhoseNameResolvesTooSlowlyIsRefusedAtTheConnectTimeout() async throws {
+        struct SlowResolver: HostResolver {
+            func addresses(of host: String) async -> [[UInt8]] {
+                // Not cancellable, like a getaddrinfo that has started.
+                if host == "slow.test" { await Task.detached { try? await Task.sleep(for: .seconds(4)) }.value }
+                return await SystemResolver().addresses(of: host)
+            }
+        }
+        let upstream = try await FakeUpstream { _ in
+            .init(status: .temporaryRedirect, headers: ["location": "http://slow.test/blob"])
+        }
+        let proxy = try await TestProxy(upstreamsYAML:
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}",
+            extraYAML: "timeouts: {connect: 0.5, shutdown: 1}", resolver: SlowResolver())
+        let start = ContinuousClock.now
+        let answer = try shell("curl", ["-s", "--max-time", "10",
+                                        "\(proxy.base)/v2/r/blobs/sha256:\(String(repeating: "b", count: 64))"]).output
+        XCTAssertLessThan(ContinuousClock.now - start, .seconds(2), "the look-up was waited out")
+        XCTAssertTrue(answer.contains("redirected to an address the proxy does not follow"), answer)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
     /// An upstream the proxy takes for a public one (`localhost`, said to be
     /// at 203.0.113.7) redirects a blob to a service on the proxy's own
     /// loopback: refused with 502, and the service sees nothing. The same

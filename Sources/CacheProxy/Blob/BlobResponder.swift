@@ -128,12 +128,11 @@ struct BlobResponder: Sendable {
         // Anything the proxy knows itself about the blob (that it is cached,
         // its size) goes only to a client the upstream would tell; a blob
         // published after this look is the upstream's to answer for.
-        guard store.size(of: request.digest) != nil
-                || fills.running(request.digest, upstream: request.upstream) != nil else {
+        let running = fills.running(request.digest, upstream: request.upstream)
+        guard store.size(of: request.digest) != nil || running != nil else {
             return try await passThrough.forward(request.head, to: request.upstream, body: nil,
                                                  origin: request.origin, response: response)
         }
-        let running = fills.running(request.digest, upstream: request.upstream)
         if let running, running.vouched, asksAsStarter(of: running, request) {
             // The fill's own answer was the upstream's yes to this client,
             // just now: what a HEAD of the check would have asked.
@@ -146,7 +145,7 @@ struct BlobResponder: Sendable {
         }
         // A fill still queued for a download slot knows nothing yet, and a
         // HEAD must not wait in that queue: the upstream is asked at once.
-        if let fill = fills.running(request.digest, upstream: request.upstream), !fill.isWaitingForSlot {
+        if let fill = running, !fill.isWaitingForSlot {
             // The fill's answer: its length as soon as the upstream said 200
             // with one (the upstream's own claim, as a HEAD to the upstream
             // would give; a HEAD carries no bytes to verify), or the verified
