@@ -31,6 +31,10 @@ public final class ProxyServer: Service, Sendable {
     /// Who may read what, as the upstreams said; written to the storage
     /// folder (`AccessMemory`) every `memoryInterval` and at the end.
     let gate: AccessGate
+    /// Each tag's last digests and each upstream's last ping answers,
+    /// saved with the gate's tables.
+    let tags: TagTable
+    let pings: PingMemory
     /// False when the folder's key could not be read: the memory is then
     /// neither loaded nor overwritten.
     private let remembers: Bool
@@ -91,7 +95,8 @@ public final class ProxyServer: Service, Sendable {
                           metadata: ["upstream": "\(upstream.host)"])
         }
         logger.info("offline memory loaded", metadata: [
-            "grants": "\(memory.snapshot.grants.count)", "links": "\(memory.snapshot.links.count)"])
+            "grants": "\(memory.snapshot.grants.count)", "links": "\(memory.snapshot.links.count)",
+            "tags": "\(memory.snapshot.tags.count)"])
         let gate = AccessGate(client: client, metrics: metrics, key: memory.key, remembered: memory.snapshot)
         self.gate = gate
         self.fills = FillRegistry(context: FillContext(client: client, store: store, gate: gate, metrics: metrics,
@@ -100,10 +105,15 @@ public final class ProxyServer: Service, Sendable {
         let passThrough = PassThrough(client: client, metrics: metrics)
         let router = Router(upstreams: config.upstreams)
         self.router = router
+        let tags = TagTable(remembered: memory.snapshot.tags)
+        let pings = PingMemory(remembered: memory.snapshot.pings)
+        (self.tags, self.pings) = (tags, pings)
+        let blobs = BlobResponder(store: store, fills: fills, passThrough: passThrough, gate: gate, metrics: metrics)
         self.handler = RequestHandler(
             router: router,
-            blobs: BlobResponder(store: store, fills: fills, passThrough: passThrough, gate: gate,
-                                 metrics: metrics),
+            blobs: blobs,
+            tags: TagResolver(blobs: blobs, tags: tags, client: client, gate: gate, metrics: metrics),
+            pings: pings,
             passThrough: passThrough, metrics: metrics, tracker: tracker, logger: logger,
             trustForwardedHeaders: config.api.trustForwardedHeaders)
         self.hits = CacheHitResponder(router: router, store: store, gate: gate, metrics: metrics, tracker: tracker)
@@ -271,7 +281,12 @@ public final class ProxyServer: Service, Sendable {
     /// the thread pool: a write, two fsyncs and a rename). A failure is
     /// logged and the next interval tries again.
     private func saveMemory() async {
-        guard remembers, let snapshot = gate.snapshotIfChanged() else { return }
+        guard remembers else { return }
+        let (changedAccess, changedTags, changedPings) = (gate.snapshotIfChanged(), tags.snapshot(), pings.snapshot())
+        guard changedAccess != nil || changedTags != nil || changedPings != nil,
+              var snapshot = changedAccess ?? gate.snapshotIfChanged(always: true) else { return }
+        snapshot.tags = changedTags ?? tags.snapshot(always: true) ?? []
+        snapshot.pings = changedPings ?? pings.snapshot(always: true) ?? []
         let (folder, upstreams) = (config.storage.folder, config.upstreams)
         do {
             // The future-based call: the async one skips its work when the
@@ -281,6 +296,8 @@ public final class ProxyServer: Service, Sendable {
             }.get()
         } catch {
             gate.markChanged()
+            tags.markChanged()
+            pings.markChanged()
             logger.warning("offline memory not saved", metadata: ["error": "\(error)"])
         }
     }

@@ -20,4 +20,12 @@ public enum FileAttributes {
         guard n > 0 else { return nil }
         return String(decoding: buffer[0..<n], as: UTF8.self)
     }
+
+    /// The attribute's value on an open file (at most 255 bytes), or nil.
+    public static func get(_ name: String, fd: Int32) -> String? {
+        var buffer = [UInt8](repeating: 0, count: 255)
+        let n = fgetxattr(fd, name, &buffer, buffer.count)
+        guard n > 0 else { return nil }
+        return String(decoding: buffer[0..<n], as: UTF8.self)
+    }
 }

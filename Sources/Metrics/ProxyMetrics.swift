@@ -14,6 +14,9 @@ public final class ProxyMetrics: Sendable {
     public let blobHits: Counter
     public let blobMisses: Counter
     public let coalescedFollowers: Counter
+    public let manifestHits: Counter
+    public let manifestMisses: Counter
+    public let manifestsOffline: Counter
     public let digestMismatches: Counter
     public let fillFailures: Counter
     public let bytesFromCache: Counter
@@ -54,6 +57,9 @@ public final class ProxyMetrics: Sendable {
         self.registry = registry
         blobHits = registry.makeCounter(descriptor: Self.describe("cacheproxy_blob_hits_total", "Blob reads answered from a complete cached file."))
         blobMisses = registry.makeCounter(descriptor: Self.describe("cacheproxy_blob_misses_total", "Blob reads that started an upstream fill."))
+        manifestHits = registry.makeCounter(descriptor: Self.describe("cacheproxy_manifest_hits_total", "Manifest reads (by digest, or by a tag the upstream or the offline table resolved) answered from the cache."))
+        manifestMisses = registry.makeCounter(descriptor: Self.describe("cacheproxy_manifest_misses_total", "Manifest reads that started an upstream fill."))
+        manifestsOffline = registry.makeCounter(descriptor: Self.describe("cacheproxy_manifest_offline_total", "Manifest reads answered from the cache while the upstream could not be asked (offline: serve); also counted as hits."))
         coalescedFollowers = registry.makeCounter(descriptor: Self.describe("cacheproxy_blob_coalesced_total", "Blob reads that joined a fill already in flight instead of asking the upstream again."))
         digestMismatches = registry.makeCounter(descriptor: Self.describe("cacheproxy_digest_mismatches_total", "Fills whose bytes did not hash to the requested digest; nothing was stored."))
         fillFailures = registry.makeCounter(descriptor: Self.describe("cacheproxy_fill_failures_total", "Fills that failed: upstream cut or error, digest mismatch, or a disk failure with no client left to stream to."))

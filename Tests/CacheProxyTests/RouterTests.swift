@@ -48,8 +48,18 @@ final class RequestTargetTests: XCTestCase {
     }
 
     func testEverythingElsePassesThrough() throws {
-        XCTAssertEqual(try RequestTarget.classify(method: "GET", uri: "/v2/"), .passThrough)
-        XCTAssertEqual(try RequestTarget.classify(method: "GET", uri: "/v2/a/manifests/latest"), .passThrough)
+        XCTAssertEqual(try RequestTarget.classify(method: "GET", uri: "/v2/"), .ping)
+        XCTAssertEqual(try RequestTarget.classify(method: "POST", uri: "/v2/"), .passThrough)
+        XCTAssertEqual(try RequestTarget.classify(method: "GET", uri: "/v2/a/manifests/latest"),
+                       .manifest(name: "a", reference: .tag("latest")))
+        XCTAssertEqual(try RequestTarget.classify(method: "HEAD", uri: "/v2/a/b/manifests/\(digest)"),
+                       .manifest(name: "a/b", reference: .digest(try Digest(parsing: digest))))
+        XCTAssertEqual(try RequestTarget.classify(method: "GET", uri: "/v2/blobs/manifests/v1"),
+                       .manifest(name: "blobs", reference: .tag("v1")))
+        XCTAssertEqual(try RequestTarget.classify(method: "GET", uri: "/v2/a/manifests/-bad"), .passThrough)
+        XCTAssertEqual(try RequestTarget.classify(method: "PUT", uri: "/v2/a/manifests/latest"), .passThrough)
+        XCTAssertThrowsError(try RequestTarget.classify(method: "GET", uri: "/v2/a/manifests/sha256:zz"))
+        XCTAssertThrowsError(try RequestTarget.classify(method: "GET", uri: "/v2/manifests/latest"))
         XCTAssertEqual(try RequestTarget.classify(method: "POST", uri: "/v2/a/blobs/uploads/"), .passThrough)
         XCTAssertEqual(try RequestTarget.classify(method: "PATCH", uri: "/v2/a/blobs/uploads/abc-123"), .passThrough)
         XCTAssertEqual(try RequestTarget.classify(method: "DELETE", uri: "/v2/a/blobs/\(digest)"), .passThrough)

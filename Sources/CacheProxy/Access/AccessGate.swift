@@ -38,6 +38,9 @@ public final class AccessGate: Sendable {
     /// What a client gets.
     enum Verdict: Sendable {
         case allowed
+        /// The upstream could not be asked, and it allowed this before
+        /// (`offline: serve`).
+        case allowedOffline
         /// The upstream's refusal, passed to the client with its headers
         /// (`WWW-Authenticate` included, so clients run their token dance).
         case refused(HTTPResponseStatus, HTTPHeaders)
@@ -110,9 +113,9 @@ public final class AccessGate: Sendable {
 
     /// The tables, when they changed since the last call: what
     /// `AccessMemory.save` writes.
-    func snapshotIfChanged() -> AccessMemory.Snapshot? {
+    func snapshotIfChanged(always: Bool = false) -> AccessMemory.Snapshot? {
         state.withLockedValue { state in
-            guard state.changed else { return nil }
+            guard state.changed || always else { return nil }
             state.changed = false
             return AccessMemory.Snapshot(grants: Array(state.grants.keys), links: Array(state.links.keys))
         }
@@ -166,13 +169,13 @@ public final class AccessGate: Sendable {
 
     /// Asks the upstream unless its answer is remembered.
     func check(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String,
-               digest: Digest) async -> Verdict {
+               digest: Digest, kind: ContentKind = .blob) async -> Verdict {
         let pair = Pair(grant: grant(upstream: upstream, headers: headers, repository: repository),
                         link: Link(upstream: upstream.host, repository: repository, digest: digest))
         if isFresh(pair.link, upstream.accessCheck == .always ? pair.grant : nil) { return .allowed }
         let task: Task<Verdict, Never> = state.withLockedValue { state in
             if let running = state.inFlight[pair] { return running }
-            let task = Task { await self.ask(upstream: upstream, headers: headers, pair: pair) }
+            let task = Task { await self.ask(upstream: upstream, headers: headers, pair: pair, kind: kind) }
             state.inFlight[pair] = task
             return task
         }
@@ -225,14 +228,20 @@ public final class AccessGate: Sendable {
         }
     }
 
-    private func ask(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, pair: Pair) async -> Verdict {
+    private func ask(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, pair: Pair,
+                     kind: ContentKind) async -> Verdict {
         defer { state.withLockedValue { _ = $0.inFlight.removeValue(forKey: pair) } }
         let digest = pair.link.digest
-        var request = HTTPClientRequest(url: "\(upstream.origin)/v2/\(pair.link.repository)/blobs/\(digest)")
+        var request = HTTPClientRequest(
+            url: "\(upstream.origin)/v2/\(pair.link.repository)/\(kind.pathSegment)/\(digest)")
         request.method = .HEAD
-        // The client's credentials and nothing else of its request: its
-        // Host, Range or forwarding headers are not the check's business.
-        request.headers = BlobResponder.upstreamHeaders(headers)
+        // The client's credentials (and, for a manifest, what it accepts)
+        // and nothing else of its request: its Host, Range or forwarding
+        // headers are not the check's business.
+        request.headers = BlobResponder.upstreamHeaders(headers, kind: kind)
+        if kind == .manifest, !request.headers.contains(name: "accept") {
+            request.headers.add(name: "accept", value: MediaType.manifestAccept)
+        }
         let failure: OCIError
         do {
             let response = try await client.send(request, to: upstream)
@@ -243,7 +252,8 @@ public final class AccessGate: Sendable {
                 allow(pair, ttl: upstream.accessCacheTTL)
                 metrics.accessChecks["allowed"]?.increment()
                 return .allowed
-            case 300..<400 where Self.isBlobRedirect(response.headers.first(name: "location"), digest: digest):
+            case 300..<400 where kind == .blob
+                && Self.isBlobRedirect(response.headers.first(name: "location"), digest: digest):
                 // Blob storage behind the registry (S3, a CDN): a yes.
                 allow(pair, ttl: upstream.accessCacheTTL)
                 metrics.accessChecks["allowed"]?.increment()
@@ -281,11 +291,27 @@ public final class AccessGate: Sendable {
                 "upstream": "\(upstream.host)", "error": "\(error)"])
             failure = UpstreamClient.clientError(for: error)
         }
-        let before = upstream.offline == .serve && state.withLockedValue { state in
+        let before = upstream.offline == .serve && wasAllowed(pair, upstream: upstream)
+        metrics.accessChecks[before ? "offline_served" : "offline_refused"]?.increment()
+        return before ? .allowedOffline : .unreachable(failure)
+    }
+
+    /// Whether the upstream allowed this before, fresh or stale: what the
+    /// offline policy serves from.
+    private func wasAllowed(_ pair: Pair, upstream: ProxyConfig.Upstream) -> Bool {
+        state.withLockedValue { state in
             state.links[pair.link] != nil && (upstream.accessCheck == .never || state.grants[pair.grant] != nil)
         }
-        metrics.accessChecks[before ? "offline_served" : "offline_refused"]?.increment()
-        return before ? .allowed : .unreachable(failure)
+    }
+
+    /// Whether the upstream ever allowed this client `digest` from
+    /// `repository` (for a tag answered from the offline table: the
+    /// upstream cannot be asked, so only what it said before counts).
+    func allowedBefore(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String,
+                       digest: Digest) -> Bool {
+        wasAllowed(Pair(grant: grant(upstream: upstream, headers: headers, repository: repository),
+                        link: Link(upstream: upstream.host, repository: repository, digest: digest)),
+                   upstream: upstream)
     }
 
     /// A redirect counts as a yes only when it hands the blob to its

@@ -11,7 +11,7 @@ import Glibc
 ///
 /// `<folder>/offline/key` holds the HMAC key that credentials are hashed
 /// with (32 random bytes, mode 0600, made once); `<folder>/offline/memory`
-/// the grants and links, one a line. No credential is ever written, only
+/// the grants, links, tags and ping answers, one a line. No credential is ever written, only
 /// its keyed hash, and the key travels with the folder: a copied folder
 /// (`tar`, `rsync`) serves on another machine.
 ///
@@ -38,6 +38,10 @@ enum AccessMemory {
     struct Snapshot: Sendable, Equatable {
         var grants: [AccessGate.Grant] = []
         var links: [AccessGate.Link] = []
+        /// Each tag's last digests (`TagTable`).
+        var tags: [TagTable.Row] = []
+        /// Each upstream's last `/v2/` answers (`PingMemory`).
+        var pings: [PingMemory.Row] = []
     }
 
     static let header = "cache-proxy offline memory 1"
@@ -88,6 +92,9 @@ enum AccessMemory {
             return Snapshot()
         }
         var snapshot = Snapshot()
+        var tagRows: [TagTable.Key: [TagTable.Entry]] = [:]
+        var tagOrder: [TagTable.Key] = []
+        var pings: [String: PingMemory.Row] = [:]
         var lines = text.split(separator: "\n")[...]
         guard lines.popFirst() == Substring(header) else { return snapshot }
         let current = Dictionary(upstreams.map { ($0.host, fingerprint($0)) }, uniquingKeysWith: { first, _ in first })
@@ -111,10 +118,34 @@ enum AccessMemory {
                       let digest = try? Digest(parsing: fields[3]) else { continue }
                 snapshot.links.append(AccessGate.Link(upstream: String(fields[1]), repository: String(fields[2]),
                                                       digest: digest))
+            case ("t", 6...):
+                // `t <upstream> <repo> <tag> <digest> <media type>`, most
+                // recent first; the media type may hold spaces.
+                let parts = line.split(separator: " ", maxSplits: 5, omittingEmptySubsequences: false)
+                guard parts.count == 6, tagRows.count < capacity, RepositoryName.isValid(parts[2]),
+                      ManifestReference.isValidTag(parts[3]), let digest = try? Digest(parsing: parts[4]),
+                      let mediaType = MediaType(String(parts[5])) else { continue }
+                let key = TagTable.Key(upstream: String(parts[1]), repository: String(parts[2]), tag: String(parts[3]))
+                if tagRows[key] == nil { tagOrder.append(key) }
+                tagRows[key, default: []].append(TagTable.Entry(digest: digest, mediaType: mediaType))
+            case ("p", 3...):
+                // `p <upstream> 200` or `p <upstream> 401 <challenge>`.
+                let parts = line.split(separator: " ", maxSplits: 3, omittingEmptySubsequences: false)
+                var row = pings[String(parts[1])] ?? PingMemory.Row(upstream: String(parts[1]))
+                if parts[2] == "200", parts.count == 3 {
+                    row.open = true
+                } else if parts[2] == "401", parts.count == 4, PingMemory.isValidChallenge(String(parts[3])) {
+                    row.challenge = String(parts[3])
+                } else {
+                    continue
+                }
+                pings[row.upstream] = row
             default:
                 continue
             }
         }
+        snapshot.tags = tagOrder.map { TagTable.Row(key: $0, entries: tagRows[$0] ?? []) }
+        snapshot.pings = Array(pings.values)
         return snapshot
     }
 
@@ -132,6 +163,15 @@ enum AccessMemory {
         }
         for link in snapshot.links {
             text += "l \(link.upstream) \(link.repository) \(link.digest)\n"
+        }
+        for row in snapshot.tags {
+            for entry in row.entries {
+                text += "t \(row.key.upstream) \(row.key.repository) \(row.key.tag) \(entry.digest) \(entry.mediaType.value)\n"
+            }
+        }
+        for row in snapshot.pings {
+            if row.open { text += "p \(row.upstream) 200\n" }
+            if let challenge = row.challenge { text += "p \(row.upstream) 401 \(challenge)\n" }
         }
         try write(Data(text.utf8), to: folder(storage) + "/memory", mode: 0o600)
     }

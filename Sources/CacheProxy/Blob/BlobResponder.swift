@@ -23,6 +23,11 @@ struct BlobResponder: Sendable {
         let digest: Digest
         let upstream: ProxyConfig.Upstream
         let origin: PassThrough.Origin
+        var kind: ContentKind = .blob
+        /// The upstream said yes to this client for this digest just now
+        /// (a tag's `HEAD` named it), or before when it cannot be asked:
+        /// no access check is needed.
+        var admitted = false
     }
 
     func respond(_ request: Request, response: ResponseChannel) async throws -> HTTPResponseStatus {
@@ -32,7 +37,7 @@ struct BlobResponder: Sendable {
         // A blob GET is never passed through: every byte a client gets has
         // gone through a fill that checks the digest.
         var attempt = 0
-        var admitted = false
+        var admitted = request.admitted
         /// Set once a joined fill was refused for another client's
         /// credentials: from then on this client starts its own.
         var refusedForOthers = false
@@ -65,7 +70,7 @@ struct BlobResponder: Sendable {
                         return refusal
                     }
                 }
-                metrics.blobHits.increment()
+                hits(request.kind).increment()
                 return try await serveComplete(fd: fd, size: size, request, response: response,
                                                source: metrics.bytesFromCache)
             case .unavailable:
@@ -74,8 +79,9 @@ struct BlobResponder: Sendable {
                 break
             }
             guard attempt <= 3 else { return try await sendOverloaded(response) }
-            let lookup = fills.fill(for: request.digest, upstream: request.upstream,
-                                    repository: request.name, headers: Self.upstreamHeaders(request.head.headers),
+            let lookup = fills.fill(for: request.digest, kind: request.kind, upstream: request.upstream,
+                                    repository: request.name,
+                                    headers: Self.upstreamHeaders(request.head.headers, kind: request.kind),
                                     ownUnlessAnswered: refusedForOthers)
             guard case .fill(let fill, let joined) = lookup else { continue }  // published meanwhile
             if joined, !admitted {
@@ -99,7 +105,7 @@ struct BlobResponder: Sendable {
                     refusedForOthers = true
                     return nil
                 case .rejected, .failed:
-                    count(first.state, joined: joined)
+                    count(first.state, joined: joined, kind: request.kind)
                     if let answer = first.answer {
                         var headers = PassThrough.endToEnd(answer.headers)
                         headers.remove(name: "content-length")
@@ -110,7 +116,7 @@ struct BlobResponder: Sendable {
                     try await response.send(error)
                     return error.status
                 default:
-                    count(first.state, joined: joined)
+                    count(first.state, joined: joined, kind: request.kind)
                     // The upstream's yes to this client, if it was one, is
                     // remembered by the fill once the digest verified.
                     return try await follow(fill, follower: follower, first: first, request, response: response)
@@ -133,15 +139,18 @@ struct BlobResponder: Sendable {
             return try await passThrough.forward(request.head, to: request.upstream, body: nil,
                                                  origin: request.origin, response: response)
         }
-        if let running, running.vouched, asksAsStarter(of: running, request) {
+        if request.admitted {
+            // Allowed already (a tag's answer).
+        } else if let running, running.vouched, asksAsStarter(of: running, request) {
             // The fill's own answer was the upstream's yes to this client,
             // just now: what a HEAD of the check would have asked.
         } else if let refusal = try await admit(request, response: response) {
             return refusal
         }
         if let size = store.size(of: request.digest) {
-            metrics.blobHits.increment()
-            return try await sendHead(request, length: size, contentType: nil, response: response)
+            hits(request.kind).increment()
+            let contentType = request.kind == .manifest ? store.mediaType(of: request.digest)?.value : nil
+            return try await sendHead(request, length: size, contentType: contentType, response: response)
         }
         // A fill still queued for a download slot knows nothing yet, and a
         // HEAD must not wait in that queue: the upstream is asked at once.
@@ -163,7 +172,7 @@ struct BlobResponder: Sendable {
             default: length = nil
             }
             if let length {
-                count(snapshot.state, joined: true)
+                count(snapshot.state, joined: true, kind: request.kind)
                 return try await sendHead(request, length: length, contentType: snapshot.head?.contentType,
                                           response: response)
             }
@@ -184,24 +193,32 @@ struct BlobResponder: Sendable {
     /// already verified its bytes gives none from the upstream to this
     /// read, which is then a hit (users read `blob_hits_total` as "answered
     /// without the upstream"); otherwise a join, or the miss that started it.
-    private func count(_ state: FillStateMachine.State, joined: Bool) {
+    private func count(_ state: FillStateMachine.State, joined: Bool, kind: ContentKind) {
+        let misses = kind == .blob ? metrics.blobMisses : metrics.manifestMisses
         switch state {
         case .verified, .published, .delivered:
             // The starter fetched it, however fast the fill was done.
-            (joined ? metrics.blobHits : metrics.blobMisses).increment()
-        default: (joined ? metrics.coalescedFollowers : metrics.blobMisses).increment()
+            (joined ? hits(kind) : misses).increment()
+        default: (joined ? metrics.coalescedFollowers : misses).increment()
         }
+    }
+
+    private func hits(_ kind: ContentKind) -> Counter {
+        kind == .blob ? metrics.blobHits : metrics.manifestHits
     }
 
     /// Answers the client when the upstream would not give it this blob;
     /// nil when it may have it.
     private func admit(_ request: Request, response: ResponseChannel) async throws -> HTTPResponseStatus? {
         let verdict = await gate.check(upstream: request.upstream, headers: request.head.headers,
-                                       repository: request.name, digest: request.digest)
+                                       repository: request.name, digest: request.digest, kind: request.kind)
         try response.checkClientPresent()
         let omitBody = request.head.method == .HEAD
         switch verdict {
         case .allowed:
+            return nil
+        case .allowedOffline:
+            if request.kind == .manifest { metrics.manifestsOffline.increment() }
             return nil
         case .refused(let status, let upstreamHeaders):
             // The upstream's headers (its `WWW-Authenticate` above all), with
@@ -210,7 +227,7 @@ struct BlobResponder: Sendable {
             for name in ["content-length", "content-type", "docker-content-digest", "etag", "accept-ranges"] {
                 headers.remove(name: name)
             }
-            let error = OCIError.refusal(status)
+            let error = OCIError.refusal(status, kind: request.kind)
             headers.add(name: "content-type", value: "application/json")
             try await response.send(status, headers: headers, body: ByteBuffer(string: error.body), omitBody: omitBody)
             return status
@@ -245,7 +262,8 @@ struct BlobResponder: Sendable {
             try? handle.close()
             store.release(request.digest)
         }
-        let (status, range, headers) = plan(request, length: size, contentType: nil)
+        let contentType = request.kind == .manifest ? MediaType.ofCachedManifest(fd: fd, size: size)?.value : nil
+        let (status, range, headers) = plan(request, length: size, contentType: contentType)
         guard let range, !range.isEmpty else {
             try await response.send(status, headers: headers, body: ByteBuffer())
             return status
@@ -376,13 +394,14 @@ struct BlobResponder: Sendable {
         return (plan.status, plan.range, plan.headers)
     }
 
-    /// The client's headers the fill may send upstream: its credentials and
-    /// what it accepts, nothing about this hop.
-    static func upstreamHeaders(_ headers: HTTPHeaders) -> HTTPHeaders {
+    /// The client's headers the fill may send upstream: its credentials
+    /// (and, for a manifest, the media types it accepts: the upstream picks
+    /// the answer by them), nothing about this hop.
+    static func upstreamHeaders(_ headers: HTTPHeaders, kind: ContentKind = .blob) -> HTTPHeaders {
         var out = HTTPHeaders()
         // Whole values: a credential may hold commas (Digest, some tokens),
         // and splitting it (`[canonicalForm:]`) would change what it says.
-        for name in ["authorization", "user-agent"] {
+        for name in kind == .manifest ? ["authorization", "user-agent", "accept"] : ["authorization", "user-agent"] {
             for value in headers[name] { out.add(name: name, value: value) }
         }
         return out

@@ -36,6 +36,8 @@ public final class BlobStore: Sendable {
     /// published, so the start-up scan can tell a file cut short (a crash
     /// before the data reached the disk) from a complete one.
     static let sizeAttribute = "user.cacheproxy.size"
+    /// A manifest's media type, as the upstream named it (`Content-Type`).
+    static let typeAttribute = "user.cacheproxy.type"
 
     /// Holds `<folder>/.lock` (flock) for the store's life: one process per
     /// cache folder. Two would delete each other's fills in `tmp/` at start
@@ -98,6 +100,16 @@ public final class BlobStore: Sendable {
     /// Size of a complete cached blob, from the index alone.
     public func size(of digest: Digest) -> Int64? {
         index.withLockedValue { $0.size(of: digest) }
+    }
+
+    /// A cached manifest's media type (`MediaType.ofCachedManifest`).
+    func mediaType(of digest: Digest) -> MediaType? {
+        let fd = open(path(for: digest), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { return nil }
+        return MediaType.ofCachedManifest(fd: fd, size: Int64(st.st_size))
     }
 
     /// Size of a complete cached blob, marking it used (for eviction): for
@@ -198,14 +210,19 @@ public final class BlobStore: Sendable {
     /// Makes a verified temporary file a cache entry: records its size on
     /// it, fsyncs it (when configured), renames it to its final name (the
     /// commit point) and fsyncs the directory so the rename is durable too.
-    func publish(temporary: (path: String, fd: CInt), digest: Digest, size: Int64) async throws {
+    func publish(temporary: (path: String, fd: CInt), digest: Digest, size: Int64,
+                 mediaType: String? = nil) async throws {
         let final = path(for: digest)
         let parent = String(final[..<(final.lastIndex(of: "/") ?? final.endIndex)])
         do {
             try await writer.setAttribute(Self.sizeAttribute, to: String(size), on: temporary.fd)
+            if let mediaType = mediaType.flatMap(MediaType.init) {
+                try await writer.setAttribute(Self.typeAttribute, to: mediaType.value, on: temporary.fd)
+            }
         } catch StoreError.system(_, let code) where code == EOPNOTSUPP {
             // A file system without user attributes: the scan then checks
-            // what it can without one (see `BlobScan`).
+            // what it can without one (see `BlobScan`), and a manifest's
+            // media type is read from its body (`mediaType(of:)`).
         }
         if limits.fsync { try await writer.sync(temporary.fd) }
         // The prefix folder exists but for the first blob of its 256: try

@@ -55,6 +55,9 @@ struct FillContext: Sendable {
 /// then the slowest of them sets the download's pace.
 public final class Fill: Sendable {
     public let digest: Digest
+    /// A blob or a manifest: which registry path the fill asks, and whether
+    /// the upstream's media type is kept with the file.
+    let kind: ContentKind
     let upstream: ProxyConfig.Upstream
     let repository: String
     let requestHeaders: HTTPHeaders
@@ -129,8 +132,10 @@ public final class Fill: Sendable {
 
     private let inner: NIOLockedValueBox<Inner>
 
-    init(digest: Digest, upstream: ProxyConfig.Upstream, repository: String, requestHeaders: HTTPHeaders, holdBack: Int64) {
+    init(digest: Digest, kind: ContentKind = .blob, upstream: ProxyConfig.Upstream, repository: String,
+         requestHeaders: HTTPHeaders, holdBack: Int64) {
         self.digest = digest
+        self.kind = kind
         self.upstream = upstream
         self.repository = repository
         self.requestHeaders = requestHeaders
@@ -369,8 +374,13 @@ public final class Fill: Sendable {
                 holdsSlot = true
             }
             var headers = requestHeaders
-            headers.replaceOrAdd(name: "accept", value: "*/*")
-            let url = "\(upstream.origin)/v2/\(repository)/blobs/\(digest)"
+            switch kind {
+            case .blob: headers.replaceOrAdd(name: "accept", value: "*/*")
+            case .manifest where !headers.contains(name: "accept"):
+                headers.add(name: "accept", value: MediaType.manifestAccept)
+            case .manifest: break  // the client's own: the upstream answers as it would to it
+            }
+            let url = "\(upstream.origin)/v2/\(repository)/\(kind.pathSegment)/\(digest)"
             let answer: UpstreamClient.BlobAnswer
             do {
                 answer = try await context.client.getBlob(url: url, headers: headers, upstream: upstream, digest: digest)
@@ -458,7 +468,9 @@ public final class Fill: Sendable {
             case .publish(let size):
                 if let file, context.store.keeps(size: size) {
                     do {
-                        try await context.store.publish(temporary: file, digest: digest, size: size)
+                        let mediaType = kind == .manifest ? inner.withLockedValue { $0.head?.contentType } : nil
+                        try await context.store.publish(temporary: file, digest: digest, size: size,
+                                                        mediaType: mediaType)
                         published = true
                         transition { $0.publishSucceeded() }
                     } catch {

@@ -69,8 +69,8 @@ public final class FillRegistry: Sendable {
     /// is joined as usual. The fill it displaces runs on for its own
     /// followers; temporary files are per fill, and publishing the same
     /// verified blob twice replaces a file by an identical one.
-    func fill(for digest: Digest, upstream: ProxyConfig.Upstream, repository: String, headers: HTTPHeaders,
-              ownUnlessAnswered: Bool = false) -> Lookup {
+    func fill(for digest: Digest, kind: ContentKind = .blob, upstream: ProxyConfig.Upstream, repository: String,
+              headers: HTTPHeaders, ownUnlessAnswered: Bool = false) -> Lookup {
         let key = Key(upstream: upstream.host, digest: digest)
         let found = running.withLockedValue { running -> (fill: Fill, created: Bool)? in
             if let existing = running.fills[key] {
@@ -87,7 +87,7 @@ public final class FillRegistry: Sendable {
             } else if context.store.size(of: digest) != nil {
                 return nil
             }
-            let fill = Fill(digest: digest, upstream: upstream, repository: repository,
+            let fill = Fill(digest: digest, kind: kind, upstream: upstream, repository: repository,
                             requestHeaders: headers, holdBack: holdBack)
             running.fills[key] = fill
             return (fill, true)

@@ -79,6 +79,12 @@ public enum ConfigLoader {
                 port: try u.optional("port")?.port() ?? (schema == "https" ? 443 : 80),
                 schema: schema, aliases: aliases)
             upstream.maxFills = try u.optional("max_fills")?.integer(in: 1...4096) ?? upstream.maxFills
+            if let node = u.optional("manifests") {
+                guard let value = ProxyConfig.Manifests(rawValue: try node.string()) else {
+                    throw ConfigError(key: node.key, problem: "must be revalidate or passthrough")
+                }
+                upstream.manifests = value
+            }
             try Self.security(u, into: &upstream)
             return upstream
         }
@@ -139,7 +145,7 @@ extension ConfigLoader {
     static let upstreamKeys: Set<String> = [
         "host", "registry", "port", "schema", "aliases", "access_check", "access_cache_ttl", "offline",
         "username", "password", "password_file", "password_env", "ca_file", "client_cert", "client_key", "insecure",
-        "max_fills",
+        "max_fills", "manifests",
     ]
 
     /// The keys of an upstream that decide who gets what: access checks,

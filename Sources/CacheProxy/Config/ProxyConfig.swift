@@ -35,6 +35,17 @@ public struct ProxyConfig: Sendable, Equatable {
         case deny
     }
 
+    /// How manifests are answered (DESIGN.md, Manifest by tag).
+    public enum Manifests: String, Sendable, Equatable {
+        /// By digest from the cache like a blob; by tag, the upstream's
+        /// `HEAD` names the digest (a rate-limit-free request at Docker
+        /// Hub) and the body comes from the cache; offline, the tag's last
+        /// digest.
+        case revalidate
+        /// Every manifest request goes to the upstream as it is.
+        case passthrough
+    }
+
     /// The proxy's own account at an upstream, used for clients that send
     /// no `Authorization`. Never printed: `description` hides the password.
     public struct Credentials: Sendable, Equatable, CustomStringConvertible, CustomReflectable {
@@ -84,6 +95,7 @@ public struct ProxyConfig: Sendable, Equatable {
         /// wait in a bounded queue. containerd and Docker fetch three
         /// layers at a time per image.
         public var maxFills: Int = 32
+        public var manifests: Manifests = .revalidate
 
         /// `scheme://registry[:port]`, with the port left out when it is the
         /// scheme's default, as registries write it in `Location` headers.

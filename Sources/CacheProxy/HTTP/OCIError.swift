@@ -14,6 +14,7 @@ public enum OCIErrorCode: String, Sendable {
     case unauthorized = "UNAUTHORIZED"
     case denied = "DENIED"
     case blobUnknown = "BLOB_UNKNOWN"
+    case manifestUnknown = "MANIFEST_UNKNOWN"
 }
 
 /// An answer the proxy makes up itself: an OCI JSON error.
@@ -29,9 +30,11 @@ public struct OCIError: Error, Sendable {
     }
 
     /// The body of an upstream's refusal to let a client read a blob.
-    static func refusal(_ status: HTTPResponseStatus) -> OCIError {
+    static func refusal(_ status: HTTPResponseStatus, kind: ContentKind = .blob) -> OCIError {
         switch status {
         case .unauthorized: OCIError(status, .unauthorized, "authentication required")
+        case .notFound where kind == .manifest:
+            OCIError(status, .manifestUnknown, "manifest unknown to the upstream registry")
         case .notFound: OCIError(status, .blobUnknown, "blob unknown to the upstream registry")
         default: OCIError(status, .denied, "requested access to the resource is denied")
         }

@@ -10,6 +10,8 @@ import ProxyMetrics
 struct RequestHandler: Sendable {
     let router: Router
     let blobs: BlobResponder
+    let tags: TagResolver
+    let pings: PingMemory
     let passThrough: PassThrough
     let metrics: ProxyMetrics
     let tracker: ConnectionTracker
@@ -75,7 +77,7 @@ struct RequestHandler: Sendable {
             try await response.send(status, headers: ["content-type": "text/plain"],
                                     body: ByteBuffer(string: ready ? "ready\n" : "draining\n"), omitBody: omitBody)
             return ("local", status)
-        case .blob, .passThrough:
+        case .blob, .manifest, .ping, .passThrough:
             break
         }
 
@@ -86,12 +88,46 @@ struct RequestHandler: Sendable {
             return ("error", oci.status)
         }
 
-        if case .blob(let name, let digest) = target {
+        switch target {
+        case .blob(let name, let digest):
             let status = try await blobs.respond(
                 .init(head: head, name: name, digest: digest, upstream: upstream, origin: origin), response: response)
             return ("blob", status)
+        case .manifest(let name, .digest(let digest)) where upstream.manifests == .revalidate:
+            let status = try await blobs.respond(
+                .init(head: head, name: name, digest: digest, upstream: upstream, origin: origin, kind: .manifest),
+                response: response)
+            return ("manifest", status)
+        case .manifest(let name, .tag(let tag)) where upstream.manifests == .revalidate:
+            let status = try await tags.respond(
+                .init(head: head, name: name, tag: tag, upstream: upstream, origin: origin), response: response)
+            return ("manifest", status)
+        case .ping where upstream.manifests == .revalidate:
+            let status = try await passThrough.forward(head, to: upstream, body: body, origin: origin,
+                                                       response: response, observer: pingObserver(head, upstream, response))
+            return ("passthrough", status)
+        default:
+            let status = try await passThrough.forward(head, to: upstream, body: body, origin: origin,
+                                                       response: response)
+            return ("passthrough", status)
         }
-        let status = try await passThrough.forward(head, to: upstream, body: body, origin: origin, response: response)
-        return ("passthrough", status)
+    }
+
+    /// The ping's answers are remembered; offline, the last one answers.
+    private func pingObserver(_ head: HTTPRequestHead, _ upstream: ProxyConfig.Upstream,
+                              _ response: ResponseChannel) -> PassThrough.Observer {
+        let pings = self.pings
+        var observer = PassThrough.Observer(answered: { status, headers in
+            pings.record(upstream: upstream.host, status: status, headers: headers)
+        })
+        guard upstream.offline == .serve else { return observer }
+        observer.failed = {
+            guard let (status, headers, body) = pings.answer(upstream: upstream.host, headers: head.headers) else {
+                return nil
+            }
+            try await response.send(status, headers: headers, body: body, omitBody: head.method == .HEAD)
+            return status
+        }
+        return observer
     }
 }

@@ -66,11 +66,22 @@ struct PassThrough: Sendable {
         return out
     }
 
+    /// What a caller may do with an upstream answer before it is passed on
+    /// (`PingMemory`): see it, or answer instead when the upstream failed.
+    struct Observer: Sendable {
+        /// Called with each answer the upstream gave.
+        var answered: @Sendable (HTTPResponseStatus, HTTPHeaders) -> Void = { _, _ in }
+        /// Called when the upstream could not be reached or answered 429 or
+        /// 5xx, before anything is sent: returns the status it answered the
+        /// client with, or nil to pass the failure on.
+        var failed: (@Sendable () async throws -> HTTPResponseStatus?)?
+    }
+
     /// Forwards the request; `body` carries the request body when it has one.
     /// Returns the status sent to the client.
     func forward(
         _ head: HTTPRequestHead, to upstream: ProxyConfig.Upstream, body: RequestBodySource?,
-        origin: Origin, response: ResponseChannel
+        origin: Origin, response: ResponseChannel, observer: Observer? = nil
     ) async throws -> HTTPResponseStatus {
         // The validator lets only origin-form targets through; checked again
         // here because this is where a target becomes a URL.
@@ -106,11 +117,19 @@ struct PassThrough: Sendable {
             metrics.upstreamAnswered(upstream, method: head.method, response: nil)
             client.logger.notice("upstream request failed", metadata: [
                 "upstream": "\(upstream.host)", "method": "\(head.method.rawValue)", "error": "\(error)"])
+            if let failed = observer?.failed, let status = try await failed() { return status }
             let mapped = UpstreamClient.clientError(for: error)
             try await response.send(mapped, omitBody: head.method == .HEAD)
             return mapped.status
         }
         metrics.upstreamAnswered(upstream, method: head.method, response: upstreamResponse)
+        if let observer {
+            let code = upstreamResponse.status.code
+            observer.answered(upstreamResponse.status, upstreamResponse.headers)
+            if code == 429 || code >= 500, let failed = observer.failed, let status = try await failed() {
+                return status
+            }
+        }
 
         var outHeaders = Self.endToEnd(upstreamResponse.headers)
         if let location = outHeaders.first(name: "location"), let host = origin.clientHost {

@@ -9,6 +9,12 @@ public enum RequestTarget: Equatable, Sendable {
     case readyz
     /// `GET`/`HEAD /v2/<name>/blobs/<digest>`: served through the blob cache.
     case blob(name: String, digest: Digest)
+    /// `GET`/`HEAD /v2/<name>/manifests/<digest|tag>`: by digest through
+    /// the blob cache, by tag resolved by the upstream (`TagResolver`).
+    case manifest(name: String, reference: ManifestReference)
+    /// `GET`/`HEAD /v2/`: the ping every client sends first, remembered
+    /// for when the upstream cannot be reached (`PingMemory`).
+    case ping
     /// Anything else under the registry API: streamed to the upstream.
     case passThrough
 
@@ -27,28 +33,49 @@ public enum RequestTarget: Equatable, Sendable {
         default: break
         }
         try rejectTraversal(path)
-        guard method == "GET" || method == "HEAD",
-              path.hasPrefix("/v2/"),
-              let blobs = lastBlobsSegment(in: path)
-        else { return .passThrough }
-        let digestPart = path[blobs.upperBound...]
+        guard method == "GET" || method == "HEAD", path.hasPrefix("/v2") else { return .passThrough }
+        if path == "/v2/" || path == "/v2" { return .ping }
         // `/v2/<name>/blobs/uploads/...` is the push API, not a blob read.
-        if digestPart.utf8.contains(UInt8(ascii: "/")) || digestPart == "uploads" {
-            return .passThrough
+        if let blobs = lastSegment("/blobs/", in: path), path[blobs.upperBound...] != "uploads",
+           !path[blobs.upperBound...].utf8.contains(UInt8(ascii: "/")) {
+            let digestPart = path[blobs.upperBound...]
+            let name = try repositoryName(in: path, before: blobs)
+            do {
+                return .blob(name: name, digest: try Digest(parsing: digestPart))
+            } catch {
+                throw .digestInvalid(error.description)
+            }
         }
+        if let manifests = lastSegment("/manifests/", in: path) {
+            let reference = path[manifests.upperBound...]
+            if reference.utf8.contains(UInt8(ascii: ":")) {
+                let name = try repositoryName(in: path, before: manifests)
+                do {
+                    return .manifest(name: name, reference: .digest(try Digest(parsing: reference)))
+                } catch {
+                    throw .digestInvalid(error.description)
+                }
+            }
+            // Anything that is not a tag is the upstream's to refuse.
+            guard ManifestReference.isValidTag(reference) else { return .passThrough }
+            return .manifest(name: try repositoryName(in: path, before: manifests), reference: .tag(String(reference)))
+        }
+        return .passThrough
+    }
+
+    /// The repository name between `/v2/` and `segment`.
+    private static func repositoryName(in path: Substring, before segment: Range<Substring.Index>) throws(Rejection)
+        -> String {
         // `/v2/blobs/...` has no name at all: its `/blobs/` starts inside
         // the `/v2/` prefix (a reversed range, once a trap; found by fuzzing).
+        guard path.utf8.count > 4 else { throw .nameInvalid("invalid repository name") }
         let nameStart = path.utf8.index(path.startIndex, offsetBy: 4)
-        guard blobs.lowerBound > nameStart else { throw .nameInvalid("invalid repository name") }
-        let name = path[nameStart..<blobs.lowerBound]
+        guard segment.lowerBound > nameStart, path.hasPrefix("/v2/") else { throw .nameInvalid("invalid repository name") }
+        let name = path[nameStart..<segment.lowerBound]
         guard RepositoryName.isValid(name) else {
             throw .nameInvalid("invalid repository name")
         }
-        do {
-            return .blob(name: String(name), digest: try Digest(parsing: digestPart))
-        } catch {
-            throw .digestInvalid(error.description)
-        }
+        return String(name)
     }
 
     /// Refuses `.`/`..` segments and encoded dots, slashes and backslashes
@@ -94,9 +121,9 @@ public enum RequestTarget: Equatable, Sendable {
         return nil
     }
 
-    /// The range of the last `/blobs/` in `path`.
-    static func lastBlobsSegment(in path: Substring) -> Range<Substring.Index>? {
-        let marker = "/blobs/".utf8
+    /// The range of the last `marker` (`/blobs/`, `/manifests/`) in `path`.
+    static func lastSegment(_ marker: String, in path: Substring) -> Range<Substring.Index>? {
+        let marker = marker.utf8
         var end = path.endIndex
         while let slash = path.utf8[..<end].lastIndex(of: UInt8(ascii: "/")) {
             let start = slash

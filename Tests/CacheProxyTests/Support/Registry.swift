@@ -72,6 +72,12 @@ final class Registry: @unchecked Sendable {
         (daemon?.log ?? "").split(separator: "\n").filter { $0.contains("\"GET ") && $0.contains("/blobs/\(digest)") }.count
     }
 
+    /// Requests with this method whose path holds `fragment` that reached
+    /// the registry, from its access log (written after each response).
+    func requests(_ method: String, _ fragment: String) -> Int {
+        (daemon?.log ?? "").split(separator: "\n").filter { $0.contains("\"\(method) ") && $0.contains(fragment) }.count
+    }
+
     deinit { stop() }
 }
 

@@ -1,0 +1,71 @@
+import Foundation
+import IOURing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A manifest's media type: what the upstream sent as its `Content-Type`,
+/// kept on the cached file (`BlobStore.typeAttribute`) so that a hit answers
+/// as the upstream did. Clients pick the manifest parser by it: an index
+/// served as `application/octet-stream` is not an image to them.
+struct MediaType: Sendable, Equatable {
+    let value: String
+
+    /// Only a plain token (`type/subtype`, parameters allowed) of visible
+    /// ASCII: the value is sent back as a header, and a tampered folder or
+    /// a hostile upstream must not put a line break into it.
+    init?(_ text: String) {
+        let trimmed = text.trimmingCharacters(in: .whitespaces)
+        guard !trimmed.isEmpty, trimmed.utf8.count <= 255, trimmed.contains("/"),
+              trimmed.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7f }) else { return nil }
+        value = trimmed
+    }
+
+    /// The type without parameters, lower-cased: what `Accept` is matched on.
+    var essence: String {
+        let type = value.split(separator: ";", maxSplits: 1).first ?? Substring(value)
+        return type.trimmingCharacters(in: .whitespaces).lowercased()
+    }
+
+    /// Whether a client sending these `Accept` headers takes this type: no
+    /// `Accept` at all, `*/*`, `type/*`, or the type itself. A client that
+    /// names only other types (an old Docker asking for schema 1) must not
+    /// get an index it cannot parse from the offline table.
+    func isAccepted(by accept: [String]) -> Bool {
+        let ranges = accept.flatMap { $0.split(separator: ",") }
+            .compactMap { $0.split(separator: ";", maxSplits: 1).first?.trimmingCharacters(in: .whitespaces).lowercased() }
+            .filter { !$0.isEmpty }
+        guard !ranges.isEmpty else { return true }
+        let essence = self.essence
+        let major = essence.split(separator: "/").first.map(String.init) ?? essence
+        return ranges.contains { $0 == "*/*" || $0 == essence || $0 == major + "/*" }
+    }
+
+    /// The media type of the cached manifest open at `fd`: the one stored
+    /// with it, else the body's own `mediaType` field (a folder copied
+    /// without extended attributes), else what its shape says.
+    static func ofCachedManifest(fd: CInt, size: Int64) -> MediaType? {
+        if let stored = FileAttributes.get(BlobStore.typeAttribute, fd: fd).flatMap(MediaType.init) {
+            return stored
+        }
+        guard size > 0, size <= 4 << 20 else { return nil }
+        var data = Data(count: Int(size))
+        let got = data.withUnsafeMutableBytes { pread(fd, $0.baseAddress, Int(size), 0) }
+        guard got == size, let object = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] else {
+            return nil
+        }
+        if let named = (object["mediaType"] as? String).flatMap(MediaType.init) { return named }
+        if object["manifests"] != nil { return MediaType("application/vnd.oci.image.index.v1+json") }
+        if object["config"] != nil { return MediaType("application/vnd.oci.image.manifest.v1+json") }
+        return nil
+    }
+
+    /// What a manifest fill asks the upstream for when the client named
+    /// nothing: every manifest type a current client parses.
+    static let manifestAccept = [
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    ].joined(separator: ", ")
+}

@@ -1,0 +1,133 @@
+import AsyncHTTPClient
+import NIOCore
+import NIOHTTP1
+import ProxyMetrics
+
+/// Answers `GET`/`HEAD /v2/<name>/manifests/<tag>` (DESIGN.md, Manifest by
+/// tag): the upstream names the digest, the cache serves the body.
+///
+/// The upstream is asked with a `HEAD` carrying the client's `Accept` and
+/// credentials, every time: tags stay exactly as fresh as the upstream says,
+/// the upstream still decides who may read them, and a `HEAD` costs nothing
+/// against Docker Hub's pull limit. Its `Docker-Content-Digest` names the
+/// manifest, which is then content like any other: served from the cache
+/// when there, else fetched by digest through the one fill path, which
+/// verifies it. When the upstream cannot answer, the tag's last digest is
+/// served to a client the upstream allowed before (`offline: serve`).
+struct TagResolver: Sendable {
+    let blobs: BlobResponder
+    let tags: TagTable
+    let client: UpstreamClient
+    let gate: AccessGate
+    let metrics: ProxyMetrics
+
+    struct Request: Sendable {
+        let head: HTTPRequestHead
+        let name: String
+        let tag: String
+        let upstream: ProxyConfig.Upstream
+        let origin: PassThrough.Origin
+
+        var key: TagTable.Key { TagTable.Key(upstream: upstream.host, repository: name, tag: tag) }
+
+        /// The same request, for the manifest the tag names.
+        func content(_ digest: Digest) -> BlobResponder.Request {
+            BlobResponder.Request(head: head, name: name, digest: digest, upstream: upstream, origin: origin,
+                                  kind: .manifest, admitted: true)
+        }
+    }
+
+    /// What kept the upstream from naming a digest.
+    private enum Failure {
+        case unreachable(OCIError)
+        case answered(HTTPResponseStatus, HTTPHeaders)
+    }
+
+    func respond(_ request: Request, response: ResponseChannel) async throws -> HTTPResponseStatus {
+        let upstream = request.upstream
+        var ask = HTTPClientRequest(url: "\(upstream.origin)/v2/\(request.name)/manifests/\(request.tag)")
+        ask.method = .HEAD
+        ask.headers = BlobResponder.upstreamHeaders(request.head.headers, kind: .manifest)
+        let answer: HTTPClientResponse
+        do {
+            answer = try await client.send(ask, to: upstream)
+        } catch {
+            metrics.upstreamAnswered(upstream, method: .HEAD, response: nil)
+            client.logger.notice("tag look-up failed", metadata: [
+                "upstream": "\(upstream.host)", "repository": "\(request.name)", "error": "\(error)"])
+            return try await offline(request, failure: .unreachable(UpstreamClient.clientError(for: error)),
+                                     response: response)
+        }
+        metrics.upstreamAnswered(upstream, method: .HEAD, response: answer)
+        switch answer.status.code {
+        case 200:
+            guard let digest = answer.headers.first(name: "docker-content-digest")
+                .flatMap({ try? Digest(parsing: Substring($0)) }) else {
+                // No digest to cache under (not a registry this proxy knows
+                // how to cache for): the request goes as it came.
+                return try await blobs.passThrough.forward(request.head, to: upstream, body: nil,
+                                                           origin: request.origin, response: response)
+            }
+            if let mediaType = answer.headers.first(name: "content-type").flatMap(MediaType.init) {
+                tags.record(request.key, digest: digest, mediaType: mediaType)
+            }
+            // The upstream's yes to this client for this repository, and
+            // the manifest's place in it: the body may come from the cache.
+            gate.remember(upstream: upstream, headers: request.head.headers, repository: request.name,
+                          digest: digest)
+            if request.head.method == .HEAD {
+                // The upstream's own answer: its type, length and digest.
+                response.head(.ok, PassThrough.endToEnd(answer.headers))
+                try await response.end()
+                return .ok
+            }
+            return try await blobs.respond(request.content(digest), response: response)
+        case 429, 500...:
+            return try await offline(request, failure: .answered(answer.status, answer.headers), response: response)
+        default:
+            // A refusal (401 and its challenge, 403, 404) goes to the client
+            // as the upstream gave it: the token dance works unchanged.
+            return try await send(.answered(answer.status, answer.headers), request, response: response)
+        }
+    }
+
+    /// The tag's last digest, when the offline policy serves it to this
+    /// client; otherwise the upstream's failure.
+    private func offline(_ request: Request, failure: Failure,
+                         response: ResponseChannel) async throws -> HTTPResponseStatus {
+        guard request.upstream.offline == .serve,
+              let entry = tags.lookup(request.key, accept: request.head.headers["accept"]),
+              blobs.store.size(of: entry.digest) != nil,
+              gate.allowedBefore(upstream: request.upstream, headers: request.head.headers,
+                                 repository: request.name, digest: entry.digest)
+        else {
+            return try await send(failure, request, response: response)
+        }
+        metrics.manifestsOffline.increment()
+        return try await blobs.respond(request.content(entry.digest), response: response)
+    }
+
+    private func send(_ failure: Failure, _ request: Request, response: ResponseChannel) async throws
+        -> HTTPResponseStatus {
+        let omitBody = request.head.method == .HEAD
+        switch failure {
+        case .unreachable(let error):
+            try await response.send(error, omitBody: omitBody)
+            return error.status
+        case .answered(let status, let upstreamHeaders):
+            // The upstream's headers (`WWW-Authenticate`, `Retry-After`),
+            // with a body of this proxy's: its answer was to a `HEAD`.
+            var headers = PassThrough.endToEnd(upstreamHeaders)
+            for name in ["content-length", "content-type", "docker-content-digest", "etag"] {
+                headers.remove(name: name)
+            }
+            headers.add(name: "content-type", value: "application/json")
+            let error = status.code >= 500 || status.code == 429
+                ? OCIError(status, .unavailable, "the upstream registry answered \(status.code)")
+                : OCIError.refusal(status, kind: .manifest)
+            try await response.send(status, headers: headers, body: ByteBuffer(string: error.body),
+                                    omitBody: omitBody)
+            return status
+        }
+    }
+}

@@ -1,0 +1,89 @@
+import NIOConcurrencyHelpers
+
+/// The last digests the upstream named for each tag: what a pull by tag is
+/// answered from while the upstream cannot be asked (DESIGN.md, Offline
+/// memory). Written to the storage folder with the grants and links
+/// (`AccessMemory`).
+///
+/// A tag may name a different manifest for each `Accept` (an index for a
+/// current client, a single-platform manifest for an old Docker), so a tag
+/// keeps its last digest per media type, most recent first; offline, a
+/// client gets the most recent one it accepts.
+public final class TagTable: Sendable {
+    struct Key: Hashable, Sendable {
+        let upstream: String
+        let repository: String
+        let tag: String
+    }
+
+    struct Entry: Equatable, Sendable {
+        let digest: Digest
+        let mediaType: MediaType
+    }
+
+    /// One tag and its entries, as saved and loaded.
+    struct Row: Equatable, Sendable {
+        let key: Key
+        let entries: [Entry]
+    }
+
+    private struct State {
+        var tags: [Key: [Entry]] = [:]
+        var changed = false
+    }
+
+    /// Media types kept per tag: the manifest kinds clients ask for.
+    static let typesPerTag = 4
+
+    private let state: NIOLockedValueBox<State>
+    let capacity: Int
+
+    init(capacity: Int = 65536, remembered: [Row] = []) {
+        self.capacity = capacity
+        var state = State()
+        for row in remembered.prefix(capacity) {
+            state.tags[row.key] = Array(row.entries.prefix(Self.typesPerTag))
+        }
+        self.state = NIOLockedValueBox(state)
+    }
+
+    /// The upstream named `digest` for the tag just now.
+    func record(_ key: Key, digest: Digest, mediaType: MediaType) {
+        let entry = Entry(digest: digest, mediaType: mediaType)
+        let capacity = self.capacity
+        state.withLockedValue { state in
+            var entries = state.tags[key] ?? []
+            guard entries.first != entry else { return }  // a renewal is not worth a write
+            if entries.isEmpty, state.tags.count >= capacity {
+                // Full: a quarter goes, in hash order (effectively at
+                // random). A forgotten tag costs an offline pull, never a
+                // wrong answer.
+                for victim in Array(state.tags.keys.prefix(max(1, capacity / 4))) { state.tags[victim] = nil }
+            }
+            entries.removeAll { $0.mediaType.essence == mediaType.essence }
+            entries.insert(entry, at: 0)
+            state.tags[key] = Array(entries.prefix(Self.typesPerTag))
+            state.changed = true
+        }
+    }
+
+    /// The most recent digest named for the tag whose media type a client
+    /// sending `accept` takes.
+    func lookup(_ key: Key, accept: [String]) -> Entry? {
+        state.withLockedValue { $0.tags[key] }?.first { $0.mediaType.isAccepted(by: accept) }
+    }
+
+    /// The table, when it changed since the last call (or `always`).
+    func snapshot(always: Bool = false) -> [Row]? {
+        state.withLockedValue { state in
+            guard state.changed || always else { return nil }
+            state.changed = false
+            return state.tags.map { Row(key: $0.key, entries: $0.value) }
+        }
+    }
+
+    /// The last snapshot was not written: the next one is taken again.
+    func markChanged() {
+        state.withLockedValue { $0.changed = true }
+    }
+}

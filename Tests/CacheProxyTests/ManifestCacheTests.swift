@@ -1,0 +1,215 @@
+import Crypto
+import Foundation
+import NIOConcurrencyHelpers
+import NIOHTTP1
+import XCTest
+@testable import CacheProxy
+
+/// Manifests through the cache (DESIGN.md, Manifest by tag), against the
+/// real distribution registry with skopeo, and against a fake upstream for
+/// what a real registry does not do (429s, wrong bytes).
+final class ManifestCacheTests: XCTestCase {
+    static func sha256(_ data: Data) -> String {
+        "sha256:" + SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined()
+    }
+
+    func upstreamYAML(_ registry: Registry, _ extra: String = "") -> String {
+        "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(registry.port), schema: \"http\"\(extra)}"
+    }
+
+    /// `skopeo copy` of `reference` through the proxy into a new folder:
+    /// the manifest's bytes, or nil with skopeo's output when it failed.
+    func pull(_ proxy: TestProxy, _ reference: String, creds: String? = nil) throws -> (Data?, String) {
+        let out = try makeTemporaryFolder("pull")
+        var arguments = ["copy", "--src-tls-verify=false", "--preserve-digests"]
+        if let creds { arguments += ["--src-creds", creds] }
+        let (status, output) = try shell("skopeo", arguments + ["docker://127.0.0.1:\(proxy.port)/\(reference)",
+                                                                "dir:\(out)"])
+        guard status == 0 else { return (nil, output) }
+        return (try Data(contentsOf: URL(fileURLWithPath: out + "/manifest.json")), output)
+    }
+
+    struct Answer {
+        let exitCode: Int32
+        let code: Int
+        /// Lower-cased names, the last response's.
+        let headers: [String: String]
+        let body: Data
+    }
+
+    /// One request with curl, headers included.
+    func curl(_ url: String, method: String = "GET", extra: [String] = []) throws -> Answer {
+        let out = NSTemporaryDirectory() + "body-\(UUID().uuidString)"
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        var arguments = ["-s", "-D", "-", "-o", out, "--max-time", "30"]
+        if method == "HEAD" { arguments.append("-I") }
+        let (status, text) = try shell("curl", arguments + extra + [url])
+        var code = 0
+        var headers: [String: String] = [:]
+        for line in text.split(separator: "\r\n", omittingEmptySubsequences: false) {
+            if line.hasPrefix("HTTP/") {
+                code = Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0
+                headers = [:]
+            } else if let colon = line.firstIndex(of: ":") {
+                headers[line[..<colon].lowercased()] = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+            }
+        }
+        let body = (try? Data(contentsOf: URL(fileURLWithPath: out))) ?? Data()
+        return Answer(exitCode: status, code: code, headers: headers, body: body)
+    }
+
+    func testRepeatedPullsCostHeadsOnlyFollowTheTagAndSurviveAnOutageAndARestart() async throws {
+        let registry = try Registry()
+        let first = try TestImage.make(layerSizes: [4096, 60_000])
+        try first.push(to: "\(registry.address)/test/app:v1")
+        let folder = try makeTemporaryFolder("cache")
+        let timeouts = "timeouts: {connect: 1, upstream: 3}"
+        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(registry), folder: folder, extraYAML: timeouts)
+
+        var manifests: [Data] = []
+        for _ in 1...2 {
+            let (manifest, output) = try pull(proxy, "test/app:v1")
+            XCTAssertNotNil(manifest, output)
+            manifests.append(manifest ?? Data())
+        }
+        XCTAssertEqual(manifests[0], manifests[1], "the cached manifest is the upstream's, byte for byte")
+        XCTAssertEqual(Self.sha256(manifests[0]), first.manifest)
+        try await Task.sleep(for: .milliseconds(1200))  // distribution's access log follows the response
+        XCTAssertEqual(registry.requests("GET", "/manifests/"), 1, "one manifest GET in all: \(registry.requests("GET", "/manifests/"))")
+        XCTAssertGreaterThanOrEqual(registry.requests("HEAD", "/manifests/v1"), 2, "each pull asked for the tag")
+        XCTAssertGreaterThanOrEqual(try proxy.metric("cacheproxy_manifest_hits_total"), 1)
+        XCTAssertEqual(try proxy.metric("cacheproxy_manifest_misses_total"), 1)
+        XCTAssertGreaterThanOrEqual(
+            try proxy.metric(#"cacheproxy_upstream_requests_total{upstream="127.0.0.1",method="HEAD",code="200"}"#), 2)
+        // A cached manifest by digest answers with the upstream's media type.
+        let byDigest = try curl("\(proxy.base)/v2/test/app/manifests/\(first.manifest)", method: "HEAD")
+        XCTAssertEqual(byDigest.code, 200)
+        XCTAssertEqual(byDigest.headers["content-type"], "application/vnd.oci.image.manifest.v1+json")
+
+        // The tag moves upstream: the next pull follows it.
+        let second = try TestImage.make(layerSizes: [3000])
+        try second.push(to: "\(registry.address)/test/app:v1")
+        let (moved, movedOutput) = try pull(proxy, "test/app:v1")
+        XCTAssertEqual(moved.map(Self.sha256), second.manifest, movedOutput)
+
+        // The registry goes away: by tag (its last digest) and by digest.
+        registry.stop()
+        let (offlineTag, tagOutput) = try pull(proxy, "test/app:v1")
+        XCTAssertEqual(offlineTag.map(Self.sha256), second.manifest, tagOutput)
+        let (offlineDigest, digestOutput) = try pull(proxy, "test/app@\(first.manifest)")
+        XCTAssertEqual(offlineDigest.map(Self.sha256), first.manifest, digestOutput)
+        // The tag's answer came from the offline table (the digest's from
+        // a still-fresh access answer: no upstream was needed for it).
+        XCTAssertGreaterThanOrEqual(try proxy.metric("cacheproxy_manifest_offline_total"), 1)
+        await proxy.stop()
+
+        // Restarted while the registry is still down: the memory was kept.
+        let restarted = try await TestProxy(upstreamsYAML: upstreamYAML(registry), folder: folder, extraYAML: timeouts)
+        let (again, againOutput) = try pull(restarted, "test/app:v1")
+        XCTAssertEqual(again.map(Self.sha256), second.manifest, againOutput)
+        let (againDigest, againDigestOutput) = try pull(restarted, "test/app@\(first.manifest)")
+        XCTAssertEqual(againDigest.map(Self.sha256), first.manifest, againDigestOutput)
+        XCTAssertGreaterThanOrEqual(try restarted.metric("cacheproxy_manifest_offline_total"), 2)
+        await restarted.stop()
+
+        // `offline: deny`: the same folder serves nothing without the upstream.
+        let denying = try await TestProxy(upstreamsYAML: upstreamYAML(registry, ", offline: deny"), folder: folder,
+                                          extraYAML: timeouts)
+        let (denied, _) = try pull(denying, "test/app:v1")
+        XCTAssertNil(denied)
+        XCTAssertEqual(try curl("\(denying.base)/v2/test/app/manifests/v1").code, 502)
+        XCTAssertEqual(try curl("\(denying.base)/v2/test/app/manifests/\(first.manifest)").code, 502)
+        await denying.stop()
+    }
+
+    func testACachedManifestGoesOnlyToClientsTheRegistryAllows() async throws {
+        let registry = try Registry(users: ["alice": "wonderland"])
+        let image = try TestImage.make(layerSizes: [2048])
+        try image.push(to: "\(registry.address)/private/app:v1", credentials: "alice:wonderland")
+        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(registry))
+        let (pulled, output) = try pull(proxy, "private/app:v1", creds: "alice:wonderland")
+        XCTAssertEqual(pulled.map(Self.sha256), image.manifest, output)
+
+        for reference in ["v1", image.manifest] {
+            let url = "\(proxy.base)/v2/private/app/manifests/\(reference)"
+            let stranger = try curl(url)
+            XCTAssertEqual(stranger.code, 401, "anonymous, \(reference)")
+            XCTAssertNotNil(stranger.headers["www-authenticate"], "the challenge is passed on")
+            XCTAssertNotEqual(Self.sha256(stranger.body), image.manifest, "no manifest bytes for a stranger")
+            let wrong = try curl(url, extra: ["-u", "alice:guess"])
+            XCTAssertEqual(wrong.code, 401, "wrong password, \(reference)")
+            let alice = try curl(url, extra: ["-u", "alice:wonderland",
+                                              "-H", "Accept: application/vnd.oci.image.manifest.v1+json"])
+            XCTAssertEqual(alice.code, 200, "alice, \(reference)")
+            XCTAssertEqual(Self.sha256(alice.body), image.manifest)
+        }
+        try await Task.sleep(for: .milliseconds(1200))
+        XCTAssertEqual(registry.requests("GET", "/manifests/"), 1, "alice's later reads came from the cache")
+        await proxy.stop()
+        registry.stop()
+    }
+
+    /// A fake upstream with one image manifest: `rateLimited` makes every
+    /// manifest request a 429, `corrupt` sends other bytes for the digest.
+    final class FakeRegistry: @unchecked Sendable {
+        let manifest = Data(#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#.utf8)
+        var digest: String { ManifestCacheTests.sha256(manifest) }
+        let rateLimited = NIOLockedValueBox(false)
+        let corrupt = NIOLockedValueBox(false)
+
+        func reply(_ head: HTTPRequestHead) -> FakeUpstream.Reply {
+            let type = "application/vnd.oci.image.manifest.v1+json"
+            guard head.uri.contains("/manifests/") else { return .init(body: Array("{}".utf8)) }
+            if rateLimited.withLockedValue({ $0 }) {
+                return .init(status: .tooManyRequests, headers: ["ratelimit-remaining": "0;w=21600"])
+            }
+            var body = Array(manifest)
+            if corrupt.withLockedValue({ $0 }) { body[body.count - 2] = UInt8(ascii: " ") }
+            return .init(headers: ["content-type": type, "docker-content-digest": digest], body: body)
+        }
+    }
+
+    func testARateLimitedUpstreamStillGetsTheCachedManifest() async throws {
+        let fake = FakeRegistry()
+        let upstream = try await FakeUpstream { fake.reply($0) }
+        let proxy = try await TestProxy(upstreamsYAML:
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}")
+        XCTAssertEqual(try curl("\(proxy.base)/v2/lib/app/manifests/latest").body, fake.manifest)
+        fake.rateLimited.withLockedValue { $0 = true }
+        for reference in ["latest", fake.digest] {
+            let r = try curl("\(proxy.base)/v2/lib/app/manifests/\(reference)")
+            XCTAssertEqual(r.code, 200, reference)
+            XCTAssertEqual(r.body, fake.manifest, reference)
+            XCTAssertEqual(r.headers["content-type"], "application/vnd.oci.image.manifest.v1+json")
+            XCTAssertEqual(r.headers["docker-content-digest"], fake.digest)
+        }
+        let gets = upstream.requests.filter { $0.method == .GET && $0.uri.contains("/manifests/") }.count
+        XCTAssertEqual(gets, 1, "one manifest GET: the rest were HEADs")
+        // An image never seen gets the upstream's 429, its headers included.
+        let unseen = try curl("\(proxy.base)/v2/lib/other/manifests/latest")
+        XCTAssertEqual(unseen.code, 429)
+        XCTAssertEqual(try proxy.metric(#"cacheproxy_upstream_ratelimit_remaining{upstream="127.0.0.1"}"#), 0)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    func testAManifestThatDoesNotMatchItsDigestIsNeverStoredNorAnsweredWhole() async throws {
+        let fake = FakeRegistry()
+        fake.corrupt.withLockedValue { $0 = true }
+        let upstream = try await FakeUpstream { fake.reply($0) }
+        let proxy = try await TestProxy(upstreamsYAML:
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}")
+        for reference in ["latest", fake.digest] {
+            let r = try curl("\(proxy.base)/v2/lib/app/manifests/\(reference)")
+            XCTAssertNotEqual(r.body.count, fake.manifest.count, "\(reference): never a complete-looking answer")
+            XCTAssertTrue(r.code != 200 || r.exitCode != 0, "\(reference): an error or a cut")
+        }
+        XCTAssertEqual(proxy.files(in: "blobs"), [], "nothing stored")
+        XCTAssertEqual(try proxy.metric("cacheproxy_digest_mismatches_total"), 2)
+        // Once the upstream is right again, the manifest is fetched anew.
+        fake.corrupt.withLockedValue { $0 = false }
+        XCTAssertEqual(try curl("\(proxy.base)/v2/lib/app/manifests/latest").body, fake.manifest)
+        await proxy.stop()
+        await upstream.stop()
+    }
+}
