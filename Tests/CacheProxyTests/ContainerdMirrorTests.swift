@@ -52,11 +52,28 @@ final class ContainerdMirrorTests: XCTestCase {
         for digest in image.layers + [image.config, image.manifest] {
             XCTAssertTrue(listed.contains(digest), "\(digest) not in containerd's content store")
         }
-        // Every blob came through the proxy (and is cached there).
+        // Every blob and the manifest came through the proxy (and are
+        // cached there).
         let cached = Set(proxy.files(in: "blobs").map { "sha256:" + ($0.split(separator: "/").last ?? "") })
-        XCTAssertEqual(cached, Set(image.layers + [image.config]))
+        XCTAssertEqual(cached, Set(image.layers + [image.config, image.manifest]))
         XCTAssertEqual(try proxy.metric("cacheproxy_blob_misses_total"), Double(image.layers.count + 1))
-        await proxy.stop()
+        XCTAssertEqual(try proxy.metric("cacheproxy_manifest_misses_total"), 1)
+
+        // The registry goes away; containerd forgets the image and fetches
+        // it again by tag: the proxy resolves the tag from its offline
+        // table, and every byte comes from its cache.
         registry.stop()
+        let removed = try shell("ctr", ctr + ["content", "rm"] + image.layers + [image.config, image.manifest])
+        XCTAssertEqual(removed.status, 0, removed.output)
+        XCTAssertFalse(try shell("ctr", ctr + ["content", "ls", "-q"]).output.contains(image.manifest))
+        let (offlineStatus, offlineOutput) = try shell("ctr", ctr + ["content", "fetch", "--hosts-dir", hostsDir,
+                                                                     "\(registry.address)/test/ctr:v1"])
+        XCTAssertEqual(offlineStatus, 0, offlineOutput)
+        let relisted = try shell("ctr", ctr + ["content", "ls", "-q"]).output
+        for digest in image.layers + [image.config, image.manifest] {
+            XCTAssertTrue(relisted.contains(digest), "\(digest) fetched while the registry is down")
+        }
+        XCTAssertGreaterThanOrEqual(try proxy.metric("cacheproxy_manifest_offline_total"), 1)
+        await proxy.stop()
     }
 }

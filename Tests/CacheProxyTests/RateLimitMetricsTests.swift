@@ -19,8 +19,10 @@ final class RateLimitMetricsTests: XCTestCase {
                                    "ratelimit-limit": "100;w=21600", "ratelimit-remaining": "\(remaining);w=21600"],
                          body: Array(#"{"schemaVersion":2}"#.utf8))
         }
+        // Manifests passed through as they come (`manifests: passthrough`):
+        // every client request is one upstream request of the same method.
         let proxy = try await TestProxy(upstreamsYAML:
-            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}")
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\", manifests: passthrough}")
         let url = "\(proxy.base)/v2/library/alpine/manifests/3.20"
         XCTAssertEqual(try curl(url).code, 200)
         XCTAssertEqual(try proxy.metric(#"cacheproxy_upstream_ratelimit_remaining{upstream="127.0.0.1"}"#), 99)

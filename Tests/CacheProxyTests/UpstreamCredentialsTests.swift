@@ -80,11 +80,11 @@ final class UpstreamCredentialsTests: XCTestCase {
                  username: robot, password_env: CACHE_PROXY_TEST_UPSTREAM_PASSWORD}
             """)
         defer { Task { await proxy.stop(); await fake.stop() } }
-        let results = try curlAtOnce("\(proxy.base)/v2/team/app/manifests/v1", count: 12)
+        let results = try curlAtOnce("\(proxy.base)/v2/team/app/tags/list", count: 12)
         XCTAssertEqual(results.map(\.code), Array(repeating: 200, count: 12))
         XCTAssertEqual(tokens.withLockedValue { $0 }, 1, "one token request for one scope")
         let before = fake.requests.count
-        XCTAssertEqual(try curl("\(proxy.base)/v2/team/app/manifests/v2").code, 200)
+        XCTAssertEqual(try curl("\(proxy.base)/v2/team/app/tags/list?n=1").code, 200)
         XCTAssertEqual(tokens.withLockedValue { $0 }, 1, "the token is reused")
         let sent = fake.requests.dropFirst(before)
         XCTAssertEqual(sent.map { $0.headers.first(name: "authorization") }, ["Bearer t0k3n"],
