@@ -8,12 +8,22 @@ import UnixSignals
 import Glibc
 #endif
 
-/// `cache-proxy --config PATH [--port N] [--storage DIR]`
+/// `cache-proxy [serve] --config PATH [--port N] [--storage DIR]`, and
+/// `cache-proxy preload ...` (`PreloadCommand`).
 @main
 struct CacheProxyCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cache-proxy",
-        abstract: "A pull-through layer cache for OCI/Docker registries.")
+        abstract: "A pull-through layer cache for OCI/Docker registries.",
+        subcommands: [ServeCommand.self, PreloadCommand.self],
+        defaultSubcommand: ServeCommand.self)
+}
+
+/// Runs the proxy until SIGTERM/SIGINT (the default subcommand).
+struct ServeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Serve the registries of the configuration (the default).")
 
     @Option(help: "Path of the YAML configuration file.")
     var config: String = "./config.yaml"
