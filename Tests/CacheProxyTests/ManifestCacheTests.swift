@@ -165,7 +165,9 @@ final class ManifestCacheTests: XCTestCase {
             }
             var body = Array(manifest)
             if corrupt.withLockedValue({ $0 }) { body[body.count - 2] = UInt8(ascii: " ") }
-            return .init(headers: ["content-type": type, "docker-content-digest": digest], body: body)
+            // A GET takes a while: requests that come meanwhile must join it.
+            return .init(headers: ["content-type": type, "docker-content-digest": digest], body: body,
+                         headDelay: head.method == .GET ? .milliseconds(300) : .zero)
         }
     }
 
@@ -189,6 +191,23 @@ final class ManifestCacheTests: XCTestCase {
         let unseen = try curl("\(proxy.base)/v2/lib/other/manifests/latest")
         XCTAssertEqual(unseen.code, 429)
         XCTAssertEqual(try proxy.metric(#"cacheproxy_upstream_ratelimit_remaining{upstream="127.0.0.1"}"#), 0)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    func testClientsAskingAtOnceForAnUncachedManifestMakeOneUpstreamGet() async throws {
+        let fake = FakeRegistry()
+        let upstream = try await FakeUpstream { fake.reply($0) }
+        let proxy = try await TestProxy(upstreamsYAML:
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}")
+        let byTag = try curlAtOnce("\(proxy.base)/v2/lib/app/manifests/latest", count: 6)
+        let byDigest = try curlAtOnce("\(proxy.base)/v2/lib/app/manifests/\(fake.digest)", count: 6)
+        for result in byTag + byDigest {
+            XCTAssertEqual(result.code, 200)
+            XCTAssertEqual(result.body, fake.manifest)
+        }
+        let gets = upstream.requests.filter { $0.method == .GET && $0.uri.contains("/manifests/") }.count
+        XCTAssertEqual(gets, 1, "one upstream GET for twelve clients")
         await proxy.stop()
         await upstream.stop()
     }

@@ -221,20 +221,31 @@ struct BlobResponder: Sendable {
             if request.kind == .manifest { metrics.manifestsOffline.increment() }
             return nil
         case .refused(let status, let upstreamHeaders):
-            // The upstream's headers (its `WWW-Authenticate` above all), with
-            // a body of this proxy's: the upstream's answer was to a HEAD.
-            var headers = upstreamHeaders
-            for name in ["content-length", "content-type", "docker-content-digest", "etag", "accept-ranges"] {
-                headers.remove(name: name)
-            }
-            let error = OCIError.refusal(status, kind: request.kind)
-            headers.add(name: "content-type", value: "application/json")
-            try await response.send(status, headers: headers, body: ByteBuffer(string: error.body), omitBody: omitBody)
+            try await Self.sendUpstreamAnswer(status, upstreamHeaders, kind: request.kind, omitBody: omitBody,
+                                              response: response)
             return status
         case .unreachable(let error):
             try await response.send(error, omitBody: omitBody)
             return error.status
         }
+    }
+
+    /// Passes on the upstream's answer to a `HEAD` (a refusal, a 429, a
+    /// 5xx): its status and headers (its `WWW-Authenticate` above all,
+    /// its `Retry-After`), with a JSON body of this proxy's, since the
+    /// upstream's answer had none, and without what described that absent
+    /// body.
+    static func sendUpstreamAnswer(_ status: HTTPResponseStatus, _ upstreamHeaders: HTTPHeaders, kind: ContentKind,
+                                   omitBody: Bool, response: ResponseChannel) async throws {
+        var headers = PassThrough.endToEnd(upstreamHeaders)
+        for name in ["content-length", "content-type", "docker-content-digest", "etag", "accept-ranges"] {
+            headers.remove(name: name)
+        }
+        headers.add(name: "content-type", value: "application/json")
+        let error = status.code >= 500 || status.code == 429
+            ? OCIError(status, .unavailable, "the upstream registry answered \(status.code)")
+            : OCIError.refusal(status, kind: kind)
+        try await response.send(status, headers: headers, body: ByteBuffer(string: error.body), omitBody: omitBody)
     }
 
     private func sendHead(_ request: Request, length: Int64, contentType: String?,

@@ -115,18 +115,8 @@ struct TagResolver: Sendable {
             try await response.send(error, omitBody: omitBody)
             return error.status
         case .answered(let status, let upstreamHeaders):
-            // The upstream's headers (`WWW-Authenticate`, `Retry-After`),
-            // with a body of this proxy's: its answer was to a `HEAD`.
-            var headers = PassThrough.endToEnd(upstreamHeaders)
-            for name in ["content-length", "content-type", "docker-content-digest", "etag"] {
-                headers.remove(name: name)
-            }
-            headers.add(name: "content-type", value: "application/json")
-            let error = status.code >= 500 || status.code == 429
-                ? OCIError(status, .unavailable, "the upstream registry answered \(status.code)")
-                : OCIError.refusal(status, kind: .manifest)
-            try await response.send(status, headers: headers, body: ByteBuffer(string: error.body),
-                                    omitBody: omitBody)
+            try await BlobResponder.sendUpstreamAnswer(status, upstreamHeaders, kind: .manifest, omitBody: omitBody,
+                                                       response: response)
             return status
         }
     }
