@@ -188,6 +188,8 @@ public final class ProxyServer: Service, Sendable {
                 listener = try await bind(port: port, tls: tls)
             } catch {
                 for (open, _) in opened { try? await open.channel.close() }
+                // Whoever waits for the ports learns there are none.
+                self.bound.continuation.finish()
                 throw error
             }
             let actual = listener.channel.localAddress?.port ?? port

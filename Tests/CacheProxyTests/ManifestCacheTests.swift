@@ -212,6 +212,65 @@ final class ManifestCacheTests: XCTestCase {
         await upstream.stop()
     }
 
+    /// What the upstream says ends what the offline memory holds: a 404 of
+    /// the digest as a *blob* does not unlink the manifest, and a
+    /// credential refused a tag is not served it at the next outage.
+    func testRefusalsReachTheOfflineMemoryAndOnlyForTheirOwnKind() async throws {
+        enum Mode { case up, revoked, down }
+        let mode = NIOLockedValueBox(Mode.up)
+        let fake = FakeRegistry()
+        let good = "Basic " + Data("good:pass".utf8).base64EncodedString()
+        let upstream = try await FakeUpstream { head in
+            let now = mode.withLockedValue { $0 }
+            if now == .down { return .init(status: .serviceUnavailable) }
+            if head.uri.contains("/blobs/") { return .init(status: .notFound) }
+            guard head.uri.contains("/manifests/") else { return .init(body: Array("{}".utf8)) }
+            guard now == .up, head.headers.first(name: "authorization") == good else {
+                return .init(status: .unauthorized, headers: ["www-authenticate": #"Basic realm="fake""#])
+            }
+            return fake.reply(head)
+        }
+        let proxy = try await TestProxy(upstreamsYAML:
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\", access_cache_ttl: 0.05}")
+        let tag = "\(proxy.base)/v2/lib/app/manifests/latest"
+        XCTAssertEqual(try curl(tag, extra: ["-u", "good:pass"]).body, fake.manifest)
+        // The manifest's digest asked for as a blob: the registry says 404
+        // for that path, which says nothing of the manifest.
+        XCTAssertEqual(try curl("\(proxy.base)/v2/lib/app/blobs/\(fake.digest)", extra: ["-u", "good:pass"]).code, 404)
+        mode.withLockedValue { $0 = .down }
+        XCTAssertEqual(try curl(tag, extra: ["-u", "good:pass"]).body, fake.manifest, "still linked: served offline")
+        XCTAssertEqual(try curl(tag).code, 503, "a stranger gets the upstream's failure")
+        // The credential is revoked, then the upstream goes down again.
+        mode.withLockedValue { $0 = .revoked }
+        XCTAssertEqual(try curl(tag, extra: ["-u", "good:pass"]).code, 401)
+        mode.withLockedValue { $0 = .down }
+        XCTAssertEqual(try curl(tag, extra: ["-u", "good:pass"]).code, 503, "a revoked credential is not served offline")
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    func testTheOfflineTableAnswersEachClientWithATypeItTakesIndexesFirst() throws {
+        let table = TagTable()
+        let key = TagTable.Key(upstream: "u", repository: "lib/app", tag: "v1")
+        let index = try TagTable.Entry(digest: Digest(parsing: "sha256:" + String(repeating: "1", count: 64)),
+                                       mediaType: XCTUnwrap(MediaType("application/vnd.oci.image.index.v1+json")))
+        let single = try TagTable.Entry(digest: Digest(parsing: "sha256:" + String(repeating: "2", count: 64)),
+                                        mediaType: XCTUnwrap(MediaType("application/vnd.docker.distribution.manifest.v2+json")))
+        table.record(key, digest: index.digest, mediaType: index.mediaType)
+        table.record(key, digest: single.digest, mediaType: single.mediaType)  // an old client's HEAD, later
+        let containerd = ["application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.index.v1+json, */*"]
+        XCTAssertEqual(table.lookup(key, accept: containerd), index, "the index, though named earlier")
+        XCTAssertEqual(table.lookup(key, accept: ["application/vnd.docker.distribution.manifest.v2+json"]), single)
+        XCTAssertEqual(table.lookup(key, accept: ["application/vnd.oci.image.index.v1+json;q=0, */*"]), single)
+        XCTAssertNil(table.lookup(key, accept: ["application/vnd.docker.distribution.manifest.v1+prettyjws"]))
+        XCTAssertEqual(table.lookup(key, accept: []), index)
+        // Clients taking turns with the same digests are no news to write.
+        XCTAssertNotNil(table.snapshot())
+        table.record(key, digest: index.digest, mediaType: index.mediaType)
+        table.record(key, digest: single.digest, mediaType: single.mediaType)
+        XCTAssertNil(table.snapshot())
+    }
+
     func testAManifestThatDoesNotMatchItsDigestIsNeverStoredNorAnsweredWhole() async throws {
         let fake = FakeRegistry()
         fake.corrupt.withLockedValue { $0 = true }

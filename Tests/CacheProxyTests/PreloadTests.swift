@@ -85,6 +85,24 @@ final class PreloadTests: XCTestCase {
         return TestImage.digest(data)
     }
 
+    /// Behind a token service (as Docker Hub): the preload does the token
+    /// dance for an anonymous pull of a public repository, as a client does.
+    func testPreloadGetsAnAnonymousTokenLikeAClient() async throws {
+        let tokens = try await TokenServer(users: ["": ("", ["public/app"]), "alice": ("a", ["public/app"])])
+        let registry = try Registry(tokens: tokens)
+        let image = try TestImage.make(layerSizes: [2000])
+        try image.push(to: "\(registry.address)/public/app:v1", credentials: "alice:a")
+        let folder = try makeTemporaryFolder("cache")
+        let config = try writeConfig(registry, folder: folder, port: try freePort())
+        let (status, output) = try shell(proxyBinary(), ["preload", "--config", config, "127.0.0.1/public/app:v1"])
+        XCTAssertEqual(status, 0, output)
+        XCTAssertTrue(output.contains("ok 127.0.0.1/public/app:v1: 2 blobs (2 fetched"), output)
+        let (denied, deniedOutput) = try shell(proxyBinary(), ["preload", "--config", config, "127.0.0.1/private/app:v1"])
+        XCTAssertEqual(denied, 1, deniedOutput)
+        XCTAssertTrue(deniedOutput.contains("401 from the upstream"), deniedOutput)
+        registry.stop()
+    }
+
     func testPreloadLoadsOnlyTheAskedPlatformAndTheFolderServesItOfflineEvenElsewhere() async throws {
         let registry = try Registry()
         let multi = try MultiArchImage.make()

@@ -54,10 +54,14 @@ public final class AccessGate: Sendable {
         let repository: String
     }
 
+    /// A blob and a manifest of the same digest are told apart: a check
+    /// asks the registry path of its kind, and a 404 from one path must
+    /// not end what the other said.
     struct Link: Hashable {
         let upstream: String
         let repository: String
         let digest: Digest
+        var kind: ContentKind = .blob
     }
 
     /// 128 bits of an HMAC-SHA256: enough to tell credentials apart, short
@@ -171,11 +175,11 @@ public final class AccessGate: Sendable {
     func check(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String,
                digest: Digest, kind: ContentKind = .blob) async -> Verdict {
         let pair = Pair(grant: grant(upstream: upstream, headers: headers, repository: repository),
-                        link: Link(upstream: upstream.host, repository: repository, digest: digest))
+                        link: Link(upstream: upstream.host, repository: repository, digest: digest, kind: kind))
         if isFresh(pair.link, upstream.accessCheck == .always ? pair.grant : nil) { return .allowed }
         let task: Task<Verdict, Never> = state.withLockedValue { state in
             if let running = state.inFlight[pair] { return running }
-            let task = Task { await self.ask(upstream: upstream, headers: headers, pair: pair, kind: kind) }
+            let task = Task { await self.ask(upstream: upstream, headers: headers, pair: pair) }
             state.inFlight[pair] = task
             return task
         }
@@ -196,9 +200,10 @@ public final class AccessGate: Sendable {
 
     /// Records a yes the upstream gave some other way: a fill's own `GET`
     /// with these credentials answered 2xx.
-    func remember(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String, digest: Digest) {
+    func remember(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String, digest: Digest,
+                  kind: ContentKind = .blob) {
         let pair = Pair(grant: grant(upstream: upstream, headers: headers, repository: repository),
-                        link: Link(upstream: upstream.host, repository: repository, digest: digest))
+                        link: Link(upstream: upstream.host, repository: repository, digest: digest, kind: kind))
         allow(pair, ttl: upstream.accessCacheTTL)
     }
 
@@ -228,8 +233,8 @@ public final class AccessGate: Sendable {
         }
     }
 
-    private func ask(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, pair: Pair,
-                     kind: ContentKind) async -> Verdict {
+    private func ask(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, pair: Pair) async -> Verdict {
+        let kind = pair.link.kind
         defer { state.withLockedValue { _ = $0.inFlight.removeValue(forKey: pair) } }
         let digest = pair.link.digest
         var request = HTTPClientRequest(
@@ -258,7 +263,10 @@ public final class AccessGate: Sendable {
                 allow(pair, ttl: upstream.accessCacheTTL)
                 metrics.accessChecks["allowed"]?.increment()
                 return .allowed
-            case 429, 500...:
+            case 300..<400 where kind == .manifest, 429, 500...:
+                // A redirected manifest (registry.k8s.io sends every
+                // request elsewhere) says nothing about access; nor does a
+                // rate limit or a failure. None of them ends a grant.
                 // The upstream is there but will not say (rate-limited,
                 // failing): treated like one that cannot be reached.
                 failure = OCIError(.badGateway, .unavailable,
@@ -296,6 +304,24 @@ public final class AccessGate: Sendable {
         return before ? .allowedOffline : .unreachable(failure)
     }
 
+    /// The upstream refused this client a tag of `repository` (its own
+    /// `HEAD`, with the client's credentials): a 401 or 403 ends the
+    /// credential's grant, as a refused access check does. Returns whether
+    /// the credential held a grant before, which makes a 404 the
+    /// repository's word (a tag gone) rather than a registry hiding a
+    /// private repository from a stranger.
+    func refused(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String,
+                 status: HTTPResponseStatus) -> Bool {
+        let grant = grant(upstream: upstream, headers: headers, repository: repository)
+        return state.withLockedValue { state in
+            let held = state.grants[grant] != nil
+            if status == .unauthorized || status == .forbidden, state.grants.removeValue(forKey: grant) != nil {
+                state.changed = true
+            }
+            return held
+        }
+    }
+
     /// Whether the upstream allowed this before, fresh or stale: what the
     /// offline policy serves from.
     private func wasAllowed(_ pair: Pair, upstream: ProxyConfig.Upstream) -> Bool {
@@ -308,9 +334,9 @@ public final class AccessGate: Sendable {
     /// `repository` (for a tag answered from the offline table: the
     /// upstream cannot be asked, so only what it said before counts).
     func allowedBefore(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String,
-                       digest: Digest) -> Bool {
+                       digest: Digest, kind: ContentKind) -> Bool {
         wasAllowed(Pair(grant: grant(upstream: upstream, headers: headers, repository: repository),
-                        link: Link(upstream: upstream.host, repository: repository, digest: digest)),
+                        link: Link(upstream: upstream.host, repository: repository, digest: digest, kind: kind)),
                    upstream: upstream)
     }
 

@@ -113,11 +113,12 @@ enum AccessMemory {
                 snapshot.grants.append(AccessGate.Grant(
                     upstream: String(fields[1]), credential: AccessGate.CredentialHash(high: high, low: low),
                     repository: String(fields[4])))
-            case ("l", 4):
+            case ("l", 4), ("m", 4):
+                // `l`: a blob's link, `m`: a manifest's.
                 guard snapshot.links.count < capacity, RepositoryName.isValid(fields[2]),
                       let digest = try? Digest(parsing: fields[3]) else { continue }
                 snapshot.links.append(AccessGate.Link(upstream: String(fields[1]), repository: String(fields[2]),
-                                                      digest: digest))
+                                                      digest: digest, kind: fields[0] == "m" ? .manifest : .blob))
             case ("t", 6...):
                 // `t <upstream> <repo> <tag> <digest> <media type>`, most
                 // recent first; the media type may hold spaces.
@@ -155,23 +156,38 @@ enum AccessMemory {
     static func save(_ snapshot: Snapshot, storage: String, upstreams: [ProxyConfig.Upstream]) throws {
         var text = header + "\n"
         text.reserveCapacity(64 * (snapshot.grants.count + snapshot.links.count + upstreams.count + 1))
+        // The file must stay loadable (`maxFileSize`): past that, lines
+        // are left out, the pings and the upstreams first kept, then the
+        // grants and links, then the tags (a forgotten tag costs an offline
+        // pull by tag, never a wrong answer).
+        var size = text.utf8.count
+        func add(_ line: String) -> Bool {
+            guard size + line.utf8.count < maxFileSize else { return false }
+            size += line.utf8.count
+            text += line
+            return true
+        }
         for upstream in upstreams {
-            text += "u \(upstream.host) \(fingerprint(upstream))\n"
-        }
-        for grant in snapshot.grants {
-            text += "g \(grant.upstream) \(String(grant.credential.high, radix: 16)) \(String(grant.credential.low, radix: 16)) \(grant.repository)\n"
-        }
-        for link in snapshot.links {
-            text += "l \(link.upstream) \(link.repository) \(link.digest)\n"
-        }
-        for row in snapshot.tags {
-            for entry in row.entries {
-                text += "t \(row.key.upstream) \(row.key.repository) \(row.key.tag) \(entry.digest) \(entry.mediaType.value)\n"
-            }
+            _ = add("u \(upstream.host) \(fingerprint(upstream))\n")
         }
         for row in snapshot.pings {
-            if row.open { text += "p \(row.upstream) 200\n" }
-            if let challenge = row.challenge { text += "p \(row.upstream) 401 \(challenge)\n" }
+            if row.open { _ = add("p \(row.upstream) 200\n") }
+            if let challenge = row.challenge { _ = add("p \(row.upstream) 401 \(challenge)\n") }
+        }
+        grants: for grant in snapshot.grants {
+            let line = "g \(grant.upstream) \(String(grant.credential.high, radix: 16)) \(String(grant.credential.low, radix: 16)) \(grant.repository)\n"
+            guard add(line) else { break grants }
+        }
+        links: for link in snapshot.links {
+            guard add("\(link.kind == .manifest ? "m" : "l") \(link.upstream) \(link.repository) \(link.digest)\n") else {
+                break links
+            }
+        }
+        tags: for row in snapshot.tags {
+            for entry in row.entries {
+                let line = "t \(row.key.upstream) \(row.key.repository) \(row.key.tag) \(entry.digest) \(entry.mediaType.value)\n"
+                guard add(line) else { break tags }
+            }
         }
         try write(Data(text.utf8), to: folder(storage) + "/memory", mode: 0o600)
     }

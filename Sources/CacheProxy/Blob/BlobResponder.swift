@@ -134,7 +134,7 @@ struct BlobResponder: Sendable {
         // Anything the proxy knows itself about the blob (that it is cached,
         // its size) goes only to a client the upstream would tell; a blob
         // published after this look is the upstream's to answer for.
-        let running = fills.running(request.digest, upstream: request.upstream)
+        let running = fills.running(request.digest, upstream: request.upstream, kind: request.kind)
         guard store.size(of: request.digest) != nil || running != nil else {
             return try await passThrough.forward(request.head, to: request.upstream, body: nil,
                                                  origin: request.origin, response: response)

@@ -458,7 +458,7 @@ public final class Fill: Sendable {
                 // digest's, and before any follower is told they are: a
                 // later hit with the same credentials needs no `HEAD`.
                 context.gate.remember(upstream: upstream, headers: requestHeaders, repository: repository,
-                                      digest: digest)
+                                      digest: digest, kind: kind)
             }
             switch transition({ $0.digestChecked(matches: hex == digest.hex) }) {
             case .discard(let failure):

@@ -14,9 +14,13 @@ import ProxyMetrics
 /// verified, published file is shared (content addressing makes that safe),
 /// behind each client's own access check.
 public final class FillRegistry: Sendable {
+    /// A manifest request never joins a blob's fill of the same digest:
+    /// the two ask different registry paths, and only a manifest's fill
+    /// keeps the media type.
     struct Key: Hashable {
         let upstream: String
         let digest: Digest
+        var kind: ContentKind = .blob
     }
 
     private struct Running {
@@ -71,7 +75,7 @@ public final class FillRegistry: Sendable {
     /// verified blob twice replaces a file by an identical one.
     func fill(for digest: Digest, kind: ContentKind = .blob, upstream: ProxyConfig.Upstream, repository: String,
               headers: HTTPHeaders, ownUnlessAnswered: Bool = false) -> Lookup {
-        let key = Key(upstream: upstream.host, digest: digest)
+        let key = Key(upstream: upstream.host, digest: digest, kind: kind)
         let found = running.withLockedValue { running -> (fill: Fill, created: Bool)? in
             if let existing = running.fills[key] {
                 let state = existing.state  // read once: it may move on meanwhile
@@ -118,12 +122,12 @@ public final class FillRegistry: Sendable {
 
     /// The fill in flight for `digest` through `upstream`, if any, up to
     /// and including the moment it is published.
-    func running(_ digest: Digest, upstream: ProxyConfig.Upstream) -> Fill? {
-        running.withLockedValue { $0.fills[Key(upstream: upstream.host, digest: digest)] }
+    func running(_ digest: Digest, upstream: ProxyConfig.Upstream, kind: ContentKind = .blob) -> Fill? {
+        running.withLockedValue { $0.fills[Key(upstream: upstream.host, digest: digest, kind: kind)] }
     }
 
     private func finished(_ fill: Fill) {
-        let key = Key(upstream: fill.upstream.host, digest: fill.digest)
+        let key = Key(upstream: fill.upstream.host, digest: fill.digest, kind: fill.kind)
         running.withLockedValue { running in
             if running.fills[key] === fill { running.fills[key] = nil }
             if running.tasks.removeValue(forKey: ObjectIdentifier(fill)) == nil {

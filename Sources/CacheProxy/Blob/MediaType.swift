@@ -27,16 +27,33 @@ struct MediaType: Sendable, Equatable {
         return type.trimmingCharacters(in: .whitespaces).lowercased()
     }
 
+    /// An index (OCI) or manifest list (Docker): many platforms.
+    var isIndex: Bool {
+        essence.hasSuffix("image.index.v1+json") || essence.hasSuffix("manifest.list.v2+json")
+    }
+
     /// Whether a client sending these `Accept` headers takes this type: no
     /// `Accept` at all, `*/*`, `type/*`, or the type itself. A client that
     /// names only other types (an old Docker asking for schema 1) must not
     /// get an index it cannot parse from the offline table.
     func isAccepted(by accept: [String]) -> Bool {
-        let ranges = accept.flatMap { $0.split(separator: ",") }
-            .compactMap { $0.split(separator: ";", maxSplits: 1).first?.trimmingCharacters(in: .whitespaces).lowercased() }
-            .filter { !$0.isEmpty }
-        guard !ranges.isEmpty else { return true }
+        // Each range without its parameters; the type itself with `q=0` is
+        // a "not this", whatever a wildcard says.
+        var named = false
+        var refused = false
         let essence = self.essence
+        let ranges = accept.flatMap { $0.split(separator: ",") }.compactMap { range -> String? in
+            let parts = range.split(separator: ";").map { $0.trimmingCharacters(in: .whitespaces).lowercased() }
+            guard let type = parts.first, !type.isEmpty else { return nil }
+            named = true
+            guard !parts.dropFirst().contains(where: { $0.hasPrefix("q=") && Double($0.dropFirst(2)) == 0 }) else {
+                if type == essence { refused = true }
+                return nil
+            }
+            return type
+        }
+        guard named else { return true }
+        guard !refused else { return false }
         let major = essence.split(separator: "/").first.map(String.init) ?? essence
         return ranges.contains { $0 == "*/*" || $0 == essence || $0 == major + "/*" }
     }
@@ -45,9 +62,22 @@ struct MediaType: Sendable, Equatable {
     /// with it, else the body's own `mediaType` field (a folder copied
     /// without extended attributes), else what its shape says.
     static func ofCachedManifest(fd: CInt, size: Int64) -> MediaType? {
-        if let stored = FileAttributes.get(BlobStore.typeAttribute, fd: fd).flatMap(MediaType.init) {
+        // A stored type that names no JSON document (a registry or a CDN
+        // that said `application/octet-stream`) is not believed over the
+        // body's own.
+        if let stored = FileAttributes.get(BlobStore.typeAttribute, fd: fd).flatMap(MediaType.init),
+           stored.essence.hasSuffix("json") {
             return stored
         }
+        guard let found = ofBody(fd: fd, size: size) else { return nil }
+        // Kept on the file for the next hit (best effort: a read-only
+        // folder, or one without user attributes, parses every time).
+        _ = FileAttributes.set(BlobStore.typeAttribute, to: found.value, on: fd)
+        return found
+    }
+
+    /// The manifest's own `mediaType`, else what its shape says.
+    private static func ofBody(fd: CInt, size: Int64) -> MediaType? {
         guard size > 0, size <= 4 << 20 else { return nil }
         var data = Data(count: Int(size))
         let got = data.withUnsafeMutableBytes { pread(fd, $0.baseAddress, Int(size), 0) }
@@ -56,7 +86,9 @@ struct MediaType: Sendable, Equatable {
         }
         if let named = (object["mediaType"] as? String).flatMap(MediaType.init) { return named }
         if object["manifests"] != nil { return MediaType("application/vnd.oci.image.index.v1+json") }
-        if object["config"] != nil { return MediaType("application/vnd.oci.image.manifest.v1+json") }
+        if object["config"] != nil, object["layers"] != nil {
+            return MediaType("application/vnd.oci.image.manifest.v1+json")
+        }
         return nil
     }
 

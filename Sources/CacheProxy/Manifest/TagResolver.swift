@@ -74,7 +74,7 @@ struct TagResolver: Sendable {
             // The upstream's yes to this client for this repository, and
             // the manifest's place in it: the body may come from the cache.
             gate.remember(upstream: upstream, headers: request.head.headers, repository: request.name,
-                          digest: digest)
+                          digest: digest, kind: .manifest)
             if request.head.method == .HEAD {
                 // The upstream's own answer: its type, length and digest.
                 response.head(.ok, PassThrough.endToEnd(answer.headers))
@@ -84,9 +84,20 @@ struct TagResolver: Sendable {
             return try await blobs.respond(request.content(digest), response: response)
         case 429, 500...:
             return try await offline(request, failure: .answered(answer.status, answer.headers), response: response)
+        case 300..<400:
+            // A registry that redirects its manifests elsewhere
+            // (registry.k8s.io): the client follows, as before this cache.
+            return try await blobs.passThrough.forward(request.head, to: upstream, body: nil,
+                                                       origin: request.origin, response: response)
         default:
             // A refusal (401 and its challenge, 403, 404) goes to the client
-            // as the upstream gave it: the token dance works unchanged.
+            // as the upstream gave it: the token dance works unchanged. It
+            // also ends what the offline memory held for this client: a
+            // revoked credential, or a tag deleted upstream, is not served
+            // at the next outage.
+            let held = gate.refused(upstream: upstream, headers: request.head.headers, repository: request.name,
+                                    status: answer.status)
+            if answer.status == .notFound, held { tags.remove(request.key) }
             return try await send(.answered(answer.status, answer.headers), request, response: response)
         }
     }
@@ -99,12 +110,13 @@ struct TagResolver: Sendable {
               let entry = tags.lookup(request.key, accept: request.head.headers["accept"]),
               blobs.store.size(of: entry.digest) != nil,
               gate.allowedBefore(upstream: request.upstream, headers: request.head.headers,
-                                 repository: request.name, digest: entry.digest)
+                                 repository: request.name, digest: entry.digest, kind: .manifest)
         else {
             return try await send(failure, request, response: response)
         }
-        metrics.manifestsOffline.increment()
-        return try await blobs.respond(request.content(entry.digest), response: response)
+        let status = try await blobs.respond(request.content(entry.digest), response: response)
+        if status == .ok { metrics.manifestsOffline.increment() }
+        return status
     }
 
     private func send(_ failure: Failure, _ request: Request, response: ResponseChannel) async throws

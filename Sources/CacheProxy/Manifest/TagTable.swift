@@ -60,17 +60,32 @@ public final class TagTable: Sendable {
                 // wrong answer.
                 for victim in Array(state.tags.keys.prefix(max(1, capacity / 4))) { state.tags[victim] = nil }
             }
-            entries.removeAll { $0.mediaType.essence == mediaType.essence }
+            if let known = entries.firstIndex(where: { $0.mediaType.essence == mediaType.essence }) {
+                // Clients that accept different types take turns: the same
+                // digest again is no news (and no write of the memory).
+                guard entries[known] != entry else { return }
+                entries.remove(at: known)
+            }
             entries.insert(entry, at: 0)
             state.tags[key] = Array(entries.prefix(Self.typesPerTag))
             state.changed = true
         }
     }
 
-    /// The most recent digest named for the tag whose media type a client
-    /// sending `accept` takes.
+    /// The tag is gone upstream (a 404 to a client allowed the repository).
+    func remove(_ key: Key) {
+        state.withLockedValue { state in
+            if state.tags.removeValue(forKey: key) != nil { state.changed = true }
+        }
+    }
+
+    /// The digest to answer a client sending `accept` with: of the types
+    /// it takes, an index first (it lets every client pick its own
+    /// platform; a single-platform manifest named for another client's
+    /// `Accept` may be another machine's), else the most recent.
     func lookup(_ key: Key, accept: [String]) -> Entry? {
-        state.withLockedValue { $0.tags[key] }?.first { $0.mediaType.isAccepted(by: accept) }
+        let accepted = (state.withLockedValue { $0.tags[key] } ?? []).filter { $0.mediaType.isAccepted(by: accept) }
+        return accepted.first { $0.mediaType.isIndex } ?? accepted.first
     }
 
     /// The table, when it changed since the last call (or `always`).

@@ -1,5 +1,6 @@
 import AsyncHTTPClient
 import Foundation
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 
@@ -47,7 +48,15 @@ public struct Preloader: Sendable {
         let size: Int64
     }
 
+    /// Anonymous tokens by realm and scope: the token dance a client does
+    /// (Docker Hub, ghcr.io and quay answer a token-less pull with a
+    /// `Bearer` challenge, even for public images).
+    final class Tokens: Sendable {
+        let byScope = NIOLockedValueBox<[String: String]>([:])
+    }
+
     let http: HTTPClient
+    let tokens = Tokens()
     /// `http://127.0.0.1:PORT` of the proxy pulled through.
     let base: String
     let storage: String
@@ -226,11 +235,42 @@ public struct Preloader: Sendable {
         request.headers.add(name: "host", value: image.upstream.host)
         request.headers.add(name: "accept", value: MediaType.manifestAccept)
         request.headers.add(name: "user-agent", value: "cache-proxy-preload")
+        let scope = "repository:\(image.repository):pull"
+        if let token = tokens.byScope.withLockedValue({ $0[image.upstream.host + " " + scope] }) {
+            request.headers.add(name: "authorization", value: "Bearer \(token)")
+        }
         do {
+            let response = try await http.execute(request, timeout: .hours(1))
+            guard response.status == .unauthorized, !request.headers.contains(name: "authorization"),
+                  let challenge = AuthChallenge.parse(response.headers["www-authenticate"].joined(separator: ", "))
+                    .first(where: { $0.scheme == "bearer" }),
+                  let token = try await anonymousToken(challenge, scope: scope) else { return response }
+            _ = try? await response.body.collect(upTo: 1 << 16)
+            tokens.byScope.withLockedValue { $0[image.upstream.host + " " + scope] = token }
+            request.headers.add(name: "authorization", value: "Bearer \(token)")
             return try await http.execute(request, timeout: .hours(1))
+        } catch let failure as Failure {
+            throw failure
         } catch {
             throw Failure(description: "the proxy could not be asked for \(path): \(error)")
         }
+    }
+
+    /// An anonymous token from the challenge's realm, as a client gets one;
+    /// nil when the realm gives none (the 401 then stands).
+    private func anonymousToken(_ challenge: AuthChallenge, scope: String) async throws -> String? {
+        guard let realm = challenge["realm"], realm.hasPrefix("https://") || realm.hasPrefix("http://") else {
+            return nil
+        }
+        var query = [("scope", challenge["scope"] ?? scope)]
+        if let service = challenge["service"] { query.insert(("service", service), at: 0) }
+        let encoded = query.map { "\($0.0)=\(UpstreamAuth.encode($0.1))" }.joined(separator: "&")
+        let request = HTTPClientRequest(url: realm + (realm.contains("?") ? "&" : "?") + encoded)
+        guard let response = try? await http.execute(request, timeout: .seconds(60)), response.status == .ok,
+              let body = try? await response.body.collect(upTo: 1 << 20),
+              let object = (try? JSONSerialization.jsonObject(with: Data(body.readableBytesView))) as? [String: Any]
+        else { return nil }
+        return (object["token"] as? String) ?? (object["access_token"] as? String)
     }
 
     static func platform(of entry: [String: Any]) -> Platform? {
@@ -247,7 +287,7 @@ public struct Preloader: Sendable {
     static func explain(_ status: HTTPResponseStatus, what: String) -> String {
         switch status.code {
         case 401, 403:
-            return "\(what): \(status.code) from the upstream (preload pulls as an anonymous client: configure the upstream's username for a private repository)"
+            return "\(what): \(status.code) from the upstream (preload pulls as an anonymous client, or as the upstream's username when one is configured: configure one that may read this repository)"
         case 404: return "\(what): not found upstream (404)"
         default: return "\(what): \(status.code) \(status.reasonPhrase)"
         }
