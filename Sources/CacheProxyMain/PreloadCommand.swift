@@ -4,6 +4,7 @@ import CacheProxy
 import Foundation
 import Logging
 import NIOSSL
+import UnixSignals
 
 /// `cache-proxy preload --config PATH [--platform OS/ARCH[/VARIANT]]...
 /// [--all-platforms] [--file LIST] [--jobs N] IMAGE...`: loads images into
@@ -98,7 +99,19 @@ struct PreloadCommand: AsyncParsableCommand {
         let preloader = Preloader(http: http, base: endpoint.base, storage: settings.storage.folder,
                                   options: .init(platforms: platforms, allPlatforms: allPlatforms, jobs: jobs),
                                   progress: progress)
-        let outcomes = await preloader.run(references)
+        // SIGINT/SIGTERM stop the preload: its requests are cancelled, and
+        // its own server (if it started one) stops as on any shutdown,
+        // saving what was loaded so far to the offline memory.
+        let work = Task { await preloader.run(references) }
+        let signals = await UnixSignalsSequence(trapping: .sigterm, .sigint)
+        let watcher = Task {
+            for await _ in signals {
+                work.cancel()
+                return
+            }
+        }
+        let outcomes = await work.value
+        watcher.cancel()
         try? await http.shutdown()
         await endpoint.stop()
         let elapsed = started.duration(to: .now)

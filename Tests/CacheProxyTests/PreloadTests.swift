@@ -85,6 +85,32 @@ final class PreloadTests: XCTestCase {
         return TestImage.digest(data)
     }
 
+    func testImageNamesAreReadAsAPullReadsThem() throws {
+        let hub = ProxyConfig.Upstream(host: "hub.mirror:5000", registry: "registry-1.docker.io", port: 443,
+                                       schema: "https", aliases: [])
+        let local = ProxyConfig.Upstream(host: "127.0.0.1", registry: "127.0.0.1", port: 5000, schema: "http",
+                                         aliases: ["lab"])
+        let upstreams = [hub, local]
+        let alpine = try ImageReference(parsing: "docker.io/alpine:3.20", upstreams: upstreams)
+        XCTAssertEqual(alpine.upstream.host, "hub.mirror:5000")
+        XCTAssertEqual(alpine.repository, "library/alpine")
+        XCTAssertEqual(alpine.reference, .tag("3.20"))
+        let digest = "sha256:" + String(repeating: "c", count: 64)
+        let pinned = try ImageReference(parsing: "lab/team/app:v1@\(digest)", upstreams: upstreams)
+        XCTAssertEqual(pinned.upstream.host, "127.0.0.1")
+        XCTAssertEqual(pinned.repository, "team/app")
+        XCTAssertEqual(pinned.reference, .digest(try Digest(parsing: digest)))
+        XCTAssertEqual(try ImageReference(parsing: "127.0.0.1/app", upstreams: upstreams).reference, .tag("latest"))
+        for bad in ["alpine:3.20", "quay.io/a/b:1", "lab/Bad/Name:1", "lab/a@sha256:zz", "lab/a:-x"] {
+            XCTAssertThrowsError(try ImageReference(parsing: bad, upstreams: upstreams), bad)
+        }
+        XCTAssertEqual(Platform(parsing: "linux/arm/v7"), Platform(os: "linux", architecture: "arm", variant: "v7"))
+        XCTAssertNil(Platform(parsing: "linux"))
+        XCTAssertTrue(Platform(os: "linux", architecture: "arm").matches(Platform(os: "linux", architecture: "arm", variant: "v6")))
+        XCTAssertFalse(Platform(os: "linux", architecture: "arm", variant: "v7")
+            .matches(Platform(os: "linux", architecture: "arm", variant: "v6")))
+    }
+
     /// Behind a token service (as Docker Hub): the preload does the token
     /// dance for an anonymous pull of a public repository, as a client does.
     func testPreloadGetsAnAnonymousTokenLikeAClient() async throws {

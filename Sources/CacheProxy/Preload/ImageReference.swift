@@ -30,6 +30,9 @@ public struct ImageReference: Sendable, Equatable, CustomStringConvertible {
             }
             reference = .digest(digest)
             rest = rest[..<at]
+            // `repo:tag@digest` (as `docker images --digests` writes it):
+            // the digest decides, the tag is dropped.
+            if let colon = rest.lastIndex(of: ":"), !rest[colon...].contains("/") { rest = rest[..<colon] }
         } else if let colon = rest.lastIndex(of: ":"), !rest[colon...].contains("/") {
             let tag = rest[rest.index(after: colon)...]
             guard ManifestReference.isValidTag(tag) else { throw Invalid(description: "\(text): the tag is not valid") }
