@@ -5,6 +5,9 @@ import Foundation
 import Logging
 import NIOSSL
 import UnixSignals
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `cache-proxy preload --config PATH [--platform OS/ARCH[/VARIANT]]...
 /// [--all-platforms] [--file LIST] [--jobs N] IMAGE...`: loads images into
@@ -105,9 +108,12 @@ struct PreloadCommand: AsyncParsableCommand {
         let work = Task { await preloader.run(references) }
         let signals = await UnixSignalsSequence(trapping: .sigterm, .sigint)
         let watcher = Task {
+            var seen = 0
             for await _ in signals {
-                work.cancel()
-                return
+                seen += 1
+                // The first stops the work; a second one exits at once
+                // (published blobs are whole by construction).
+                if seen == 1 { work.cancel() } else { _exit(130) }
             }
         }
         let outcomes = await work.value

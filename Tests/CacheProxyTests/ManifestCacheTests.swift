@@ -231,7 +231,7 @@ final class ManifestCacheTests: XCTestCase {
             return fake.reply(head)
         }
         let proxy = try await TestProxy(upstreamsYAML:
-            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\", access_cache_ttl: 0.05}")
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}")
         let tag = "\(proxy.base)/v2/lib/app/manifests/latest"
         XCTAssertEqual(try curl(tag, extra: ["-u", "good:pass"]).body, fake.manifest)
         // The manifest's digest asked for as a blob: the registry says 404
@@ -245,6 +245,29 @@ final class ManifestCacheTests: XCTestCase {
         XCTAssertEqual(try curl(tag, extra: ["-u", "good:pass"]).code, 401)
         mode.withLockedValue { $0 = .down }
         XCTAssertEqual(try curl(tag, extra: ["-u", "good:pass"]).code, 503, "a revoked credential is not served offline")
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    /// registry.k8s.io sends every manifest request elsewhere: a client
+    /// gets that redirect to follow, even for a digest cached earlier.
+    func testAManifestRedirectReachesTheClient() async throws {
+        let fake = FakeRegistry()
+        let redirecting = NIOLockedValueBox(false)
+        let upstream = try await FakeUpstream { head in
+            guard redirecting.withLockedValue({ $0 }), head.uri.contains("/manifests/") else { return fake.reply(head) }
+            return .init(status: .temporaryRedirect, headers: ["location": "https://elsewhere.invalid\(head.uri)"])
+        }
+        let proxy = try await TestProxy(upstreamsYAML:
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}")
+        let url = "\(proxy.base)/v2/lib/app/manifests/\(fake.digest)"
+        XCTAssertEqual(try curl(url, extra: ["-u", "a:a"]).body, fake.manifest)
+        redirecting.withLockedValue { $0 = true }
+        for reference in [fake.digest, "latest"] {
+            let other = try curl("\(proxy.base)/v2/lib/app/manifests/\(reference)", extra: ["-u", "b:b"])
+            XCTAssertEqual(other.code, 307, reference)
+            XCTAssertEqual(other.headers["location"], "https://elsewhere.invalid/v2/lib/app/manifests/\(reference)")
+        }
         await proxy.stop()
         await upstream.stop()
     }
@@ -269,6 +292,10 @@ final class ManifestCacheTests: XCTestCase {
         table.record(key, digest: index.digest, mediaType: index.mediaType)
         table.record(key, digest: single.digest, mediaType: single.mediaType)
         XCTAssertNil(table.snapshot())
+        XCTAssertEqual(table.candidates(key, accept: containerd), [index, single], "the next when one cannot be served")
+        // A 404 to a client that takes only one type ends only that type.
+        table.remove(key, accept: ["application/vnd.docker.distribution.manifest.v2+json"])
+        XCTAssertEqual(table.candidates(key, accept: containerd), [index])
     }
 
     func testAManifestThatDoesNotMatchItsDigestIsNeverStoredNorAnsweredWhole() async throws {

@@ -263,10 +263,14 @@ public final class AccessGate: Sendable {
                 allow(pair, ttl: upstream.accessCacheTTL)
                 metrics.accessChecks["allowed"]?.increment()
                 return .allowed
-            case 300..<400 where kind == .manifest, 429, 500...:
-                // A redirected manifest (registry.k8s.io sends every
-                // request elsewhere) says nothing about access; nor does a
-                // rate limit or a failure. None of them ends a grant.
+            case 300..<400 where kind == .manifest:
+                // A registry that redirects its manifests (registry.k8s.io
+                // sends every request elsewhere) says nothing about access
+                // here: the client gets the redirect and follows it, as it
+                // did before manifests were cached. Nothing is forgotten.
+                metrics.accessChecks["refused"]?.increment()
+                return .refused(response.status, PassThrough.endToEnd(response.headers))
+            case 429, 500...:
                 // The upstream is there but will not say (rate-limited,
                 // failing): treated like one that cannot be reached.
                 failure = OCIError(.badGateway, .unavailable,
@@ -313,8 +317,11 @@ public final class AccessGate: Sendable {
     func refused(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String,
                  status: HTTPResponseStatus) -> Bool {
         let grant = grant(upstream: upstream, headers: headers, repository: repository)
+        let now = ContinuousClock.now
         return state.withLockedValue { state in
-            let held = state.grants[grant] != nil
+            // Fresh: a grant known only from before a restart does not
+            // make a 404 the repository's word.
+            let held = state.grants[grant].map { $0 > now } ?? false
             if status == .unauthorized || status == .forbidden, state.grants.removeValue(forKey: grant) != nil {
                 state.changed = true
             }

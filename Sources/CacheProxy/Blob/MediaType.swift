@@ -65,11 +65,11 @@ struct MediaType: Sendable, Equatable {
         // A stored type that names no JSON document (a registry or a CDN
         // that said `application/octet-stream`) is not believed over the
         // body's own.
-        if let stored = FileAttributes.get(BlobStore.typeAttribute, fd: fd).flatMap(MediaType.init),
-           stored.essence.hasSuffix("json") {
+        let stored = FileAttributes.get(BlobStore.typeAttribute, fd: fd).flatMap(MediaType.init)
+        if let stored, stored.essence.hasSuffix("json") || stored.essence.hasSuffix("prettyjws") {
             return stored
         }
-        guard let found = ofBody(fd: fd, size: size) else { return nil }
+        guard let found = ofBody(fd: fd, size: size) else { return stored }
         // Kept on the file for the next hit (best effort: a read-only
         // folder, or one without user attributes, parses every time).
         _ = FileAttributes.set(BlobStore.typeAttribute, to: found.value, on: fd)

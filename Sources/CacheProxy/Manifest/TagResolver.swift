@@ -48,6 +48,9 @@ struct TagResolver: Sendable {
         var ask = HTTPClientRequest(url: "\(upstream.origin)/v2/\(request.name)/manifests/\(request.tag)")
         ask.method = .HEAD
         ask.headers = BlobResponder.upstreamHeaders(request.head.headers, kind: .manifest)
+        // A client that names no type (`curl -I`) is asked for as a fill
+        // would be: registries answer 404 to an index asked for without it.
+        if !ask.headers.contains(name: "accept") { ask.headers.add(name: "accept", value: MediaType.manifestAccept) }
         let answer: HTTPClientResponse
         do {
             answer = try await client.send(ask, to: upstream)
@@ -97,7 +100,7 @@ struct TagResolver: Sendable {
             // at the next outage.
             let held = gate.refused(upstream: upstream, headers: request.head.headers, repository: request.name,
                                     status: answer.status)
-            if answer.status == .notFound, held { tags.remove(request.key) }
+            if answer.status == .notFound, held { tags.remove(request.key, accept: ask.headers["accept"]) }
             return try await send(.answered(answer.status, answer.headers), request, response: response)
         }
     }
@@ -107,10 +110,11 @@ struct TagResolver: Sendable {
     private func offline(_ request: Request, failure: Failure,
                          response: ResponseChannel) async throws -> HTTPResponseStatus {
         guard request.upstream.offline == .serve,
-              let entry = tags.lookup(request.key, accept: request.head.headers["accept"]),
-              blobs.store.size(of: entry.digest) != nil,
-              gate.allowedBefore(upstream: request.upstream, headers: request.head.headers,
-                                 repository: request.name, digest: entry.digest, kind: .manifest)
+              let entry = tags.candidates(request.key, accept: request.head.headers["accept"]).first(where: {
+                  blobs.store.size(of: $0.digest) != nil
+                      && gate.allowedBefore(upstream: request.upstream, headers: request.head.headers,
+                                            repository: request.name, digest: $0.digest, kind: .manifest)
+              })
         else {
             return try await send(failure, request, response: response)
         }

@@ -72,20 +72,33 @@ public final class TagTable: Sendable {
         }
     }
 
-    /// The tag is gone upstream (a 404 to a client allowed the repository).
-    func remove(_ key: Key) {
+    /// The tag is gone upstream for the types a client sending `accept`
+    /// takes (a 404 to a client allowed the repository; registries also
+    /// answer 404 when the tag is there in a type the client does not
+    /// take, so entries of other types stay).
+    func remove(_ key: Key, accept: [String]) {
         state.withLockedValue { state in
-            if state.tags.removeValue(forKey: key) != nil { state.changed = true }
+            guard let entries = state.tags[key] else { return }
+            let kept = entries.filter { !$0.mediaType.isAccepted(by: accept) }
+            guard kept.count != entries.count else { return }
+            state.tags[key] = kept.isEmpty ? nil : kept
+            state.changed = true
         }
     }
 
-    /// The digest to answer a client sending `accept` with: of the types
-    /// it takes, an index first (it lets every client pick its own
-    /// platform; a single-platform manifest named for another client's
-    /// `Accept` may be another machine's), else the most recent.
-    func lookup(_ key: Key, accept: [String]) -> Entry? {
+    /// The digests to answer a client sending `accept` with, best first:
+    /// of the types it takes, an index first (it lets every client pick
+    /// its own platform; a single-platform manifest named for another
+    /// client's `Accept` may be another machine's), then the most recent.
+    /// The caller serves the first one it still holds and may serve.
+    func candidates(_ key: Key, accept: [String]) -> [Entry] {
         let accepted = (state.withLockedValue { $0.tags[key] } ?? []).filter { $0.mediaType.isAccepted(by: accept) }
-        return accepted.first { $0.mediaType.isIndex } ?? accepted.first
+        return accepted.filter(\.mediaType.isIndex) + accepted.filter { !$0.mediaType.isIndex }
+    }
+
+    /// The best of `candidates`.
+    func lookup(_ key: Key, accept: [String]) -> Entry? {
+        candidates(key, accept: accept).first
     }
 
     /// The table, when it changed since the last call (or `always`).

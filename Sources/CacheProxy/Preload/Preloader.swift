@@ -78,7 +78,8 @@ public struct Preloader: Sendable {
             var outcomes = [Outcome?](repeating: nil, count: images.count)
             var next = 0
             func startNext() {
-                guard next < images.count else { return }
+                // Stopped (a signal): no new image is started.
+                guard next < images.count, !Task.isCancelled else { return }
                 let (index, image) = (next, images[next])
                 next += 1
                 group.addTask { (index, await self.preload(image)) }
@@ -236,18 +237,22 @@ public struct Preloader: Sendable {
         request.headers.add(name: "accept", value: MediaType.manifestAccept)
         request.headers.add(name: "user-agent", value: "cache-proxy-preload")
         let scope = "repository:\(image.repository):pull"
-        if let token = tokens.byScope.withLockedValue({ $0[image.upstream.host + " " + scope] }) {
+        let tokenKey = image.upstream.host + " " + scope
+        if let token = tokens.byScope.withLockedValue({ $0[tokenKey] }) {
             request.headers.add(name: "authorization", value: "Bearer \(token)")
         }
         do {
             let response = try await http.execute(request, timeout: .hours(1))
-            guard response.status == .unauthorized, !request.headers.contains(name: "authorization"),
+            // A challenge: no token yet, or the one used expired (Docker
+            // Hub's last five minutes; a long preload outlives several).
+            // One new token, one retry.
+            guard response.status == .unauthorized,
                   let challenge = AuthChallenge.parse(response.headers["www-authenticate"].joined(separator: ", "))
                     .first(where: { $0.scheme == "bearer" }),
                   let token = try await anonymousToken(challenge, scope: scope) else { return response }
             _ = try? await response.body.collect(upTo: 1 << 16)
-            tokens.byScope.withLockedValue { $0[image.upstream.host + " " + scope] = token }
-            request.headers.add(name: "authorization", value: "Bearer \(token)")
+            tokens.byScope.withLockedValue { $0[tokenKey] = token }
+            request.headers.replaceOrAdd(name: "authorization", value: "Bearer \(token)")
             return try await http.execute(request, timeout: .hours(1))
         } catch let failure as Failure {
             throw failure
