@@ -103,6 +103,7 @@ public final class ProxyServer: Service, Sendable {
                                                        logger: logger),
                                   upstreams: config.upstreams)
         let passThrough = PassThrough(client: client, metrics: metrics)
+        let requestLog = RequestLog(format: config.logFormat, level: config.logLevel)
         let router = Router(upstreams: config.upstreams)
         self.router = router
         let tags = TagTable(remembered: memory.snapshot.tags)
@@ -114,9 +115,10 @@ public final class ProxyServer: Service, Sendable {
             blobs: blobs,
             tags: TagResolver(blobs: blobs, tags: tags, client: client, gate: gate, metrics: metrics),
             pings: pings,
-            passThrough: passThrough, metrics: metrics, tracker: tracker, logger: logger,
+            passThrough: passThrough, metrics: metrics, tracker: tracker, logger: logger, requestLog: requestLog,
             trustForwardedHeaders: config.api.trustForwardedHeaders)
-        self.hits = CacheHitResponder(router: router, store: store, gate: gate, metrics: metrics, tracker: tracker)
+        self.hits = CacheHitResponder(router: router, store: store, gate: gate, metrics: metrics, tracker: tracker,
+                                      requestLog: requestLog)
     }
 
     /// The port the (first) listener is bound to, once it is (port 0 in tests).

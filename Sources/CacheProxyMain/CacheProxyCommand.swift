@@ -34,6 +34,9 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "Keep the cache in this folder instead of storage.folder.")
     var storage: String?
 
+    @Option(name: .customLong("log-format"), help: "text or json; overrides log_format.")
+    var logFormat: String?
+
     @Option(name: .customLong("io-backend"),
             help: "Storage backend: auto (io_uring when available), io_uring or threadpool; overrides storage.io_backend.")
     var ioBackend: String?
@@ -47,6 +50,12 @@ struct ServeCommand: AsyncParsableCommand {
                 settings.api.port = port
             }
             if let storage { settings.storage.folder = storage }
+            if let logFormat {
+                guard let format = LogFormat(rawValue: logFormat) else {
+                    throw ConfigError(key: "--log-format", problem: "must be text or json")
+                }
+                settings.logFormat = format
+            }
             if let ioBackend {
                 settings.storage.ioBackend = try ProxyConfig.IOBackendChoice(parsing: ioBackend, key: "--io-backend")
             }
@@ -55,7 +64,9 @@ struct ServeCommand: AsyncParsableCommand {
             throw ExitCode(2)
         }
         let level = Logger.Level(rawValue: settings.logLevel) ?? .info
+        let format = settings.logFormat
         LoggingSystem.bootstrap { label in
+            if format == .json { return JSONLogHandler(label: label, level: level) }
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = level
             return handler

@@ -71,6 +71,7 @@ struct BlobResponder: Sendable {
                     }
                 }
                 hits(request.kind).increment()
+                response.answered(.hit)
                 return try await serveComplete(fd: fd, size: size, request, response: response,
                                                source: metrics.bytesFromCache)
             case .unavailable:
@@ -105,7 +106,7 @@ struct BlobResponder: Sendable {
                     refusedForOthers = true
                     return nil
                 case .rejected, .failed:
-                    count(first.state, joined: joined, kind: request.kind)
+                    count(first.state, joined: joined, kind: request.kind, response: response)
                     if let answer = first.answer {
                         var headers = PassThrough.endToEnd(answer.headers)
                         headers.remove(name: "content-length")
@@ -116,7 +117,7 @@ struct BlobResponder: Sendable {
                     try await response.send(error)
                     return error.status
                 default:
-                    count(first.state, joined: joined, kind: request.kind)
+                    count(first.state, joined: joined, kind: request.kind, response: response)
                     // The upstream's yes to this client, if it was one, is
                     // remembered by the fill once the digest verified.
                     return try await follow(fill, follower: follower, first: first, request, response: response)
@@ -149,6 +150,7 @@ struct BlobResponder: Sendable {
         }
         if let size = store.size(of: request.digest) {
             hits(request.kind).increment()
+            response.answered(.hit)
             let contentType = request.kind == .manifest ? store.mediaType(of: request.digest)?.value : nil
             return try await sendHead(request, length: size, contentType: contentType, response: response)
         }
@@ -172,7 +174,7 @@ struct BlobResponder: Sendable {
             default: length = nil
             }
             if let length {
-                count(snapshot.state, joined: true, kind: request.kind)
+                count(snapshot.state, joined: true, kind: request.kind, response: response)
                 return try await sendHead(request, length: length, contentType: snapshot.head?.contentType,
                                           response: response)
             }
@@ -193,13 +195,16 @@ struct BlobResponder: Sendable {
     /// already verified its bytes gives none from the upstream to this
     /// read, which is then a hit (users read `blob_hits_total` as "answered
     /// without the upstream"); otherwise a join, or the miss that started it.
-    private func count(_ state: FillStateMachine.State, joined: Bool, kind: ContentKind) {
+    private func count(_ state: FillStateMachine.State, joined: Bool, kind: ContentKind, response: ResponseChannel) {
         let misses = kind == .blob ? metrics.blobMisses : metrics.manifestMisses
         switch state {
         case .verified, .published, .delivered:
             // The starter fetched it, however fast the fill was done.
             (joined ? hits(kind) : misses).increment()
-        default: (joined ? metrics.coalescedFollowers : misses).increment()
+            response.answered(joined ? .hit : .miss)
+        default:
+            (joined ? metrics.coalescedFollowers : misses).increment()
+            response.answered(joined ? .joined : .miss)
         }
     }
 
@@ -219,6 +224,7 @@ struct BlobResponder: Sendable {
             return nil
         case .allowedOffline:
             if request.kind == .manifest { metrics.manifestsOffline.increment() }
+            response.answered(.offline)
             return nil
         case .refused(let status, let upstreamHeaders):
             try await Self.sendUpstreamAnswer(status, upstreamHeaders, kind: request.kind, omitBody: omitBody,

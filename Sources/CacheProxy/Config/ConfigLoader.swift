@@ -37,7 +37,7 @@ public enum ConfigLoader {
             throw ConfigError(key: "(file)", problem: "not valid YAML: \(error)")
         }
         let top = try Node(value: root ?? [String: Any](), key: "(top level)").mapping(
-            allowed: ["api", "upstreams", "storage", "timeouts", "limits", "log_level"])
+            allowed: ["api", "upstreams", "storage", "timeouts", "limits", "log_level", "log_format"])
 
         let apiConfig = try Self.api(try top.required("api"))
 
@@ -108,13 +108,20 @@ public enum ConfigLoader {
             throw ConfigError(key: "log_level", problem: "must be one of \(levels.joined(separator: ", "))")
         }
 
-        return ProxyConfig(
+        var config = ProxyConfig(
             api: apiConfig,
             upstreams: upstreams,
             storage: storageConfig,
             timeouts: timeouts,
             maxHeaderBytes: try limits?.optional("max_header_bytes")?.integer(in: 1024...1_048_576) ?? 65536,
             logLevel: logLevel)
+        if let node = top.optional("log_format") {
+            guard let format = LogFormat(rawValue: try node.string()) else {
+                throw ConfigError(key: node.key, problem: "must be text or json")
+            }
+            config.logFormat = format
+        }
+        return config
     }
 }
 

@@ -182,4 +182,13 @@ public struct ProxyConfig: Sendable, Equatable {
     /// Largest request head (request line plus headers) accepted; larger gets 431.
     public var maxHeaderBytes: Int
     public var logLevel: String
+    /// `text` (one readable line per request or event) or `json` (one
+    /// object a line, for log shippers).
+    public var logFormat: LogFormat = .text
+}
+
+/// How log lines are written (`log_format`, `--log-format`).
+public enum LogFormat: String, Sendable, Equatable {
+    case text
+    case json
 }

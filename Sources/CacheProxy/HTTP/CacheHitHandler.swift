@@ -19,6 +19,7 @@ struct CacheHitResponder: Sendable {
     let gate: AccessGate
     let metrics: ProxyMetrics
     let tracker: ConnectionTracker
+    let requestLog: RequestLog
     var smallBlobs: SmallBlobCache { store.smallBlobs }
 
     /// Writes the whole response and returns true when the request is a hit.
@@ -109,6 +110,7 @@ struct CacheHitResponder: Sendable {
         let status = plan.status
         let method = head.method.rawValue
         let store = self.store
+        let requestLog = self.requestLog
         context.writeAndFlush(wrap(.end(nil))).assumeIsolated().whenComplete { result in
             if let file {
                 try? file.close()
@@ -120,6 +122,13 @@ struct CacheHitResponder: Sendable {
             }
             let seconds = RequestHandler.seconds(started.duration(to: .now))
             metrics.requestFinished(kind: "blob", method: method, code: Int(status.code), seconds: seconds)
+            if requestLog.enabled {
+                var bytes: Int64 = 0
+                if case .success = result { bytes = sent }
+                requestLog.record(.init(client: channel.remoteAddress?.ipAddress, method: method, uri: head.uri,
+                                        host: head.headers.first(name: "host"), upstream: upstream.host,
+                                        status: Int(status.code), bytes: bytes, seconds: seconds, answer: .hit))
+            }
             if !tracker.setIdle(channel, true) || !keepAlive { channel.close(promise: nil) }
         }
         return true

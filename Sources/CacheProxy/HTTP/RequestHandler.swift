@@ -16,6 +16,7 @@ struct RequestHandler: Sendable {
     let metrics: ProxyMetrics
     let tracker: ConnectionTracker
     let logger: Logger
+    let requestLog: RequestLog
     let trustForwardedHeaders: Bool
 
     /// Whether the request has a body to stream. Only a pass-through uses
@@ -35,8 +36,21 @@ struct RequestHandler: Sendable {
             logger.debug("request ended early", metadata: ["uri": "\(head.uri)", "error": "\(error)"])
             response.abort()
         }
-        metrics.requestFinished(kind: kind, method: head.method.rawValue, code: Int(status.code),
-                                seconds: Self.seconds(started.duration(to: .now)))
+        let seconds = Self.seconds(started.duration(to: .now))
+        metrics.requestFinished(kind: kind, method: head.method.rawValue, code: Int(status.code), seconds: seconds)
+        if requestLog.enabled {
+            let record = response.record.withLockedValue { $0 }
+            let answer: RequestLog.Answer
+            switch kind {
+            case "local": answer = .local
+            case "passthrough": answer = record.answer ?? .passthrough
+            case "error": answer = .error
+            default: answer = record.answer ?? (status.code < 400 ? .hit : .passthrough)
+            }
+            requestLog.record(.init(client: origin.clientAddress, method: head.method.rawValue, uri: head.uri,
+                                    host: head.headers.first(name: "host"), upstream: record.upstream,
+                                    status: Int(status.code), bytes: record.bytes, seconds: seconds, answer: answer))
+        }
         if let headSent = response.headSentAt.withLockedValue({ $0 }) {
             metrics.timeToFirstByte(kind: kind, seconds: Self.seconds(started.duration(to: headSent)))
         }
@@ -87,6 +101,7 @@ struct RequestHandler: Sendable {
             try await response.send(oci, omitBody: omitBody)
             return ("error", oci.status)
         }
+        response.record.withLockedValue { $0.upstream = upstream.host }
 
         switch target {
         case .blob(let name, let digest):

@@ -24,6 +24,26 @@ struct ResponseChannel: Sendable {
     /// When the response head went out, for the time-to-first-byte histogram.
     let headSentAt = NIOLockedValueBox<ContinuousClock.Instant?>(nil)
 
+    /// What the request log says of the answer: body bytes written, and
+    /// how it was answered when a responder said so.
+    struct Record {
+        var bytes: Int64 = 0
+        var answer: RequestLog.Answer?
+        /// The upstream the request was routed to (its `host`).
+        var upstream: String?
+    }
+    let record = NIOLockedValueBox(Record())
+
+    /// How the request was answered; `offline` stays once said (the
+    /// offline answer is then also a hit).
+    func answered(_ answer: RequestLog.Answer) {
+        record.withLockedValue { if $0.answer != .offline { $0.answer = answer } }
+    }
+
+    private func sent(_ count: Int) {
+        record.withLockedValue { $0.bytes += Int64(count) }
+    }
+
     /// Largest file region handed to one write: NIO gives a region's whole
     /// length to one `sendfile`, and one huge call would hold the event loop
     /// (nginx's `sendfile_max_chunk` does the same).
@@ -53,6 +73,7 @@ struct ResponseChannel: Sendable {
     }
 
     func body(_ buffer: ByteBuffer) async throws {
+        sent(buffer.readableBytes)
         let part = HTTPServerResponsePart.body(.byteBuffer(buffer))
         if channel.isWritable {
             channel.writeAndFlush(part, promise: nil)
@@ -70,6 +91,7 @@ struct ResponseChannel: Sendable {
             let end = min(range.upperBound, offset + Self.maxRegion)
             let region = FileRegion(fileHandle: handle, readerIndex: Int(offset), endIndex: Int(end))
             try await channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region)))
+            sent(Int(end - offset))
             offset = end
         }
     }
@@ -96,6 +118,7 @@ struct ResponseChannel: Sendable {
                 try checkClientPresent()  // a client that left costs no more reads
                 if offset < range.upperBound { next = read(from: offset) }
                 try await channel.writeAndFlush(HTTPServerResponsePart.body(.byteBuffer(chunk)))
+                sent(chunk.readableBytes)
             }
         } catch {
             // The caller closes the file when this returns: a read still on
@@ -126,6 +149,7 @@ struct ResponseChannel: Sendable {
             if !range.isEmpty { channel.write(HTTPServerResponsePart.body(.fileRegion(region)), promise: nil) }
             return channel.writeAndFlush(HTTPServerResponsePart.end(nil))
         }.get()
+        sent(range.count)
     }
 
     func end() async throws {
@@ -158,6 +182,7 @@ struct ResponseChannel: Sendable {
         headers.replaceOrAdd(name: "content-length", value: String(body.readableBytes))
         head(status, headers)
         if !omitBody, body.readableBytes > 0 {
+            sent(body.readableBytes)
             channel.write(HTTPServerResponsePart.body(.byteBuffer(body)), promise: nil)
         }
         try await end()

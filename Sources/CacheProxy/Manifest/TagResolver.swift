@@ -118,6 +118,7 @@ struct TagResolver: Sendable {
         else {
             return try await send(failure, request, response: response)
         }
+        response.answered(.offline)
         let status = try await blobs.respond(request.content(entry.digest), response: response)
         if status == .ok { metrics.manifestsOffline.increment() }
         return status

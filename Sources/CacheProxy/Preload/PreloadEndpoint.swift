@@ -19,6 +19,7 @@ public struct PreloadEndpoint: Sendable {
         var local = config
         local.api.hostname = "127.0.0.1"
         local.api.port = 0
+        local.logLevel = "warning"  // no request lines among the progress bars
         (local.api.tlsCert, local.api.tlsKey, local.api.tlsPort) = (nil, nil, nil)
         let server: ProxyServer
         do {

@@ -1,0 +1,80 @@
+import Foundation
+
+/// One line per request at `info` (DESIGN: operators see what the proxy
+/// does): who asked what, what it got, and how it was answered.
+///
+/// What never goes in: the query (it may carry a token in a signed URL),
+/// `Authorization`, cookies, or any other header but `Host`.
+public struct RequestLog: Sendable {
+    /// How a request was answered.
+    public enum Answer: String, Sendable {
+        /// From a complete cached file (or memory), no upstream bytes.
+        case hit
+        /// It started the upstream download.
+        case miss
+        /// It followed a download another request started.
+        case joined
+        /// From the cache while the upstream could not be asked.
+        case offline
+        case passthrough
+        /// `/metrics`, `/healthz`, `/readyz`.
+        case local
+        /// The proxy's own error (bad request, unknown host, overload).
+        case error
+    }
+
+    public struct Entry: Sendable {
+        var client: String?
+        var method: String
+        var uri: String
+        var host: String?
+        var upstream: String?
+        var status: Int
+        var bytes: Int64
+        var seconds: Double
+        var answer: Answer
+    }
+
+    public let format: LogFormat
+    /// Off below `info` (`log_level: notice` and up).
+    public let enabled: Bool
+    private let write: @Sendable (String) -> Void
+
+    public init(format: LogFormat, level: String, write: @escaping @Sendable (String) -> Void = LogWriter.write) {
+        self.format = format
+        self.enabled = ["trace", "debug", "info"].contains(level)
+        self.write = write
+    }
+
+    func record(_ entry: Entry) {
+        guard enabled else { return }
+        write(Self.line(entry, format: format, time: Date()))
+    }
+
+    static func line(_ entry: Entry, format: LogFormat, time: Date) -> String {
+        let path = String(RequestURI.path(of: entry.uri))
+        let duration = String(format: "%.6f", entry.seconds)
+        switch format {
+        case .text:
+            return "\(LogWriter.timestamp(time)) \(LogWriter.token(entry.client ?? "")) \(LogWriter.token(entry.method)) "
+                + "\(LogWriter.token(path)) host=\(LogWriter.token(entry.host ?? "")) "
+                + "upstream=\(LogWriter.token(entry.upstream ?? "")) status=\(entry.status) bytes=\(entry.bytes) "
+                + "duration=\(duration) answer=\(entry.answer.rawValue)\n"
+        case .json:
+            var fields = [
+                "\"time\":\(LogWriter.json(LogWriter.timestamp(time)))",
+                "\"type\":\"request\"",
+                "\"client\":\(entry.client.map(LogWriter.json) ?? "null")",
+                "\"method\":\(LogWriter.json(entry.method))",
+                "\"path\":\(LogWriter.json(path))",
+                "\"host\":\(entry.host.map(LogWriter.json) ?? "null")",
+                "\"upstream\":\(entry.upstream.map(LogWriter.json) ?? "null")",
+                "\"status\":\(entry.status)",
+                "\"bytes\":\(entry.bytes)",
+                "\"duration_seconds\":\(duration)",
+            ]
+            fields.append("\"answer\":\(LogWriter.json(entry.answer.rawValue))")
+            return "{" + fields.joined(separator: ",") + "}\n"
+        }
+    }
+}
