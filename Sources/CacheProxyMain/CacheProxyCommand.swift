@@ -15,7 +15,7 @@ struct CacheProxyCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cache-proxy",
         abstract: "A pull-through layer cache for OCI/Docker registries.",
-        subcommands: [ServeCommand.self, PreloadCommand.self],
+        subcommands: [ServeCommand.self, PreloadCommand.self, VerifyCommand.self],
         defaultSubcommand: ServeCommand.self)
 }
 

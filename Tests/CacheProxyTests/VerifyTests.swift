@@ -1,0 +1,58 @@
+import Foundation
+import XCTest
+@testable import CacheProxy
+
+/// `cache-proxy verify` (the binary) on a folder a server is running on:
+/// a cached file damaged on disk is found, reported, removed, and fetched
+/// again whole on the next pull.
+final class VerifyTests: XCTestCase {
+    func testVerifyFindsAndRemovesADamagedBlobBesideARunningServer() async throws {
+        let good = Array(repeating: UInt8(ascii: "g"), count: 300_000)
+        let other = Array(repeating: UInt8(ascii: "o"), count: 5_000)
+        let upstream = try await FakeUpstream { head in .init(body: head.uri.contains(TestImage.digest(Data(good))) ? good : other) }
+        let proxy = try await TestProxy(upstreamsYAML:
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}")
+        let (goodDigest, otherDigest) = (TestImage.digest(Data(good)), TestImage.digest(Data(other)))
+        for digest in [goodDigest, otherDigest] {
+            XCTAssertEqual(try curl("\(proxy.base)/v2/lib/app/blobs/\(digest)").code, 200)
+        }
+        let config = proxy.folder + "-verify.yaml"
+        try """
+            api: {port: 5000}
+            upstreams: [{host: "127.0.0.1", registry: "127.0.0.1", port: \(upstream.port), schema: "http"}]
+            storage: {folder: "\(proxy.folder)"}
+            """.write(toFile: config, atomically: true, encoding: .utf8)
+
+        let clean = try shell(proxyBinary(), ["verify", "--config", config])
+        XCTAssertEqual(clean.status, 0, clean.output)
+        XCTAssertTrue(clean.output.contains("verified 2 files (305000 bytes)"), clean.output)
+
+        // A power loss with fsync off: the right size, the wrong bytes.
+        let path = proxy.folder + "/blobs/sha256/\(goodDigest.dropFirst(7).prefix(2))/\(goodDigest.dropFirst(7))"
+        let handle = try XCTUnwrap(FileHandle(forWritingAtPath: path))
+        try handle.seek(toOffset: 150_000)
+        handle.write(Data(repeating: 0, count: 4096))
+        try handle.close()
+
+        let dry = try shell(proxyBinary(), ["verify", "--config", config, "--dry-run"])
+        XCTAssertEqual(dry.status, 1, dry.output)
+        XCTAssertTrue(dry.output.contains("DAMAGED \(path)"), dry.output)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: path), "a dry run removes nothing")
+
+        // On a terminal: a progress bar, then the same report, and removal.
+        let (status, output) = try shell("script", ["-qec", "\(proxyBinary()) verify --config \(config)", "/dev/null"])
+        XCTAssertEqual(status, 1, output)
+        XCTAssertTrue(output.contains("] 100%  2/2 files"), output)
+        XCTAssertTrue(output.contains("REMOVED \(path)"), output)
+        XCTAssertTrue(output.contains("1 damaged and removed"), output)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: path))
+
+        // The running server fetches it again, whole.
+        let again = try curl("\(proxy.base)/v2/lib/app/blobs/\(goodDigest)")
+        XCTAssertEqual(again.code, 200)
+        XCTAssertEqual(Array(again.body), good)
+        XCTAssertEqual(try shell(proxyBinary(), ["verify", "--config", config]).status, 0)
+        await proxy.stop()
+        await upstream.stop()
+    }
+}
