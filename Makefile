@@ -8,10 +8,10 @@ export PATH := /opt/swift/usr/bin:$(PATH)
 # tests drive (the distribution registry, skopeo, containerd's ctr, promtool,
 # curl; htpasswd and openssl make the users and certificates of the security tests).
 BUILD_PACKAGES := liburing-dev pkg-config
-TEST_PACKAGES  := docker-registry skopeo containerd prometheus curl apache2-utils openssl
+TEST_PACKAGES  := docker-registry skopeo containerd prometheus curl apache2-utils openssl haproxy systemd
 CONFIG ?= config.yaml
 
-.PHONY: run test build release deps-build deps-test bench fuzz clean
+.PHONY: run test build release deps-build deps-test bench fuzz clean install
 
 run: deps-build release
 	.build/release/cache-proxy --config $(CONFIG)
@@ -43,6 +43,20 @@ deps-build:
 
 deps-test:
 	@./scripts/apt-install.sh $(TEST_PACKAGES)
+
+# The binary, the systemd unit and a configuration in their FHS places
+# (an existing /etc/cache-proxy/config.yaml is kept). DESTDIR for packaging;
+# BINARY to install another build than the release one.
+PREFIX  ?= /usr/local
+BINARY  ?= .build/release/cache-proxy
+install:
+	@test -x $(BINARY) || $(MAKE) release
+	install -D -m 0755 $(BINARY) $(DESTDIR)$(PREFIX)/bin/cache-proxy
+	install -D -m 0644 deploy/systemd/cache-proxy.service $(DESTDIR)/etc/systemd/system/cache-proxy.service
+	sed -i 's|/usr/local/bin/cache-proxy|$(PREFIX)/bin/cache-proxy|' $(DESTDIR)/etc/systemd/system/cache-proxy.service
+	@if [ ! -e $(DESTDIR)/etc/cache-proxy/config.yaml ]; then \
+	  install -D -m 0644 deploy/systemd/config.yaml $(DESTDIR)/etc/cache-proxy/config.yaml; fi
+	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/doc/cache-proxy docs/*.md README.md
 
 clean:
 	rm -rf .build
