@@ -24,6 +24,7 @@ public final class ProxyMetrics: Sendable {
     public let fillsInFlight: Gauge
     public let cacheSizeBytes: Gauge
     public let cacheEntries: Gauge
+    public let cacheMaxSizeBytes: Gauge
     public let connectedClients: Gauge
     /// Client connections cut by a timeout, by which one.
     public let clientTimeouts: [String: Counter]
@@ -68,6 +69,7 @@ public final class ProxyMetrics: Sendable {
         fillsInFlight = registry.makeGauge(descriptor: Self.describe("cacheproxy_fills_in_flight", "Upstream blob downloads now running."))
         cacheSizeBytes = registry.makeGauge(descriptor: Self.describe("cacheproxy_cache_size_bytes", "Bytes of complete blobs in the cache folder."))
         cacheEntries = registry.makeGauge(descriptor: Self.describe("cacheproxy_cache_entries", "Complete blobs in the cache folder."))
+        cacheMaxSizeBytes = registry.makeGauge(descriptor: Self.describe("cacheproxy_cache_max_size_bytes", "storage.max_size (0 when the cache has no size limit)."))
         connectedClients = registry.makeGauge(descriptor: Self.describe("cacheproxy_connected_clients", "Client connections now open."))
         clientTimeouts = Self.counters(in: registry, "cacheproxy_client_timeouts_total",
                                        "Client connections closed by a timeout, by which one.",

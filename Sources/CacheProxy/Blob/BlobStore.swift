@@ -346,6 +346,7 @@ public final class BlobStore: Sendable {
         let (count, bytes) = index.withLockedValue { ($0.count, $0.totalBytes) }
         metrics.cacheEntries.set(Double(count))
         metrics.cacheSizeBytes.set(Double(bytes))
+        metrics.cacheMaxSizeBytes.set(Double(limits.maxSize ?? 0))
     }
 
     /// Wall-clock nanoseconds, from the coarse clock: a last-use time is
