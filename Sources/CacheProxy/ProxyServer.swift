@@ -20,7 +20,11 @@ public final class ProxyServer: Service, Sendable {
     let client: UpstreamClient
     let handler: RequestHandler
     let hits: CacheHitResponder
-    let router: Router
+    /// The configuration in force (reloaded on SIGHUP: `reload`); `config`
+    /// is the one the process started with, whose listeners and storage stay.
+    public let live: LiveConfig
+    /// The log level in force, shared with the process's log handlers.
+    public let logLevel: LogLevelSetting
     let tracker = ConnectionTracker()
     let group: any EventLoopGroup
     let logger: Logger
@@ -46,8 +50,11 @@ public final class ProxyServer: Service, Sendable {
 
     public init(config: ProxyConfig, logger: Logger, metrics: ProxyMetrics = ProxyMetrics(),
                 group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
-                threadPool: NIOThreadPool = .singleton, resolver: any HostResolver = SystemResolver()) throws {
+                threadPool: NIOThreadPool = .singleton, resolver: any HostResolver = SystemResolver(),
+                logLevel: LogLevelSetting? = nil) throws {
         self.config = config
+        self.live = LiveConfig(config)
+        self.logLevel = logLevel ?? LogLevelSetting(config.logLevel)
         self.metrics = metrics
         self.group = group
         self.logger = logger
@@ -103,21 +110,19 @@ public final class ProxyServer: Service, Sendable {
                                                        logger: logger),
                                   upstreams: config.upstreams)
         let passThrough = PassThrough(client: client, metrics: metrics)
-        let requestLog = RequestLog(format: config.logFormat, level: config.logLevel)
-        let router = Router(upstreams: config.upstreams)
-        self.router = router
+        let requestLog = RequestLog(format: config.logFormat, level: self.logLevel)
         let tags = TagTable(remembered: memory.snapshot.tags)
         let pings = PingMemory(remembered: memory.snapshot.pings)
         (self.tags, self.pings) = (tags, pings)
         let blobs = BlobResponder(store: store, fills: fills, passThrough: passThrough, gate: gate, metrics: metrics)
         self.handler = RequestHandler(
-            router: router,
+            live: live,
             blobs: blobs,
             tags: TagResolver(blobs: blobs, tags: tags, client: client, gate: gate, metrics: metrics),
             pings: pings,
             passThrough: passThrough, metrics: metrics, tracker: tracker, logger: logger, requestLog: requestLog,
             trustForwardedHeaders: config.api.trustForwardedHeaders)
-        self.hits = CacheHitResponder(router: router, store: store, gate: gate, metrics: metrics, tracker: tracker,
+        self.hits = CacheHitResponder(live: live, store: store, gate: gate, metrics: metrics, tracker: tracker,
                                       requestLog: requestLog)
     }
 
@@ -159,9 +164,52 @@ public final class ProxyServer: Service, Sendable {
         }
     }
 
+    /// SIGHUP: reads the configuration again and puts it in force.
+    ///
+    /// Upstreams added, removed or changed, their access settings, timeouts,
+    /// limits and the log level take effect for new requests and
+    /// connections; requests and downloads under way finish as they began
+    /// (a download through an upstream just removed completes). The
+    /// listener's certificate and key are read again. A file that does not
+    /// load changes nothing (one line names the key); a key a running
+    /// process cannot change keeps its value, and a line says it needs a
+    /// restart. Returns whether the new configuration is in force.
+    @discardableResult
+    public func reload(_ load: () throws -> ProxyConfig) -> Bool {
+        let loaded: ProxyConfig
+        do {
+            loaded = try load()
+        } catch {
+            logger.error("configuration not reloaded; the running one stays", metadata: ["error": "\(error)"])
+            return false
+        }
+        let (new, restartOnly) = LiveConfig.keepingRestartOnly(loaded, running: live.config)
+        for key in restartOnly {
+            logger.warning("configuration key changed but needs a restart; the running value stays",
+                           metadata: ["key": "\(key)"])
+        }
+        do {
+            try client.update(upstreams: new.upstreams, timeouts: new.timeouts)
+        } catch {
+            logger.error("configuration not reloaded; the running one stays", metadata: ["error": "\(error)"])
+            return false
+        }
+        fills.update(upstreams: new.upstreams)
+        live.replace(with: new)
+        logLevel.set(new.logLevel)
+        for upstream in new.upstreams where upstream.tls.insecure {
+            logger.warning("INSECURE: TLS certificates of this upstream are NOT verified",
+                           metadata: ["upstream": "\(upstream.host)"])
+        }
+        if tls != nil { reloadTLS() }
+        logger.info("configuration reloaded", metadata: [
+            "upstreams": "\(new.upstreams.map(\.host).joined(separator: ","))", "log_level": "\(new.logLevel)"])
+        return true
+    }
+
     private func bind(port: Int, tls: ServerTLS?) async throws
         -> NIOAsyncChannel<NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>, Never> {
-        let (config, hits, router, metrics) = (self.config, self.hits, self.router, self.metrics)
+        let (config, hits, live, metrics) = (self.config, self.hits, self.live, self.metrics)
         return try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -172,7 +220,9 @@ public final class ProxyServer: Service, Sendable {
                     if let tls {
                         try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.current))
                     }
-                    try ClientPipeline.configure(channel, config: config, router: router, hits: hits, metrics: metrics,
+                    // Each new connection takes the timeouts and limits in
+                    // force now; open ones keep theirs.
+                    try ClientPipeline.configure(channel, config: live.config, hits: hits, metrics: metrics,
                                                  tls: tls != nil)
                     return try NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>(
                         wrappingChannelSynchronously: channel)
@@ -291,12 +341,12 @@ public final class ProxyServer: Service, Sendable {
               var snapshot = changedAccess ?? gate.snapshotIfChanged(always: true) else { return }
         snapshot.tags = changedTags ?? tags.snapshot(always: true) ?? []
         snapshot.pings = changedPings ?? pings.snapshot(always: true) ?? []
-        let (folder, upstreams) = (config.storage.folder, config.upstreams)
+        let (folder, upstreams, saved) = (config.storage.folder, live.config.upstreams, snapshot)
         do {
             // The future-based call: the async one skips its work when the
             // calling task is cancelled, and the last save must run.
             try await threadPool.runIfActive(eventLoop: group.next()) {
-                try AccessMemory.save(snapshot, storage: folder, upstreams: upstreams)
+                try AccessMemory.save(saved, storage: folder, upstreams: upstreams)
             }.get()
         } catch {
             gate.markChanged()

@@ -42,43 +42,55 @@ struct ServeCommand: AsyncParsableCommand {
     var ioBackend: String?
 
     func run() async throws {
-        var settings: ProxyConfig
+        let settings: ProxyConfig
         do {
-            settings = try ConfigLoader.load(path: config)
-            if let port {
-                guard (1...65535).contains(port) else { throw ConfigError(key: "--port", problem: "\(port) is out of range 1-65535") }
-                settings.api.port = port
-            }
-            if let storage { settings.storage.folder = storage }
-            if let logFormat {
-                guard let format = LogFormat(rawValue: logFormat) else {
-                    throw ConfigError(key: "--log-format", problem: "must be text or json")
-                }
-                settings.logFormat = format
-            }
-            if let ioBackend {
-                settings.storage.ioBackend = try ProxyConfig.IOBackendChoice(parsing: ioBackend, key: "--io-backend")
-            }
+            settings = try loadSettings()
         } catch let error as ConfigError {
             printError(error.description)
             throw ExitCode(2)
         }
-        let level = Logger.Level(rawValue: settings.logLevel) ?? .info
+        // Every logger reads the level in force, so a reload changes it for
+        // all of them at once.
+        let liveLevel = LogLevelSetting(settings.logLevel)
         let format = settings.logFormat
         LoggingSystem.bootstrap { label in
-            if format == .json { return JSONLogHandler(label: label, level: level) }
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
+            let inner: any LogHandler = format == .json
+                ? JSONLogHandler(label: label, level: .trace) : StreamLogHandler.standardError(label: label)
+            return LiveLevelLogHandler(wrapping: inner, level: liveLevel)
         }
         let logger = Logger(label: "cache-proxy")
         let server: ProxyServer
         do {
-            server = try ProxyServer(config: settings, logger: logger)
+            server = try ProxyServer(config: settings, logger: logger, logLevel: liveLevel)
         } catch {
             printError("cache-proxy: cannot start: \(error)")
             throw ExitCode(1)
         }
+        try await serve(server, settings: settings, logger: logger)
+    }
+
+    /// The file, with the command line's overrides: at start and at each
+    /// reload alike.
+    func loadSettings() throws -> ProxyConfig {
+        var settings = try ConfigLoader.load(path: config)
+        if let port {
+            guard (1...65535).contains(port) else { throw ConfigError(key: "--port", problem: "\(port) is out of range 1-65535") }
+            settings.api.port = port
+        }
+        if let storage { settings.storage.folder = storage }
+        if let logFormat {
+            guard let format = LogFormat(rawValue: logFormat) else {
+                throw ConfigError(key: "--log-format", problem: "must be text or json")
+            }
+            settings.logFormat = format
+        }
+        if let ioBackend {
+            settings.storage.ioBackend = try ProxyConfig.IOBackendChoice(parsing: ioBackend, key: "--io-backend")
+        }
+        return settings
+    }
+
+    private func serve(_ server: ProxyServer, settings: ProxyConfig, logger: Logger) async throws {
         // The first SIGTERM/SIGINT drains, bounded by `timeouts.shutdown`
         // (the server's own deadline: it closes what is left and cancels
         // unfinished fills). Should something still not end (an fsync stuck
@@ -110,18 +122,15 @@ struct ServeCommand: AsyncParsableCommand {
                 }
             }
         }
-        // SIGHUP: the listener's certificate and key are read again (a
-        // renewal); connections already open are not touched.
-        // Trapped only with a TLS listener: otherwise SIGHUP keeps its
-        // default meaning (the process ends, as on a terminal hang-up).
-        let reloader: Task<Void, Never>?
-        if server.tls != nil {
-            let hangups = await UnixSignalsSequence(trapping: .sighup)
-            reloader = Task {
-                for await _ in hangups { server.reloadTLS() }
+        // SIGHUP: the configuration file is read again and put in force
+        // (`ProxyServer.reload`), the listener's certificate and key too;
+        // connections and transfers under way are not touched.
+        let hangups = await UnixSignalsSequence(trapping: .sighup)
+        let reloader: Task<Void, Never>? = Task {
+            for await _ in hangups {
+                logger.info("SIGHUP: reloading the configuration", metadata: ["path": "\(config)"])
+                server.reload { try loadSettings() }
             }
-        } else {
-            reloader = nil
         }
         defer {
             watcher.cancel()

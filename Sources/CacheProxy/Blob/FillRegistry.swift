@@ -33,8 +33,10 @@ public final class FillRegistry: Sendable {
     private let running = NIOLockedValueBox(Running())
     private let context: FillContext
     private let holdBack: Int64
-    /// Each upstream's download bound, by its `host`.
-    private let slots: [String: FillSlots]
+    /// Each upstream's download bound, by its `host` (a reload replaces
+    /// the bound of an upstream whose `max_fills` changed; fills running
+    /// keep the one they started with).
+    private let slots: NIOLockedValueBox<[String: FillSlots]>
 
     /// Fills past an upstream's bound wait in a queue this many times the
     /// bound; more get 503 at once.
@@ -43,13 +45,28 @@ public final class FillRegistry: Sendable {
     init(context: FillContext, upstreams: [ProxyConfig.Upstream], holdBack: Int64 = 64 * 1024) {
         self.context = context
         self.holdBack = holdBack
+        self.slots = NIOLockedValueBox(Self.slots(for: upstreams, keeping: [:], metrics: context.metrics))
+    }
+
+    private static func slots(for upstreams: [ProxyConfig.Upstream], keeping old: [String: FillSlots],
+                              metrics: ProxyMetrics) -> [String: FillSlots] {
         var slots: [String: FillSlots] = [:]
         for upstream in upstreams {
+            if let kept = old[upstream.host], kept.capacity == upstream.maxFills {
+                slots[upstream.host] = kept
+                continue
+            }
             slots[upstream.host] = FillSlots(capacity: upstream.maxFills,
                                              queueLimit: upstream.maxFills * Self.queueFactor,
-                                             waitingGauge: context.metrics.fillsWaiting(upstream: upstream.host))
+                                             waitingGauge: metrics.fillsWaiting(upstream: upstream.host))
         }
-        self.slots = slots
+        return slots
+    }
+
+    /// A reload: the download bounds of the upstreams configured now.
+    func update(upstreams: [ProxyConfig.Upstream]) {
+        let metrics = context.metrics
+        slots.withLockedValue { $0 = Self.slots(for: upstreams, keeping: $0, metrics: metrics) }
     }
 
     enum Lookup {
@@ -99,7 +116,7 @@ public final class FillRegistry: Sendable {
         guard let (fill, created) = found else { return .cached }
         if created {
             context.metrics.fillsInFlight.increment()
-            let (context, slots) = (self.context, self.slots[upstream.host])
+            let (context, slots) = (self.context, self.slots.withLockedValue { $0[upstream.host] })
             if let slots { fill.queue(on: slots) }
             let id = ObjectIdentifier(fill)
             let task = Task {
@@ -117,7 +134,7 @@ public final class FillRegistry: Sendable {
 
     /// The most downloads `upstream` (its `host`) ever ran at once.
     func peakDownloads(of upstream: String) -> Int {
-        slots[upstream]?.peakInUse ?? 0
+        slots.withLockedValue { $0[upstream] }?.peakInUse ?? 0
     }
 
     /// The fill in flight for `digest` through `upstream`, if any, up to

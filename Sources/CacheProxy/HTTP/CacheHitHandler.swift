@@ -14,7 +14,7 @@ import ProxyMetrics
 /// unchanged, which checks the store again (a fill may have published in
 /// between), so declining is always safe. Called by `RequestFrontHandler`.
 struct CacheHitResponder: Sendable {
-    let router: Router
+    let live: LiveConfig
     let store: BlobStore
     let gate: AccessGate
     let metrics: ProxyMetrics
@@ -27,7 +27,7 @@ struct CacheHitResponder: Sendable {
     /// On a TLS connection (`tls`) bytes cannot go by sendfile: only blobs
     /// small enough to be sent from memory are answered here, larger ones
     /// are read in large chunks on the async side.
-    func answer(_ head: HTTPRequestHead, context: ChannelHandlerContext, tls: Bool = false,
+    func answer(_ head: HTTPRequestHead, router: Router, context: ChannelHandlerContext, tls: Bool = false,
                 credentials: AccessGate.CredentialMemo? = nil,
                 wrap: (HTTPServerResponsePart) -> NIOAny) -> Bool {
         guard head.method == .GET || head.method == .HEAD,

@@ -20,7 +20,7 @@ import ProxyMetrics
 /// that see the same events share one (measured on the 4 KiB hit path:
 /// about 3-5% of the throughput per handler).
 enum ClientPipeline {
-    static func configure(_ channel: any Channel, config: ProxyConfig, router: Router, hits: CacheHitResponder,
+    static func configure(_ channel: any Channel, config: ProxyConfig, hits: CacheHitResponder,
                           metrics: ProxyMetrics, tls: Bool = false) throws {
         let t = config.timeouts
         let timeouts = ConnectionTimeoutsHandler(

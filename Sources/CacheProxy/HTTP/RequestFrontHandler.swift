@@ -39,9 +39,13 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
         guard !refused else { return }
         switch unwrapInboundIn(data) {
         case .head(let head):
-            switch RequestValidator.check(head, router: hits.router) {
+            // The configuration in force when the head came: one read for
+            // the checks and the hit path both.
+            let router = hits.live.router
+            switch RequestValidator.check(head, router: router) {
             case .accept(var head):
-                if hits.answer(head, context: context, tls: tls, credentials: credentials, wrap: wrapOutboundOut) {
+                if hits.answer(head, router: router, context: context, tls: tls, credentials: credentials,
+                               wrap: wrapOutboundOut) {
                     consuming = true
                     return
                 }

@@ -8,7 +8,7 @@ import ProxyMetrics
 /// Where a request goes: local endpoint, blob cache or pass-through. One
 /// call per request, after the head is in.
 struct RequestHandler: Sendable {
-    let router: Router
+    let live: LiveConfig
     let blobs: BlobResponder
     let tags: TagResolver
     let pings: PingMemory
@@ -35,6 +35,11 @@ struct RequestHandler: Sendable {
         } catch {
             logger.debug("request ended early", metadata: ["uri": "\(head.uri)", "error": "\(error)"])
             response.abort()
+            // Counted as what the client was answered, when it was: most
+            // often a client that read its whole answer and left before
+            // the last (empty) write.
+            let record = response.record.withLockedValue { $0 }
+            if let sent = record.status, let routed = record.kind { (kind, status) = (routed, sent) }
         }
         let seconds = Self.seconds(started.duration(to: .now))
         metrics.requestFinished(kind: kind, method: head.method.rawValue, code: Int(status.code), seconds: seconds)
@@ -96,12 +101,19 @@ struct RequestHandler: Sendable {
         }
 
         let host = head.headers.first(name: "host")
-        guard let upstream = router.route(host: host, namespace: RequestURI.queryValue("ns", in: head.uri)) else {
+        guard let upstream = live.router.route(host: host, namespace: RequestURI.queryValue("ns", in: head.uri)) else {
             let oci = OCIError(.notFound, .nameUnknown, "no upstream is configured for host \"\(host ?? "")\"")
             try await response.send(oci, omitBody: omitBody)
             return ("error", oci.status)
         }
-        response.record.withLockedValue { $0.upstream = upstream.host }
+        response.record.withLockedValue {
+            $0.upstream = upstream.host
+            switch target {
+            case .blob: $0.kind = "blob"
+            case .manifest where upstream.manifests == .revalidate: $0.kind = "manifest"
+            default: $0.kind = "passthrough"
+            }
+        }
 
         switch target {
         case .blob(let name, let digest):

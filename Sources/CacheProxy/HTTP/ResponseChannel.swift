@@ -31,6 +31,12 @@ struct ResponseChannel: Sendable {
         var answer: RequestLog.Answer?
         /// The upstream the request was routed to (its `host`).
         var upstream: String?
+        /// The status of the head sent, if one was: a request that fails
+        /// after its head (a client gone before the last write) is counted
+        /// with the status its client got.
+        var status: HTTPResponseStatus?
+        /// The request's kind for metrics and logs, once routed.
+        var kind: String?
     }
     let record = NIOLockedValueBox(Record())
 
@@ -59,6 +65,7 @@ struct ResponseChannel: Sendable {
         var headers = headers
         if !keepAlive { headers.replaceOrAdd(name: "connection", value: "close") }
         headSentAt.withLockedValue { $0 = $0 ?? .now }
+        record.withLockedValue { $0.status = $0.status ?? status }
         channel.write(HTTPServerResponsePart.head(HTTPResponseHead(version: version, status: status, headers: headers)),
                       promise: nil)
     }
@@ -141,6 +148,7 @@ struct ResponseChannel: Sendable {
         var headers = headers
         if !keepAlive { headers.replaceOrAdd(name: "connection", value: "close") }
         headSentAt.withLockedValue { $0 = $0 ?? .now }
+        record.withLockedValue { $0.status = $0.status ?? status }
         let head = HTTPResponseHead(version: version, status: status, headers: headers)
         let region = FileRegion(fileHandle: handle, readerIndex: Int(range.lowerBound), endIndex: Int(range.upperBound))
         let channel = self.channel

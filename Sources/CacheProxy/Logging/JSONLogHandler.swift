@@ -20,12 +20,11 @@ public struct JSONLogHandler: LogHandler {
         set { metadata[key] = newValue }
     }
 
-    public func log(level: Logger.Level, message: Logger.Message, metadata explicit: Logger.Metadata?,
-                    source: String, file: String, function: String, line: UInt) {
-        let merged = metadata.merging(explicit ?? [:]) { _, new in new }
+    public func log(event: LogEvent) {
+        let merged = metadata.merging(event.metadata ?? [:]) { _, new in new }
         var text = "{\"time\":\(LogWriter.json(LogWriter.timestamp())),\"type\":\"log\","
-            + "\"level\":\(LogWriter.json(level.rawValue)),\"label\":\(LogWriter.json(label)),"
-            + "\"message\":\(LogWriter.json(message.description))"
+            + "\"level\":\(LogWriter.json(event.level.rawValue)),\"label\":\(LogWriter.json(label)),"
+            + "\"message\":\(LogWriter.json(event.message.description))"
         if !merged.isEmpty {
             let fields = merged.sorted { $0.key < $1.key }.map { "\(LogWriter.json($0.key)):\(LogWriter.json("\($0.value)"))" }
             text += ",\"metadata\":{" + fields.joined(separator: ",") + "}"

@@ -36,13 +36,16 @@ public struct RequestLog: Sendable {
     }
 
     public let format: LogFormat
-    /// Off below `info` (`log_level: notice` and up).
-    public let enabled: Bool
+    private let level: LogLevelSetting
     private let write: @Sendable (String) -> Void
 
-    public init(format: LogFormat, level: String, write: @escaping @Sendable (String) -> Void = LogWriter.write) {
+    /// Off below `info` (`log_level: notice` and up), as the level is now
+    /// (a reload may change it).
+    public var enabled: Bool { level.showsInfo }
+
+    public init(format: LogFormat, level: LogLevelSetting, write: @escaping @Sendable (String) -> Void = LogWriter.write) {
         self.format = format
-        self.enabled = ["trace", "debug", "info"].contains(level)
+        self.level = level
         self.write = write
     }
 

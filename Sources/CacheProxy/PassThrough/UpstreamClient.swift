@@ -40,15 +40,25 @@ public final class UpstreamClient: Sendable {
     struct Session: Sendable {
         let tls: TLSConfiguration?
         let auth: UpstreamAuth?
+        /// The settings it was made from: a reload keeps a session (and
+        /// the tokens its account holds) when they did not change.
+        let upstream: ProxyConfig.Upstream
+    }
+
+    /// What a reload may change.
+    private struct Live {
+        var sessions: [String: Session]
+        var answerTimeout: Duration
+        var idleTimeout: Duration
     }
 
     let http: HTTPClient
     private let fillHTTP: HTTPClient
-    private let sessions: [String: Session]
+    private let live: NIOLockedValueBox<Live>
     /// Where redirect targets lead (`AddressScope`).
     let resolver: any HostResolver
-    let answerTimeout: Duration
-    let idleTimeout: Duration
+    var answerTimeout: Duration { live.withLockedValue { $0.answerTimeout } }
+    var idleTimeout: Duration { live.withLockedValue { $0.idleTimeout } }
     /// Also bounds the name look-up of a redirect's target.
     let connectTimeout: Duration
     /// Where the detail of upstream failures goes (clients get a summary).
@@ -59,13 +69,7 @@ public final class UpstreamClient: Sendable {
                 logger: Logger) throws {
         self.logger = logger
         self.resolver = resolver
-        var sessions: [String: Session] = [:]
-        for (index, upstream) in upstreams.enumerated() {
-            sessions[upstream.host] = Session(
-                tls: try Self.tlsConfiguration(upstream.tls, key: "upstreams[\(index)]"),
-                auth: upstream.credentials.map { UpstreamAuth(credentials: $0, upstream: upstream) })
-        }
-        self.sessions = sessions
+        let sessions = try Self.sessions(for: upstreams, keeping: [:])
         var configuration = HTTPClient.Configuration()
         configuration.redirectConfiguration = .disallow
         configuration.decompression = .disabled
@@ -82,9 +86,40 @@ public final class UpstreamClient: Sendable {
         configuration.connectionPool.concurrentHTTP1ConnectionsPerHostSoftLimit =
             max(1, upstreams.reduce(0) { $0 + $1.maxFills })
         self.fillHTTP = HTTPClient(eventLoopGroupProvider: .shared(eventLoopGroup), configuration: configuration)
-        self.answerTimeout = .milliseconds(Int64(timeouts.upstreamSeconds * 1000))
+        self.live = NIOLockedValueBox(Live(sessions: sessions,
+                                           answerTimeout: .milliseconds(Int64(timeouts.upstreamSeconds * 1000)),
+                                           idleTimeout: .milliseconds(Int64(timeouts.upstreamIdleSeconds * 1000))))
         self.connectTimeout = .milliseconds(Int64(timeouts.connectSeconds * 1000))
-        self.idleTimeout = .milliseconds(Int64(timeouts.upstreamIdleSeconds * 1000))
+    }
+
+    private static func sessions(for upstreams: [ProxyConfig.Upstream], keeping old: [String: Session]) throws
+        -> [String: Session] {
+        var sessions: [String: Session] = [:]
+        for (index, upstream) in upstreams.enumerated() {
+            if let kept = old[upstream.host], kept.upstream == upstream {
+                sessions[upstream.host] = kept
+                continue
+            }
+            sessions[upstream.host] = Session(
+                tls: try Self.tlsConfiguration(upstream.tls, key: "upstreams[\(index)]"),
+                auth: upstream.credentials.map { UpstreamAuth(credentials: $0, upstream: upstream) },
+                upstream: upstream)
+        }
+        return sessions
+    }
+
+    /// A reload: sessions for the upstreams configured now (unchanged ones
+    /// kept, with their tokens), and the answer and idle timeouts. Requests
+    /// already sent keep what they started with. Throws, changing nothing,
+    /// when an upstream's TLS files cannot be read.
+    func update(upstreams: [ProxyConfig.Upstream], timeouts: ProxyConfig.Timeouts) throws {
+        let old = live.withLockedValue { $0.sessions }
+        let sessions = try Self.sessions(for: upstreams, keeping: old)
+        live.withLockedValue {
+            $0.sessions = sessions
+            $0.answerTimeout = .milliseconds(Int64(timeouts.upstreamSeconds * 1000))
+            $0.idleTimeout = .milliseconds(Int64(timeouts.upstreamIdleSeconds * 1000))
+        }
     }
 
     /// Sends a request; returns once the response head is in. `body`, when
@@ -126,7 +161,7 @@ public final class UpstreamClient: Sendable {
     func send(_ request: HTTPClientRequest, to upstream: ProxyConfig.Upstream, body: RequestBodySource? = nil,
               authorize: Bool = true, pool: Pool = .control) async throws -> HTTPClientResponse {
         var request = request
-        let session = sessions[upstream.host]
+        let session = live.withLockedValue { $0.sessions[upstream.host] }
         if let target = RedirectTarget(request.url), target.host == upstream.registry {
             request.tlsConfiguration = session?.tls
         }

@@ -28,6 +28,8 @@ final class TestProxy: @unchecked Sendable {
             """
         var config = try ConfigLoader.parse(yaml: yaml)
         config.api.port = 0
+        // No request lines in the test output unless a test asks for them.
+        if !yaml.contains("log_level") { config.logLevel = "warning" }
         if config.api.tlsPort != nil { config.api.tlsPort = 0 }
         var logger = Logger(label: "test-proxy")
         logger.logLevel = .error
