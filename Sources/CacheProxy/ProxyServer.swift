@@ -195,15 +195,28 @@ public final class ProxyServer: Service, Sendable {
             return false
         }
         fills.update(upstreams: new.upstreams)
+        // What the offline memory holds of an upstream now configured
+        // otherwise (another registry, access check or account) was the
+        // old one's word: forgotten, as at a start with a changed file.
+        let before = Dictionary(live.config.upstreams.map { ($0.host, AccessMemory.fingerprint($0)) },
+                                uniquingKeysWith: { first, _ in first })
+        for upstream in new.upstreams where before[upstream.host].map({ $0 != AccessMemory.fingerprint(upstream) }) ?? false {
+            gate.forget(upstream: upstream.host)
+            tags.forget(upstream: upstream.host)
+            pings.forget(upstream: upstream.host)
+            logger.notice("upstream now configured otherwise: its offline memory is forgotten",
+                          metadata: ["upstream": "\(upstream.host)"])
+        }
         live.replace(with: new)
-        logLevel.set(new.logLevel)
         for upstream in new.upstreams where upstream.tls.insecure {
             logger.warning("INSECURE: TLS certificates of this upstream are NOT verified",
                            metadata: ["upstream": "\(upstream.host)"])
         }
         if tls != nil { reloadTLS() }
+        // Said at the level in force until now, then the new level applies.
         logger.info("configuration reloaded", metadata: [
             "upstreams": "\(new.upstreams.map(\.host).joined(separator: ","))", "log_level": "\(new.logLevel)"])
+        logLevel.set(new.logLevel)
         return true
     }
 
@@ -295,6 +308,7 @@ public final class ProxyServer: Service, Sendable {
         remembering.cancel()
         await remembering.value
         await saveMemory()
+        LogWriter.requestLines.flush()
         // Every fill has ended and deleted its own file; anything left is
         // debris (a delete that failed) and must not outlive the process.
         store.removeTemporaryFiles()

@@ -30,8 +30,8 @@ struct VerifyCommand: ParsableCommand {
         }
         let verifier = BlobVerifier(folder: settings.storage.folder, remove: !dryRun)
         let terminal = isatty(STDOUT_FILENO) == 1
-        let files = verifier.files()
-        let total = files.reduce(Int64(0)) { $0 + $1.size }
+        let files = verifier.files().found
+        let total = max(1, files.reduce(Int64(0)) { $0 + $1.size })
         var (done, doneBytes) = (0, Int64(0))
         var lastDraw = ContinuousClock.now
         let started = ContinuousClock.now
@@ -40,14 +40,16 @@ struct VerifyCommand: ParsableCommand {
             if fileDone { done += 1 }
             guard terminal, fileDone || lastDraw.duration(to: .now) > .milliseconds(100) else { return }
             lastDraw = .now
-            let fraction = total > 0 ? Double(doneBytes) / Double(total) : 1
+            // Files published meanwhile may carry the count past the
+            // first listing's: the bar stops at full.
+            let fraction = min(1, Double(doneBytes) / Double(total))
             let filled = Int(fraction * 30)
             let bar = String(repeating: "=", count: filled) + String(repeating: " ", count: 30 - filled)
             FileHandle.standardOutput.write(Data("\r\u{1B}[2K[\(bar)] \(Int(fraction * 100))%  \(done)/\(files.count) files".utf8))
         }
         if terminal { FileHandle.standardOutput.write(Data("\n".utf8)) }
         for damage in report.damaged {
-            print("\(dryRun ? "DAMAGED" : "REMOVED") \(damage.path): \(damage.problem)")
+            print("\(dryRun || damage.problem.contains("NOT removed") ? "DAMAGED" : "REMOVED") \(damage.path): \(damage.problem)")
         }
         for problem in report.unreadable {
             print("UNREADABLE \(problem.path): \(problem.problem)")
@@ -55,7 +57,7 @@ struct VerifyCommand: ParsableCommand {
         let seconds = started.duration(to: .now)
         let elapsed = Double(seconds.components.seconds) + Double(seconds.components.attoseconds) / 1e18
         print("verified \(report.files) files (\(report.bytes) bytes) in \(String(format: "%.1f", elapsed)) s: "
-              + "\(report.damaged.count) damaged\(dryRun || report.damaged.isEmpty ? "" : " and removed"), "
+              + "\(report.damaged.count) damaged\(dryRun || report.damaged.isEmpty || report.unremoved > 0 ? "" : " and removed"), "
               + "\(report.unreadable.count) unreadable")
         if !report.damaged.isEmpty || !report.unreadable.isEmpty { throw ExitCode(1) }
     }

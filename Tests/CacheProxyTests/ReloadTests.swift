@@ -39,9 +39,21 @@ final class ReloadTests: XCTestCase {
             let r = try curl(base + path, ["-H", "Host: \(host)"] + extra)
             return (r.code, String(decoding: r.body, as: UTF8.self))
         }
+        /// SIGHUP, then waits (up to 10 s, for a slow machine) until the
+        /// reload has been logged as done, either way.
         func hangUp() async throws {
+            let seen = daemon.log.components(separatedBy: "SIGHUP: reloading").count
             kill(daemon.process.processIdentifier, SIGHUP)
-            try await Task.sleep(for: .milliseconds(400))
+            for _ in 0..<200 {
+                let log = daemon.log
+                let after = log.components(separatedBy: "SIGHUP: reloading").dropFirst(seen).joined()
+                if log.components(separatedBy: "SIGHUP: reloading").count > seen,
+                   after.contains("configuration reloaded") || after.contains("configuration not reloaded") {
+                    return
+                }
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            XCTFail("no reload logged:\n\(daemon.log)")
         }
         XCTAssertEqual(try get("b.test").0, 404, "b is not configured yet")
 
@@ -80,6 +92,7 @@ final class ReloadTests: XCTestCase {
         var text = try String(contentsOfFile: folder + "/c.yaml", encoding: .utf8)
         text = text.replacingOccurrences(of: "port: \(port)}", with: "port: \(port + 1)}")
         try text.write(toFile: folder + "/c.yaml", atomically: true, encoding: .utf8)
+        try await Task.sleep(for: .milliseconds(200))  // request lines are written every 20 ms
         let before = daemon.log.count
         try await hangUp()
         XCTAssertEqual(try get("a.test").1, "{\"from\":\"a\"}", "a is back on the old port")

@@ -61,7 +61,6 @@ final class ScaleOutTests: XCTestCase {
         }
         let misses = try instances.map { try metric($0.port, "cacheproxy_blob_misses_total") }
         XCTAssertEqual(misses.reduce(0, +), Double(image.layers.count + 1), "misses per instance: \(misses)")
-        XCTAssertGreaterThan(misses.filter { $0 > 0 }.count, 1, "the blobs are spread: \(misses)")
 
         // One instance gets SIGTERM while a pull of a new image runs: the
         // pull and the next one succeed (HAProxy moves its share on).

@@ -110,6 +110,18 @@ public final class AccessGate: Sendable {
         self.state = NIOLockedValueBox(state)
     }
 
+    /// Forgets every answer of an upstream (`host`) that now points
+    /// elsewhere (a reload changed its registry, access check or account):
+    /// the old registry's yeses are not the new one's.
+    func forget(upstream host: String) {
+        state.withLockedValue { state in
+            let (grants, links) = (state.grants.count, state.links.count)
+            state.grants = state.grants.filter { $0.key.upstream != host }
+            state.links = state.links.filter { $0.key.upstream != host }
+            if grants != state.grants.count || links != state.links.count { state.changed = true }
+        }
+    }
+
     /// The last snapshot was not written: the next call takes them again.
     func markChanged() {
         state.withLockedValue { $0.changed = true }

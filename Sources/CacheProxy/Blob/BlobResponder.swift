@@ -137,6 +137,7 @@ struct BlobResponder: Sendable {
         // published after this look is the upstream's to answer for.
         let running = fills.running(request.digest, upstream: request.upstream, kind: request.kind)
         guard store.size(of: request.digest) != nil || running != nil else {
+            response.answered(.passthrough)
             return try await passThrough.forward(request.head, to: request.upstream, body: nil,
                                                  origin: request.origin, response: response)
         }
@@ -179,6 +180,7 @@ struct BlobResponder: Sendable {
                                           response: response)
             }
         }
+        response.answered(.passthrough)
         return try await passThrough.forward(request.head, to: request.upstream, body: nil,
                                              origin: request.origin, response: response)
     }
@@ -227,10 +229,12 @@ struct BlobResponder: Sendable {
             response.answered(.offline)
             return nil
         case .refused(let status, let upstreamHeaders):
+            response.answered(.passthrough)
             try await Self.sendUpstreamAnswer(status, upstreamHeaders, kind: request.kind, omitBody: omitBody,
                                               response: response)
             return status
         case .unreachable(let error):
+            response.answered(.error)
             try await response.send(error, omitBody: omitBody)
             return error.status
         }
@@ -264,6 +268,7 @@ struct BlobResponder: Sendable {
     /// The blob is cached but cannot be opened now (out of descriptors):
     /// a retryable 503, never a refetch and never a forgotten blob.
     private func sendOverloaded(_ response: ResponseChannel) async throws -> HTTPResponseStatus {
+        response.answered(.error)
         let error = OCIError(.serviceUnavailable, .unavailable, "the cache is overloaded; retry shortly")
         try await response.send(error.status, headers: ["content-type": "application/json", "retry-after": "1"],
                                 body: ByteBuffer(string: error.body))

@@ -336,6 +336,14 @@ public final class BlobStore: Sendable {
         try? await writer.unlink(temporaryPath)
     }
 
+    /// A cached file whose bytes are not its digest's: removed, so the next
+    /// request fetches it again.
+    func discardDamaged(_ digest: Digest) {
+        logger.warning("removing a damaged cached blob", metadata: ["digest": "\(digest)"])
+        unlink(path(for: digest))
+        forget(digest)
+    }
+
     func forget(_ digest: Digest) {
         index.withLockedValue { _ = $0.remove(digest) }
         smallBlobs.remove(digest)

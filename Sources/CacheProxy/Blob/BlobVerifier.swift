@@ -26,6 +26,8 @@ public struct BlobVerifier: Sendable {
         /// Files that could not be read (permissions, I/O errors): not
         /// removed, since their bytes were never seen.
         public var unreadable: [Damage] = []
+        /// Damaged files that could not be removed.
+        public var unremoved = 0
     }
 
     public let folder: String
@@ -35,16 +37,30 @@ public struct BlobVerifier: Sendable {
         (self.folder, self.remove) = (folder, remove)
     }
 
-    /// Every cached file with its digest and size, in path order.
-    public func files() -> [(path: String, digest: Digest, size: Int64)] {
+    /// Every cached file with its digest and size, in path order, and the
+    /// folders that could not be listed (not silently skipped: a cache the
+    /// caller may not read is not a clean one).
+    public func files() -> (found: [(path: String, digest: Digest, size: Int64)], unlisted: [Damage]) {
         var found: [(String, Digest, Int64)] = []
+        var unlisted: [Damage] = []
         let fm = FileManager.default
+        func list(_ path: String) -> [String] {
+            do {
+                return try fm.contentsOfDirectory(atPath: path).sorted()
+            } catch {
+                unlisted.append(Damage(path: path, problem: "cannot be listed (\(error.localizedDescription))"))
+                return []
+            }
+        }
+        if !BlobScan.isDirectory(folder + "/blobs") {
+            unlisted.append(Damage(path: folder + "/blobs", problem: "is not a folder this process can read"))
+        }
         for algorithm in Digest.Algorithm.allCases {
             let algoFolder = folder + "/blobs/" + algorithm.rawValue
             guard BlobScan.isDirectory(algoFolder) else { continue }
-            for prefix in ((try? fm.contentsOfDirectory(atPath: algoFolder)) ?? []).sorted() {
+            for prefix in list(algoFolder) {
                 guard BlobScan.isDirectory(algoFolder + "/" + prefix) else { continue }
-                for name in ((try? fm.contentsOfDirectory(atPath: algoFolder + "/" + prefix)) ?? []).sorted() {
+                for name in list(algoFolder + "/" + prefix) {
                     let path = algoFolder + "/" + prefix + "/" + name
                     guard let digest = try? Digest(parsing: "\(algorithm.rawValue):\(name)"), name.hasPrefix(prefix)
                     else { continue }
@@ -54,24 +70,34 @@ public struct BlobVerifier: Sendable {
                 }
             }
         }
-        return found
+        return (found, unlisted)
     }
 
     /// Checks every file; `progress` is told of each file's bytes as they
     /// are read, and of the end of each file.
     public func run(progress: (_ bytes: Int64, _ fileDone: Bool) -> Void = { _, _ in }) -> Report {
         var report = Report()
-        for file in files() {
+        let (found, unlisted) = files()
+        report.unreadable = unlisted
+        for file in found {
             report.files += 1
             report.bytes += file.size
             switch Self.hash(path: file.path, algorithm: file.digest.algorithm, progress: { progress($0, false) }) {
+            case .failure(let code) where code == ENOENT:
+                // Evicted (or removed) by a running server meanwhile.
+                report.files -= 1
+                report.bytes -= file.size
             case .failure(let code):
                 report.unreadable.append(Damage(path: file.path, problem: String(cString: strerror(code))))
             case .success(let hex) where hex == file.digest.hex:
                 break
             case .success:
-                report.damaged.append(Damage(path: file.path, problem: "its bytes do not hash to \(file.digest)"))
-                if remove { unlink(file.path) }
+                var problem = "its bytes do not hash to \(file.digest)"
+                if remove, unlink(file.path) != 0 {
+                    problem += "; NOT removed: \(String(cString: strerror(errno)))"
+                    report.unremoved += 1
+                }
+                report.damaged.append(Damage(path: file.path, problem: problem))
             }
             progress(0, true)
         }
@@ -86,7 +112,12 @@ public struct BlobVerifier: Sendable {
     static func hash(path: String, algorithm: Digest.Algorithm, progress: (Int64) -> Void) -> Hashed {
         let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
         guard fd >= 0 else { return .failure(errno) }
-        defer { close(fd) }
+        defer {
+            // Read once, not again soon: leave the page cache to the
+            // server's hot blobs.
+            _ = posix_fadvise(fd, 0, 0, Int32(POSIX_FADV_DONTNEED))
+            close(fd)
+        }
         var sha256 = SHA256()
         var sha512 = SHA512()
         var buffer = [UInt8](repeating: 0, count: 1 << 20)

@@ -49,7 +49,9 @@ public final class LiveConfig: Sendable {
         keep("storage.max_size", \.storage.maxSize)
         keep("storage.high_watermark", \.storage.highWatermark)
         keep("storage.low_watermark", \.storage.lowWatermark)
+        keep("api.trust_forwarded_headers", \.api.trustForwardedHeaders)
         keep("timeouts.connect", \.timeouts.connectSeconds)
+        keep("timeouts.shutdown", \.timeouts.shutdownSeconds)
         keep("log_format", \.logFormat)
         return (kept, named)
     }

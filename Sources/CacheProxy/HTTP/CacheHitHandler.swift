@@ -72,6 +72,18 @@ struct CacheHitResponder: Sendable {
             plan = BlobResponsePlan(digest: digest, length: actualSize, contentType: nil, rangeHeader: rangeHeader)
             if actualSize <= smallBlobs.maxBlobSize, let file,
                let bytes = Self.read(file, range: 0..<actualSize, allocator: context.channel.allocator) {
+                // Kept in memory only once its bytes are the digest's: a
+                // file damaged on disk since it was published (a power loss
+                // with `fsync: false`) would otherwise be served from
+                // memory for the rest of the process's life, whatever
+                // `cache-proxy verify` removes. Hashing 64 KiB once is cheap.
+                guard digest.matches(bytes.readableBytesView) else {
+                    try? file.close()
+                    store.release(digest)
+                    store.discardDamaged(digest)
+                    metrics.digestMismatches.increment()
+                    return false  // the async path fetches it again
+                }
                 smallBlobs.put(digest, bytes)
                 inline = bytes
             }

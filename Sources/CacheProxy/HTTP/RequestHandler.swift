@@ -33,7 +33,8 @@ struct RequestHandler: Sendable {
         do {
             (kind, status) = try await route(head, body: body, origin: origin, response: response)
         } catch {
-            logger.debug("request ended early", metadata: ["uri": "\(head.uri)", "error": "\(error)"])
+            // The path only: a query may carry a signed URL's token.
+            logger.debug("request ended early", metadata: ["path": "\(RequestURI.path(of: head.uri))", "error": "\(error)"])
             response.abort()
             // Counted as what the client was answered, when it was: most
             // often a client that read its whole answer and left before
@@ -50,11 +51,12 @@ struct RequestHandler: Sendable {
             case "local": answer = .local
             case "passthrough": answer = record.answer ?? .passthrough
             case "error": answer = .error
-            default: answer = record.answer ?? (status.code < 400 ? .hit : .passthrough)
+            default: answer = record.answer ?? .error
             }
             requestLog.record(.init(client: origin.clientAddress, method: head.method.rawValue, uri: head.uri,
                                     host: head.headers.first(name: "host"), upstream: record.upstream,
-                                    status: Int(status.code), bytes: record.bytes, seconds: seconds, answer: answer))
+                                    status: Int(status.code), bytes: record.bytes, seconds: seconds, answer: answer,
+                                    cut: record.isCut))
         }
         if let headSent = response.headSentAt.withLockedValue({ $0 }) {
             metrics.timeToFirstByte(kind: kind, seconds: Self.seconds(started.duration(to: headSent)))

@@ -37,6 +37,16 @@ struct ResponseChannel: Sendable {
         var status: HTTPResponseStatus?
         /// The request's kind for metrics and logs, once routed.
         var kind: String?
+        /// `abort` was called; the answer was cut if fewer body bytes than
+        /// announced went out (`isCut`).
+        var aborted = false
+        /// The body length the head announced.
+        var announced: Int64?
+
+        /// Cut short: aborted before the announced length (or, with no
+        /// length announced, aborted at all). A client that took its
+        /// whole answer and left before the last empty write was not cut.
+        var isCut: Bool { aborted && (announced.map { bytes < $0 } ?? true) }
     }
     let record = NIOLockedValueBox(Record())
 
@@ -65,7 +75,11 @@ struct ResponseChannel: Sendable {
         var headers = headers
         if !keepAlive { headers.replaceOrAdd(name: "connection", value: "close") }
         headSentAt.withLockedValue { $0 = $0 ?? .now }
-        record.withLockedValue { $0.status = $0.status ?? status }
+        let announced = headers.first(name: "content-length").flatMap { Int64($0) }
+        record.withLockedValue {
+            $0.status = $0.status ?? status
+            $0.announced = $0.announced ?? announced
+        }
         channel.write(HTTPServerResponsePart.head(HTTPResponseHead(version: version, status: status, headers: headers)),
                       promise: nil)
     }
@@ -148,7 +162,10 @@ struct ResponseChannel: Sendable {
         var headers = headers
         if !keepAlive { headers.replaceOrAdd(name: "connection", value: "close") }
         headSentAt.withLockedValue { $0 = $0 ?? .now }
-        record.withLockedValue { $0.status = $0.status ?? status }
+        record.withLockedValue {
+            $0.status = $0.status ?? status
+            $0.announced = $0.announced ?? Int64(range.count)
+        }
         let head = HTTPResponseHead(version: version, status: status, headers: headers)
         let region = FileRegion(fileHandle: handle, readerIndex: Int(range.lowerBound), endIndex: Int(range.upperBound))
         let channel = self.channel
@@ -177,6 +194,7 @@ struct ResponseChannel: Sendable {
     /// already reads as cut, but an HTTP/1.0 answer of unknown length ends
     /// at the close, and only a reset tells it apart from a complete body.
     func abort() {
+        record.withLockedValue { $0.aborted = true }
         let channel = self.channel
         guard let options = channel as? SocketOptionProvider else { return channel.close(promise: nil) }
         options.setSoLinger(linger(l_onoff: 1, l_linger: 0)).whenComplete { _ in

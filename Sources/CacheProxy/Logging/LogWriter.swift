@@ -1,4 +1,5 @@
 import Foundation
+import NIOConcurrencyHelpers
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -51,13 +52,78 @@ public enum LogWriter {
         return out
     }
 
-    /// RFC 3339 in UTC with milliseconds, as log shippers expect.
+    /// RFC 3339 in UTC with milliseconds, as log shippers expect. Built
+    /// from integers: it runs once per request.
     public static func timestamp(_ date: Date = Date()) -> String {
         var seconds = time_t(date.timeIntervalSince1970)
         var parts = tm()
         gmtime_r(&seconds, &parts)
-        let millis = Int((date.timeIntervalSince1970 - Double(seconds)) * 1000)
-        return String(format: "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", Int(parts.tm_year) + 1900, Int(parts.tm_mon) + 1,
-                      Int(parts.tm_mday), Int(parts.tm_hour), Int(parts.tm_min), Int(parts.tm_sec), max(0, min(999, millis)))
+        let millis = max(0, min(999, Int((date.timeIntervalSince1970 - Double(seconds)) * 1000)))
+        return "\(padded(Int(parts.tm_year) + 1900, 4))-\(padded(Int(parts.tm_mon) + 1, 2))-\(padded(Int(parts.tm_mday), 2))T"
+            + "\(padded(Int(parts.tm_hour), 2)):\(padded(Int(parts.tm_min), 2)):\(padded(Int(parts.tm_sec), 2)).\(padded(millis, 3))Z"
+    }
+
+    /// Seconds with six decimals, without `String(format:)`.
+    static func seconds(_ value: Double) -> String {
+        let micros = Int((max(0, value) * 1_000_000).rounded())
+        return "\(micros / 1_000_000).\(padded(micros % 1_000_000, 6))"
+    }
+
+    static func padded(_ value: Int, _ width: Int) -> String {
+        let text = String(value)
+        return text.count >= width ? text : String(repeating: "0", count: width - text.count) + text
+    }
+
+    /// Request lines, written by a thread of their own: a request never
+    /// waits for standard error (a slow journald, a blocking container log
+    /// driver, a full pipe would otherwise stall the event loops). At most
+    /// `LineBuffer.limit` bytes wait; past that, lines are dropped and
+    /// counted, and the count is written when there is room again.
+    public static let requestLines = LineBuffer()
+}
+
+public final class LineBuffer: Sendable {
+    private struct State {
+        var lines: [String] = []
+        var bytes = 0
+        var dropped = 0
+        var started = false
+    }
+
+    static let limit = 4 << 20
+    private let state = NIOLockedValueBox(State())
+
+    public func append(_ line: String) {
+        let start = state.withLockedValue { state -> Bool in
+            guard state.bytes + line.utf8.count <= Self.limit else {
+                state.dropped += 1
+                return false
+            }
+            state.lines.append(line)
+            state.bytes += line.utf8.count
+            defer { state.started = true }
+            return !state.started
+        }
+        if start {
+            let thread = Thread { [self] in
+                while true {
+                    usleep(20_000)
+                    flush()
+                }
+            }
+            thread.name = "cache-proxy-log"
+            thread.start()
+        }
+    }
+
+    /// Writes what waits, now (also at shutdown).
+    public func flush() {
+        let (lines, dropped) = state.withLockedValue { state -> ([String], Int) in
+            defer { (state.lines, state.bytes, state.dropped) = ([], 0, 0) }
+            return (state.lines, state.dropped)
+        }
+        if dropped > 0 { LogWriter.write("\(dropped) request log lines dropped: standard error did not keep up\n") }
+        guard !lines.isEmpty else { return }
+        LogWriter.write(lines.joined())
     }
 }

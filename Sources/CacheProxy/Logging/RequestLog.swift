@@ -33,6 +33,8 @@ public struct RequestLog: Sendable {
         var bytes: Int64
         var seconds: Double
         var answer: Answer
+        /// The answer was cut short (a failed download, a client gone).
+        var cut = false
     }
 
     public let format: LogFormat
@@ -43,7 +45,8 @@ public struct RequestLog: Sendable {
     /// (a reload may change it).
     public var enabled: Bool { level.showsInfo }
 
-    public init(format: LogFormat, level: LogLevelSetting, write: @escaping @Sendable (String) -> Void = LogWriter.write) {
+    public init(format: LogFormat, level: LogLevelSetting,
+                write: @escaping @Sendable (String) -> Void = { LogWriter.requestLines.append($0) }) {
         self.format = format
         self.level = level
         self.write = write
@@ -56,13 +59,13 @@ public struct RequestLog: Sendable {
 
     static func line(_ entry: Entry, format: LogFormat, time: Date) -> String {
         let path = String(RequestURI.path(of: entry.uri))
-        let duration = String(format: "%.6f", entry.seconds)
+        let duration = LogWriter.seconds(entry.seconds)
         switch format {
         case .text:
             return "\(LogWriter.timestamp(time)) \(LogWriter.token(entry.client ?? "")) \(LogWriter.token(entry.method)) "
                 + "\(LogWriter.token(path)) host=\(LogWriter.token(entry.host ?? "")) "
                 + "upstream=\(LogWriter.token(entry.upstream ?? "")) status=\(entry.status) bytes=\(entry.bytes) "
-                + "duration=\(duration) answer=\(entry.answer.rawValue)\n"
+                + "duration=\(duration) answer=\(entry.answer.rawValue)\(entry.cut ? " cut" : "")\n"
         case .json:
             var fields = [
                 "\"time\":\(LogWriter.json(LogWriter.timestamp(time)))",
@@ -77,6 +80,7 @@ public struct RequestLog: Sendable {
                 "\"duration_seconds\":\(duration)",
             ]
             fields.append("\"answer\":\(LogWriter.json(entry.answer.rawValue))")
+            fields.append("\"cut\":\(entry.cut)")
             return "{" + fields.joined(separator: ",") + "}\n"
         }
     }

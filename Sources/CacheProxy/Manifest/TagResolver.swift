@@ -68,6 +68,7 @@ struct TagResolver: Sendable {
                 .flatMap({ try? Digest(parsing: Substring($0)) }) else {
                 // No digest to cache under (not a registry this proxy knows
                 // how to cache for): the request goes as it came.
+                response.answered(.passthrough)
                 return try await blobs.passThrough.forward(request.head, to: upstream, body: nil,
                                                            origin: request.origin, response: response)
             }
@@ -79,6 +80,7 @@ struct TagResolver: Sendable {
             gate.remember(upstream: upstream, headers: request.head.headers, repository: request.name,
                           digest: digest, kind: .manifest)
             if request.head.method == .HEAD {
+                response.answered(.passthrough)
                 // The upstream's own answer: its type, length and digest.
                 response.head(.ok, PassThrough.endToEnd(answer.headers))
                 try await response.end()
@@ -90,6 +92,7 @@ struct TagResolver: Sendable {
         case 300..<400:
             // A registry that redirects its manifests elsewhere
             // (registry.k8s.io): the client follows, as before this cache.
+            response.answered(.passthrough)
             return try await blobs.passThrough.forward(request.head, to: upstream, body: nil,
                                                        origin: request.origin, response: response)
         default:
@@ -129,9 +132,11 @@ struct TagResolver: Sendable {
         let omitBody = request.head.method == .HEAD
         switch failure {
         case .unreachable(let error):
+            response.answered(.error)
             try await response.send(error, omitBody: omitBody)
             return error.status
         case .answered(let status, let upstreamHeaders):
+            response.answered(.passthrough)
             try await BlobResponder.sendUpstreamAnswer(status, upstreamHeaders, kind: .manifest, omitBody: omitBody,
                                                        response: response)
             return status

@@ -72,6 +72,15 @@ public final class TagTable: Sendable {
         }
     }
 
+    /// Forgets every tag of an upstream that now points elsewhere.
+    func forget(upstream host: String) {
+        state.withLockedValue { state in
+            let before = state.tags.count
+            state.tags = state.tags.filter { $0.key.upstream != host }
+            if before != state.tags.count { state.changed = true }
+        }
+    }
+
     /// The tag is gone upstream for the types a client sending `accept`
     /// takes (a 404 to a client allowed the repository; registries also
     /// answer 404 when the tag is there in a type the client does not

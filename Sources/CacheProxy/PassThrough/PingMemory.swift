@@ -77,6 +77,13 @@ public final class PingMemory: Sendable {
         return (.ok, out, ByteBuffer(string: "{}"))
     }
 
+    /// Forgets an upstream that now points elsewhere.
+    func forget(upstream host: String) {
+        state.withLockedValue { state in
+            if state.rows.removeValue(forKey: host) != nil { state.changed = true }
+        }
+    }
+
     func snapshot(always: Bool = false) -> [Row]? {
         state.withLockedValue { state in
             guard state.changed || always else { return nil }

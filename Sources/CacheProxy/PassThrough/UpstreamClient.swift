@@ -108,6 +108,18 @@ public final class UpstreamClient: Sendable {
         return sessions
     }
 
+    /// The session of `upstream` as the request was routed: after a reload
+    /// that changed or removed it, a request routed before (a fill waiting
+    /// for a slot, an access check under way) still goes with the
+    /// credentials and TLS settings of the upstream it is for, never with
+    /// another registry's (made afresh, without the token cache).
+    private func session(for upstream: ProxyConfig.Upstream) -> Session? {
+        if let current = live.withLockedValue({ $0.sessions[upstream.host] }), current.upstream == upstream {
+            return current
+        }
+        return try? Self.sessions(for: [upstream], keeping: [:])[upstream.host]
+    }
+
     /// A reload: sessions for the upstreams configured now (unchanged ones
     /// kept, with their tokens), and the answer and idle timeouts. Requests
     /// already sent keep what they started with. Throws, changing nothing,
@@ -161,7 +173,7 @@ public final class UpstreamClient: Sendable {
     func send(_ request: HTTPClientRequest, to upstream: ProxyConfig.Upstream, body: RequestBodySource? = nil,
               authorize: Bool = true, pool: Pool = .control) async throws -> HTTPClientResponse {
         var request = request
-        let session = live.withLockedValue { $0.sessions[upstream.host] }
+        let session = session(for: upstream)
         if let target = RedirectTarget(request.url), target.host == upstream.registry {
             request.tlsConfiguration = session?.tls
         }
