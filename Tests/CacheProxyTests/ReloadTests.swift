@@ -81,6 +81,15 @@ final class ReloadTests: XCTestCase {
         XCTAssertEqual(try get("b.test", "/v2/lib/slowhead/tags/list").0, 504)
         XCTAssertLessThan(Date().timeIntervalSince(started), 2.5)
 
+        // An upstream changed in place: b.test now points at a's registry.
+        let bToA = "  - {host: \"b.test\", registry: \"127.0.0.1\", port: \(a.port), schema: \"http\", offline: deny}"
+        try write(bToA)
+        try await hangUp()
+        XCTAssertEqual(try get("b.test").1, "{\"from\":\"a\"}", "b.test repointed")
+        XCTAssertTrue(daemon.log.contains("its offline memory is forgotten"), daemon.log)
+        try write(hostB, extra: "limits: {max_header_bytes: 2048}\ntimeouts: {upstream: 1}")
+        try await hangUp()
+
         // A file that does not load changes nothing, and says which key.
         try write(hostB + "\n    surprise: 1")
         try await hangUp()
