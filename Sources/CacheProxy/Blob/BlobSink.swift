@@ -126,10 +126,12 @@ struct DigestHasher: Sendable {
     }
 
     mutating func update(_ buffer: ByteBuffer) {
-        buffer.withUnsafeReadableBytes { bytes in
-            sha256?.update(bufferPointer: bytes)
-            sha512?.update(bufferPointer: bytes)
-        }
+        buffer.withUnsafeReadableBytes { update($0) }
+    }
+
+    mutating func update(_ bytes: UnsafeRawBufferPointer) {
+        sha256?.update(bufferPointer: bytes)
+        sha512?.update(bufferPointer: bytes)
     }
 
     func finalizeHex() -> String {

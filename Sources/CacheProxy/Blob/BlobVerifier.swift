@@ -118,8 +118,7 @@ public struct BlobVerifier: Sendable {
             _ = posix_fadvise(fd, 0, 0, Int32(POSIX_FADV_DONTNEED))
             close(fd)
         }
-        var sha256 = SHA256()
-        var sha512 = SHA512()
+        var hasher = DigestHasher(algorithm)
         var buffer = [UInt8](repeating: 0, count: 1 << 20)
         while true {
             let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
@@ -128,16 +127,9 @@ public struct BlobVerifier: Sendable {
                 return .failure(errno)
             }
             if n == 0 { break }
-            buffer.withUnsafeBytes { bytes in
-                let chunk = UnsafeRawBufferPointer(rebasing: bytes[0..<n])
-                switch algorithm {
-                case .sha256: sha256.update(bufferPointer: chunk)
-                case .sha512: sha512.update(bufferPointer: chunk)
-                }
-            }
+            buffer.withUnsafeBytes { hasher.update(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
             progress(Int64(n))
         }
-        let digest: [UInt8] = algorithm == .sha256 ? Array(sha256.finalize()) : Array(sha512.finalize())
-        return .success(digest.map { String(format: "%02x", $0) }.joined())
+        return .success(hasher.finalizeHex())
     }
 }

@@ -77,7 +77,7 @@ struct CacheHitResponder: Sendable {
                 // with `fsync: false`) would otherwise be served from
                 // memory for the rest of the process's life, whatever
                 // `cache-proxy verify` removes. Hashing 64 KiB once is cheap.
-                guard digest.matches(bytes.readableBytesView) else {
+                guard digest.matches(bytes) else {
                     try? file.close()
                     store.release(digest)
                     store.discardDamaged(digest)
