@@ -60,15 +60,24 @@ public final class LiveConfig: Sendable {
 /// The log level in force, read by every log line and by the request log,
 /// so a reload changes it for everything at once.
 public final class LogLevelSetting: Sendable {
-    private let level: NIOLockedValueBox<String>
+    private struct Level {
+        var name: String
+        /// Whether lines at `info` are written: asked once per request.
+        var showsInfo: Bool
 
-    public init(_ value: String) {
-        level = NIOLockedValueBox(value)
+        init(_ name: String) {
+            self.name = name
+            showsInfo = name == "info" || name == "debug" || name == "trace"
+        }
     }
 
-    public var value: String { level.withLockedValue { $0 } }
-    public func set(_ value: String) { level.withLockedValue { $0 = value } }
+    private let level: NIOLockedValueBox<Level>
 
-    /// Whether lines at `info` are written.
-    var showsInfo: Bool { ["trace", "debug", "info"].contains(value) }
+    public init(_ value: String) {
+        level = NIOLockedValueBox(Level(value))
+    }
+
+    public var value: String { level.withLockedValue { $0.name } }
+    public func set(_ value: String) { level.withLockedValue { $0 = Level(value) } }
+    var showsInfo: Bool { level.withLockedValue { $0.showsInfo } }
 }

@@ -10,14 +10,16 @@ import Glibc
 public enum LogWriter {
     public static func write(_ line: String) {
         var line = line
-        line.withUTF8 { bytes in
-            var offset = 0
-            while offset < bytes.count {
-                let n = Glibc.write(STDERR_FILENO, bytes.baseAddress.map { $0 + offset }, bytes.count - offset)
-                if n < 0 && errno == EINTR { continue }
-                guard n > 0 else { return }  // nowhere to log to: nothing to do about it
-                offset += n
-            }
+        line.withUTF8 { write(bytes: UnsafeRawBufferPointer($0)) }
+    }
+
+    static func write(bytes: UnsafeRawBufferPointer) {
+        var offset = 0
+        while offset < bytes.count {
+            let n = Glibc.write(STDERR_FILENO, bytes.baseAddress.map { $0 + offset }, bytes.count - offset)
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { return }  // nowhere to log to: nothing to do about it
+            offset += n
         }
     }
 
@@ -45,6 +47,8 @@ public enum LogWriter {
     /// reader (a `Host` header is the client's to choose).
     public static func token(_ text: String) -> String {
         guard !text.isEmpty else { return "-" }
+        // Almost every value is clean already: then it is used as it is.
+        if text.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: "\"") }) { return text }
         var out = ""
         for scalar in text.unicodeScalars {
             out.unicodeScalars.append(scalar.value > 0x20 && scalar.value < 0x7f && scalar != "\"" ? scalar : "_")
@@ -56,12 +60,21 @@ public enum LogWriter {
     /// from integers: it runs once per request.
     public static func timestamp(_ date: Date = Date()) -> String {
         var seconds = time_t(date.timeIntervalSince1970)
-        var parts = tm()
-        gmtime_r(&seconds, &parts)
         let millis = max(0, min(999, Int((date.timeIntervalSince1970 - Double(seconds)) * 1000)))
-        return "\(padded(Int(parts.tm_year) + 1900, 4))-\(padded(Int(parts.tm_mon) + 1, 2))-\(padded(Int(parts.tm_mday), 2))T"
-            + "\(padded(Int(parts.tm_hour), 2)):\(padded(Int(parts.tm_min), 2)):\(padded(Int(parts.tm_sec), 2)).\(padded(millis, 3))Z"
+        // The date and time to the second are made once a second.
+        let prefix = lastSecond.withLockedValue { last -> String in
+            if last.seconds == seconds { return last.text }
+            var parts = tm()
+            gmtime_r(&seconds, &parts)
+            let text = "\(padded(Int(parts.tm_year) + 1900, 4))-\(padded(Int(parts.tm_mon) + 1, 2))-\(padded(Int(parts.tm_mday), 2))T"
+                + "\(padded(Int(parts.tm_hour), 2)):\(padded(Int(parts.tm_min), 2)):\(padded(Int(parts.tm_sec), 2))"
+            last = (seconds, text)
+            return text
+        }
+        return prefix + "." + padded(millis, 3) + "Z"
     }
+
+    private static let lastSecond = NIOLockedValueBox<(seconds: time_t, text: String)>((-1, ""))
 
     /// Seconds with six decimals, without `String(format:)`.
     static func seconds(_ value: Double) -> String {
@@ -84,8 +97,8 @@ public enum LogWriter {
 
 public final class LineBuffer: Sendable {
     private struct State {
-        var lines: [String] = []
-        var bytes = 0
+        /// The lines' bytes, back to back: one copy per line, no String kept.
+        var bytes: [UInt8] = []
         var dropped = 0
         var started = false
     }
@@ -95,12 +108,11 @@ public final class LineBuffer: Sendable {
 
     public func append(_ line: String) {
         let start = state.withLockedValue { state -> Bool in
-            guard state.bytes + line.utf8.count <= Self.limit else {
+            guard state.bytes.count + line.utf8.count <= Self.limit else {
                 state.dropped += 1
                 return false
             }
-            state.lines.append(line)
-            state.bytes += line.utf8.count
+            state.bytes.append(contentsOf: line.utf8)
             defer { state.started = true }
             return !state.started
         }
@@ -118,12 +130,16 @@ public final class LineBuffer: Sendable {
 
     /// Writes what waits, now (also at shutdown).
     public func flush() {
-        let (lines, dropped) = state.withLockedValue { state -> ([String], Int) in
-            defer { (state.lines, state.bytes, state.dropped) = ([], 0, 0) }
-            return (state.lines, state.dropped)
+        let (bytes, dropped) = state.withLockedValue { state -> ([UInt8], Int) in
+            defer {
+                state.bytes = []
+                state.bytes.reserveCapacity(64 * 1024)
+                state.dropped = 0
+            }
+            return (state.bytes, state.dropped)
         }
         if dropped > 0 { LogWriter.write("\(dropped) request log lines dropped: standard error did not keep up\n") }
-        guard !lines.isEmpty else { return }
-        LogWriter.write(lines.joined())
+        guard !bytes.isEmpty else { return }
+        bytes.withUnsafeBufferPointer { LogWriter.write(bytes: UnsafeRawBufferPointer($0)) }
     }
 }

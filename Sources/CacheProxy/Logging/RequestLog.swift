@@ -62,10 +62,31 @@ public struct RequestLog: Sendable {
         let duration = LogWriter.seconds(entry.seconds)
         switch format {
         case .text:
-            return "\(LogWriter.timestamp(time)) \(LogWriter.token(entry.client ?? "")) \(LogWriter.token(entry.method)) "
-                + "\(LogWriter.token(path)) host=\(LogWriter.token(entry.host ?? "")) "
-                + "upstream=\(LogWriter.token(entry.upstream ?? "")) status=\(entry.status) bytes=\(entry.bytes) "
-                + "duration=\(duration) answer=\(entry.answer.rawValue)\(entry.cut ? " cut" : "")\n"
+            // Appended piece by piece into one buffer: this runs per request.
+            var line = ""
+            line.reserveCapacity(160 + path.utf8.count)
+            line += LogWriter.timestamp(time)
+            line += " "
+            line += LogWriter.token(entry.client ?? "")
+            line += " "
+            line += LogWriter.token(entry.method)
+            line += " "
+            line += LogWriter.token(path)
+            line += " host="
+            line += LogWriter.token(entry.host ?? "")
+            line += " upstream="
+            line += LogWriter.token(entry.upstream ?? "")
+            line += " status="
+            line += String(entry.status)
+            line += " bytes="
+            line += String(entry.bytes)
+            line += " duration="
+            line += duration
+            line += " answer="
+            line += entry.answer.rawValue
+            if entry.cut { line += " cut" }
+            line += "\n"
+            return line
         case .json:
             var fields = [
                 "\"time\":\(LogWriter.json(LogWriter.timestamp(time)))",
