@@ -93,10 +93,7 @@ public final class ProxyServer: Service, Sendable {
         }
         self.client = try UpstreamClient(eventLoopGroup: group, timeouts: config.timeouts,
                                          upstreams: config.upstreams, resolver: resolver, logger: logger)
-        for upstream in config.upstreams where upstream.tls.insecure {
-            logger.warning("INSECURE: TLS certificates of this upstream are NOT verified; anyone on the path can answer for it (only blobs are still checked against their digests)",
-                           metadata: ["upstream": "\(upstream.host)", "registry": "\(upstream.registry)"])
-        }
+        Self.warnInsecure(config.upstreams, logger: logger)
         for upstream in config.upstreams where upstream.accessCheck == .never {
             logger.notice("access checks are off for this upstream: any client that knows a digest gets the cached blob",
                           metadata: ["upstream": "\(upstream.host)"])
@@ -147,20 +144,26 @@ public final class ProxyServer: Service, Sendable {
         return [(config.api.port, nil), (tlsPort, tls)]
     }
 
-    /// Reads the listener's certificate and key again (SIGHUP). New
-    /// connections get the new ones; open connections are not touched. A
-    /// failure keeps the old ones and is logged.
-    @discardableResult
-    public func reloadTLS() -> Bool {
-        guard let tls else { return false }
+    /// Said at every start and reload, for each upstream whose
+    /// certificates are not checked.
+    private static func warnInsecure(_ upstreams: [ProxyConfig.Upstream], logger: Logger) {
+        for upstream in upstreams where upstream.tls.insecure {
+            logger.warning("INSECURE: TLS certificates of this upstream are NOT verified; anyone on the path can answer for it (blobs and manifests are still checked against their digests; what a tag names is not)",
+                           metadata: ["upstream": "\(upstream.host)", "registry": "\(upstream.registry)"])
+        }
+    }
+
+    /// Reads the listener's certificate and key again (part of `reload`).
+    /// New connections get the new ones; open connections are not touched.
+    /// A failure keeps the old ones and is logged.
+    private func reloadTLS() {
+        guard let tls else { return }
         do {
             try tls.reload()
             logger.info("TLS certificate reloaded", metadata: ["certificate": "\(tls.certificatePath)"])
-            return true
         } catch {
             logger.error("TLS certificate reload failed; the previous certificate stays in use",
                          metadata: ["error": "\(error)"])
-            return false
         }
     }
 
@@ -173,15 +176,17 @@ public final class ProxyServer: Service, Sendable {
     /// listener's certificate and key are read again. A file that does not
     /// load changes nothing (one line names the key); a key a running
     /// process cannot change keeps its value, and a line says it needs a
-    /// restart. Returns whether the new configuration is in force.
-    @discardableResult
-    public func reload(_ load: () throws -> ProxyConfig) -> Bool {
+    /// restart.
+    public func reload(_ load: () throws -> ProxyConfig) {
+        // The certificate is read again whatever becomes of the file: a
+        // renewal must not wait for an unrelated typo to be fixed.
+        defer { reloadTLS() }
         let loaded: ProxyConfig
         do {
             loaded = try load()
         } catch {
             logger.error("configuration not reloaded; the running one stays", metadata: ["error": "\(error)"])
-            return false
+            return
         }
         let (new, restartOnly) = LiveConfig.keepingRestartOnly(loaded, running: live.config)
         for key in restartOnly {
@@ -192,7 +197,7 @@ public final class ProxyServer: Service, Sendable {
             try client.update(upstreams: new.upstreams, timeouts: new.timeouts)
         } catch {
             logger.error("configuration not reloaded; the running one stays", metadata: ["error": "\(error)"])
-            return false
+            return
         }
         fills.update(upstreams: new.upstreams)
         // What the offline memory holds of an upstream now configured
@@ -208,16 +213,11 @@ public final class ProxyServer: Service, Sendable {
                           metadata: ["upstream": "\(upstream.host)"])
         }
         live.replace(with: new)
-        for upstream in new.upstreams where upstream.tls.insecure {
-            logger.warning("INSECURE: TLS certificates of this upstream are NOT verified",
-                           metadata: ["upstream": "\(upstream.host)"])
-        }
-        if tls != nil { reloadTLS() }
+        Self.warnInsecure(new.upstreams, logger: logger)
         // Said at the level in force until now, then the new level applies.
         logger.info("configuration reloaded", metadata: [
             "upstreams": "\(new.upstreams.map(\.host).joined(separator: ","))", "log_level": "\(new.logLevel)"])
         logLevel.set(new.logLevel)
-        return true
     }
 
     private func bind(port: Int, tls: ServerTLS?) async throws

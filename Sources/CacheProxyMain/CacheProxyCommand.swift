@@ -79,10 +79,7 @@ struct ServeCommand: AsyncParsableCommand {
         }
         if let storage { settings.storage.folder = storage }
         if let logFormat {
-            guard let format = LogFormat(rawValue: logFormat) else {
-                throw ConfigError(key: "--log-format", problem: "must be text or json")
-            }
-            settings.logFormat = format
+            settings.logFormat = try LogFormat(parsing: logFormat, key: "--log-format")
         }
         if let ioBackend {
             settings.storage.ioBackend = try ProxyConfig.IOBackendChoice(parsing: ioBackend, key: "--io-backend")

@@ -120,9 +120,7 @@ struct PreloadCommand: AsyncParsableCommand {
         watcher.cancel()
         try? await http.shutdown()
         await endpoint.stop()
-        let elapsed = started.duration(to: .now)
-        progress.summary(outcomes, seconds: Double(elapsed.components.seconds)
-                                          + Double(elapsed.components.attoseconds) / 1e18)
+        progress.summary(outcomes, seconds: started.duration(to: .now).inSeconds)
         if outcomes.contains(where: { $0.failure != nil }) { throw ExitCode(1) }
     }
 }

@@ -30,32 +30,27 @@ struct VerifyCommand: ParsableCommand {
         }
         let verifier = BlobVerifier(folder: settings.storage.folder, remove: !dryRun)
         let terminal = isatty(STDOUT_FILENO) == 1
-        let files = verifier.files().found
-        let total = max(1, files.reduce(Int64(0)) { $0 + $1.size })
+        let listing = verifier.files()
+        let total = max(1, listing.found.reduce(Int64(0)) { $0 + $1.size })
         var (done, doneBytes) = (0, Int64(0))
         var lastDraw = ContinuousClock.now
         let started = ContinuousClock.now
-        let report = verifier.run { bytes, fileDone in
+        let report = verifier.run(listing) { bytes, fileDone in
             doneBytes += bytes
             if fileDone { done += 1 }
             guard terminal, fileDone || lastDraw.duration(to: .now) > .milliseconds(100) else { return }
             lastDraw = .now
-            // Files published meanwhile may carry the count past the
-            // first listing's: the bar stops at full.
-            let fraction = min(1, Double(doneBytes) / Double(total))
-            let filled = Int(fraction * 30)
-            let bar = String(repeating: "=", count: filled) + String(repeating: " ", count: 30 - filled)
-            FileHandle.standardOutput.write(Data("\r\u{1B}[2K[\(bar)] \(Int(fraction * 100))%  \(done)/\(files.count) files".utf8))
+            let bar = ProgressBar.draw(Double(doneBytes) / Double(total))
+            FileHandle.standardOutput.write(Data("\r\u{1B}[2K\(bar)  \(done)/\(listing.found.count) files".utf8))
         }
         if terminal { FileHandle.standardOutput.write(Data("\n".utf8)) }
         for damage in report.damaged {
-            print("\(dryRun || damage.problem.contains("NOT removed") ? "DAMAGED" : "REMOVED") \(damage.path): \(damage.problem)")
+            print("\(damage.removed ? "REMOVED" : "DAMAGED") \(damage.path): \(damage.problem)")
         }
         for problem in report.unreadable {
             print("UNREADABLE \(problem.path): \(problem.problem)")
         }
-        let seconds = started.duration(to: .now)
-        let elapsed = Double(seconds.components.seconds) + Double(seconds.components.attoseconds) / 1e18
+        let elapsed = started.duration(to: .now).inSeconds
         print("verified \(report.files) files (\(report.bytes) bytes) in \(String(format: "%.1f", elapsed)) s: "
               + "\(report.damaged.count) damaged\(dryRun || report.damaged.isEmpty || report.unremoved > 0 ? "" : " and removed"), "
               + "\(report.unreadable.count) unreadable")

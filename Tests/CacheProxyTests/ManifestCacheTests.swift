@@ -156,10 +156,19 @@ final class ManifestCacheTests: XCTestCase {
         var digest: String { ManifestCacheTests.sha256(manifest) }
         let rateLimited = NIOLockedValueBox(false)
         let corrupt = NIOLockedValueBox(false)
+        /// A tag's `HEAD` never answered.
+        let silentHead = NIOLockedValueBox(false)
+        /// A manifest `GET` stops after its first bytes for 3 s.
+        let stallBody = NIOLockedValueBox(false)
 
         func reply(_ head: HTTPRequestHead) -> FakeUpstream.Reply {
             let type = "application/vnd.oci.image.manifest.v1+json"
             guard head.uri.contains("/manifests/") else { return .init(body: Array("{}".utf8)) }
+            if head.method == .HEAD, silentHead.withLockedValue({ $0 }) { return .init(silent: true) }
+            if head.method == .GET, stallBody.withLockedValue({ $0 }) {
+                return .init(headers: ["content-type": type, "docker-content-digest": digest], body: Array(manifest),
+                             chunkSize: 40, stallAfter: 40, stallFor: .seconds(3))
+            }
             if rateLimited.withLockedValue({ $0 }) {
                 return .init(status: .tooManyRequests, headers: ["ratelimit-remaining": "0;w=21600"])
             }
@@ -282,11 +291,11 @@ final class ManifestCacheTests: XCTestCase {
         table.record(key, digest: index.digest, mediaType: index.mediaType)
         table.record(key, digest: single.digest, mediaType: single.mediaType)  // an old client's HEAD, later
         let containerd = ["application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.index.v1+json, */*"]
-        XCTAssertEqual(table.lookup(key, accept: containerd), index, "the index, though named earlier")
-        XCTAssertEqual(table.lookup(key, accept: ["application/vnd.docker.distribution.manifest.v2+json"]), single)
-        XCTAssertEqual(table.lookup(key, accept: ["application/vnd.oci.image.index.v1+json;q=0, */*"]), single)
-        XCTAssertNil(table.lookup(key, accept: ["application/vnd.docker.distribution.manifest.v1+prettyjws"]))
-        XCTAssertEqual(table.lookup(key, accept: []), index)
+        XCTAssertEqual(table.candidates(key, accept: containerd).first, index, "the index, though named earlier")
+        XCTAssertEqual(table.candidates(key, accept: ["application/vnd.docker.distribution.manifest.v2+json"]).first, single)
+        XCTAssertEqual(table.candidates(key, accept: ["application/vnd.oci.image.index.v1+json;q=0, */*"]).first, single)
+        XCTAssertNil(table.candidates(key, accept: ["application/vnd.docker.distribution.manifest.v1+prettyjws"]).first)
+        XCTAssertEqual(table.candidates(key, accept: []).first, index)
         // Clients taking turns with the same digests are no news to write.
         XCTAssertNotNil(table.snapshot())
         table.record(key, digest: index.digest, mediaType: index.mediaType)
@@ -296,6 +305,39 @@ final class ManifestCacheTests: XCTestCase {
         // A 404 to a client that takes only one type ends only that type.
         table.remove(key, accept: ["application/vnd.docker.distribution.manifest.v2+json"])
         XCTAssertEqual(table.candidates(key, accept: containerd), [index])
+    }
+
+    /// Slower than each timeout on the manifest path: a tag's `HEAD` silent
+    /// past `timeouts.upstream` is answered from the offline table; a
+    /// manifest body stalled past `upstream_idle` is cut and not stored.
+    func testAManifestPathSlowerThanItsTimeouts() async throws {
+        let fake = FakeRegistry()
+        let upstream = try await FakeUpstream { fake.reply($0) }
+        let proxy = try await TestProxy(upstreamsYAML:
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}",
+                                        extraYAML: "timeouts: {upstream: 1, upstream_idle: 1}")
+        XCTAssertEqual(try curl("\(proxy.base)/v2/lib/app/manifests/latest").body, fake.manifest)
+        fake.silentHead.withLockedValue { $0 = true }
+        let started = Date()
+        let offline = try curl("\(proxy.base)/v2/lib/app/manifests/latest")
+        XCTAssertEqual(offline.code, 200)
+        XCTAssertEqual(offline.body, fake.manifest)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 3, "one answer wait, then the offline table")
+        XCTAssertEqual(try proxy.metric("cacheproxy_manifest_offline_total"), 1)
+
+        await proxy.stop()
+
+        // A proxy with nothing cached, a manifest body that stalls.
+        fake.silentHead.withLockedValue { $0 = false }
+        fake.stallBody.withLockedValue { $0 = true }
+        let fresh = try await TestProxy(upstreamsYAML:
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}",
+                                        extraYAML: "timeouts: {upstream: 1, upstream_idle: 1}")
+        let stalled = try curl("\(fresh.base)/v2/lib/app/manifests/\(fake.digest)")
+        XCTAssertNotEqual(stalled.body, fake.manifest, "never a complete answer from a stalled body")
+        XCTAssertEqual(fresh.files(in: "blobs"), [], "nothing stored")
+        await fresh.stop()
+        await upstream.stop()
     }
 
     func testAManifestThatDoesNotMatchItsDigestIsNeverStoredNorAnsweredWhole() async throws {
@@ -316,5 +358,40 @@ final class ManifestCacheTests: XCTestCase {
         XCTAssertEqual(try curl("\(proxy.base)/v2/lib/app/manifests/latest").body, fake.manifest)
         await proxy.stop()
         await upstream.stop()
+    }
+}
+
+/// The offline memory's tables under a flood: bounded, and what they
+/// answer never wrong.
+final class OfflineTablesUnderFloodTests: XCTestCase {
+    func testAFloodOfNewTagsStaysWithinTheBound() throws {
+        let table = TagTable(capacity: 8)
+        let type = try XCTUnwrap(MediaType("application/vnd.oci.image.manifest.v1+json"))
+        func digest(_ n: Int) throws -> CacheProxy.Digest {
+            try CacheProxy.Digest(parsing: "sha256:" + String(String(repeating: "0", count: 64 - String(n).count) + String(n)))
+        }
+        for n in 0..<200 {
+            table.record(.init(upstream: n % 2 == 0 ? "a" : "b", repository: "flood/r", tag: "t\(n)"),
+                         digest: try digest(n), mediaType: type)
+        }
+        let rows = try XCTUnwrap(table.snapshot())
+        XCTAssertLessThanOrEqual(rows.count, 8, "bounded")
+        for row in rows {
+            let n = Int(row.key.tag.dropFirst()) ?? -1
+            XCTAssertEqual(row.entries.first?.digest, try digest(n), "each kept tag still names its own digest")
+        }
+        let last = TagTable.Key(upstream: "b", repository: "flood/r", tag: "t199")
+        XCTAssertEqual(table.candidates(last, accept: []).first?.digest, try digest(199), "the newest is kept")
+    }
+
+    func testAHostileChallengeIsNotRemembered() {
+        let pings = PingMemory()
+        pings.record(upstream: "u", status: .unauthorized,
+                     headers: ["www-authenticate": "Basic realm=\"" + String(repeating: "x", count: 5000) + "\""])
+        XCTAssertNil(pings.answer(upstream: "u", headers: [:]), "too long to replay")
+        pings.record(upstream: "u", status: .unauthorized, headers: ["www-authenticate": "Basic realm=\"a\u{7f}b\""])
+        XCTAssertNil(pings.answer(upstream: "u", headers: [:]), "not a clean header value")
+        pings.record(upstream: "u", status: .unauthorized, headers: ["www-authenticate": "Basic realm=\"r\""])
+        XCTAssertEqual(pings.answer(upstream: "u", headers: [:])?.1.first(name: "www-authenticate"), "Basic realm=\"r\"")
     }
 }

@@ -42,7 +42,9 @@ public final class AccessGate: Sendable {
         /// (`offline: serve`).
         case allowedOffline
         /// The upstream's refusal, passed to the client with its headers
-        /// (`WWW-Authenticate` included, so clients run their token dance).
+        /// (`WWW-Authenticate` included, so clients run their token dance;
+        /// hop-by-hop ones are dropped where it is sent,
+        /// `BlobResponder.sendUpstreamAnswer`).
         case refused(HTTPResponseStatus, HTTPHeaders)
         /// The upstream could not be asked and the offline policy says no.
         case unreachable(OCIError)
@@ -185,7 +187,7 @@ public final class AccessGate: Sendable {
 
     /// Asks the upstream unless its answer is remembered.
     func check(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String,
-               digest: Digest, kind: ContentKind = .blob) async -> Verdict {
+               digest: Digest, kind: ContentKind) async -> Verdict {
         let pair = Pair(grant: grant(upstream: upstream, headers: headers, repository: repository),
                         link: Link(upstream: upstream.host, repository: repository, digest: digest, kind: kind))
         if isFresh(pair.link, upstream.accessCheck == .always ? pair.grant : nil) { return .allowed }
@@ -213,7 +215,7 @@ public final class AccessGate: Sendable {
     /// Records a yes the upstream gave some other way: a fill's own `GET`
     /// with these credentials answered 2xx.
     func remember(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String, digest: Digest,
-                  kind: ContentKind = .blob) {
+                  kind: ContentKind) {
         let pair = Pair(grant: grant(upstream: upstream, headers: headers, repository: repository),
                         link: Link(upstream: upstream.host, repository: repository, digest: digest, kind: kind))
         allow(pair, ttl: upstream.accessCacheTTL)
@@ -256,9 +258,6 @@ public final class AccessGate: Sendable {
         // and nothing else of its request: its Host, Range or forwarding
         // headers are not the check's business.
         request.headers = BlobResponder.upstreamHeaders(headers, kind: kind)
-        if kind == .manifest, !request.headers.contains(name: "accept") {
-            request.headers.add(name: "accept", value: MediaType.manifestAccept)
-        }
         let failure: OCIError
         do {
             let response = try await client.send(request, to: upstream)
@@ -281,7 +280,7 @@ public final class AccessGate: Sendable {
                 // here: the client gets the redirect and follows it, as it
                 // did before manifests were cached. Nothing is forgotten.
                 metrics.accessChecks["refused"]?.increment()
-                return .refused(response.status, PassThrough.endToEnd(response.headers))
+                return .refused(response.status, response.headers)
             case 429, 500...:
                 // The upstream is there but will not say (rate-limited,
                 // failing): treated like one that cannot be reached.
@@ -307,7 +306,7 @@ public final class AccessGate: Sendable {
                     }
                 }
                 metrics.accessChecks["refused"]?.increment()
-                return .refused(response.status, PassThrough.endToEnd(response.headers))
+                return .refused(response.status, response.headers)
             }
         } catch {
             metrics.upstreamAnswered(upstream, method: .HEAD, response: nil)

@@ -79,7 +79,9 @@ enum AccessMemory {
     /// anonymous clients read as. No secret goes in.
     static func fingerprint(_ upstream: ProxyConfig.Upstream) -> String {
         let text = "\(upstream.origin)|\(upstream.accessCheck.rawValue)|\(upstream.credentials?.username ?? "")"
-        return SHA256.hash(data: Data(text.utf8)).prefix(16).map { String(format: "%02x", $0) }.joined()
+        var hasher = DigestHasher(.sha256)
+        Array(text.utf8).withUnsafeBytes { hasher.update($0) }
+        return String(hasher.finalizeHex().prefix(32))  // 128 bits
     }
 
     /// What the memory file holds for the upstreams configured now;

@@ -419,13 +419,18 @@ struct BlobResponder: Sendable {
     /// The client's headers the fill may send upstream: its credentials
     /// (and, for a manifest, the media types it accepts: the upstream picks
     /// the answer by them), nothing about this hop.
-    static func upstreamHeaders(_ headers: HTTPHeaders, kind: ContentKind = .blob) -> HTTPHeaders {
+    static func upstreamHeaders(_ headers: HTTPHeaders, kind: ContentKind) -> HTTPHeaders {
         var out = HTTPHeaders()
         // Whole values: a credential may hold commas (Digest, some tokens),
         // and splitting it (`[canonicalForm:]`) would change what it says.
         for name in kind == .manifest ? ["authorization", "user-agent", "accept"] : ["authorization", "user-agent"] {
             for value in headers[name] { out.add(name: name, value: value) }
         }
+        // A client that names no manifest type is asked for as one that
+        // takes them all: registries answer 404 to an index asked for
+        // without its type. One place for the fill, the access check and
+        // the tag's `HEAD`.
+        if kind == .manifest, !out.contains(name: "accept") { out.add(name: "accept", value: MediaType.manifestAccept) }
         return out
     }
 }

@@ -68,6 +68,7 @@ public final class BlobStore: Sendable {
             }
         }
         updateGauges()
+        metrics.cacheMaxSizeBytes.set(Double(limits.maxSize ?? 0))
         logger.info("cache indexed", metadata: [
             "folder": "\(folder)", "blobs": "\(scan.found.count)", "removed": "\(scan.removed)",
             "seconds": "\(started.duration(to: .now))",
@@ -93,6 +94,12 @@ public final class BlobStore: Sendable {
     }
 
     public func path(for digest: Digest) -> String {
+        Self.path(for: digest, blobsFolder: blobsFolder)
+    }
+
+    /// Where a cached blob lives under a cache folder's `blobs/` (also for
+    /// tools that read a folder without a store: `preload`).
+    static func path(for digest: Digest, blobsFolder: String) -> String {
         let hex = digest.hex
         return "\(blobsFolder)/\(digest.algorithm.rawValue)/\(hex.prefix(2))/\(hex)"
     }
@@ -354,7 +361,6 @@ public final class BlobStore: Sendable {
         let (count, bytes) = index.withLockedValue { ($0.count, $0.totalBytes) }
         metrics.cacheEntries.set(Double(count))
         metrics.cacheSizeBytes.set(Double(bytes))
-        metrics.cacheMaxSizeBytes.set(Double(limits.maxSize ?? 0))
     }
 
     /// Wall-clock nanoseconds, from the coarse clock: a last-use time is

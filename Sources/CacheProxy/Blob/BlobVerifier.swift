@@ -16,6 +16,9 @@ public struct BlobVerifier: Sendable {
     public struct Damage: Sendable, Equatable {
         public let path: String
         public let problem: String
+        /// The damaged file is gone (not with `--dry-run`, nor when the
+        /// removal failed).
+        public var removed = false
     }
 
     public struct Report: Sendable {
@@ -32,6 +35,10 @@ public struct BlobVerifier: Sendable {
     public let folder: String
     public let remove: Bool
 
+    /// The cached files (path, digest, size) and the folders that could
+    /// not be listed.
+    public typealias Listing = (found: [(path: String, digest: Digest, size: Int64)], unlisted: [Damage])
+
     public init(folder: String, remove: Bool) {
         (self.folder, self.remove) = (folder, remove)
     }
@@ -39,7 +46,7 @@ public struct BlobVerifier: Sendable {
     /// Every cached file with its digest and size, in path order, and the
     /// folders that could not be listed (not silently skipped: a cache the
     /// caller may not read is not a clean one).
-    public func files() -> (found: [(path: String, digest: Digest, size: Int64)], unlisted: [Damage]) {
+    public func files() -> Listing {
         var found: [(String, Digest, Int64)] = []
         var unlisted: [Damage] = []
         let fm = FileManager.default
@@ -74,9 +81,10 @@ public struct BlobVerifier: Sendable {
 
     /// Checks every file; `progress` is told of each file's bytes as they
     /// are read, and of the end of each file.
-    public func run(progress: (_ bytes: Int64, _ fileDone: Bool) -> Void = { _, _ in }) -> Report {
+    public func run(_ listing: Listing? = nil,
+                    progress: (_ bytes: Int64, _ fileDone: Bool) -> Void = { _, _ in }) -> Report {
         var report = Report()
-        let (found, unlisted) = files()
+        let (found, unlisted) = listing ?? files()
         report.unreadable = unlisted
         for file in found {
             report.files += 1
@@ -91,12 +99,16 @@ public struct BlobVerifier: Sendable {
             case .success(let hex) where hex == file.digest.hex:
                 break
             case .success:
-                var problem = "its bytes do not hash to \(file.digest)"
-                if remove, unlink(file.path) != 0 {
-                    problem += "; NOT removed: \(String(cString: strerror(errno)))"
-                    report.unremoved += 1
+                var damage = Damage(path: file.path, problem: "its bytes do not hash to \(file.digest)")
+                if remove {
+                    damage.removed = unlink(file.path) == 0
+                    if !damage.removed {
+                        damage = Damage(path: file.path,
+                                        problem: damage.problem + "; NOT removed: \(String(cString: strerror(errno)))")
+                        report.unremoved += 1
+                    }
                 }
-                report.damaged.append(Damage(path: file.path, problem: problem))
+                report.damaged.append(damage)
             }
             progress(0, true)
         }

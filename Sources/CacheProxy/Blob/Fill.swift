@@ -374,12 +374,9 @@ public final class Fill: Sendable {
                 holdsSlot = true
             }
             var headers = requestHeaders
-            switch kind {
-            case .blob: headers.replaceOrAdd(name: "accept", value: "*/*")
-            case .manifest where !headers.contains(name: "accept"):
-                headers.add(name: "accept", value: MediaType.manifestAccept)
-            case .manifest: break  // the client's own: the upstream answers as it would to it
-            }
+            // A manifest goes with what the client accepts
+            // (`BlobResponder.upstreamHeaders`); a blob's type is no choice.
+            if kind == .blob { headers.replaceOrAdd(name: "accept", value: "*/*") }
             let url = "\(upstream.origin)/v2/\(repository)/\(kind.pathSegment)/\(digest)"
             let answer: UpstreamClient.BlobAnswer
             do {
@@ -468,7 +465,7 @@ public final class Fill: Sendable {
             case .publish(let size):
                 if let file, context.store.keeps(size: size) {
                     do {
-                        let mediaType = kind == .manifest ? inner.withLockedValue { $0.head?.contentType } : nil
+                        let mediaType = kind == .manifest ? response.headers.first(name: "content-type") : nil
                         try await context.store.publish(temporary: file, digest: digest, size: size,
                                                         mediaType: mediaType)
                         published = true

@@ -139,7 +139,7 @@ public final class FillRegistry: Sendable {
 
     /// The fill in flight for `digest` through `upstream`, if any, up to
     /// and including the moment it is published.
-    func running(_ digest: Digest, upstream: ProxyConfig.Upstream, kind: ContentKind = .blob) -> Fill? {
+    func running(_ digest: Digest, upstream: ProxyConfig.Upstream, kind: ContentKind) -> Fill? {
         running.withLockedValue { $0.fills[Key(upstream: upstream.host, digest: digest, kind: kind)] }
     }
 

@@ -116,10 +116,7 @@ public enum ConfigLoader {
             maxHeaderBytes: try limits?.optional("max_header_bytes")?.integer(in: 1024...1_048_576) ?? 65536,
             logLevel: logLevel)
         if let node = top.optional("log_format") {
-            guard let format = LogFormat(rawValue: try node.string()) else {
-                throw ConfigError(key: node.key, problem: "must be text or json")
-            }
-            config.logFormat = format
+            config.logFormat = try LogFormat(parsing: try node.string(), key: node.key)
         }
         return config
     }

@@ -1,3 +1,4 @@
+import Logging
 import NIOConcurrencyHelpers
 
 /// The configuration in force now, replaced whole by a reload (SIGHUP).
@@ -60,24 +61,15 @@ public final class LiveConfig: Sendable {
 /// The log level in force, read by every log line and by the request log,
 /// so a reload changes it for everything at once.
 public final class LogLevelSetting: Sendable {
-    private struct Level {
-        var name: String
-        /// Whether lines at `info` are written: asked once per request.
-        var showsInfo: Bool
+    private let level: NIOLockedValueBox<Logger.Level>
 
-        init(_ name: String) {
-            self.name = name
-            showsInfo = name == "info" || name == "debug" || name == "trace"
-        }
-    }
-
-    private let level: NIOLockedValueBox<Level>
-
+    /// `value` is a validated `log_level` (`ConfigLoader`).
     public init(_ value: String) {
-        level = NIOLockedValueBox(Level(value))
+        level = NIOLockedValueBox(Logger.Level(rawValue: value) ?? .info)
     }
 
-    public var value: String { level.withLockedValue { $0.name } }
-    public func set(_ value: String) { level.withLockedValue { $0 = Level(value) } }
-    var showsInfo: Bool { level.withLockedValue { $0.showsInfo } }
+    public var value: Logger.Level { level.withLockedValue { $0 } }
+    public func set(_ value: String) { level.withLockedValue { $0 = Logger.Level(rawValue: value) ?? .info } }
+    /// Whether lines at `info` are written: asked once per request.
+    var showsInfo: Bool { value <= .info }
 }

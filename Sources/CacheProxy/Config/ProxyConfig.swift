@@ -191,4 +191,9 @@ public struct ProxyConfig: Sendable, Equatable {
 public enum LogFormat: String, Sendable, Equatable {
     case text
     case json
+
+    public init(parsing text: String, key: String) throws {
+        guard let format = Self(rawValue: text) else { throw ConfigError(key: key, problem: "must be text or json") }
+        self = format
+    }
 }

@@ -132,7 +132,7 @@ struct CacheHitResponder: Sendable {
                 metrics.blobHits.increment()
                 metrics.bytesFromCache.increment(by: sent)
             }
-            let seconds = RequestHandler.seconds(started.duration(to: .now))
+            let seconds = started.duration(to: .now).inSeconds
             metrics.requestFinished(kind: "blob", method: method, code: Int(status.code), seconds: seconds)
             if requestLog.enabled {
                 var bytes: Int64 = 0

@@ -42,7 +42,7 @@ struct RequestHandler: Sendable {
             let record = response.record.withLockedValue { $0 }
             if let sent = record.status, let routed = record.kind { (kind, status) = (routed, sent) }
         }
-        let seconds = Self.seconds(started.duration(to: .now))
+        let seconds = started.duration(to: .now).inSeconds
         metrics.requestFinished(kind: kind, method: head.method.rawValue, code: Int(status.code), seconds: seconds)
         if requestLog.enabled {
             let record = response.record.withLockedValue { $0 }
@@ -59,12 +59,8 @@ struct RequestHandler: Sendable {
                                     cut: record.isCut))
         }
         if let headSent = response.headSentAt.withLockedValue({ $0 }) {
-            metrics.timeToFirstByte(kind: kind, seconds: Self.seconds(started.duration(to: headSent)))
+            metrics.timeToFirstByte(kind: kind, seconds: started.duration(to: headSent).inSeconds)
         }
-    }
-
-    static func seconds(_ duration: Duration) -> Double {
-        Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
     }
 
     private func route(_ head: HTTPRequestHead, body: RequestBodySource?, origin: PassThrough.Origin,

@@ -13,7 +13,7 @@ public struct LiveLevelLogHandler: LogHandler {
     }
 
     public var logLevel: Logger.Level {
-        get { Logger.Level(rawValue: setting.value) ?? .info }
+        get { setting.value }
         set { _ = newValue }  // the configuration decides, not a logger's copy
     }
 

@@ -13,10 +13,10 @@ public enum LogWriter {
         line.withUTF8 { write(bytes: UnsafeRawBufferPointer($0)) }
     }
 
-    static func write(bytes: UnsafeRawBufferPointer) {
+    static func write(bytes: UnsafeRawBufferPointer, to fd: Int32 = STDERR_FILENO) {
         var offset = 0
         while offset < bytes.count {
-            let n = Glibc.write(STDERR_FILENO, bytes.baseAddress.map { $0 + offset }, bytes.count - offset)
+            let n = Glibc.write(fd, bytes.baseAddress.map { $0 + offset }, bytes.count - offset)
             if n < 0 && errno == EINTR { continue }
             guard n > 0 else { return }  // nowhere to log to: nothing to do about it
             offset += n
@@ -131,6 +131,7 @@ public final class LineBuffer: Sendable {
     /// Writes what waits, now (also at shutdown).
     public func flush() {
         let (bytes, dropped) = state.withLockedValue { state -> ([UInt8], Int) in
+            if state.bytes.isEmpty && state.dropped == 0 { return ([], 0) }  // the usual idle wake
             defer {
                 state.bytes = []
                 state.bytes.reserveCapacity(64 * 1024)

@@ -52,8 +52,8 @@ public struct RequestLog: Sendable {
         self.write = write
     }
 
+    /// Callers check `enabled` first (before building the entry).
     func record(_ entry: Entry) {
-        guard enabled else { return }
         write(Self.line(entry, format: format, time: Date()))
     }
 

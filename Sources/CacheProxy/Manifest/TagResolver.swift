@@ -48,9 +48,6 @@ struct TagResolver: Sendable {
         var ask = HTTPClientRequest(url: "\(upstream.origin)/v2/\(request.name)/manifests/\(request.tag)")
         ask.method = .HEAD
         ask.headers = BlobResponder.upstreamHeaders(request.head.headers, kind: .manifest)
-        // A client that names no type (`curl -I`) is asked for as a fill
-        // would be: registries answer 404 to an index asked for without it.
-        if !ask.headers.contains(name: "accept") { ask.headers.add(name: "accept", value: MediaType.manifestAccept) }
         let answer: HTTPClientResponse
         do {
             answer = try await client.send(ask, to: upstream)

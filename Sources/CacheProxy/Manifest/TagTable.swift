@@ -105,10 +105,6 @@ public final class TagTable: Sendable {
         return accepted.filter(\.mediaType.isIndex) + accepted.filter { !$0.mediaType.isIndex }
     }
 
-    /// The best of `candidates`.
-    func lookup(_ key: Key, accept: [String]) -> Entry? {
-        candidates(key, accept: accept).first
-    }
 
     /// The table, when it changed since the last call (or `always`).
     func snapshot(always: Bool = false) -> [Row]? {

@@ -9,8 +9,6 @@ import ServiceLifecycle
 public struct PreloadEndpoint: Sendable {
     /// `http(s)://host:port` of the proxy.
     public let base: String
-    /// Whether the proxy is the running server (reached over its listener).
-    public let isRunningServer: Bool
     private let stopAction: @Sendable () async -> Void
 
     public func stop() async { await stopAction() }
@@ -30,8 +28,7 @@ public struct PreloadEndpoint: Sendable {
             let tls = config.api.tlsCert != nil && config.api.tlsPort == nil
             var host = ["", "0.0.0.0", "::"].contains(config.api.hostname) ? "127.0.0.1" : config.api.hostname
             if host.contains(":") { host = "[\(host)]" }
-            return PreloadEndpoint(base: "\(tls ? "https" : "http")://\(host):\(config.api.port)",
-                                   isRunningServer: true, stopAction: {})
+            return PreloadEndpoint(base: "\(tls ? "https" : "http")://\(host):\(config.api.port)", stopAction: {})
         }
         let group = ServiceGroup(services: [server], logger: logger)
         let task = Task { try await group.run() }
@@ -40,7 +37,7 @@ public struct PreloadEndpoint: Sendable {
             _ = try? await task.value
             throw Preloader.Failure(description: "the preload's own server did not start")
         }
-        return PreloadEndpoint(base: "http://127.0.0.1:\(port)", isRunningServer: false, stopAction: {
+        return PreloadEndpoint(base: "http://127.0.0.1:\(port)", stopAction: {
             await group.triggerGracefulShutdown()
             _ = try? await task.value
         })

@@ -30,19 +30,12 @@ public final class PreloadProgress: Sendable {
     public let isTerminal: Bool
     private let write: @Sendable (String) -> Void
 
-    /// `isTerminal` nil: whether standard output is one.
-    public init(isTerminal: Bool? = nil, write: (@Sendable (String) -> Void)? = nil) {
-        self.isTerminal = isTerminal ?? (isatty(STDOUT_FILENO) == 1)
-        self.write = write ?? { text in
-            text.utf8CString.withUnsafeBufferPointer { buffer in
-                var offset = 0
-                let count = buffer.count - 1  // without the NUL
-                while offset < count {
-                    let n = Glibc.write(STDOUT_FILENO, buffer.baseAddress.map { UnsafeRawPointer($0) + offset }, count - offset)
-                    if n <= 0 { if errno == EINTR { continue }; return }
-                    offset += n
-                }
-            }
+    /// Draws on standard output: bars when it is a terminal.
+    public init() {
+        self.isTerminal = isatty(STDOUT_FILENO) == 1
+        self.write = { text in
+            var text = text
+            text.withUTF8 { LogWriter.write(bytes: UnsafeRawBufferPointer($0), to: STDOUT_FILENO) }
         }
     }
 
@@ -118,11 +111,8 @@ public final class PreloadProgress: Sendable {
     static func render(_ line: Line, width: Int = 30) -> String {
         if let result = line.result { return result }
         guard line.resolved else { return "\(line.image)  resolving…" }
-        let fraction = line.bytes > 0 ? min(1, Double(line.bytesDone) / Double(line.bytes)) : 0
-        let filled = Int(fraction * Double(width))
-        let bar = String(repeating: "=", count: filled) + (filled < width ? ">" : "")
-            + String(repeating: " ", count: max(0, width - filled - 1))
-        return "\(line.image)  [\(bar)] \(Int(fraction * 100))%  \(line.blobsDone)/\(line.blobs) blobs  "
+        let fraction = line.bytes > 0 ? Double(line.bytesDone) / Double(line.bytes) : 0
+        return "\(line.image)  \(ProgressBar.draw(fraction, width: width))  \(line.blobsDone)/\(line.blobs) blobs  "
             + "\(size(line.bytesDone))/\(size(line.bytes))"
     }
 

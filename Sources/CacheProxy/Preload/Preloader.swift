@@ -104,7 +104,7 @@ public struct Preloader: Sendable {
         } catch {
             outcome.failure = String(describing: error)
         }
-        outcome.seconds = Self.seconds(started.duration(to: .now))
+        outcome.seconds = started.duration(to: .now).inSeconds
         progress.end(line, outcome)
         return outcome
     }
@@ -202,8 +202,7 @@ public struct Preloader: Sendable {
     /// only asked for (the `HEAD` records the upstream's yes).
     private func fetch(_ blob: Needed, of image: ImageReference, line: Int) async throws -> (fetched: Bool, bytes: Int64) {
         let path = "blobs/\(blob.digest)"
-        if FileManager.default.fileExists(atPath: storage + "/blobs/\(blob.digest.algorithm.rawValue)/"
-                                          + "\(blob.digest.hex.prefix(2))/\(blob.digest.hex)") {
+        if FileManager.default.fileExists(atPath: BlobStore.path(for: blob.digest, blobsFolder: storage + "/blobs")) {
             let response = try await send(image, path, method: .HEAD)
             guard response.status == .ok else {
                 throw Failure(description: Self.explain(response.status, what: "blob \(blob.digest)"))
@@ -296,9 +295,5 @@ public struct Preloader: Sendable {
         case 404: return "\(what): not found upstream (404)"
         default: return "\(what): \(status.code) \(status.reasonPhrase)"
         }
-    }
-
-    static func seconds(_ duration: Duration) -> Double {
-        Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
     }
 }

@@ -33,8 +33,9 @@ public enum RequestTarget: Equatable, Sendable {
         default: break
         }
         try rejectTraversal(path)
-        guard method == "GET" || method == "HEAD", path.hasPrefix("/v2") else { return .passThrough }
+        guard method == "GET" || method == "HEAD" else { return .passThrough }
         if path == "/v2/" || path == "/v2" { return .ping }
+        guard path.hasPrefix("/v2/") else { return .passThrough }
         // `/v2/<name>/blobs/uploads/...` is the push API, not a blob read.
         if let blobs = lastSegment("/blobs/", in: path), path[blobs.upperBound...] != "uploads",
            !path[blobs.upperBound...].utf8.contains(UInt8(ascii: "/")) {
@@ -68,9 +69,8 @@ public enum RequestTarget: Equatable, Sendable {
         -> String {
         // `/v2/blobs/...` has no name at all: its `/blobs/` starts inside
         // the `/v2/` prefix (a reversed range, once a trap; found by fuzzing).
-        guard path.utf8.count > 4 else { throw .nameInvalid("invalid repository name") }
-        let nameStart = path.utf8.index(path.startIndex, offsetBy: 4)
-        guard segment.lowerBound > nameStart, path.hasPrefix("/v2/") else { throw .nameInvalid("invalid repository name") }
+        let nameStart = path.utf8.index(path.startIndex, offsetBy: 4)  // after `/v2/` (checked by the caller)
+        guard segment.lowerBound > nameStart else { throw .nameInvalid("invalid repository name") }
         let name = path[nameStart..<segment.lowerBound]
         guard RepositoryName.isValid(name) else {
             throw .nameInvalid("invalid repository name")
