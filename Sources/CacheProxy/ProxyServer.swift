@@ -30,7 +30,8 @@ public final class ProxyServer: Service, Sendable {
     let logger: Logger
     /// The listener's certificate, when it speaks TLS.
     public let tls: ServerTLS?
-    /// Reads cached files for TLS connections, which cannot use sendfile.
+    /// Reads cached files on the thread pool: for TLS connections, which
+    /// cannot use sendfile, and wherever the page cache lacks a region.
     let fileIO: NonBlockingFileIO
     /// Who may read what, as the upstreams said; written to the storage
     /// folder (`AccessMemory`) every `memoryInterval` and at the end.
@@ -235,8 +236,7 @@ public final class ProxyServer: Service, Sendable {
                     }
                     // Each new connection takes the timeouts and limits in
                     // force now; open ones keep theirs.
-                    try ClientPipeline.configure(channel, config: live.config, hits: hits, metrics: metrics,
-                                                 tls: tls != nil)
+                    try ClientPipeline.configure(channel, config: live.config, hits: hits, metrics: metrics)
                     return try NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>(
                         wrappingChannelSynchronously: channel)
                 }
@@ -286,7 +286,7 @@ public final class ProxyServer: Service, Sendable {
                                     connectionTasks.addTask {
                                         await ClientConnection(channel: connection, handler: self.handler,
                                                                tracker: self.tracker,
-                                                               fileIO: tls ? fileIO : nil).serve()
+                                                               fileIO: fileIO, tls: tls).serve()
                                         metrics.connectedClients.decrement()
                                     }
                                 }

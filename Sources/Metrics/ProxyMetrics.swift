@@ -21,6 +21,9 @@ public final class ProxyMetrics: Sendable {
     public let fillFailures: Counter
     public let bytesFromCache: Counter
     public let bytesFromUpstream: Counter
+    /// Cached bytes read on the thread pool because the page cache lacked
+    /// them (every other hit byte goes by sendfile or from memory).
+    public let coldReadBytes: Counter
     public let fillsInFlight: Gauge
     public let cacheSizeBytes: Gauge
     public let cacheEntries: Gauge
@@ -66,6 +69,7 @@ public final class ProxyMetrics: Sendable {
         fillFailures = registry.makeCounter(descriptor: Self.describe("cacheproxy_fill_failures_total", "Fills that failed: upstream cut or error, digest mismatch, or a disk failure with no client left to stream to."))
         bytesFromCache = registry.makeCounter(descriptor: Self.describe("cacheproxy_served_bytes_total", "Blob body bytes sent to clients, by where the blob was when the read began."), labels: [("source", "cache")])
         bytesFromUpstream = registry.makeCounter(descriptor: Self.describe("cacheproxy_served_bytes_total", "Blob body bytes sent to clients, by where the blob was when the read began."), labels: [("source", "upstream")])
+        coldReadBytes = registry.makeCounter(descriptor: Self.describe("cacheproxy_cold_read_bytes_total", "Cached bytes read from disk on the thread pool because the page cache lacked them, instead of a sendfile that would have waited on an event loop."))
         fillsInFlight = registry.makeGauge(descriptor: Self.describe("cacheproxy_fills_in_flight", "Upstream blob downloads now running."))
         cacheSizeBytes = registry.makeGauge(descriptor: Self.describe("cacheproxy_cache_size_bytes", "Bytes of complete blobs in the cache folder."))
         cacheEntries = registry.makeGauge(descriptor: Self.describe("cacheproxy_cache_entries", "Complete blobs in the cache folder."))

@@ -1,5 +1,6 @@
 import Foundation
 import NIOCore
+import IOURing
 import XCTest
 @testable import CacheProxy
 #if canImport(Glibc)
@@ -48,5 +49,44 @@ final class SlowDiskTests: XCTestCase {
             return try await sink.finish().hex
         }
         XCTAssertEqual(hex, digest.hex)
+    }
+
+    /// A cached file the kernel no longer holds in its page cache is read on
+    /// the thread pool, not sent by a `sendfile` that would wait for the
+    /// disk on the event loop; once warm, it goes by sendfile again. Every
+    /// byte either way is the blob's.
+    func testACachedBlobNotInThePageCacheIsReadOnTheThreadPool() async throws {
+        typealias F = FaultInjectionTests
+        let bytes = F.randomBytes(9_000_000)  // three sendfile regions
+        let upstream = try await FakeUpstream { _ in .init(body: bytes) }
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port))
+        let digest = try Digest(parsing: F.digest(of: bytes))
+        let url = "\(proxy.base)/v2/a/blobs/\(digest)"
+        let path = proxy.folder + "/blobs/sha256/\(digest.hex.prefix(2))/\(digest.hex)"
+        XCTAssertEqual(try curl(url).body, Data(bytes), "the fill")
+        XCTAssertEqual(try curl(url).body, Data(bytes), "a warm hit")
+        XCTAssertEqual(try proxy.metric("cacheproxy_cold_read_bytes_total"), 0, "warm: all by sendfile")
+
+        // Written back, then dropped from the page cache (clean pages go).
+        let fd = open(path, O_RDONLY)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        XCTAssertEqual(fsync(fd), 0)
+        XCTAssertEqual(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0)
+        XCTAssertFalse(PageCache.isResident(fd: fd, offset: 0, length: Int64(bytes.count)), "evicted")
+        close(fd)
+
+        let cold = try curl(url)
+        XCTAssertEqual(cold.code, 200)
+        XCTAssertTrue(cold.body == Data(bytes), "every byte, read from disk")
+        let coldBytes = try proxy.metric("cacheproxy_cold_read_bytes_total")
+        // At least the first region; the kernel's readahead may bring later
+        // ones in, which then go by sendfile.
+        XCTAssertGreaterThanOrEqual(coldBytes, Double(ResponseChannel.maxRegion))
+        XCTAssertLessThanOrEqual(coldBytes, Double(bytes.count))
+        XCTAssertTrue(try curl(url, ["-H", "Range: bytes=100-"]).body == Data(bytes[100...]), "warm again, a range")
+        XCTAssertEqual(try proxy.metric("cacheproxy_cold_read_bytes_total"), coldBytes, "warm again: by sendfile")
+        XCTAssertEqual(upstream.gets.count, 1)
+        await proxy.stop()
+        await upstream.stop()
     }
 }

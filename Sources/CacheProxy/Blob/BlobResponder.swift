@@ -72,8 +72,11 @@ struct BlobResponder: Sendable {
                 }
                 hits(request.kind).increment()
                 response.answered(.hit)
-                return try await serveComplete(fd: fd, size: size, request, response: response,
-                                               source: metrics.bytesFromCache)
+                if let status = try await serveComplete(fd: fd, size: size, request, response: response,
+                                                        source: metrics.bytesFromCache) {
+                    return status
+                }
+                continue  // damaged on disk and dropped: fetched again
             case .unavailable:
                 return try await sendOverloaded(response)
             case .missing:
@@ -277,12 +280,32 @@ struct BlobResponder: Sendable {
 
     /// Serves a complete file (a hit, or a fill that finished before this
     /// follower could pick up its descriptor). Takes ownership of `fd`.
+    ///
+    /// A blob small enough for memory is read whole on the thread pool,
+    /// checked against its digest and kept in `SmallBlobCache`, whence the
+    /// event loop answers it from then on. Nil: the file did not match its
+    /// digest (damaged on disk since it was published, a power loss with
+    /// `fsync: false`); it was dropped and the caller fetches it again.
     private func serveComplete(fd: CInt, size: Int64, _ request: Request, response: ResponseChannel,
-                               source: Counter) async throws -> HTTPResponseStatus {
+                               source: Counter) async throws -> HTTPResponseStatus? {
         let handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: fd)
         defer {
             try? handle.close()
             store.release(request.digest)
+        }
+        if request.kind == .blob, size <= store.smallBlobs.maxBlobSize,
+           let bytes = await response.readWhole(handle, size: size) {
+            guard request.digest.matches(bytes) else {
+                store.discardDamaged(request.digest)
+                metrics.digestMismatches.increment()
+                return nil
+            }
+            store.smallBlobs.put(request.digest, bytes)
+            let (status, range, headers) = plan(request, length: size, contentType: nil)
+            let body = range.flatMap { bytes.getSlice(at: bytes.readerIndex + Int($0.lowerBound), length: $0.count) }
+            try await response.send(status, headers: headers, body: body ?? ByteBuffer())
+            source.increment(by: Int64(body?.readableBytes ?? 0))
+            return status
         }
         let contentType = request.kind == .manifest ? MediaType.ofCachedManifest(fd: fd, size: size)?.value : nil
         let (status, range, headers) = plan(request, length: size, contentType: contentType)

@@ -9,9 +9,11 @@ struct ClientConnection {
     let channel: NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>
     let handler: RequestHandler
     let tracker: ConnectionTracker
-    /// Set on a TLS connection: file bytes are read and encrypted, not sent
-    /// with sendfile.
+    /// Reads file regions not in the page cache (every region on TLS).
     let fileIO: NonBlockingFileIO?
+    /// A TLS connection: file bytes are read and encrypted, not sent with
+    /// sendfile.
+    let tls: Bool
 
     func serve() async {
         let raw = channel.channel
@@ -32,9 +34,10 @@ struct ClientConnection {
                     tracker.setIdle(raw, false)
                     let keepAlive = head.isKeepAlive && !tracker.isDraining
                     let response = ResponseChannel(channel: raw, keepAlive: keepAlive, version: head.version,
-                                                   closeWatch: closeWatch, fileIO: fileIO)
+                                                   closeWatch: closeWatch, fileIO: fileIO, tls: tls,
+                                                   coldReads: handler.metrics.coldReadBytes)
                     let origin = PassThrough.Origin(head: head, clientAddress: remoteAddress,
-                                                    listenerScheme: fileIO == nil ? "http" : "https",
+                                                    listenerScheme: tls ? "https" : "http",
                                                     trustForwarded: handler.trustForwardedHeaders)
                     try await serveRequest(head, parts: &parts, origin: origin, response: response)
                     guard keepAlive, tracker.setIdle(raw, true), raw.isActive else { break }

@@ -21,7 +21,7 @@ import ProxyMetrics
 /// about 3-5% of the throughput per handler).
 enum ClientPipeline {
     static func configure(_ channel: any Channel, config: ProxyConfig, hits: CacheHitResponder,
-                          metrics: ProxyMetrics, tls: Bool = false) throws {
+                          metrics: ProxyMetrics) throws {
         let t = config.timeouts
         let timeouts = ConnectionTimeoutsHandler(
             limits: .init(head: .fromSeconds(t.headerReadSeconds), idle: .fromSeconds(t.idleSeconds),
@@ -50,7 +50,7 @@ enum ClientPipeline {
             withDecoderLimitConfiguration: limits)
         try sync.addHandler(timeouts)
         try sync.addHandler(HTTPServerPipelineHandler())
-        try sync.addHandler(RequestFrontHandler(hits: hits, tls: tls))
+        try sync.addHandler(RequestFrontHandler(hits: hits))
     }
 }
 

@@ -24,15 +24,11 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
     /// True from a refused head on: the rest of the connection is dropped.
     private var refused = false
 
-    /// A TLS connection: no sendfile, so only blobs small enough to be
-    /// answered from memory are hits here.
-    private let tls: Bool
     /// This connection's last credential and its hash (access checks).
     private let credentials = AccessGate.CredentialMemo()
 
-    init(hits: CacheHitResponder, tls: Bool) {
+    init(hits: CacheHitResponder) {
         self.hits = hits
-        self.tls = tls
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -44,7 +40,7 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
             let router = hits.live.router
             switch RequestValidator.check(head, router: router) {
             case .accept(var head):
-                if hits.answer(head, router: router, context: context, tls: tls, credentials: credentials,
+                if hits.answer(head, router: router, context: context, credentials: credentials,
                                wrap: wrapOutboundOut) {
                     consuming = true
                     return

@@ -2,6 +2,8 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import IOURing
+import Prometheus
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -17,10 +19,15 @@ struct ResponseChannel: Sendable {
     let version: HTTPVersion
     /// The connection's close, for waits that must end when the client goes.
     let closeWatch: CloseWatch
-    /// Set on a TLS connection: file bytes must be read to be encrypted, so
-    /// they are read on the thread pool, `tlsChunk` at a time, instead of
-    /// going by sendfile.
+    /// Reads file bytes on the thread pool, `readChunk` at a time: always
+    /// on a TLS connection (bytes must be read to be encrypted), and for any
+    /// region not wholly in the page cache, so a `sendfile` never waits for
+    /// the disk on the event loop.
     var fileIO: NonBlockingFileIO? = nil
+    /// A TLS connection: no sendfile at all.
+    var tls = false
+    /// Counts the bytes read on the pool for lack of the page cache.
+    var coldReads: Counter? = nil
     /// When the response head went out, for the time-to-first-byte histogram.
     let headSentAt = NIOLockedValueBox<ContinuousClock.Instant?>(nil)
 
@@ -65,11 +72,11 @@ struct ResponseChannel: Sendable {
     /// (nginx's `sendfile_max_chunk` does the same).
     static let maxRegion: Int64 = 4 * 1024 * 1024
 
-    /// Bytes read per step for a TLS connection: large enough that the
+    /// Bytes read per step on the thread pool: large enough that the
     /// thread hop is a small share of the cost, small enough that a slow
     /// client holds little memory (at most two chunks: one being written,
     /// one being read).
-    static let tlsChunk = 512 * 1024
+    static let readChunk = 512 * 1024
 
     func head(_ status: HTTPResponseStatus, _ headers: HTTPHeaders) {
         var headers = headers
@@ -103,18 +110,43 @@ struct ResponseChannel: Sendable {
         }
     }
 
-    /// Sends `range` of the file with `sendfile`, in bounded regions (over
-    /// TLS: read and written in chunks).
+    /// Sends `range` of the file with `sendfile`, in bounded regions; a
+    /// region not wholly in the page cache is read on the thread pool and
+    /// written from memory instead (over TLS: every region is).
     func file(_ handle: NIOFileHandle, range: Range<Int64>) async throws {
-        if let fileIO { return try await readAndSend(handle, range: range, fileIO: fileIO) }
+        if tls, let fileIO { return try await readAndSend(handle, range: range, fileIO: fileIO) }
         var offset = range.lowerBound
         while offset < range.upperBound {
             let end = min(range.upperBound, offset + Self.maxRegion)
-            let region = FileRegion(fileHandle: handle, readerIndex: Int(offset), endIndex: Int(end))
-            try await channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region)))
-            sent(Int(end - offset))
+            if let fileIO, !isResident(handle, offset..<end) {
+                try await readAndSend(handle, range: offset..<end, fileIO: fileIO)
+                coldReads?.increment(by: end - offset)
+            } else {
+                let region = FileRegion(fileHandle: handle, readerIndex: Int(offset), endIndex: Int(end))
+                try await channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region)))
+                sent(Int(end - offset))
+            }
             offset = end
         }
+    }
+
+    /// A small file read whole on the thread pool; nil when there is no
+    /// pool or the file came up short.
+    func readWhole(_ handle: NIOFileHandle, size: Int64) async -> ByteBuffer? {
+        guard let fileIO else { return nil }
+        let buffer = try? await fileIO.read(fileHandle: handle, fromOffset: 0, byteCount: Int(size),
+                                            allocator: channel.allocator, eventLoop: channel.eventLoop).get()
+        return buffer?.readableBytes == Int(size) ? buffer : nil
+    }
+
+    /// Whether a `sendfile` of the range would be served from memory.
+    /// A page evicted between this and the `sendfile` makes that one call
+    /// wait for the disk: a narrow window, where asking nothing made every
+    /// cold hit wait.
+    private func isResident(_ handle: NIOFileHandle, _ range: Range<Int64>) -> Bool {
+        (try? handle.withUnsafeFileDescriptor {
+            PageCache.isResident(fd: $0, offset: range.lowerBound, length: Int64(range.count))
+        }) ?? false
     }
 
     /// The next chunk is read while the current one is written, so the disk
@@ -122,7 +154,7 @@ struct ResponseChannel: Sendable {
     private func readAndSend(_ handle: NIOFileHandle, range: Range<Int64>, fileIO: NonBlockingFileIO) async throws {
         let (allocator, eventLoop) = (channel.allocator, channel.eventLoop)
         func read(from offset: Int64) -> EventLoopFuture<ByteBuffer> {
-            let count = Int(min(Int64(Self.tlsChunk), range.upperBound - offset))
+            let count = Int(min(Int64(Self.readChunk), range.upperBound - offset))
             return fileIO.read(fileHandle: handle, fromOffset: offset, byteCount: count, allocator: allocator,
                                eventLoop: eventLoop)
         }
@@ -153,7 +185,7 @@ struct ResponseChannel: Sendable {
     /// are handed to the event loop in one hop (the hit path for small blobs).
     func fileResponse(_ status: HTTPResponseStatus, _ headers: HTTPHeaders, _ handle: NIOFileHandle,
                       range: Range<Int64>) async throws {
-        guard range.count <= Self.maxRegion, fileIO == nil else {
+        guard range.count <= Self.maxRegion, !tls, fileIO == nil || isResident(handle, range) else {
             head(status, headers)
             try await file(handle, range: range)
             try await end()

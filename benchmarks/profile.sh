@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Where the CPU goes, per path: perf samples (cpu-clock, call graphs) of the
+# release binary while wrk drives one scenario, against a local distribution
+# registry as origin. Log level is the default (info), access checks and
+# manifest revalidation on: the configuration users run.
+#   benchmarks/profile.sh hit4k|manifest|digest [BINARY]     (root: perf needs it here)
+# Prints the top symbols by self time and the CPU per request from /proc.
+set -euo pipefail
+scenario=${1:?usage: $0 hit4k|manifest|digest [BINARY]}
+binary=${2:-.build/release/cache-proxy}
+seconds=${SECONDS_PER_RUN:-6}
+for tool in docker-registry wrk curl sha256sum perf; do
+  command -v "$tool" >/dev/null || { echo "$0: $tool is missing (apt-get install docker-registry wrk curl linux-perf)" >&2; exit 2; }
+done
+work=$(mktemp -d)
+registry_pid= pid=
+trap '[[ -n $pid ]] && kill $pid 2>/dev/null; [[ -n $registry_pid ]] && kill $registry_pid 2>/dev/null; rm -rf "$work"' EXIT
+origin=5321 proxy=5322
+cat > "$work/registry.yml" <<EOT
+version: 0.1
+log: {level: error, accesslog: {disabled: true}}
+storage: {filesystem: {rootdirectory: $work/data}}
+http: {addr: "127.0.0.1:$origin", secret: ab}
+EOT
+docker-registry serve "$work/registry.yml" > "$work/registry.log" 2>&1 & registry_pid=$!
+for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$origin/v2/" && break; sleep 0.1; done
+push() { # file -> digest
+  local d=sha256:$(sha256sum "$1" | cut -d' ' -f1)
+  local loc=$(curl -si -X POST "http://127.0.0.1:$origin/v2/ab/blobs/uploads/" | tr -d '\r' | awk 'tolower($1)=="location:"{print $2}')
+  curl -s -o /dev/null -X PUT -H "Content-Type: application/octet-stream" --data-binary @"$1" "$loc&digest=$d"
+  echo "$d"
+}
+head -c 4096 /dev/urandom > "$work/blob"; blob=$(push "$work/blob")
+echo '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}' > "$work/config"; config=$(push "$work/config")
+printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%d},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"%s","size":4096}]}' \
+  "$config" "$(stat -c %s "$work/config")" "$blob" > "$work/manifest"
+mtype=application/vnd.oci.image.manifest.v1+json
+curl -s -o /dev/null -X PUT -H "Content-Type: $mtype" --data-binary @"$work/manifest" "http://127.0.0.1:$origin/v2/ab/manifests/latest"
+mdigest=sha256:$(sha256sum "$work/manifest" | cut -d' ' -f1)
+cat > "$work/proxy.yml" <<EOT
+api: {hostname: "127.0.0.1", port: $proxy}
+upstreams: [{host: "127.0.0.1:$proxy", registry: "127.0.0.1", port: $origin, schema: "http"}]
+storage: {folder: "$work/cache"}
+EOT
+case $scenario in
+  hit4k) url="http://127.0.0.1:$proxy/v2/ab/blobs/$blob"; conns=64 ;;
+  manifest) url="http://127.0.0.1:$proxy/v2/ab/manifests/latest"; conns=16 ;;
+  digest) url="http://127.0.0.1:$proxy/v2/ab/manifests/$mdigest"; conns=64 ;;
+  *) echo "$0: unknown scenario $scenario" >&2; exit 2 ;;
+esac
+"$binary" --config "$work/proxy.yml" > "$work/proxy.log" 2>&1 & pid=$!
+for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$proxy/healthz" && break; sleep 0.1; done
+for _ in 1 2; do curl -s -o /dev/null -H "Accept: $mtype" "$url"; done
+ticks() { awk '{print $14+$15}' /proc/$pid/stat; }
+t0=$(ticks)
+perf record -q -e cpu-clock -F 2000 -g -p "$pid" -o "$work/perf.data" -- sleep "$seconds" > /dev/null 2>&1 &
+perf_pid=$!
+out=$(wrk -t2 -c$conns -d${seconds}s -H "Accept: $mtype" "$url")
+wait $perf_pid || true
+t1=$(ticks)
+requests=$(awk '/requests in/{print $1}' <<<"$out")
+echo "$scenario: $requests requests, $(awk -v t=$((t1 - t0)) -v r="$requests" 'BEGIN{printf "%.1f", t*10000/r}') µs CPU per request (proxy, /proc ticks, perf attached)"
+perf report -i "$work/perf.data" --no-children --sort comm,dso -g none --stdio 2>/dev/null | grep -E "^ +[0-9]" | head -12
+perf report -i "$work/perf.data" --no-children --sort symbol --percent-limit 0.7 --stdio 2>/dev/null \
+  | grep -E '^ +[0-9]' | head -${TOP:-45}
+[[ -n ${KEEP:-} ]] && cp "$work/perf.data" "$KEEP"
+if [[ -n ${CALLERS:-} ]]; then
+  perf report -i "$work/perf.data" --children --sort symbol --percent-limit 2 --stdio -g none 2>/dev/null | grep -E '^ +[0-9]' | head -60
+fi
