@@ -1,3 +1,4 @@
+import Foundation
 import XCTest
 @testable import CacheProxy
 
@@ -101,6 +102,20 @@ final class RequestTargetTests: XCTestCase {
         }
         for bad in ["", "A", "a/", "/a", "a..b", "a___b", "-a", "a-", "a b", "a/.b"] {
             XCTAssertFalse(RepositoryName.isValid(Substring(bad)), bad)
+        }
+    }
+
+    /// The hand-written one-pass check against the spec's own regular
+    /// expression, over random names from the grammar's alphabet.
+    func testRepositoryNameAgreesWithTheSpecsExpression() throws {
+        let spec = try NSRegularExpression(
+            pattern: #"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$"#)
+        let alphabet = Array("ab09._-/A ")
+        var generator = SystemRandomNumberGenerator()
+        for _ in 0..<20_000 {
+            let name = String((0..<Int.random(in: 1...9, using: &generator)).map { _ in alphabet.randomElement(using: &generator)! })
+            let matches = spec.firstMatch(in: name, range: NSRange(name.startIndex..., in: name)) != nil
+            XCTAssertEqual(RepositoryName.isValid(Substring(name)), matches, name)
         }
     }
 }

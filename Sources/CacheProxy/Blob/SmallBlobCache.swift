@@ -16,6 +16,24 @@ final class SmallBlobCache: Sendable {
         let bytes: ByteBuffer
         /// The headers of a plain 200 answer, built once.
         let headers: HTTPHeaders
+        /// That answer's head as HTTP/1.1 bytes, for the fast path
+        /// (`HitFrontHandler`), which writes ahead of NIO's encoder.
+        let responseHead: ByteBuffer
+
+        init(bytes: ByteBuffer, headers: HTTPHeaders) {
+            self.bytes = bytes
+            self.headers = headers
+            var head = ByteBuffer()
+            head.writeStaticString("HTTP/1.1 200 OK\r\n")
+            for (name, value) in headers {
+                head.writeString(name)
+                head.writeStaticString(": ")
+                head.writeString(value)
+                head.writeStaticString("\r\n")
+            }
+            head.writeStaticString("\r\n")
+            self.responseHead = head
+        }
     }
 
     private struct State {
@@ -39,11 +57,12 @@ final class SmallBlobCache: Sendable {
 
     func put(_ digest: Digest, _ bytes: ByteBuffer) {
         guard bytes.readableBytes <= maxBlobSize, capacity > 0 else { return }
+        let entry = Entry(
+            bytes: bytes,
+            headers: BlobResponsePlan.headers(for: digest, length: Int64(bytes.readableBytes), contentType: nil))
         state.withLockedValue { state in
             guard state.entries[digest] == nil else { return }
-            state.entries[digest] = Entry(
-                bytes: bytes,
-                headers: BlobResponsePlan.headers(for: digest, length: Int64(bytes.readableBytes), contentType: nil))
+            state.entries[digest] = entry
             state.order.append(digest)
             state.bytes += bytes.readableBytes
             while state.bytes > capacity, let oldest = state.order.popFirst() {

@@ -6,6 +6,8 @@ import ProxyMetrics
 ///
 /// ```
 /// (NIOSSLServerHandler)   on a TLS listener
+/// HitFrontHandler         plain GETs of small blobs held in memory, answered
+///                         from the raw bytes when nothing else is owed
 /// RequestHeadLimiter      431 above the head-size limit (sees raw bytes)
 /// HTTPResponseEncoder
 /// HTTPRequestDecoder      (its own header limits as a second line)
@@ -32,6 +34,9 @@ enum ClientPipeline {
         limits.maxHeaderListSize = config.maxHeaderBytes
         limits.maxHeaderFieldSize = config.maxHeaderBytes
         let sync = channel.pipeline.syncOperations
+        let credentials = AccessGate.CredentialMemo()
+        try sync.addHandler(HitFrontHandler(hits: hits, timeouts: timeouts, limit: config.maxHeaderBytes,
+                                            credentials: credentials))
         try sync.addHandler(RequestHeadLimiter(timeouts: timeouts, limit: config.maxHeaderBytes))
         // The encoder and decoder come from NIO's own set-up, not built by
         // hand: only then does the decoder tell the encoder each request's
@@ -50,7 +55,7 @@ enum ClientPipeline {
             withDecoderLimitConfiguration: limits)
         try sync.addHandler(timeouts)
         try sync.addHandler(HTTPServerPipelineHandler())
-        try sync.addHandler(RequestFrontHandler(hits: hits))
+        try sync.addHandler(RequestFrontHandler(hits: hits, credentials: credentials))
     }
 }
 

@@ -111,6 +111,10 @@ struct ConnectionTimeoutsStateMachine {
         request != .readingBody && responding == 0 && unanswered <= 0
     }
 
+    /// No request is arriving or owed an answer: the next byte starts a
+    /// new request, and an answer written now cannot overtake another.
+    var isQuiet: Bool { request == .awaitingHead && responding == 0 && unanswered <= 0 }
+
     private mutating func armIdleIfQuiet(now: NIODeadline) {
         if request == .awaitingHead, responding == 0, unanswered <= 0 {
             deadline = (.idle, now + limits.idle)
@@ -171,6 +175,29 @@ final class ConnectionTimeoutsHandler: ChannelDuplexHandler, RemovableChannelHan
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         arm()
+    }
+
+    /// See `ConnectionTimeoutsStateMachine.isQuiet`.
+    var isQuiet: Bool { machine.isQuiet }
+
+    /// A request `HitFrontHandler` answered before the decoder saw it, timed
+    /// as one that came through: its answer is watched by the send timeout
+    /// until `written` completes, and the idle timer starts after it.
+    /// Called after the answer's write and flush.
+    func answeredAhead(_ written: EventLoopFuture<Void>, bytes: Int, channel: any Channel) {
+        machine.requestEnded(now: .now())
+        machine.responseStarted()
+        send.handedDown(bytes)
+        let loopBound = NIOLoopBound(self, eventLoop: channel.eventLoop)
+        written.whenComplete { _ in
+            let handler = loopBound.value
+            handler.machine.responseFinished(now: .now())
+            handler.arm()
+        }
+        if let context, send.flushed(queued: { Self.queuedBytes(channel) }, unfinished: machine.responding > 0,
+                                     writable: channel.isWritable) {
+            scheduleSendCheck(context)
+        }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {

@@ -24,11 +24,20 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
     /// True from a refused head on: the rest of the connection is dropped.
     private var refused = false
 
-    /// This connection's last credential and its hash (access checks).
-    private let credentials = AccessGate.CredentialMemo()
+    /// This connection's last credential and its hash (access checks),
+    /// shared with `HitFrontHandler`.
+    private let credentials: AccessGate.CredentialMemo
+    /// The client's address as the request log writes it: formatted once
+    /// per connection, not per request.
+    private var client: String?
 
-    init(hits: CacheHitResponder) {
+    init(hits: CacheHitResponder, credentials: AccessGate.CredentialMemo) {
         self.hits = hits
+        self.credentials = credentials
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        client = context.channel.remoteAddress?.ipAddress
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -40,7 +49,7 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
             let router = hits.live.router
             switch RequestValidator.check(head, router: router) {
             case .accept(var head):
-                if hits.answer(head, router: router, context: context, credentials: credentials,
+                if hits.answer(head, router: router, context: context, client: client, credentials: credentials,
                                wrap: wrapOutboundOut) {
                     consuming = true
                     return

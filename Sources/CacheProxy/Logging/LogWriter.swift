@@ -56,12 +56,42 @@ public enum LogWriter {
         return out
     }
 
-    /// RFC 3339 in UTC with milliseconds, as log shippers expect. Built
-    /// from integers: it runs once per request.
-    public static func timestamp(_ date: Date = Date()) -> String {
+    /// `token`, appended as bytes: clean bytes as they are, anything else
+    /// (a space, a quote, a control byte, non-ASCII) as `_`.
+    static func appendToken(_ text: Substring.UTF8View, to line: inout [UInt8]) {
+        guard !text.isEmpty else { return line.append(UInt8(ascii: "-")) }
+        if text.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: "\"") }) {
+            return line.append(contentsOf: text)
+        }
+        line.append(contentsOf: token(String(Substring(text))).utf8)
+    }
+
+    /// A non-negative integer in decimal, zero-padded to `width`.
+    static func appendDecimal(_ value: Int64, width: Int = 1, to line: inout [UInt8]) {
+        var digits: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8,
+                     UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) =
+            (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        var count = 0
+        var rest = value.magnitude
+        withUnsafeMutableBytes(of: &digits) { buffer in
+            repeat {
+                buffer[19 - count] = UInt8(ascii: "0") + UInt8(rest % 10)
+                rest /= 10
+                count += 1
+            } while rest > 0 && count < 20
+            while count < min(width, 20) {
+                buffer[19 - count] = UInt8(ascii: "0")
+                count += 1
+            }
+            if value < 0 { line.append(UInt8(ascii: "-")) }
+            line.append(contentsOf: buffer[(20 - count)...])
+        }
+    }
+
+    /// `timestamp`, appended as bytes.
+    static func appendTimestamp(_ date: Date, to line: inout [UInt8]) {
         var seconds = time_t(date.timeIntervalSince1970)
-        let millis = max(0, min(999, Int((date.timeIntervalSince1970 - Double(seconds)) * 1000)))
-        // The date and time to the second are made once a second.
+        let millis = max(0, min(999, Int64((date.timeIntervalSince1970 - Double(seconds)) * 1000)))
         let prefix = lastSecond.withLockedValue { last -> String in
             if last.seconds == seconds { return last.text }
             var parts = tm()
@@ -71,7 +101,18 @@ public enum LogWriter {
             last = (seconds, text)
             return text
         }
-        return prefix + "." + padded(millis, 3) + "Z"
+        line.append(contentsOf: prefix.utf8)
+        line.append(UInt8(ascii: "."))
+        appendDecimal(millis, width: 3, to: &line)
+        line.append(UInt8(ascii: "Z"))
+    }
+
+    /// RFC 3339 in UTC with milliseconds, as log shippers expect. Built
+    /// from integers: it runs once per request.
+    public static func timestamp(_ date: Date = Date()) -> String {
+        var bytes: [UInt8] = []
+        appendTimestamp(date, to: &bytes)
+        return String(decoding: bytes, as: UTF8.self)
     }
 
     private static let lastSecond = NIOLockedValueBox<(seconds: time_t, text: String)>((-1, ""))
@@ -106,13 +147,13 @@ public final class LineBuffer: Sendable {
     static let limit = 4 << 20
     private let state = NIOLockedValueBox(State())
 
-    public func append(_ line: String) {
+    public func append(bytes line: [UInt8]) {
         let start = state.withLockedValue { state -> Bool in
-            guard state.bytes.count + line.utf8.count <= Self.limit else {
+            guard state.bytes.count + line.count <= Self.limit else {
                 state.dropped += 1
                 return false
             }
-            state.bytes.append(contentsOf: line.utf8)
+            state.bytes.append(contentsOf: line)
             defer { state.started = true }
             return !state.started
         }

@@ -39,14 +39,14 @@ public struct RequestLog: Sendable {
 
     public let format: LogFormat
     private let level: LogLevelSetting
-    private let write: @Sendable (String) -> Void
+    private let write: @Sendable ([UInt8]) -> Void
 
     /// Off below `info` (`log_level: notice` and up), as the level is now
     /// (a reload may change it).
     public var enabled: Bool { level.showsInfo }
 
     public init(format: LogFormat, level: LogLevelSetting,
-                write: @escaping @Sendable (String) -> Void = { LogWriter.requestLines.append($0) }) {
+                write: @escaping @Sendable ([UInt8]) -> Void = { LogWriter.requestLines.append(bytes: $0) }) {
         self.format = format
         self.level = level
         self.write = write
@@ -54,7 +54,43 @@ public struct RequestLog: Sendable {
 
     /// Callers check `enabled` first (before building the entry).
     func record(_ entry: Entry) {
-        write(Self.line(entry, format: format, time: Date()))
+        switch format {
+        case .text: write(Self.textLine(entry, time: Date()))
+        case .json: write(Array(Self.line(entry, format: .json, time: Date()).utf8))
+        }
+    }
+
+    /// A text line's bytes, appended piece by piece into one array: this
+    /// runs per request, hits included, so no `String` is made on the way.
+    static func textLine(_ entry: Entry, time: Date) -> [UInt8] {
+        let path = RequestURI.path(of: entry.uri)
+        var line: [UInt8] = []
+        line.reserveCapacity(192 + path.utf8.count)
+        LogWriter.appendTimestamp(time, to: &line)
+        line.append(UInt8(ascii: " "))
+        LogWriter.appendToken(entry.client.map { $0.utf8[...] } ?? "".utf8[...], to: &line)
+        line.append(UInt8(ascii: " "))
+        LogWriter.appendToken(entry.method.utf8[...], to: &line)
+        line.append(UInt8(ascii: " "))
+        LogWriter.appendToken(path.utf8, to: &line)
+        line.append(contentsOf: " host=".utf8)
+        LogWriter.appendToken(entry.host.map { $0.utf8[...] } ?? "".utf8[...], to: &line)
+        line.append(contentsOf: " upstream=".utf8)
+        LogWriter.appendToken(entry.upstream.map { $0.utf8[...] } ?? "".utf8[...], to: &line)
+        line.append(contentsOf: " status=".utf8)
+        LogWriter.appendDecimal(Int64(entry.status), to: &line)
+        line.append(contentsOf: " bytes=".utf8)
+        LogWriter.appendDecimal(entry.bytes, to: &line)
+        line.append(contentsOf: " duration=".utf8)
+        let micros = Int64((max(0, entry.seconds) * 1_000_000).rounded())
+        LogWriter.appendDecimal(micros / 1_000_000, to: &line)
+        line.append(UInt8(ascii: "."))
+        LogWriter.appendDecimal(micros % 1_000_000, width: 6, to: &line)
+        line.append(contentsOf: " answer=".utf8)
+        line.append(contentsOf: entry.answer.rawValue.utf8)
+        if entry.cut { line.append(contentsOf: " cut".utf8) }
+        line.append(UInt8(ascii: "\n"))
+        return line
     }
 
     static func line(_ entry: Entry, format: LogFormat, time: Date) -> String {
@@ -62,31 +98,7 @@ public struct RequestLog: Sendable {
         let duration = LogWriter.seconds(entry.seconds)
         switch format {
         case .text:
-            // Appended piece by piece into one buffer: this runs per request.
-            var line = ""
-            line.reserveCapacity(160 + path.utf8.count)
-            line += LogWriter.timestamp(time)
-            line += " "
-            line += LogWriter.token(entry.client ?? "")
-            line += " "
-            line += LogWriter.token(entry.method)
-            line += " "
-            line += LogWriter.token(path)
-            line += " host="
-            line += LogWriter.token(entry.host ?? "")
-            line += " upstream="
-            line += LogWriter.token(entry.upstream ?? "")
-            line += " status="
-            line += String(entry.status)
-            line += " bytes="
-            line += String(entry.bytes)
-            line += " duration="
-            line += duration
-            line += " answer="
-            line += entry.answer.rawValue
-            if entry.cut { line += " cut" }
-            line += "\n"
-            return line
+            return String(decoding: textLine(entry, time: time), as: UTF8.self)
         case .json:
             var fields = [
                 "\"time\":\(LogWriter.json(LogWriter.timestamp(time)))",

@@ -160,22 +160,30 @@ public enum RequestURI {
 public enum RepositoryName {
     public static func isValid(_ name: Substring) -> Bool {
         guard !name.isEmpty, name.utf8.count <= 255 else { return false }
-        return name.split(separator: "/", omittingEmptySubsequences: false).allSatisfy(isValidComponent)
-    }
-
-    static func isValidComponent(_ component: Substring) -> Bool {
+        // One pass over the bytes, no allocation: this runs on every
+        // request, hits included.
+        var componentStart = true
         var previousWasAlnum = false
-        var separator: [UInt8] = []
-        for byte in component.utf8 {
+        // The separator run since the last alphanumeric: its first byte and length.
+        var separator: UInt8 = 0
+        var separatorLength = 0
+        for byte in name.utf8 {
             if (byte >= 0x61 && byte <= 0x7a) || (byte >= 0x30 && byte <= 0x39) {
-                if !separator.isEmpty {
-                    guard isSeparator(separator) else { return false }
-                    separator.removeAll()
+                if separatorLength > 0 {
+                    guard isSeparator(separator, separatorLength) else { return false }
+                    separatorLength = 0
                 }
                 previousWasAlnum = true
+                componentStart = false
+            } else if byte == 0x2f {  // `/` ends a component, which must end alphanumeric
+                guard previousWasAlnum, separatorLength == 0 else { return false }
+                previousWasAlnum = false
+                componentStart = true
             } else if byte == 0x2e || byte == 0x5f || byte == 0x2d {
-                guard previousWasAlnum || !separator.isEmpty else { return false }
-                separator.append(byte)
+                guard !componentStart else { return false }
+                if separatorLength > 0, byte != separator { return false }  // `._`, `-_`: mixed
+                separator = byte
+                separatorLength += 1
                 previousWasAlnum = false
             } else {
                 return false
@@ -185,8 +193,11 @@ public enum RepositoryName {
     }
 
     /// `.`, `_`, `__` or one or more `-` may stand between two alphanumeric runs.
-    private static func isSeparator(_ sep: [UInt8]) -> Bool {
-        if sep == [0x2e] || sep == [0x5f] || sep == [0x5f, 0x5f] { return true }
-        return sep.allSatisfy { $0 == 0x2d }
+    private static func isSeparator(_ byte: UInt8, _ length: Int) -> Bool {
+        switch byte {
+        case 0x2e: return length == 1
+        case 0x5f: return length <= 2
+        default: return true  // `-`, any number
+        }
     }
 }

@@ -1,0 +1,118 @@
+/// The one request shape the hit fast path answers, read straight from the
+/// connection's bytes: `GET <path> HTTP/1.1`, a `Host`, perhaps an
+/// `Authorization`, nothing that frames a body or changes the answer.
+///
+/// The parser says nil to anything else, however valid: NIO's decoder,
+/// the request checks and the rest of the pipeline stay the authority on
+/// HTTP. So it only has to agree with them on what it accepts, and it
+/// accepts a strict subset: CRLF line ends only, header names of token
+/// characters, values of visible ASCII, space and tab, no obs-fold, at most
+/// one `Host` and one `Authorization`, and none of `Content-Length`,
+/// `Transfer-Encoding`, `Expect`, `Upgrade`, `Range`, or a `Connection`
+/// other than `keep-alive`. Where a head ends is then beyond dispute (the
+/// first CRLF CRLF, no body), so no byte can be read as two requests.
+struct PlainGetHead: Equatable {
+    /// The request target as sent (origin-form: it starts with `/`).
+    var target: String
+    var host: String?
+    var authorization: String?
+
+    /// The head at the start of `bytes` and its length, or nil.
+    /// `limit`: the longest head accepted (longer ones go to the decoder,
+    /// which refuses them).
+    static func parse(_ bytes: UnsafeRawBufferPointer, limit: Int) -> (head: PlainGetHead, length: Int)? {
+        let end = min(bytes.count, limit)
+        guard end > 16, bytes[0] == UInt8(ascii: "G"), bytes[1] == UInt8(ascii: "E"), bytes[2] == UInt8(ascii: "T"),
+              bytes[3] == UInt8(ascii: " "), bytes[4] == UInt8(ascii: "/")
+        else { return nil }
+        // The target: visible ASCII but `#`, up to one space.
+        var index = 4
+        while index < end, bytes[index] > 0x20, bytes[index] < 0x7f, bytes[index] != UInt8(ascii: "#") { index += 1 }
+        let targetEnd = index
+        let version = " HTTP/1.1\r\n".utf8
+        guard index + version.count <= end,
+              zip(bytes[index..<(index + version.count)], version).allSatisfy({ $0 == $1 })
+        else { return nil }
+        index += version.count
+        var head = PlainGetHead(target: String(decoding: bytes[4..<targetEnd], as: UTF8.self))
+        while true {
+            guard index + 1 < end else { return nil }  // no end of head within the bytes
+            if bytes[index] == 13 {
+                guard bytes[index + 1] == 10 else { return nil }
+                return (head, index + 2)
+            }
+            // A name of token characters, then `:`.
+            let nameStart = index
+            while index < end, isTokenCharacter(bytes[index]) { index += 1 }
+            guard index < end, index > nameStart, bytes[index] == UInt8(ascii: ":") else { return nil }
+            let name = UnsafeRawBufferPointer(rebasing: bytes[nameStart..<index])
+            index += 1
+            while index < end, bytes[index] == 0x20 || bytes[index] == 0x09 { index += 1 }
+            let valueStart = index
+            while index < end, (bytes[index] >= 0x20 && bytes[index] < 0x7f) || bytes[index] == 0x09 { index += 1 }
+            guard index + 1 < end, bytes[index] == 13, bytes[index + 1] == 10 else { return nil }
+            var valueEnd = index
+            while valueEnd > valueStart, bytes[valueEnd - 1] == 0x20 || bytes[valueEnd - 1] == 0x09 { valueEnd -= 1 }
+            index += 2
+            switch Field(name) {
+            case .host:
+                guard head.host == nil else { return nil }
+                head.host = String(decoding: bytes[valueStart..<valueEnd], as: UTF8.self)
+            case .authorization:
+                guard head.authorization == nil else { return nil }
+                head.authorization = String(decoding: bytes[valueStart..<valueEnd], as: UTF8.self)
+            case .connection:
+                guard equalsLowercased(UnsafeRawBufferPointer(rebasing: bytes[valueStart..<valueEnd]), "keep-alive")
+                else { return nil }
+            case .refused:
+                return nil
+            case .other:
+                break
+            }
+        }
+    }
+
+    /// What a header name means to the fast path.
+    private enum Field {
+        case host, authorization, connection, refused, other
+
+        init(_ name: UnsafeRawBufferPointer) {
+            switch name.count {
+            case 4 where equalsLowercased(name, "host"): self = .host
+            case 13 where equalsLowercased(name, "authorization"): self = .authorization
+            case 10 where equalsLowercased(name, "connection"): self = .connection
+            case 14 where equalsLowercased(name, "content-length"): self = .refused
+            case 17 where equalsLowercased(name, "transfer-encoding"): self = .refused
+            case 6 where equalsLowercased(name, "expect"): self = .refused
+            case 7 where equalsLowercased(name, "upgrade"): self = .refused
+            case 5 where equalsLowercased(name, "range"): self = .refused
+            case 8 where equalsLowercased(name, "if-range"): self = .refused
+            case 2 where equalsLowercased(name, "te"): self = .refused
+            default: self = .other
+            }
+        }
+    }
+
+    /// RFC 9110 `tchar`.
+    private static func isTokenCharacter(_ byte: UInt8) -> Bool {
+        switch byte {
+        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
+             UInt8(ascii: "0")...UInt8(ascii: "9"):
+            return true
+        default:
+            return "!#$%&'*+-.^_`|~".utf8.contains(byte)
+        }
+    }
+}
+
+/// Whether ASCII `bytes`, lower-cased, equal `lower`.
+private func equalsLowercased(_ bytes: UnsafeRawBufferPointer, _ lower: StaticString) -> Bool {
+    guard bytes.count == lower.utf8CodeUnitCount else { return false }
+    let expected = UnsafeRawBufferPointer(start: lower.utf8Start, count: lower.utf8CodeUnitCount)
+    for index in 0..<bytes.count {
+        let byte = bytes[index]
+        let folded = byte >= UInt8(ascii: "A") && byte <= UInt8(ascii: "Z") ? byte | 0x20 : byte
+        guard folded == expected[index] else { return false }
+    }
+    return true
+}
