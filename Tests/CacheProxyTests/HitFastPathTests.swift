@@ -1,0 +1,144 @@
+import Foundation
+import NIOCore
+import XCTest
+@testable import CacheProxy
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The hit fast path (`HitFrontHandler`, `PlainGetHead`): answers what it
+/// may, in order, and leaves everything else to the decoder.
+final class HitFastPathTests: XCTestCase {
+    typealias F = FaultInjectionTests
+
+    private func parse(_ text: String, limit: Int = 8192) -> PlainGetHead? {
+        Array(text.utf8).withUnsafeBytes { PlainGetHead.parse($0, limit: limit)?.head }
+    }
+
+    func testTheParserTakesOnlyPlainKeepAliveGets() {
+        let plain = "GET /v2/a/blobs/sha256:ab?ns=x HTTP/1.1\r\nHost: h:5000\r\nAuthorization: Basic  eA== \r\n"
+            + "Accept: */*\r\nConnection: Keep-Alive\r\n\r\nGET /next"
+        XCTAssertEqual(parse(plain), PlainGetHead(target: "/v2/a/blobs/sha256:ab?ns=x", host: "h:5000",
+                                                  authorization: "Basic  eA=="))
+        let length = Array(plain.utf8).withUnsafeBytes { PlainGetHead.parse($0, limit: 8192)?.length }
+        XCTAssertEqual(length, plain.utf8.count - "GET /next".utf8.count, "ends at the blank line")
+        let h = "GET /v2/a/blobs/x HTTP/1.1\r\nHost: h\r\n"
+        let declined = [
+            "HEAD /v2/a/blobs/x HTTP/1.1\r\nHost: h\r\n\r\n", "get /v2/a/blobs/x HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET http://h/v2/a/blobs/x HTTP/1.1\r\nHost: h\r\n\r\n", "GET /v2/a#x HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET /v2/a/blobs/x HTTP/1.0\r\nHost: h\r\n\r\n", "GET /v2/a/blobs/x  HTTP/1.1\r\nHost: h\r\n\r\n",
+            h + "Content-Length: 0\r\n\r\n", h + "Transfer-Encoding: chunked\r\n\r\n", h + "Expect: 100-continue\r\n\r\n",
+            h + "Range: bytes=0-1\r\n\r\n", h + "Upgrade: h2c\r\n\r\n", h + "Connection: close\r\n\r\n",
+            h + "Host: other\r\n\r\n", h + "Authorization: a\r\nAuthorization: b\r\n\r\n",
+            h + "X: folded\r\n continued\r\n\r\n", h + "X : y\r\n\r\n", h + "X: y\n\r\n", h + "X: y\r\n\n",
+            h + "X: caf\u{e9}\r\n\r\n", h + "X: \u{1}\r\n\r\n", h + "\r\n".dropLast(),  // cut before its end
+            h,  // no blank line yet
+        ]
+        for text in declined { XCTAssertNil(parse(text), text.debugDescription) }
+        XCTAssertNil(parse(h + "X: \(String(repeating: "y", count: 100))\r\n\r\n", limit: 64), "past the limit")
+    }
+
+    /// Reads one response: its head, and a body of its Content-Length.
+    private func readResponse(_ socket: RawSocket) -> (head: String, body: [UInt8])? {
+        let head = socket.receiveHead()
+        guard head.hasPrefix("HTTP/1.1 ") else { return nil }
+        let length = head.split(separator: "\r\n").first { $0.lowercased().hasPrefix("content-length:") }
+            .flatMap { Int($0.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) } ?? 0
+        var body = [UInt8](repeating: 0, count: length)
+        var got = 0
+        while got < length {
+            let n = body[got...].withUnsafeMutableBytes { recv(socket.fd, $0.baseAddress, $0.count, 0) }
+            if n < 0, errno == EINTR { continue }
+            guard n > 0 else { return nil }
+            got += n
+        }
+        return (head, body)
+    }
+
+    private func get(_ path: String) -> String { "GET \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" }
+
+    /// A small blob in memory, and a second blob whose upstream answers late:
+    /// pipelined behind the slow miss, hits wait their turn; a body that
+    /// looks like a request stays a body; hundreds of hits sent before the
+    /// client reads any arrive whole and in order.
+    func testPipelinedHitsKeepTheirPlaceAndBodiesStayBodies() async throws {
+        let small = F.randomBytes(4096), slow = F.randomBytes(10_000)
+        let smallDigest = F.digest(of: small), slowDigest = F.digest(of: slow)
+        let upstream = try await FakeUpstream { head in
+            head.uri.contains(slowDigest) ? .init(body: slow, headDelay: .milliseconds(400)) : .init(body: small)
+        }
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port))
+        let smallPath = "/v2/a/blobs/\(smallDigest)"
+        for _ in 0..<2 { XCTAssertEqual(try curl(proxy.base + smallPath).body, Data(small)) }  // fill, then into memory
+        let hitsBefore = try proxy.metric("cacheproxy_blob_hits_total")
+
+        let socket = try RawSocket(port: proxy.port)
+        // The hits come in reads of their own while the miss is still owed.
+        XCTAssertTrue(socket.send(get("/v2/a/blobs/\(slowDigest)")))
+        try await Task.sleep(for: .milliseconds(100))
+        XCTAssertTrue(socket.send(get(smallPath)))
+        try await Task.sleep(for: .milliseconds(100))
+        XCTAssertTrue(socket.send(get(smallPath)))
+        let first = readResponse(socket), second = readResponse(socket), third = readResponse(socket)
+        XCTAssertTrue(first?.body == slow, "the slow miss first")
+        XCTAssertTrue(second?.body == small)
+        XCTAssertTrue(third?.body == small)
+
+        // A GET with a body that spells a request, the body in a read of
+        // its own after the answer: a body (the decoder's), never answered
+        // as a request of its own.
+        let inner = get(smallPath)
+        XCTAssertTrue(socket.send("GET \(smallPath) HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: \(inner.utf8.count)\r\n\r\n"))
+        XCTAssertTrue(readResponse(socket)?.body == small)
+        XCTAssertTrue(socket.send(inner))
+        try await Task.sleep(for: .milliseconds(100))
+        XCTAssertTrue(socket.send(get(smallPath)))
+        XCTAssertTrue(readResponse(socket)?.body == small)
+        var pollSet = pollfd(fd: socket.fd, events: Int16(POLLIN), revents: 0)
+        XCTAssertEqual(poll(&pollSet, 1, 500), 0, "no other answer: the body was not a request")
+
+        // 400 hits in one write, read only once all are sent: past the
+        // channel's high watermark the rest wait their turn on the decoder's
+        // side, and each arrives whole, in order.
+        XCTAssertTrue(socket.send(String(repeating: get(smallPath), count: 400)))
+        for index in 0..<400 {
+            guard let response = readResponse(socket) else { return XCTFail("answer \(index) missing") }
+            XCTAssertTrue(response.head.hasPrefix("HTTP/1.1 200"), response.head)
+            XCTAssertTrue(response.body == small, "answer \(index)")
+        }
+        socket.close()
+        XCTAssertEqual(try proxy.metric("cacheproxy_blob_hits_total") - hitsBefore, 404)
+        XCTAssertEqual(upstream.gets.count, 2, "one fill each")
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    /// Fast answers keep a busy connection open past the idle timeout, and
+    /// an idle one is still closed after it; a client that is not allowed
+    /// (wrong upstream host) is never answered from memory.
+    func testTimeoutsAndRoutingHoldOnTheFastPath() async throws {
+        let small = F.randomBytes(2048)
+        let digest = F.digest(of: small)
+        let upstream = try await FakeUpstream { _ in .init(body: small) }
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port),
+                                        extraYAML: "timeouts: {idle: 1}")
+        let path = "/v2/a/blobs/\(digest)"
+        for _ in 0..<2 { XCTAssertEqual(try curl(proxy.base + path).body, Data(small)) }
+        let socket = try RawSocket(port: proxy.port, receiveTimeout: 3)
+        for _ in 0..<7 {  // 1.75 s of hits, each 250 ms apart
+            XCTAssertTrue(socket.send(get(path)))
+            XCTAssertTrue(readResponse(socket)?.body == small)
+            try await Task.sleep(for: .milliseconds(250))
+        }
+        let started = Date()
+        XCTAssertEqual(socket.receive(), [], "closed once idle")
+        XCTAssertLessThan(Date().timeIntervalSince(started), 2.5, "by the idle timeout, not the test's")
+
+        let stranger = try RawSocket(port: proxy.port)
+        XCTAssertTrue(stranger.send("GET \(path) HTTP/1.1\r\nHost: unknown.example\r\n\r\n"))
+        let refused = readResponse(stranger)
+        XCTAssertFalse(refused?.head.hasPrefix("HTTP/1.1 200") ?? true, refused?.head ?? "no answer")
+        await proxy.stop()
+        await upstream.stop()
+    }
+}
