@@ -1,5 +1,6 @@
 import Foundation
 import NIOCore
+import NIOEmbedded
 import XCTest
 @testable import CacheProxy
 #if canImport(Glibc)
@@ -33,6 +34,8 @@ final class HitFastPathTests: XCTestCase {
             h + "X: folded\r\n continued\r\n\r\n", h + "X : y\r\n\r\n", h + "X: y\n\r\n", h + "X: y\r\n\n",
             h + "X: caf\u{e9}\r\n\r\n", h + "X: \u{1}\r\n\r\n", h + "\r\n".dropLast(),  // cut before its end
             h,  // no blank line yet
+            "GET /v2/a/blobs/x?ns=h HTTP/1.1\r\nAccept: */*\r\n\r\n",  // no Host: the checks answer 400
+            h + "Proxy-Connection: close\r\n\r\n",  // llhttp's Connection
         ]
         for text in declined { XCTAssertNil(parse(text), text.debugDescription) }
         XCTAssertNil(parse(h + "X: \(String(repeating: "y", count: 100))\r\n\r\n", limit: 64), "past the limit")
@@ -140,5 +143,48 @@ final class HitFastPathTests: XCTestCase {
         XCTAssertFalse(refused?.head.hasPrefix("HTTP/1.1 200") ?? true, refused?.head ?? "no answer")
         await proxy.stop()
         await upstream.stop()
+    }
+
+    /// A head the decoder holds unfinished (cut after a request it passed
+    /// on, in the same read) takes the next read as its own: the fast path
+    /// must not answer those bytes as a request of their own.
+    func testBytesThatFinishAHeadTheDecoderHoldsAreNeverAnsweredAsARequest() async throws {
+        let small = F.randomBytes(4096)
+        let digest = F.digest(of: small)
+        let upstream = try await FakeUpstream { head in
+            head.uri.contains("/manifests/") ? .init(status: .notFound, body: Array("{}".utf8)) : .init(body: small)
+        }
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port))
+        let path = "/v2/a/blobs/\(digest)"
+        for _ in 0..<2 { XCTAssertEqual(try curl(proxy.base + path).body, Data(small)) }
+        let socket = try RawSocket(port: proxy.port)
+        XCTAssertTrue(socket.send("HEAD \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /v2/a/manifests/x HTTP/1.1\r\nX-Pad: "))
+        XCTAssertTrue(socket.receiveHead().hasPrefix("HTTP/1.1 200"), "the HEAD")
+        try await Task.sleep(for: .milliseconds(100))
+        // The rest of the manifest request's head, spelling a blob GET.
+        XCTAssertTrue(socket.send(get(path)))
+        let answer = readResponse(socket)
+        XCTAssertTrue(answer?.head.hasPrefix("HTTP/1.1 404") ?? false, answer?.head ?? "no answer")
+        XCTAssertEqual(upstream.requests.filter { $0.uri.contains("/manifests/x") }.count, 1)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    /// Busy marks are counted: the async side marking its answer done late
+    /// does not make a connection whose next (fast) answer is under way
+    /// look idle to a drain.
+    func testABusyMarkOutlivesALateIdleMark() throws {
+        let tracker = ConnectionTracker()
+        let channel = EmbeddedChannel()
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        XCTAssertTrue(tracker.add(channel))
+        tracker.setIdle(channel, false)  // the async side's answer
+        tracker.setIdle(channel, false)  // the fast path's next one
+        tracker.setIdle(channel, true)   // the async side, late
+        tracker.drain()
+        XCTAssertTrue(channel.isActive, "still answering: not closed by the drain")
+        tracker.setIdle(channel, true)
+        tracker.drain()
+        XCTAssertFalse(channel.isActive, "idle: closed")
     }
 }

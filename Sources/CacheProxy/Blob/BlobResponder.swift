@@ -289,13 +289,21 @@ struct BlobResponder: Sendable {
     private func serveComplete(fd: CInt, size: Int64, _ request: Request, response: ResponseChannel,
                                source: Counter) async throws -> HTTPResponseStatus? {
         let handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: fd)
+        var held = true
         defer {
-            try? handle.close()
-            store.release(request.digest)
+            if held {
+                try? handle.close()
+                store.release(request.digest)
+            }
         }
         if request.kind == .blob, size <= store.smallBlobs.maxBlobSize,
            let bytes = await response.readWhole(handle, size: size) {
             guard request.digest.matches(bytes) else {
+                // Let go of the file before it goes: a reader still counted
+                // on it would keep the index entry of a copy that replaces it.
+                held = false
+                try? handle.close()
+                store.release(request.digest)
                 store.discardDamaged(request.digest)
                 metrics.digestMismatches.increment()
                 return nil

@@ -28,6 +28,9 @@ struct CacheHitResponder: Sendable {
                 credentials: AccessGate.CredentialMemo? = nil,
                 wrap: (HTTPServerResponsePart) -> NIOAny) -> Bool {
         guard head.method == .GET || head.method == .HEAD,
+              // A client that does not read its answers gets the next one
+              // from the async side, which waits for the channel to drain.
+              context.channel.isWritable,
               case .blob(let name, let digest)? = try? RequestTarget.classify(method: head.method.rawValue, uri: head.uri),
               let size = store.size(of: digest),
               let upstream = router.route(host: head.headers.first(name: "host"),
@@ -51,7 +54,8 @@ struct CacheHitResponder: Sendable {
         // Busy until the last byte is written, so a draining server lets a
         // large hit finish instead of closing it as an idle connection; once
         // draining, the answer carries `Connection: close`.
-        let keepAlive = head.isKeepAlive && tracker.setIdle(channel, false)
+        let notDraining = tracker.setIdle(channel, false)
+        let keepAlive = head.isKeepAlive && notDraining
 
         // One last-use stamp per hit from memory. A HEAD is not a use.
         if entry != nil { _ = store.use(digest) }

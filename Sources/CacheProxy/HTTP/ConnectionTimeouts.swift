@@ -177,8 +177,11 @@ final class ConnectionTimeoutsHandler: ChannelDuplexHandler, RemovableChannelHan
         arm()
     }
 
-    /// See `ConnectionTimeoutsStateMachine.isQuiet`.
-    var isQuiet: Bool { machine.isQuiet }
+    /// See `ConnectionTimeoutsStateMachine.isQuiet`; never once the
+    /// connection is closing (a request that was not keep-alive, a parse
+    /// error), even in the moment before it is closed.
+    var isQuiet: Bool { machine.isQuiet && !closing }
+    private var closing = false
 
     /// A request `HitFrontHandler` answered before the decoder saw it, timed
     /// as one that came through: its answer is watched by the send timeout
@@ -211,6 +214,7 @@ final class ConnectionTimeoutsHandler: ChannelDuplexHandler, RemovableChannelHan
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        closing = true
         if error is HTTPParserError, machine.mayAnswerParseError {
             let oci = OCIError(.badRequest, .unsupported, "the request could not be parsed as HTTP/1.1")
             let headers: HTTPHeaders = ["content-type": "application/json", "content-length": String(oci.body.utf8.count),
@@ -233,7 +237,9 @@ final class ConnectionTimeoutsHandler: ChannelDuplexHandler, RemovableChannelHan
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
-        case .head: machine.headReceived()
+        case .head(let head):
+            machine.headReceived()
+            if !head.isKeepAlive { closing = true }
         case .body: machine.bodyReceived()
         case .end:
             machine.requestEnded(now: .now())

@@ -8,7 +8,10 @@ import NIOCore
 final class ConnectionTracker: Sendable {
     private struct Entry {
         let channel: any Channel
-        var idle: Bool
+        /// Answers in progress: more than one for a moment when the hit fast
+        /// path starts the next answer before the async side has marked the
+        /// previous one done, so a busy mark is never undone by a late idle.
+        var busy = 0
     }
 
     private struct Table {
@@ -22,7 +25,7 @@ final class ConnectionTracker: Sendable {
     func add(_ channel: any Channel) -> Bool {
         table.withLockedValue { table in
             guard !table.draining else { return false }
-            table.entries[ObjectIdentifier(channel)] = Entry(channel: channel, idle: true)
+            table.entries[ObjectIdentifier(channel)] = Entry(channel: channel)
             return true
         }
     }
@@ -36,7 +39,9 @@ final class ConnectionTracker: Sendable {
     @discardableResult
     func setIdle(_ channel: any Channel, _ idle: Bool) -> Bool {
         table.withLockedValue { table in
-            table.entries[ObjectIdentifier(channel)]?.idle = idle
+            if let busy = table.entries[ObjectIdentifier(channel)]?.busy {
+                table.entries[ObjectIdentifier(channel)]?.busy = max(0, busy + (idle ? -1 : 1))
+            }
             return !table.draining
         }
     }
@@ -48,7 +53,7 @@ final class ConnectionTracker: Sendable {
     func drain() {
         let idle = table.withLockedValue { table -> [any Channel] in
             table.draining = true
-            return table.entries.values.filter(\.idle).map(\.channel)
+            return table.entries.values.filter { $0.busy == 0 }.map(\.channel)
         }
         for channel in idle { channel.close(promise: nil) }
     }

@@ -6,10 +6,10 @@
 /// the request checks and the rest of the pipeline stay the authority on
 /// HTTP. So it only has to agree with them on what it accepts, and it
 /// accepts a strict subset: CRLF line ends only, header names of token
-/// characters, values of visible ASCII, space and tab, no obs-fold, at most
-/// one `Host` and one `Authorization`, and none of `Content-Length`,
-/// `Transfer-Encoding`, `Expect`, `Upgrade`, `Range`, or a `Connection`
-/// other than `keep-alive`. Where a head ends is then beyond dispute (the
+/// characters, values of visible ASCII, space and tab, no obs-fold, exactly
+/// one `Host`, at most one `Authorization`, and none of `Content-Length`,
+/// `Transfer-Encoding`, `Expect`, `Upgrade`, `Range`, `Proxy-Connection`, or
+/// a `Connection` other than `keep-alive`. Where a head ends is then beyond dispute (the
 /// first CRLF CRLF, no body), so no byte can be read as two requests.
 struct PlainGetHead: Equatable {
     /// The request target as sent (origin-form: it starts with `/`).
@@ -38,7 +38,8 @@ struct PlainGetHead: Equatable {
         while true {
             guard index + 1 < end else { return nil }  // no end of head within the bytes
             if bytes[index] == 13 {
-                guard bytes[index + 1] == 10 else { return nil }
+                // No Host: the request checks answer 400 (RFC 9112 §3.2).
+                guard bytes[index + 1] == 10, head.host != nil else { return nil }
                 return (head, index + 2)
             }
             // A name of token characters, then `:`.
@@ -88,6 +89,8 @@ struct PlainGetHead: Equatable {
             case 5 where equalsLowercased(name, "range"): self = .refused
             case 8 where equalsLowercased(name, "if-range"): self = .refused
             case 2 where equalsLowercased(name, "te"): self = .refused
+            // llhttp reads it as `Connection` (and `close` as the last request).
+            case 16 where equalsLowercased(name, "proxy-connection"): self = .refused
             default: self = .other
             }
         }
