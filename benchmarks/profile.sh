@@ -3,10 +3,11 @@
 # release binary while wrk drives one scenario, against a local distribution
 # registry as origin. Log level is the default (info), access checks and
 # manifest revalidation on: the configuration users run.
-#   benchmarks/profile.sh hit4k|manifest|digest [BINARY]     (root: perf needs it here)
+#   benchmarks/profile.sh hit4k|manifest|digest|big [BINARY]     (root: perf needs it here)
+# big: a cached 512 MiB blob to one connection (wrk -c1), CPU per GB.
 # Prints the top symbols by self time and the CPU per request from /proc.
 set -euo pipefail
-scenario=${1:?usage: $0 hit4k|manifest|digest [BINARY]}
+scenario=${1:?usage: $0 hit4k|manifest|digest|big [BINARY]}
 binary=${2:-.build/release/cache-proxy}
 seconds=${SECONDS_PER_RUN:-6}
 for tool in docker-registry wrk curl sha256sum perf; do
@@ -31,6 +32,7 @@ push() { # file -> digest
   echo "$d"
 }
 head -c 4096 /dev/urandom > "$work/blob"; blob=$(push "$work/blob")
+if [[ $scenario == big ]]; then head -c $((512 << 20)) /dev/urandom > "$work/big"; big=$(push "$work/big"); rm -f "$work/big"; fi
 echo '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}' > "$work/config"; config=$(push "$work/config")
 printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%d},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"%s","size":4096}]}' \
   "$config" "$(stat -c %s "$work/config")" "$blob" > "$work/manifest"
@@ -46,6 +48,7 @@ case $scenario in
   hit4k) url="http://127.0.0.1:$proxy/v2/ab/blobs/$blob"; conns=64 ;;
   manifest) url="http://127.0.0.1:$proxy/v2/ab/manifests/latest"; conns=16 ;;
   digest) url="http://127.0.0.1:$proxy/v2/ab/manifests/$mdigest"; conns=64 ;;
+  big) url="http://127.0.0.1:$proxy/v2/ab/blobs/$big"; conns=1 ;;
   *) echo "$0: unknown scenario $scenario" >&2; exit 2 ;;
 esac
 "$binary" --config "$work/proxy.yml" > "$work/proxy.log" 2>&1 & pid=$!
@@ -55,10 +58,12 @@ ticks() { awk '{print $14+$15}' /proc/$pid/stat; }
 t0=$(ticks)
 perf record -q -e cpu-clock -F 2000 -g -p "$pid" -o "$work/perf.data" -- sleep "$seconds" > /dev/null 2>&1 &
 perf_pid=$!
-out=$(wrk -t2 -c$conns -d${seconds}s -H "Accept: $mtype" "$url")
+out=$(wrk -t$(( conns < 2 ? 1 : 2 )) -c$conns -d${seconds}s -H "Accept: $mtype" "$url")
 wait $perf_pid || true
 t1=$(ticks)
 requests=$(awk '/requests in/{print $1}' <<<"$out")
+bytes=$(awk '/requests in/{v=$5; sub(/,$/,"",v); m=1; if (v ~ /GB$/) m=1e9; else if (v ~ /MB$/) m=1e6; else if (v ~ /KB$/) m=1e3; sub(/[A-Z]+$/,"",v); print v*m}' <<<"$out")
+echo "$scenario: $(awk -v t=$((t1 - t0)) -v b="$bytes" 'BEGIN{printf "%.3f", t/100/(b/1e9)}') CPU s per GB served"
 echo "$scenario: $requests requests, $(awk -v t=$((t1 - t0)) -v r="$requests" 'BEGIN{printf "%.1f", t*10000/r}') µs CPU per request (proxy, /proc ticks, perf attached)"
 perf report -i "$work/perf.data" --no-children --sort comm,dso -g none --stdio 2>/dev/null | grep -E "^ +[0-9]" | head -12
 perf report -i "$work/perf.data" --no-children --sort symbol --percent-limit 0.7 --stdio 2>/dev/null \

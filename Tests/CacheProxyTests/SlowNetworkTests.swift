@@ -134,7 +134,7 @@ final class SlowNetworkTests: XCTestCase {
     }
 
     func testASteadyReaderOfAMissIsNeverCutByTheSendTimeout() async throws {
-        // A follower hands down one 4 MiB region after another. Read at
+        // A follower hands down one file region after another. Read at
         // just under 4 MiB per tick of the send timeout (a quarter of it: 1 s
         // here), the queue of unwritten bytes is a little larger at each look
         // although bytes flow all the time: progress must be bytes written,
