@@ -223,7 +223,7 @@ public final class ProxyServer: Service, Sendable {
 
     private func bind(port: Int, tls: ServerTLS?) async throws
         -> NIOAsyncChannel<NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>, Never> {
-        let (config, hits, live, metrics) = (self.config, self.hits, self.live, self.metrics)
+        let (config, hits, live, metrics, tracker) = (self.config, self.hits, self.live, self.metrics, self.tracker)
         return try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -244,8 +244,18 @@ public final class ProxyServer: Service, Sendable {
                     // Each new connection takes the timeouts and limits in
                     // force now; open ones keep theirs.
                     try ClientPipeline.configure(channel, config: live.config, hits: hits, metrics: metrics)
-                    return try NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>(
+                    let wrapped = try NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>(
                         wrappingChannelSynchronously: channel)
+                    // Tracked from its first byte, not from when its task
+                    // starts: the hit paths answer on the event loop before
+                    // that, and a drain must see those answers as busy. One
+                    // accepted after the drain began is closed unanswered.
+                    if tracker.add(channel) {
+                        channel.closeFuture.whenComplete { _ in tracker.remove(channel) }
+                    } else {
+                        channel.close(promise: nil)
+                    }
+                    return wrapped
                 }
             }
     }

@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import NIOEmbedded
+import NIOHTTP1
 import XCTest
 @testable import CacheProxy
 #if canImport(Glibc)
@@ -68,7 +69,7 @@ final class HitFastPathTests: XCTestCase {
         let small = F.randomBytes(4096), slow = F.randomBytes(10_000)
         let smallDigest = F.digest(of: small), slowDigest = F.digest(of: slow)
         let upstream = try await FakeUpstream { head in
-            head.uri.contains(slowDigest) ? .init(body: slow, headDelay: .milliseconds(400)) : .init(body: small)
+            head.uri.contains(slowDigest) ? .init(body: slow, headDelay: .milliseconds(1500)) : .init(body: small)
         }
         let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port))
         let smallPath = "/v2/a/blobs/\(smallDigest)"
@@ -186,5 +187,71 @@ final class HitFastPathTests: XCTestCase {
         tracker.setIdle(channel, true)
         tracker.drain()
         XCTAssertFalse(channel.isActive, "idle: closed")
+    }
+
+    /// Differential: whatever `PlainGetHead` accepts, NIO's decoder reads as
+    /// the same one bodiless request (method, target, Host, Authorization,
+    /// and where it ends) and `RequestValidator` accepts. Heads are built
+    /// from a grammar and then mutated with the bytes parsers disagree on.
+    func testWhatTheFastParserAcceptsNIOsDecoderReadsTheSameWay() throws {
+        let seed = UInt64.random(in: 1...UInt64.max)
+        var random = SeededGenerator(seed: seed)
+        let router = Router(upstreams: [.init(host: "h", registry: "r", port: 443, schema: "https", aliases: [])])
+        let tricky: [UInt8] = Array(" \t\r\n:,#?/\\\"".utf8) + [0, 0x0b, 0x0c, 0x7f, 0x80, 0xff, UInt8(ascii: "a"), UInt8(ascii: "H")]
+        let names = ["Host", "Authorization", "Accept", "Connection", "X-A", "Content-Length",
+                     "Transfer-Encoding", "Range", "Proxy-Connection", "Upgrade", "Expect"]
+        var accepted = 0
+        for _ in 0..<4000 {
+            var text = "GET /v2/a/blobs/sha256:\(Int.random(in: 0...9, using: &random))?ns=x HTTP/1.1\r\n"
+            text += "\(["Host", "host", "HOST"].randomElement(using: &random)!): h\r\n"
+            for _ in 0..<Int.random(in: 0...3, using: &random) {
+                text += "\(names.randomElement(using: &random)!): \(["h", "keep-alive", "close", "Basic eA==", "0", "a b"].randomElement(using: &random)!)\r\n"
+            }
+            text += "\r\nGET / HTTP/1.1\r\n"
+            var bytes = Array(text.utf8)
+            for _ in 0..<Int.random(in: 0...3, using: &random) {
+                let at = Int.random(in: 0..<bytes.count, using: &random)
+                switch Int.random(in: 0...2, using: &random) {
+                case 0: bytes.insert(tricky.randomElement(using: &random)!, at: at)
+                case 1: bytes[at] = tricky.randomElement(using: &random)!
+                default: bytes.remove(at: at)
+                }
+            }
+            guard let (fast, length) = bytes.withUnsafeBytes({ PlainGetHead.parse($0, limit: 8192) }) else { continue }
+            accepted += 1
+            let channel = EmbeddedChannel(handler: ByteToMessageHandler(HTTPRequestDecoder()))
+            let described = "seed \(seed): " + String(decoding: bytes[..<length], as: UTF8.self).debugDescription
+            XCTAssertNoThrow(try channel.writeInbound(ByteBuffer(bytes: bytes[..<length])), described)
+            guard case .head(let head)? = try channel.readInbound(as: HTTPServerRequestPart.self) else {
+                XCTFail("NIO read no head from \(described)")
+                continue
+            }
+            guard case .end? = try channel.readInbound(as: HTTPServerRequestPart.self) else {
+                XCTFail("NIO read a body or nothing after \(described)")
+                continue
+            }
+            XCTAssertEqual(head.method, .GET, described)
+            XCTAssertEqual(head.version, .http1_1, described)
+            XCTAssertEqual(head.uri, fast.target, described)
+            XCTAssertEqual(head.headers["host"], fast.host.map { [$0] } ?? [], described)
+            XCTAssertEqual(head.headers["authorization"], fast.authorization.map { [$0] } ?? [], described)
+            XCTAssertTrue(head.isKeepAlive, described)
+            if case .accept = RequestValidator.check(head, router: router) {} else { XCTFail("refused: \(described)") }
+            XCTAssertNoThrow(try channel.finish(), "NIO holds bytes past the end of \(described)")
+        }
+        XCTAssertGreaterThan(accepted, 200, "the mutations leave enough heads whole to compare")
+    }
+}
+
+/// A small seeded generator (SplitMix64), so a failing case can be replayed.
+struct SeededGenerator: RandomNumberGenerator {
+    private var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
     }
 }

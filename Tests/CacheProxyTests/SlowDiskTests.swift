@@ -57,7 +57,7 @@ final class SlowDiskTests: XCTestCase {
     /// byte either way is the blob's.
     func testACachedBlobNotInThePageCacheIsReadOnTheThreadPool() async throws {
         typealias F = FaultInjectionTests
-        let bytes = F.randomBytes(9_000_000)  // three sendfile regions
+        let bytes = F.randomBytes(9_000_000)  // nine sendfile regions
         let upstream = try await FakeUpstream { _ in .init(body: bytes) }
         let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port))
         let digest = try Digest(parsing: F.digest(of: bytes))
@@ -72,8 +72,10 @@ final class SlowDiskTests: XCTestCase {
         XCTAssertGreaterThanOrEqual(fd, 0)
         XCTAssertEqual(fsync(fd), 0)
         XCTAssertEqual(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0)
-        XCTAssertFalse(PageCache.isResident(fd: fd, offset: 0, length: Int64(bytes.count)), "evicted")
+        let evicted = !PageCache.isResident(fd: fd, offset: 0, length: Int64(bytes.count))
         close(fd)
+        // A tmpfs keeps its pages whatever fadvise says: nothing to show there.
+        try XCTSkipUnless(evicted, "the temporary folder's file system keeps its pages in memory")
 
         let cold = try curl(url)
         XCTAssertEqual(cold.code, 200)

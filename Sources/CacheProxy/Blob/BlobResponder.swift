@@ -76,7 +76,9 @@ struct BlobResponder: Sendable {
                                                         source: metrics.bytesFromCache) {
                     return status
                 }
-                continue  // damaged on disk and dropped: fetched again
+                // Damaged on disk and dropped: fetched again, a bounded number of times.
+                guard attempt <= 3 else { return try await sendOverloaded(response) }
+                continue
             case .unavailable:
                 return try await sendOverloaded(response)
             case .missing:

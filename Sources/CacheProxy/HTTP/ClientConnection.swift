@@ -17,11 +17,6 @@ struct ClientConnection {
 
     func serve() async {
         let raw = channel.channel
-        guard tracker.add(raw) else {
-            try? await channel.executeThenClose { _, _ in }
-            return
-        }
-        defer { tracker.remove(raw) }
         let remoteAddress = raw.remoteAddress?.ipAddress
         let closeWatch = CloseWatch(raw)
         do {

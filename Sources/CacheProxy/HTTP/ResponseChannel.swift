@@ -122,8 +122,8 @@ struct ResponseChannel: Sendable {
         while offset < range.upperBound {
             let end = min(range.upperBound, offset + Self.maxRegion)
             if let fileIO, !isResident(handle, offset..<end) {
-                try await readAndSend(handle, range: offset..<end, fileIO: fileIO)
                 coldReads?.increment(by: end - offset)
+                try await readAndSend(handle, range: offset..<end, fileIO: fileIO)
             } else {
                 let region = FileRegion(fileHandle: handle, readerIndex: Int(offset), endIndex: Int(end))
                 try await channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region)))
