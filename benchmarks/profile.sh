@@ -3,11 +3,13 @@
 # release binary while wrk drives one scenario, against a local distribution
 # registry as origin. Log level is the default (info), access checks and
 # manifest revalidation on: the configuration users run.
-#   benchmarks/profile.sh hit4k|manifest|digest|big [BINARY]     (root: perf needs it here)
+#   benchmarks/profile.sh hit4k|manifest|digest|big|miss [BINARY]     (root: perf needs it here)
 # big: a cached 512 MiB blob to one connection (wrk -c1), CPU per GB.
+# miss: eight uncached 64 MiB blobs fetched one after another (fill, verify,
+# store, serve), CPU per GB.
 # Prints the top symbols by self time and the CPU per request from /proc.
 set -euo pipefail
-scenario=${1:?usage: $0 hit4k|manifest|digest|big [BINARY]}
+scenario=${1:?usage: $0 hit4k|manifest|digest|big|miss [BINARY]}
 binary=${2:-.build/release/cache-proxy}
 seconds=${SECONDS_PER_RUN:-6}
 for tool in docker-registry wrk curl sha256sum perf; do
@@ -33,6 +35,11 @@ push() { # file -> digest
 }
 head -c 4096 /dev/urandom > "$work/blob"; blob=$(push "$work/blob")
 if [[ $scenario == big ]]; then head -c $((512 << 20)) /dev/urandom > "$work/big"; big=$(push "$work/big"); rm -f "$work/big"; fi
+misses=()
+if [[ $scenario == miss ]]; then
+  for i in 1 2 3 4 5 6 7 8; do head -c $((64 << 20)) /dev/urandom > "$work/m"; misses+=("$(push "$work/m")"); done
+  rm -f "$work/m"
+fi
 echo '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}' > "$work/config"; config=$(push "$work/config")
 printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%d},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"%s","size":4096}]}' \
   "$config" "$(stat -c %s "$work/config")" "$blob" > "$work/manifest"
@@ -49,6 +56,7 @@ case $scenario in
   manifest) url="http://127.0.0.1:$proxy/v2/ab/manifests/latest"; conns=16 ;;
   digest) url="http://127.0.0.1:$proxy/v2/ab/manifests/$mdigest"; conns=64 ;;
   big) url="http://127.0.0.1:$proxy/v2/ab/blobs/$big"; conns=1 ;;
+  miss) url="http://127.0.0.1:$proxy/v2/ab/blobs/$blob"; conns=1 ;;
   *) echo "$0: unknown scenario $scenario" >&2; exit 2 ;;
 esac
 "$binary" --config "$work/proxy.yml" > "$work/proxy.log" 2>&1 & pid=$!
@@ -58,7 +66,13 @@ ticks() { awk '{print $14+$15}' /proc/$pid/stat; }
 t0=$(ticks)
 perf record -q -e cpu-clock -F 2000 -g -p "$pid" -o "$work/perf.data" -- sleep "$seconds" > /dev/null 2>&1 &
 perf_pid=$!
-out=$(wrk -t$(( conns < 2 ? 1 : 2 )) -c$conns -d${seconds}s -H "Accept: $mtype" "$url")
+if [[ $scenario == miss ]]; then
+  for d in "${misses[@]}"; do curl -s -o /dev/null "http://127.0.0.1:$proxy/v2/ab/blobs/$d"; done
+  out="${#misses[@]} requests in 0s, $(( ${#misses[@]} * 64 ))MB read"
+  kill -INT $perf_pid 2>/dev/null || true
+else
+  out=$(wrk -t$(( conns < 2 ? 1 : 2 )) -c$conns -d${seconds}s -H "Accept: $mtype" "$url")
+fi
 wait $perf_pid || true
 t1=$(ticks)
 requests=$(awk '/requests in/{print $1}' <<<"$out")
