@@ -55,7 +55,7 @@ case $scenario in
   hit4k) url="http://127.0.0.1:$proxy/v2/ab/blobs/$blob"; conns=64 ;;
   manifest) url="http://127.0.0.1:$proxy/v2/ab/manifests/latest"; conns=16 ;;
   digest) url="http://127.0.0.1:$proxy/v2/ab/manifests/$mdigest"; conns=64 ;;
-  big) url="http://127.0.0.1:$proxy/v2/ab/blobs/$big"; conns=1 ;;
+  big) url="http://127.0.0.1:$proxy/v2/ab/blobs/$big"; conns=${CONNS:-1} ;;
   miss) url="http://127.0.0.1:$proxy/v2/ab/blobs/$blob"; conns=1 ;;
   *) echo "$0: unknown scenario $scenario" >&2; exit 2 ;;
 esac

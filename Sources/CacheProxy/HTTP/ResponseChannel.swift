@@ -69,11 +69,12 @@ struct ResponseChannel: Sendable {
 
     /// Largest file region handed to one write: NIO gives a region's whole
     /// length to one `sendfile`, and one huge call would hold the event loop
-    /// (nginx's `sendfile_max_chunk`, 2 MiB by default, does the same). It is
-    /// also the unit of the page-cache check. 1 MiB measured no more CPU per
-    /// GB than 4 MiB (`benchmarks/profile.sh big`: 0.26 against 0.28 s/GB),
-    /// and gives the loop back to the other connections four times as often.
-    static let maxRegion: Int64 = 1 * 1024 * 1024
+    /// (nginx's `sendfile_max_chunk` does the same). It is also the unit of
+    /// the page-cache check. Each region costs a hop to the event loop and
+    /// back: 1 MiB regions measured 45% more CPU per GB than 4 MiB at eight
+    /// connections (`CONNS=8 benchmarks/profile.sh big`: 0.175 against
+    /// 0.12 s/GB), for no steadier latency beside them (`cold_hit.sh`).
+    static let maxRegion: Int64 = 4 * 1024 * 1024
 
     /// Bytes read per step on the thread pool: large enough that the
     /// thread hop is a small share of the cost, small enough that a slow
@@ -119,9 +120,15 @@ struct ResponseChannel: Sendable {
     func file(_ handle: NIOFileHandle, range: Range<Int64>) async throws {
         if tls, let fileIO { return try await readAndSend(handle, range: range, fileIO: fileIO) }
         var offset = range.lowerBound
+        // Once a region was cold, the rest of this answer is read on the pool
+        // too: the kernel's readahead then has the next pages in flight,
+        // which the residency check counts as cached but a `sendfile` would
+        // wait for on the loop.
+        var cold = false
         while offset < range.upperBound {
             let end = min(range.upperBound, offset + Self.maxRegion)
-            if let fileIO, !isResident(handle, offset..<end) {
+            if let fileIO, cold || !isResident(handle, offset..<end) {
+                cold = true
                 coldReads?.increment(by: end - offset)
                 try await readAndSend(handle, range: offset..<end, fileIO: fileIO)
             } else {

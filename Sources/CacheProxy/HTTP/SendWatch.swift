@@ -10,7 +10,7 @@ import NIOCore
 /// bytes leaving for the socket: the body bytes handed down so far less what
 /// NIO still holds unwritten (it counts file regions, and a partial
 /// `sendfile` shrinks it). The queue alone would not do: a follower hands
-/// down one 1 MiB region after another, so the queue jumps back up at each
+/// down one 4 MiB region after another, so the queue jumps back up at each
 /// region and a steady reader could look stalled.
 ///
 /// The queue is looked at after a flush only while a response is not
