@@ -179,10 +179,10 @@ public final class AccessGate: Sendable {
     /// fresh. The hit path on the event loop serves only then; otherwise it
     /// hands the request to the async side, which calls `check`.
     func allowsNow(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String, digest: Digest,
-                   memo: CredentialMemo? = nil) -> Bool {
+                   kind: ContentKind = .blob, memo: CredentialMemo? = nil) -> Bool {
         let grant = upstream.accessCheck == .always
             ? self.grant(upstream: upstream, headers: headers, repository: repository, memo: memo) : nil
-        return isFresh(Link(upstream: upstream.host, repository: repository, digest: digest), grant)
+        return isFresh(Link(upstream: upstream.host, repository: repository, digest: digest, kind: kind), grant)
     }
 
     /// Asks the upstream unless its answer is remembered.

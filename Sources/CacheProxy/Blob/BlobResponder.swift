@@ -50,6 +50,15 @@ struct BlobResponder: Sendable {
                 admitted = true
                 if let refusal = try await admit(request, response: response) { return refusal }
             }
+            // Held in memory (a small blob or manifest read before): no
+            // file to open, nothing to read.
+            if admitted, let entry = store.smallBlobs.get(request.digest, kind: request.kind),
+               store.use(request.digest) != nil {
+                hits(request.kind).increment()
+                response.answered(.hit)
+                return try await sendFromMemory(entry.bytes, contentType: entry.headers.first(name: "content-type"),
+                                                request, response: response, source: metrics.bytesFromCache)
+            }
             switch store.openCached(request.digest) {
             case .file(let fd, let size):
                 if !admitted {
@@ -298,8 +307,7 @@ struct BlobResponder: Sendable {
                 store.release(request.digest)
             }
         }
-        if request.kind == .blob, size <= store.smallBlobs.maxBlobSize,
-           let bytes = await response.readWhole(handle, size: size) {
+        if size <= store.smallBlobs.maxBlobSize, let bytes = await response.readWhole(handle, size: size) {
             guard request.digest.matches(bytes) else {
                 // Let go of the file before it goes: a reader still counted
                 // on it would keep the index entry of a copy that replaces it.
@@ -310,12 +318,9 @@ struct BlobResponder: Sendable {
                 metrics.digestMismatches.increment()
                 return nil
             }
-            store.smallBlobs.put(request.digest, bytes)
-            let (status, range, headers) = plan(request, length: size, contentType: nil)
-            let body = range.flatMap { bytes.getSlice(at: bytes.readerIndex + Int($0.lowerBound), length: $0.count) }
-            try await response.send(status, headers: headers, body: body ?? ByteBuffer())
-            source.increment(by: Int64(body?.readableBytes ?? 0))
-            return status
+            let contentType = request.kind == .manifest ? MediaType.ofCachedManifest(fd: fd, size: size)?.value : nil
+            store.smallBlobs.put(request.digest, bytes, kind: request.kind, contentType: contentType)
+            return try await sendFromMemory(bytes, contentType: contentType, request, response: response, source: source)
         }
         let contentType = request.kind == .manifest ? MediaType.ofCachedManifest(fd: fd, size: size)?.value : nil
         let (status, range, headers) = plan(request, length: size, contentType: contentType)
@@ -325,6 +330,17 @@ struct BlobResponder: Sendable {
         }
         try await response.fileResponse(status, headers, handle, range: range)
         source.increment(by: Int64(range.count))
+        return status
+    }
+
+    /// A whole blob or manifest held in memory, as the request asked for it
+    /// (a range, or all).
+    private func sendFromMemory(_ bytes: ByteBuffer, contentType: String?, _ request: Request,
+                                response: ResponseChannel, source: Counter) async throws -> HTTPResponseStatus {
+        let (status, range, headers) = plan(request, length: Int64(bytes.readableBytes), contentType: contentType)
+        let body = range.flatMap { bytes.getSlice(at: bytes.readerIndex + Int($0.lowerBound), length: $0.count) }
+        try await response.send(status, headers: headers, body: body ?? ByteBuffer())
+        source.increment(by: Int64(body?.readableBytes ?? 0))
         return status
     }
 

@@ -3,7 +3,10 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 
-/// The bytes of small cached blobs (configs, tiny layers), kept in memory.
+/// The bytes of small cached blobs (configs, tiny layers) and manifests,
+/// kept in memory, each with the headers of its plain 200 answer. A blob and
+/// a manifest of the same digest are the same bytes but not the same answer
+/// (a manifest carries its media type), so the kind is part of the key.
 ///
 /// For a blob of a few KiB, opening, reading and closing the file costs more
 /// than sending it (measured: the hit path spent most of its time in those
@@ -36,9 +39,14 @@ final class SmallBlobCache: Sendable {
         }
     }
 
+    struct Key: Hashable {
+        let digest: Digest
+        let kind: ContentKind
+    }
+
     private struct State {
-        var entries: [Digest: Entry] = [:]
-        var order: Deque<Digest> = []
+        var entries: [Key: Entry] = [:]
+        var order: Deque<Key> = []
         var bytes = 0
     }
 
@@ -51,19 +59,21 @@ final class SmallBlobCache: Sendable {
         self.capacity = capacity
     }
 
-    func get(_ digest: Digest) -> Entry? {
-        state.withLockedValue { $0.entries[digest] }
+    func get(_ digest: Digest, kind: ContentKind = .blob) -> Entry? {
+        state.withLockedValue { $0.entries[Key(digest: digest, kind: kind)] }
     }
 
-    func put(_ digest: Digest, _ bytes: ByteBuffer) {
+    /// `contentType`: a manifest's media type (none for a blob).
+    func put(_ digest: Digest, _ bytes: ByteBuffer, kind: ContentKind = .blob, contentType: String? = nil) {
         guard bytes.readableBytes <= maxBlobSize, capacity > 0 else { return }
+        let key = Key(digest: digest, kind: kind)
         let entry = Entry(
             bytes: bytes,
-            headers: BlobResponsePlan.headers(for: digest, length: Int64(bytes.readableBytes), contentType: nil))
+            headers: BlobResponsePlan.headers(for: digest, length: Int64(bytes.readableBytes), contentType: contentType))
         state.withLockedValue { state in
-            guard state.entries[digest] == nil else { return }
-            state.entries[digest] = entry
-            state.order.append(digest)
+            guard state.entries[key] == nil else { return }
+            state.entries[key] = entry
+            state.order.append(key)
             state.bytes += bytes.readableBytes
             while state.bytes > capacity, let oldest = state.order.popFirst() {
                 state.bytes -= state.entries.removeValue(forKey: oldest)?.bytes.readableBytes ?? 0
@@ -71,11 +81,15 @@ final class SmallBlobCache: Sendable {
         }
     }
 
+    /// Both kinds: the file behind them is gone.
     func remove(_ digest: Digest) {
         state.withLockedValue { state in
-            if let gone = state.entries.removeValue(forKey: digest) {
-                state.bytes -= gone.bytes.readableBytes
-                state.order.removeAll { $0 == digest }
+            for kind in [ContentKind.blob, .manifest] {
+                let key = Key(digest: digest, kind: kind)
+                if let gone = state.entries.removeValue(forKey: key) {
+                    state.bytes -= gone.bytes.readableBytes
+                    state.order.removeAll { $0 == key }
+                }
             }
         }
     }

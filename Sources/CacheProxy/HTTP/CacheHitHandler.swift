@@ -31,22 +31,26 @@ struct CacheHitResponder: Sendable {
               // A client that does not read its answers gets the next one
               // from the async side, which waits for the channel to drain.
               context.channel.isWritable,
-              case .blob(let name, let digest)? = try? RequestTarget.classify(method: head.method.rawValue, uri: head.uri),
+              let (name, digest, kind) = Self.content(head.method.rawValue, head.uri),
+              // A manifest's HEAD needs its media type, from the file; its
+              // ranges (rare) take the async side's plan.
+              kind == .blob || (head.method == .GET && !head.headers.contains(name: "range")),
               let size = store.size(of: digest),
               let upstream = router.route(host: head.headers.first(name: "host"),
                                           namespace: RequestURI.queryValue("ns", in: head.uri)),
+              kind == .blob || upstream.manifests == .revalidate,
               // Only what needs no disk is answered here: a HEAD (the index
               // knows the size) and a blob held in memory. Opening, reading
               // or sending a file can wait for the disk, and on the event
               // loop that wait would stall every connection of the loop:
               // files go to the async side, which opens them off the loop
               // and reads what the page cache lacks on the thread pool.
-              case let entry = head.method == .HEAD ? nil : smallBlobs.get(digest),
+              case let entry = head.method == .HEAD ? nil : smallBlobs.get(digest, kind: kind),
               head.method == .HEAD || entry != nil,
               // A client whose access is not known to be fresh is checked
               // on the async side (an upstream HEAD).
               gate.allowsNow(upstream: upstream, headers: head.headers, repository: name, digest: digest,
-                             memo: credentials)
+                             kind: kind, memo: credentials)
         else { return false }
         let started = ContinuousClock.now
         let channel = context.channel
@@ -84,7 +88,7 @@ struct CacheHitResponder: Sendable {
             sent = Int64(range.count)
         }
         let written = context.writeAndFlush(wrap(.end(nil)))
-        let hit = Hit(method: head.method.rawValue, uri: head.uri, host: head.headers.first(name: "host"),
+        let hit = Hit(kind: kind, method: head.method.rawValue, uri: head.uri, host: head.headers.first(name: "host"),
                       upstream: upstream.host, client: client, status: Int(plan.status.code), sent: sent,
                       started: started, keepAlive: keepAlive)
         written.assumeIsolated().whenComplete { finished(hit, result: $0, channel: channel) }
@@ -97,12 +101,13 @@ struct CacheHitResponder: Sendable {
     /// the same order; false, having written nothing, for anything else.
     func answerAhead(_ request: PlainGetHead, router: Router, context: ChannelHandlerContext, client: String?,
                      credentials: AccessGate.CredentialMemo, timeouts: ConnectionTimeoutsHandler) -> Bool {
-        guard case .blob(let name, let digest)? = try? RequestTarget.classify(method: "GET", uri: request.target),
-              let entry = smallBlobs.get(digest),
+        guard let (name, digest, kind) = Self.content("GET", request.target),
+              let entry = smallBlobs.get(digest, kind: kind),
               let upstream = router.route(host: request.host, namespace: RequestURI.queryValue("ns", in: request.target)),
+              kind == .blob || upstream.manifests == .revalidate,
               gate.allowsNow(upstream: upstream,
                              headers: request.authorization.map { ["authorization": $0] } ?? [:],
-                             repository: name, digest: digest, memo: credentials),
+                             repository: name, digest: digest, kind: kind, memo: credentials),
               // Still in the index (and marked used); an evicted blob is the
               // async side's to fetch again.
               store.use(digest) != nil
@@ -118,14 +123,25 @@ struct CacheHitResponder: Sendable {
         context.write(NIOAny(entry.responseHead), promise: nil)
         let written = context.writeAndFlush(NIOAny(entry.bytes))
         timeouts.answeredAhead(written, bytes: entry.bytes.readableBytes, channel: channel)
-        let hit = Hit(method: "GET", uri: request.target, host: request.host, upstream: upstream.host, client: client,
+        let hit = Hit(kind: kind, method: "GET", uri: request.target, host: request.host, upstream: upstream.host, client: client,
                       status: 200, sent: Int64(entry.bytes.readableBytes), started: started, keepAlive: true)
         written.assumeIsolated().whenComplete { finished(hit, result: $0, channel: channel) }
         return true
     }
 
+    /// A blob, or a manifest by digest: content the cache holds under its
+    /// digest (a tag is the upstream's to resolve).
+    private static func content(_ method: String, _ uri: String) -> (name: String, digest: Digest, kind: ContentKind)? {
+        switch try? RequestTarget.classify(method: method, uri: uri) {
+        case .blob(let name, let digest)?: return (name, digest, .blob)
+        case .manifest(let name, .digest(let digest))?: return (name, digest, .manifest)
+        default: return nil
+        }
+    }
+
     /// What a hit's metrics and request line say of it.
     private struct Hit {
+        let kind: ContentKind
         let method: String
         let uri: String
         let host: String?
@@ -143,13 +159,14 @@ struct CacheHitResponder: Sendable {
         let sent: Int64
         if case .success = result {
             sent = hit.sent
-            metrics.blobHits.increment()
+            (hit.kind == .blob ? metrics.blobHits : metrics.manifestHits).increment()
             metrics.bytesFromCache.increment(by: sent)
         } else {
             sent = 0
         }
         let seconds = hit.started.duration(to: .now).inSeconds
-        metrics.requestFinished(kind: "blob", method: hit.method, code: hit.status, seconds: seconds)
+        metrics.requestFinished(kind: hit.kind == .blob ? "blob" : "manifest", method: hit.method, code: hit.status,
+                                seconds: seconds)
         if requestLog.enabled {
             requestLog.record(.init(client: hit.client, method: hit.method, uri: hit.uri, host: hit.host,
                                     upstream: hit.upstream, status: hit.status, bytes: sent, seconds: seconds,
