@@ -17,20 +17,7 @@ work=$(mktemp -d)
 registry_pid= pid= loop_pid=
 trap '[[ -n $loop_pid ]] && kill $loop_pid 2>/dev/null; [[ -n $pid ]] && kill $pid 2>/dev/null; [[ -n $registry_pid ]] && kill $registry_pid 2>/dev/null; rm -rf "$work"' EXIT
 origin=5331 proxy=5332
-cat > "$work/registry.yml" <<EOT
-version: 0.1
-log: {level: error, accesslog: {disabled: true}}
-storage: {filesystem: {rootdirectory: $work/data}}
-http: {addr: "127.0.0.1:$origin", secret: ab}
-EOT
-docker-registry serve "$work/registry.yml" > "$work/registry.log" 2>&1 & registry_pid=$!
-for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$origin/v2/" && break; sleep 0.1; done
-push() {
-  local d=sha256:$(sha256sum "$1" | cut -d' ' -f1)
-  local loc=$(curl -si -X POST "http://127.0.0.1:$origin/v2/ab/blobs/uploads/" | tr -d '\r' | awk 'tolower($1)=="location:"{print $2}')
-  curl -s -o /dev/null -X PUT -H "Content-Type: application/octet-stream" -T "$1" "$loc&digest=$d"
-  echo "$d"
-}
+source "$(dirname "$0")/origin.sh"
 head -c 4096 /dev/urandom > "$work/small"; small=$(push "$work/small")
 head -c $((big_mib << 20)) /dev/urandom > "$work/big"; big=$(push "$work/big"); rm -f "$work/big"
 cat > "$work/proxy.yml" <<EOT

@@ -14,18 +14,9 @@ work=$(mktemp -d)
 registry_pid=
 trap '[[ -n $registry_pid ]] && kill $registry_pid 2>/dev/null; rm -rf "$work"' EXIT
 origin=5311 proxy=5312
-cat > "$work/registry.yml" <<EOT
-version: 0.1
-log: {level: error, accesslog: {disabled: true}}
-storage: {filesystem: {rootdirectory: $work/data}}
-http: {addr: "127.0.0.1:$origin", secret: ab}
-EOT
-docker-registry serve "$work/registry.yml" > "$work/registry.log" 2>&1 & registry_pid=$!
-for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$origin/v2/" && break; sleep 0.1; done
+source "$(dirname "$0")/origin.sh"
 head -c 4096 /dev/urandom > "$work/blob"
-digest=sha256:$(sha256sum "$work/blob" | cut -d' ' -f1)
-location=$(curl -si -X POST "http://127.0.0.1:$origin/v2/ab/blobs/uploads/" | tr -d '\r' | awk 'tolower($1)=="location:"{print $2}')
-curl -s -o /dev/null -X PUT -H "Content-Type: application/octet-stream" --data-binary @"$work/blob" "$location&digest=$digest"
+digest=$(push "$work/blob")
 cat > "$work/proxy.yml" <<EOT
 api: {hostname: "127.0.0.1", port: $proxy}
 upstreams: [{host: "127.0.0.1", registry: "127.0.0.1", port: $origin, schema: "http"}]
