@@ -131,34 +131,14 @@ struct ResponseChannel: Sendable {
                 cold = true
                 coldReads?.increment(by: end - offset)
                 try await readAndSend(handle, range: offset..<end, fileIO: fileIO)
-                offset = end
-                continue
+            } else {
+                let region = FileRegion(fileHandle: handle, readerIndex: Int(offset), endIndex: Int(end))
+                try await channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region)))
+                sent(Int(end - offset))
             }
-            // Warm: this region and the next ones found in memory, up to
-            // `regionsPerHop`, handed to the event loop in one hop. One hop
-            // per region cost a third more CPU per GB at eight connections.
-            var regions = [FileRegion(fileHandle: handle, readerIndex: Int(offset), endIndex: Int(end))]
-            var batchEnd = end
-            while regions.count < Self.regionsPerHop, batchEnd < range.upperBound {
-                let next = min(range.upperBound, batchEnd + Self.maxRegion)
-                guard fileIO == nil || isResident(handle, batchEnd..<next) else { break }
-                regions.append(FileRegion(fileHandle: handle, readerIndex: Int(batchEnd), endIndex: Int(next)))
-                batchEnd = next
-            }
-            let last = regions.removeLast()
-            let channel = self.channel
-            try await channel.eventLoop.flatSubmit {
-                for region in regions { channel.write(HTTPServerResponsePart.body(.fileRegion(region)), promise: nil) }
-                return channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(last)))
-            }.get()
-            sent(Int(batchEnd - offset))
-            offset = batchEnd
+            offset = end
         }
     }
-
-    /// Regions handed to the event loop at once: 16 MiB, checked for
-    /// residency just before, so a page evicted meanwhile is a short window.
-    static let regionsPerHop = 4
 
     /// A small file read whole on the thread pool; nil when there is no
     /// pool or the file came up short.
