@@ -215,6 +215,34 @@ final class HitFastPathTests: XCTestCase {
         await upstream.stop()
     }
 
+    /// The fast path's answers are watched by the send timeout like any
+    /// other: a client that pipelines hits and stops reading is cut after
+    /// it; one that reads them slowly but steadily, longer than it, is not.
+    func testTheSendTimeoutWatchesFastAnswers() async throws {
+        let blob = F.randomBytes(60_000)  // in memory (up to 64 KiB)
+        let digest = F.digest(of: blob)
+        let upstream = try await FakeUpstream { _ in .init(body: blob) }
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port),
+                                        extraYAML: "timeouts: {idle: 5, send: 1}")
+        let path = "/v2/a/blobs/\(digest)"
+        for _ in 0..<2 { XCTAssertEqual(try curl(proxy.base + path).body, Data(blob)) }
+
+        let stalled = try SlowReader(port: proxy.port)
+        XCTAssertTrue(stalled.send(String(repeating: get(path), count: 100)))
+        try await Task.sleep(for: .seconds(3))  // never reads: past the send timeout
+        XCTAssertTrue(stalled.waitForPeerClose(timeout: 5), "cut by the send timeout")
+
+        let steady = try SlowReader(port: proxy.port)
+        XCTAssertTrue(steady.send(String(repeating: get(path), count: 20)))
+        // 1.2 MB at 400 kB/s: three seconds, three times the send timeout.
+        let result = steady.read(bytesPerSecond: 400_000, limit: 20 * (blob.count + 200), deadline: 10)
+        XCTAssertFalse(result.closedByPeer, "a steady reader is never cut")
+        XCTAssertGreaterThan(result.seconds, 2)
+        XCTAssertGreaterThanOrEqual(result.bytes.count, 20 * blob.count)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
     /// Differential: whatever `PlainGetHead` accepts, NIO's decoder reads as
     /// the same one bodiless request (method, target, Host, Authorization,
     /// and where it ends) and `RequestValidator` accepts. Heads are built

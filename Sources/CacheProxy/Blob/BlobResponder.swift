@@ -307,6 +307,7 @@ struct BlobResponder: Sendable {
                 store.release(request.digest)
             }
         }
+        let contentType = request.kind == .manifest ? MediaType.ofCachedManifest(fd: fd, size: size)?.value : nil
         if size <= store.smallBlobs.maxBlobSize, let bytes = await response.readWhole(handle, size: size) {
             guard request.digest.matches(bytes) else {
                 // Let go of the file before it goes: a reader still counted
@@ -318,11 +319,9 @@ struct BlobResponder: Sendable {
                 metrics.digestMismatches.increment()
                 return nil
             }
-            let contentType = request.kind == .manifest ? MediaType.ofCachedManifest(fd: fd, size: size)?.value : nil
             store.smallBlobs.put(request.digest, bytes, kind: request.kind, contentType: contentType)
             return try await sendFromMemory(bytes, contentType: contentType, request, response: response, source: source)
         }
-        let contentType = request.kind == .manifest ? MediaType.ofCachedManifest(fd: fd, size: size)?.value : nil
         let (status, range, headers) = plan(request, length: size, contentType: contentType)
         guard let range, !range.isEmpty else {
             try await response.send(status, headers: headers, body: ByteBuffer())

@@ -96,7 +96,7 @@ struct CacheHitResponder: Sendable {
     }
 
     /// The fast path's answer (`HitFrontHandler`): a keep-alive HTTP/1.1
-    /// `GET` of a whole blob held in memory, written as bytes ahead of NIO's
+    /// `GET` of a whole blob (or manifest by digest) held in memory, written as bytes ahead of NIO's
     /// encoder. The same lookups and the same access check as `answer`, in
     /// the same order; false, having written nothing, for anything else.
     func answerAhead(_ request: PlainGetHead, router: Router, context: ChannelHandlerContext, client: String?,

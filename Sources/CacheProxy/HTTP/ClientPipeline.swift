@@ -6,7 +6,7 @@ import ProxyMetrics
 ///
 /// ```
 /// (NIOSSLServerHandler)   on a TLS listener
-/// HitFrontHandler         plain GETs of small blobs held in memory, answered
+/// HitFrontHandler         plain GETs of blobs and manifests held in memory, answered
 ///                         from the raw bytes when nothing else is owed
 /// RequestHeadLimiter      431 above the head-size limit (sees raw bytes)
 /// HTTPResponseEncoder

@@ -1,8 +1,8 @@
 import NIOCore
 
-/// The hit fast path: answers a plain `GET` of a small blob held in memory
-/// straight from the connection's bytes, ahead of NIO's HTTP decoder, and
-/// hands everything else on untouched.
+/// The hit fast path: answers a plain `GET` of a small blob, or a manifest
+/// by digest, held in memory straight from the connection's bytes, ahead of
+/// NIO's HTTP decoder, and hands everything else on untouched.
 ///
 /// On the 4 KiB hit, the decoder, the pipelining handler, the timeouts
 /// handler, the request checks and the encoder cost more than half of the
