@@ -121,7 +121,9 @@ public final class ProxyServer: Service, Sendable {
             passThrough: passThrough, metrics: metrics, tracker: tracker, logger: logger, requestLog: requestLog,
             trustForwardedHeaders: config.api.trustForwardedHeaders)
         self.hits = CacheHitResponder(live: live, store: store, gate: gate, metrics: metrics, tracker: tracker,
-                                      requestLog: requestLog)
+                                      requestLog: requestLog, tags: tags,
+                                      upstreams: LoopUpstreamPool(group: group,
+                                                                  connectTimeout: .fromSeconds(config.timeouts.connectSeconds)))
     }
 
     /// The port the (first) listener is bound to, once it is (port 0 in tests).
@@ -222,7 +224,7 @@ public final class ProxyServer: Service, Sendable {
     }
 
     private func bind(port: Int, tls: ServerTLS?) async throws
-        -> NIOAsyncChannel<NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>, Never> {
+        -> NIOAsyncChannel<AcceptedConnection, Never> {
         let (config, hits, live, metrics, tracker) = (self.config, self.hits, self.live, self.metrics, self.tracker)
         return try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
@@ -243,7 +245,9 @@ public final class ProxyServer: Service, Sendable {
                     }
                     // Each new connection takes the timeouts and limits in
                     // force now; open ones keep theirs.
-                    try ClientPipeline.configure(channel, config: live.config, hits: hits, metrics: metrics)
+                    let handOff = TagHandOff()
+                    try ClientPipeline.configure(channel, config: live.config, hits: hits, metrics: metrics,
+                                                 handOff: handOff)
                     let wrapped = try NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>(
                         wrappingChannelSynchronously: channel)
                     // Tracked from its first byte, not from when its task
@@ -255,7 +259,7 @@ public final class ProxyServer: Service, Sendable {
                     } else {
                         channel.close(promise: nil)
                     }
-                    return wrapped
+                    return AcceptedConnection(channel: wrapped, handOff: handOff)
                 }
             }
     }
@@ -263,9 +267,9 @@ public final class ProxyServer: Service, Sendable {
     public func run() async throws {
         let config = self.config
         let metrics = self.metrics
-        var opened: [(NIOAsyncChannel<NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>, Never>, Bool)] = []
+        var opened: [(NIOAsyncChannel<AcceptedConnection, Never>, Bool)] = []
         for (port, tls) in listeners {
-            let listener: NIOAsyncChannel<NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>, Never>
+            let listener: NIOAsyncChannel<AcceptedConnection, Never>
             do {
                 listener = try await bind(port: port, tls: tls)
             } catch {
@@ -301,7 +305,8 @@ public final class ProxyServer: Service, Sendable {
                                 for try await connection in connections {
                                     metrics.connectedClients.increment()
                                     connectionTasks.addTask {
-                                        await ClientConnection(channel: connection, handler: self.handler,
+                                        await ClientConnection(channel: connection.channel,
+                                                               handOff: connection.handOff, handler: self.handler,
                                                                tracker: self.tracker,
                                                                fileIO: fileIO, tls: tls).serve()
                                         metrics.connectedClients.decrement()

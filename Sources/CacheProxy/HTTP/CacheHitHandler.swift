@@ -20,6 +20,9 @@ struct CacheHitResponder: Sendable {
     let metrics: ProxyMetrics
     let tracker: ConnectionTracker
     let requestLog: RequestLog
+    /// Tags resolved on the event loop (`TagLookup`).
+    let tags: TagTable
+    let upstreams: LoopUpstreamPool
     var smallBlobs: SmallBlobCache { store.smallBlobs }
 
     /// Writes the whole response and returns true when the request is a hit
@@ -52,17 +55,24 @@ struct CacheHitResponder: Sendable {
               gate.allowsNow(upstream: upstream, headers: head.headers, repository: name, digest: digest,
                              kind: kind, memo: credentials)
         else { return false }
-        let started = ContinuousClock.now
-        let channel = context.channel
-        let tracker = self.tracker
         // Busy until the last byte is written, so a draining server lets a
         // large hit finish instead of closing it as an idle connection; once
         // draining, the answer carries `Connection: close`.
-        let notDraining = tracker.setIdle(channel, false)
-        let keepAlive = head.isKeepAlive && notDraining
-
+        let notDraining = tracker.setIdle(context.channel, false)
         // One last-use stamp per hit from memory. A HEAD is not a use.
         if entry != nil { _ = store.use(digest) }
+        send(head, digest: digest, kind: kind, entry: entry, size: size, upstream: upstream,
+             keepAlive: head.isKeepAlive && notDraining, context: context, client: client, wrap: wrap)
+        return true
+    }
+
+    /// Writes a hit's answer: the whole content or the range asked for from
+    /// `entry`, or (a `HEAD`, `entry` nil) the head alone. The connection is
+    /// marked busy by the caller; `finished` marks it idle.
+    func send(_ head: HTTPRequestHead, digest: Digest, kind: ContentKind, entry: SmallBlobCache.Entry?, size: Int64,
+              upstream: ProxyConfig.Upstream, keepAlive: Bool, context: ChannelHandlerContext, client: String?,
+              started: ContinuousClock.Instant = .now, wrap: (HTTPServerResponsePart) -> NIOAny) {
+        let channel = context.channel
         let inline = entry?.bytes
         let rangeHeader = head.headers.first(name: "range")
         let plan: BlobResponsePlan
@@ -92,7 +102,6 @@ struct CacheHitResponder: Sendable {
                       upstream: upstream.host, client: client, status: Int(plan.status.code), sent: sent,
                       started: started, keepAlive: keepAlive)
         written.assumeIsolated().whenComplete { finished(hit, result: $0, channel: channel) }
-        return true
     }
 
     /// The fast path's answer (`HitFrontHandler`): a keep-alive HTTP/1.1
@@ -140,7 +149,7 @@ struct CacheHitResponder: Sendable {
     }
 
     /// What a hit's metrics and request line say of it.
-    private struct Hit {
+    struct Hit {
         let kind: ContentKind
         let method: String
         let uri: String
@@ -151,16 +160,21 @@ struct CacheHitResponder: Sendable {
         let sent: Int64
         let started: ContinuousClock.Instant
         let keepAlive: Bool
+        /// What the request log calls it: a tag's `HEAD` answered with the
+        /// upstream's own headers is a pass-through, not a hit.
+        var answer: RequestLog.Answer = .hit
     }
 
     /// A hit's last byte was written (or its client left): counted, logged,
     /// and its connection idle again (closed when draining or not kept alive).
-    private func finished(_ hit: Hit, result: Result<Void, any Error>, channel: any Channel) {
+    func finished(_ hit: Hit, result: Result<Void, any Error>, channel: any Channel) {
         let sent: Int64
         if case .success = result {
             sent = hit.sent
-            (hit.kind == .blob ? metrics.blobHits : metrics.manifestHits).increment()
-            metrics.bytesFromCache.increment(by: sent)
+            if hit.answer == .hit {
+                (hit.kind == .blob ? metrics.blobHits : metrics.manifestHits).increment()
+                metrics.bytesFromCache.increment(by: sent)
+            }
         } else {
             sent = 0
         }
@@ -170,7 +184,7 @@ struct CacheHitResponder: Sendable {
         if requestLog.enabled {
             requestLog.record(.init(client: hit.client, method: hit.method, uri: hit.uri, host: hit.host,
                                     upstream: hit.upstream, status: hit.status, bytes: sent, seconds: seconds,
-                                    answer: .hit))
+                                    answer: hit.answer))
         }
         if !tracker.setIdle(channel, true) || !hit.keepAlive { channel.close(promise: nil) }
     }

@@ -4,9 +4,18 @@ import NIOCore
 import NIOHTTP1
 import NIOPosix
 
+/// A connection as accepted: its channel, and what its event loop hands
+/// to its task besides the request parts.
+struct AcceptedConnection: Sendable {
+    let channel: NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>
+    let handOff: TagHandOff
+}
+
 /// Serves the requests of one client connection, one after the other.
 struct ClientConnection {
     let channel: NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>
+    /// The upstream's answer to a tag the event loop asked about already.
+    let handOff: TagHandOff
     let handler: RequestHandler
     let tracker: ConnectionTracker
     /// Reads file regions not in the page cache (every region on TLS).
@@ -34,7 +43,9 @@ struct ClientConnection {
                     let origin = PassThrough.Origin(head: head, clientAddress: remoteAddress,
                                                     listenerScheme: tls ? "https" : "http",
                                                     trustForwarded: handler.trustForwardedHeaders)
-                    try await serveRequest(head, parts: &parts, origin: origin, response: response)
+                    // Taken with every head, so it belongs to this request or is nil.
+                    let asked = handOff.take()
+                    try await serveRequest(head, parts: &parts, origin: origin, asked: asked, response: response)
                     guard keepAlive, tracker.setIdle(raw, true), raw.isActive else { break }
                 }
             }
@@ -45,14 +56,14 @@ struct ClientConnection {
 
     private func serveRequest(
         _ head: HTTPRequestHead, parts: inout NIOAsyncChannelInboundStream<HTTPServerRequestPart>.AsyncIterator,
-        origin: PassThrough.Origin, response: ResponseChannel
+        origin: PassThrough.Origin, asked: TagResolver.Asked?, response: ResponseChannel
     ) async throws {
         guard RequestHandler.hasBody(head) else {
             // Nothing but the end of the request is left to read.
             while let part = try await parts.next() {
                 if case .end = part { break }
             }
-            await handler.handle(head, body: nil, origin: origin, response: response)
+            await handler.handle(head, body: nil, origin: origin, asked: asked, response: response)
             return
         }
         let length: HTTPClientRequest.Body.Length =

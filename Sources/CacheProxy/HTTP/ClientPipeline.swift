@@ -14,7 +14,8 @@ import ProxyMetrics
 /// ConnectionTimeoutsHandler   head / idle / request-body deadlines, send timeout,
 ///                             400 on what the decoder cannot parse
 /// HTTPServerPipelineHandler   pipelined requests answered in order
-/// RequestFrontHandler     head checks (CONNECT, target forms, Host, framing), then hits
+/// RequestFrontHandler     head checks (CONNECT, target forms, Host, framing), then hits,
+///                         then tags resolved on the loop (`TagLookup`)
 /// (NIOAsyncChannel)       everything else, in `ClientConnection`
 /// ```
 ///
@@ -23,7 +24,7 @@ import ProxyMetrics
 /// about 3-5% of the throughput per handler).
 enum ClientPipeline {
     static func configure(_ channel: any Channel, config: ProxyConfig, hits: CacheHitResponder,
-                          metrics: ProxyMetrics) throws {
+                          metrics: ProxyMetrics, handOff: TagHandOff) throws {
         let t = config.timeouts
         let timeouts = ConnectionTimeoutsHandler(
             limits: .init(head: .fromSeconds(t.headerReadSeconds), idle: .fromSeconds(t.idleSeconds),
@@ -55,7 +56,7 @@ enum ClientPipeline {
             withDecoderLimitConfiguration: limits)
         try sync.addHandler(timeouts)
         try sync.addHandler(HTTPServerPipelineHandler())
-        try sync.addHandler(RequestFrontHandler(hits: hits, credentials: credentials))
+        try sync.addHandler(RequestFrontHandler(hits: hits, credentials: credentials, handOff: handOff))
     }
 }
 

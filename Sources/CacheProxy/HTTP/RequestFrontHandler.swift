@@ -23,6 +23,13 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
     private var consuming = false
     /// True from a refused head on: the rest of the connection is dropped.
     private var refused = false
+    /// True while a tag's upstream `HEAD` asked here is out (`TagLookup`).
+    private var resolvingTag = false
+    /// The end of that request came and was dropped: when the request goes
+    /// on to the async side after all, an end goes with it.
+    private var resolvingTagEnded = false
+    /// Where the upstream's answer goes when the async side answers.
+    private let handOff: TagHandOff
 
     /// This connection's last credential and its hash (access checks),
     /// shared with `HitFrontHandler`.
@@ -31,9 +38,10 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
     /// per connection, not per request.
     private var client: String?
 
-    init(hits: CacheHitResponder, credentials: AccessGate.CredentialMemo) {
+    init(hits: CacheHitResponder, credentials: AccessGate.CredentialMemo, handOff: TagHandOff) {
         self.hits = hits
         self.credentials = credentials
+        self.handOff = handOff
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -51,6 +59,10 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
             case .accept(var head):
                 if hits.answer(head, router: router, context: context, client: client, credentials: credentials,
                                wrap: wrapOutboundOut) {
+                    consuming = true
+                    return
+                }
+                if let lookup = TagLookup(head, router: router), resolve(lookup, head: head, context: context) {
                     consuming = true
                     return
                 }
@@ -79,9 +91,38 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
         case .end:
             if consuming {
                 consuming = false
+                if resolvingTag { resolvingTagEnded = true }
             } else {
                 context.fireChannelRead(data)
             }
         }
+    }
+
+    /// Starts a tag's lookup on this loop. The request's parts are held
+    /// (dropped) meanwhile; the pipelining handler before this one holds any
+    /// next request until this one's answer has ended. When the answer is
+    /// not one the loop writes, the request goes on to the async side as it
+    /// came, with the upstream's answer beside it.
+    private func resolve(_ lookup: TagLookup, head: HTTPRequestHead, context: ChannelHandlerContext) -> Bool {
+        let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let started = hits.resolve(lookup, head: head, context: context, client: client, wrap: wrapOutboundOut) { asked in
+            let handler = loopBound.value
+            handler.resolvingTag = false
+            guard let asked else { return }
+            handler.handOff.put(asked)
+            context.fireChannelRead(handler.wrapInboundOut(.head(head)))
+            if handler.resolvingTagEnded {
+                context.fireChannelRead(handler.wrapInboundOut(.end(nil)))
+            } else {
+                // The end is still to come: it passes as usual.
+                handler.consuming = false
+            }
+            context.fireChannelReadComplete()
+        }
+        if started {
+            resolvingTag = true
+            resolvingTagEnded = false
+        }
+        return started
     }
 }

@@ -26,12 +26,15 @@ struct RequestHandler: Sendable {
         return head.headers.contains(name: "transfer-encoding")
     }
 
-    func handle(_ head: HTTPRequestHead, body: RequestBodySource?, origin: PassThrough.Origin, response: ResponseChannel) async {
+    /// `asked`: the upstream's answer to a tag's `HEAD` the event loop made
+    /// for this request (`TagLookup`), if it did.
+    func handle(_ head: HTTPRequestHead, body: RequestBodySource?, origin: PassThrough.Origin,
+                asked: TagResolver.Asked? = nil, response: ResponseChannel) async {
         let started = ContinuousClock.now
         var kind = "error"
         var status = HTTPResponseStatus.internalServerError
         do {
-            (kind, status) = try await route(head, body: body, origin: origin, response: response)
+            (kind, status) = try await route(head, body: body, origin: origin, asked: asked, response: response)
         } catch {
             // The path only: a query may carry a signed URL's token.
             logger.debug("request ended early", metadata: ["path": "\(RequestURI.path(of: head.uri))", "error": "\(error)"])
@@ -64,7 +67,7 @@ struct RequestHandler: Sendable {
     }
 
     private func route(_ head: HTTPRequestHead, body: RequestBodySource?, origin: PassThrough.Origin,
-                       response: ResponseChannel) async throws -> (String, HTTPResponseStatus) {
+                       asked: TagResolver.Asked?, response: ResponseChannel) async throws -> (String, HTTPResponseStatus) {
         let omitBody = head.method == .HEAD
         let target: RequestTarget
         do {
@@ -125,7 +128,8 @@ struct RequestHandler: Sendable {
             return ("manifest", status)
         case .manifest(let name, .tag(let tag)) where upstream.manifests == .revalidate:
             let status = try await tags.respond(
-                .init(head: head, name: name, tag: tag, upstream: upstream, origin: origin), response: response)
+                .init(head: head, name: name, tag: tag, upstream: upstream, origin: origin), asked: asked,
+                response: response)
             return ("manifest", status)
         case .ping where upstream.manifests == .revalidate:
             let status = try await passThrough.forward(head, to: upstream, body: body, origin: origin,

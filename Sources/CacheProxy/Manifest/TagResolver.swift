@@ -43,49 +43,59 @@ struct TagResolver: Sendable {
         case answered(HTTPResponseStatus, HTTPHeaders)
     }
 
-    func respond(_ request: Request, response: ResponseChannel) async throws -> HTTPResponseStatus {
+    /// The upstream's answer to the tag's `HEAD`, or why none came.
+    /// `TagLookup` asks on the event loop and hands what it got here when
+    /// the answer is not one it can write itself, so the upstream is never
+    /// asked twice for one request.
+    enum Asked: Sendable {
+        case answered(HTTPResponseStatus, HTTPHeaders)
+        case failed(any Error)
+    }
+
+    func respond(_ request: Request, asked: Asked? = nil, response: ResponseChannel) async throws -> HTTPResponseStatus {
         let upstream = request.upstream
-        var ask = HTTPClientRequest(url: "\(upstream.origin)/v2/\(request.name)/manifests/\(request.tag)")
-        ask.method = .HEAD
-        ask.headers = BlobResponder.upstreamHeaders(request.head.headers, kind: .manifest)
-        let answer: HTTPClientResponse
-        do {
-            answer = try await client.send(ask, to: upstream)
-        } catch {
-            metrics.upstreamAnswered(upstream, method: .HEAD, response: nil)
-            client.logger.notice("tag look-up failed", metadata: [
-                "upstream": "\(upstream.host)", "repository": "\(request.name)", "error": "\(error)"])
-            return try await offline(request, failure: .unreachable(UpstreamClient.clientError(for: error)),
-                                     response: response)
+        let status: HTTPResponseStatus
+        let headers: HTTPHeaders
+        switch asked {
+        case .answered(let answered, let answeredHeaders)?:
+            (status, headers) = (answered, answeredHeaders)
+        case .failed(let error)?:
+            return try await unreachable(request, error: error, response: response)
+        case nil:
+            var ask = HTTPClientRequest(url: "\(upstream.origin)/v2/\(request.name)/manifests/\(request.tag)")
+            ask.method = .HEAD
+            ask.headers = BlobResponder.upstreamHeaders(request.head.headers, kind: .manifest)
+            let answer: HTTPClientResponse
+            do {
+                answer = try await client.send(ask, to: upstream)
+            } catch {
+                metrics.upstreamAnswered(upstream, method: .HEAD, response: nil)
+                return try await unreachable(request, error: error, response: response)
+            }
+            metrics.upstreamAnswered(upstream, method: .HEAD, response: answer)
+            (status, headers) = (answer.status, answer.headers)
         }
-        metrics.upstreamAnswered(upstream, method: .HEAD, response: answer)
-        switch answer.status.code {
+        switch status.code {
         case 200:
-            guard let digest = answer.headers.first(name: "docker-content-digest")
-                .flatMap({ try? Digest(parsing: Substring($0)) }) else {
+            guard let digest = Self.remember(upstreamHeaders: headers, key: request.key, upstream: upstream,
+                                             clientHeaders: request.head.headers, repository: request.name,
+                                             tags: tags, gate: gate) else {
                 // No digest to cache under (not a registry this proxy knows
                 // how to cache for): the request goes as it came.
                 response.answered(.passthrough)
                 return try await blobs.passThrough.forward(request.head, to: upstream, body: nil,
                                                            origin: request.origin, response: response)
             }
-            if let mediaType = answer.headers.first(name: "content-type").flatMap(MediaType.init) {
-                tags.record(request.key, digest: digest, mediaType: mediaType)
-            }
-            // The upstream's yes to this client for this repository, and
-            // the manifest's place in it: the body may come from the cache.
-            gate.remember(upstream: upstream, headers: request.head.headers, repository: request.name,
-                          digest: digest, kind: .manifest)
             if request.head.method == .HEAD {
                 response.answered(.passthrough)
                 // The upstream's own answer: its type, length and digest.
-                response.head(.ok, PassThrough.endToEnd(answer.headers))
+                response.head(.ok, PassThrough.endToEnd(headers))
                 try await response.end()
                 return .ok
             }
             return try await blobs.respond(request.content(digest), response: response)
         case 429, 500...:
-            return try await offline(request, failure: .answered(answer.status, answer.headers), response: response)
+            return try await offline(request, failure: .answered(status, headers), response: response)
         case 300..<400:
             // A registry that redirects its manifests elsewhere
             // (registry.k8s.io): the client follows, as before this cache.
@@ -99,10 +109,39 @@ struct TagResolver: Sendable {
             // revoked credential, or a tag deleted upstream, is not served
             // at the next outage.
             let held = gate.refused(upstream: upstream, headers: request.head.headers, repository: request.name,
-                                    status: answer.status)
-            if answer.status == .notFound, held { tags.remove(request.key, accept: ask.headers["accept"]) }
-            return try await send(.answered(answer.status, answer.headers), request, response: response)
+                                    status: status)
+            if status == .notFound, held {
+                tags.remove(request.key, accept: BlobResponder.upstreamHeaders(request.head.headers, kind: .manifest)["accept"])
+            }
+            return try await send(.answered(status, headers), request, response: response)
         }
+    }
+
+    /// The upstream's 200 for the tag: the digest its `Docker-Content-Digest`
+    /// names, remembered as the tag's (with its media type) and as the
+    /// upstream's yes to this client for that manifest. Nil when it names
+    /// none. One place for both the event loop's lookup and this one.
+    static func remember(upstreamHeaders headers: HTTPHeaders, key: TagTable.Key, upstream: ProxyConfig.Upstream,
+                         clientHeaders: HTTPHeaders, repository: String, tags: TagTable,
+                         gate: AccessGate) -> Digest? {
+        guard let digest = headers.first(name: "docker-content-digest").flatMap({ try? Digest(parsing: Substring($0)) })
+        else { return nil }
+        if let mediaType = headers.first(name: "content-type").flatMap(MediaType.init) {
+            tags.record(key, digest: digest, mediaType: mediaType)
+        }
+        // The upstream's yes to this client for this repository, and the
+        // manifest's place in it: the body may come from the cache.
+        gate.remember(upstream: upstream, headers: clientHeaders, repository: repository, digest: digest,
+                      kind: .manifest)
+        return digest
+    }
+
+    private func unreachable(_ request: Request, error: any Error, response: ResponseChannel) async throws
+        -> HTTPResponseStatus {
+        client.logger.notice("tag look-up failed", metadata: [
+            "upstream": "\(request.upstream.host)", "repository": "\(request.name)", "error": "\(error)"])
+        return try await offline(request, failure: .unreachable(UpstreamClient.clientError(for: error)),
+                                 response: response)
     }
 
     /// The tag's last digest, when the offline policy serves it to this

@@ -1,0 +1,170 @@
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// Kept-alive HTTP/1.1 connections to plaintext upstreams, one set per
+/// event loop, for the exchanges the event loop makes itself (a tag's
+/// `HEAD`, `TagLookup`).
+///
+/// Why not AsyncHTTPClient, as everywhere else: a manifest pull by tag is
+/// one upstream `HEAD` and a body from memory, and through the async side it
+/// cost two task hops plus AsyncHTTPClient's request cycle: 363 µs of CPU
+/// against nginx's 58 (benchmarks/RESULTS.md). Here the client connection,
+/// the upstream connection and every callback share one event loop, so a
+/// tag answered from memory never leaves it. Each loop owns its own pool,
+/// so no lock is taken.
+///
+/// What it leaves to `UpstreamClient`: TLS upstreams and upstreams with an
+/// account (token exchanges), bodies, redirects. Requests here are
+/// bodyless and idempotent (`HEAD`), so one that fails on a reused
+/// connection before any answer (the upstream's keep-alive timeout closed
+/// it) is sent again on a fresh one.
+final class LoopUpstreamPool: Sendable {
+    /// Idle connections kept per upstream per loop; more are closed after
+    /// their answer. Concurrent exchanges are not capped here: each holds
+    /// one client request, which the client connection limits bound.
+    static let idlePerUpstream = 32
+    /// An idle connection is closed after this long unused (AsyncHTTPClient's
+    /// pool uses the same).
+    static let idleTimeout = TimeAmount.seconds(60)
+
+    private let loops: [ObjectIdentifier: NIOLoopBoundBox<Connections>]
+    private let connectTimeout: TimeAmount
+
+    init(group: any EventLoopGroup, connectTimeout: TimeAmount) {
+        var loops: [ObjectIdentifier: NIOLoopBoundBox<Connections>] = [:]
+        for loop in group.makeIterator() {
+            loops[ObjectIdentifier(loop)] = NIOLoopBoundBox.makeBoxSendingValue(Connections(), eventLoop: loop)
+        }
+        self.loops = loops
+        self.connectTimeout = connectTimeout
+    }
+
+    /// Whether the event loop can ask `upstream` itself.
+    static func serves(_ upstream: ProxyConfig.Upstream) -> Bool {
+        upstream.schema == "http" && upstream.credentials == nil
+    }
+
+    /// Sends the bodyless `head` to `upstream` on a connection of `loop`;
+    /// the future (on `loop`) holds the answer's head. Nil when `loop` has
+    /// no pool (not one of the server's loops). Must be called on `loop`.
+    func ask(_ head: HTTPRequestHead, to upstream: ProxyConfig.Upstream, on loop: any EventLoop,
+             within answer: TimeAmount) -> EventLoopFuture<HTTPResponseHead>? {
+        guard let connections = loops[ObjectIdentifier(loop)]?.value else { return nil }
+        let key = "\(upstream.registry):\(upstream.port)"
+        let promise = loop.makePromise(of: HTTPResponseHead.self)
+        guard let kept = connections.take(key) else {
+            askNew(head, upstream: upstream, key: key, connections: connections, within: answer, promise: promise)
+            return promise.futureResult
+        }
+        kept.handler.ask(head, within: answer).assumeIsolated().whenComplete { result in
+            switch result {
+            case .success(let reply):
+                Self.done(kept, reply: reply, key: key, connections: connections, promise: promise)
+            case .failure(UpstreamExchangeStateMachine.Failure.closed):
+                // Closed while idle, most likely by the upstream's own
+                // keep-alive timeout: once more, on a new connection.
+                self.askNew(head, upstream: upstream, key: key, connections: connections, within: answer,
+                            promise: promise)
+            case .failure(let error):
+                promise.fail(error)
+            }
+        }
+        return promise.futureResult
+    }
+
+    private func askNew(_ head: HTTPRequestHead, upstream: ProxyConfig.Upstream, key: String,
+                        connections: Connections, within answer: TimeAmount,
+                        promise: EventLoopPromise<HTTPResponseHead>) {
+        let connect = ClientBootstrap(group: promise.futureResult.eventLoop)
+            .connectTimeout(connectTimeout)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHTTPClientHandlers()
+                    try channel.pipeline.syncOperations.addHandler(UpstreamExchangeHandler(eventLoop: channel.eventLoop))
+                }
+            }
+            .connect(host: upstream.registry, port: upstream.port)
+        // The connection is made on the loop the pool belongs to.
+        connect.assumeIsolated().whenComplete { result in
+            switch result {
+            case .failure(let error):
+                promise.fail(error)
+            case .success(let channel):
+                guard let handler = try? channel.pipeline.syncOperations.handler(type: UpstreamExchangeHandler.self)
+                else {
+                    channel.close(promise: nil)
+                    promise.fail(UpstreamExchangeStateMachine.Failure.closed)
+                    return
+                }
+                let kept = Connections.Kept(channel: channel, handler: handler)
+                handler.ask(head, within: answer).assumeIsolated().whenComplete { result in
+                    switch result {
+                    case .success(let reply):
+                        Self.done(kept, reply: reply, key: key, connections: connections, promise: promise)
+                    case .failure(let error):
+                        promise.fail(error)
+                    }
+                }
+            }
+        }
+    }
+
+    /// An answer: the connection goes back to the pool when it may carry
+    /// another request and there is room, and is closed otherwise.
+    private static func done(_ kept: Connections.Kept, reply: UpstreamExchangeHandler.Answer, key: String,
+                             connections: Connections, promise: EventLoopPromise<HTTPResponseHead>) {
+        if reply.reusable, kept.channel.isActive {
+            connections.put(kept, key: key)
+        } else {
+            kept.channel.close(promise: nil)
+        }
+        promise.succeed(reply.head)
+    }
+
+    /// One loop's idle connections, by `registry:port`. Only its loop
+    /// touches it.
+    final class Connections {
+        struct Kept {
+            let channel: any Channel
+            let handler: UpstreamExchangeHandler
+        }
+
+        private struct Idle {
+            let kept: Kept
+            let expiry: Scheduled<Void>
+        }
+
+        private var idle: [String: [Idle]] = [:]
+
+        /// The most recently used idle connection still open (the warmest,
+        /// and the least likely to have met the upstream's idle timeout).
+        func take(_ key: String) -> Kept? {
+            while let last = idle[key]?.popLast() {
+                last.expiry.cancel()
+                if last.kept.handler.isIdle { return last.kept }
+                last.kept.channel.close(promise: nil)
+            }
+            return nil
+        }
+
+        func put(_ kept: Kept, key: String) {
+            guard (idle[key]?.count ?? 0) < LoopUpstreamPool.idlePerUpstream else {
+                kept.channel.close(promise: nil)
+                return
+            }
+            let channel = kept.channel
+            let loopBound = NIOLoopBound(self, eventLoop: channel.eventLoop)
+            let expiry = channel.eventLoop.scheduleTask(in: LoopUpstreamPool.idleTimeout) {
+                loopBound.value.expire(channel, key: key)
+            }
+            idle[key, default: []].append(Idle(kept: kept, expiry: expiry))
+        }
+
+        private func expire(_ channel: any Channel, key: String) {
+            idle[key]?.removeAll { $0.kept.channel === channel }
+            channel.close(promise: nil)
+        }
+    }
+}

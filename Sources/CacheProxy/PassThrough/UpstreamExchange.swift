@@ -1,0 +1,182 @@
+import NIOCore
+import NIOHTTP1
+
+/// One bodyless request at a time on a kept-alive upstream connection, and
+/// whether the connection may carry the next one.
+///
+/// A pure state machine: `UpstreamExchangeHandler` feeds it the channel's
+/// events and does what the returned action says (AsyncHTTPClient's
+/// pattern), so every way an exchange can end (answered, cut, timed out,
+/// closed between requests) is one transition that can be read and tested
+/// apart from the IO.
+struct UpstreamExchangeStateMachine {
+    enum State: Equatable {
+        /// Connected, nothing asked: the pool may hand it out.
+        case idle
+        /// A request is written; no byte of the answer yet. A connection the
+        /// upstream closed while idle fails here without an answer, which is
+        /// what makes a retry on a fresh connection safe.
+        case awaitingHead
+        /// The head is in; the (empty) body's end is not.
+        case awaitingEnd(HTTPResponseHead)
+        case closed
+    }
+
+    enum Action: Equatable {
+        case none
+        /// Write the request and start the answer deadline.
+        case send
+        /// The exchange is over: hand the head on; keep the connection for
+        /// the next request only when `reusable`.
+        case succeed(HTTPResponseHead, reusable: Bool)
+        /// The exchange failed; `beforeAnswer` when not one byte of an
+        /// answer came (a retry cannot be a duplicate the upstream acted on
+        /// differently: only idempotent requests are sent here). Close the
+        /// connection.
+        case fail(Failure, beforeAnswer: Bool)
+        /// Nothing was asked: close, and let the pool forget it.
+        case close
+    }
+
+    enum Failure: Error, Equatable {
+        /// The upstream closed or reset the connection.
+        case closed
+        /// No whole answer head within the answer deadline.
+        case timedOut
+        /// A request while another is in flight, or on a closed connection.
+        case busy
+    }
+
+    private(set) var state: State = .idle
+
+    mutating func request() -> Action {
+        guard state == .idle else { return .fail(.busy, beforeAnswer: true) }
+        state = .awaitingHead
+        return .send
+    }
+
+    mutating func receivedHead(_ head: HTTPResponseHead) -> Action {
+        guard case .awaitingHead = state else {
+            // An answer nobody asked for: the connection is out of step.
+            return close(.closed)
+        }
+        state = .awaitingEnd(head)
+        return .none
+    }
+
+    mutating func receivedEnd() -> Action {
+        guard case .awaitingEnd(let head) = state else { return close(.closed) }
+        // HTTP/1.1 keeps the connection unless it says `close`; 1.0 only
+        // when it says `keep-alive` (`isKeepAlive` reads both).
+        let reusable = head.isKeepAlive
+        state = reusable ? .idle : .closed
+        return .succeed(head, reusable: reusable)
+    }
+
+    /// The connection went away, or an error came up the pipeline.
+    mutating func closedOrFailed() -> Action { close(.closed) }
+
+    mutating func timedOut() -> Action { close(.timedOut) }
+
+    private mutating func close(_ failure: Failure) -> Action {
+        let previous = state
+        state = .closed
+        switch previous {
+        case .idle: return .close
+        case .awaitingHead: return .fail(failure, beforeAnswer: true)
+        case .awaitingEnd: return .fail(failure, beforeAnswer: false)
+        case .closed: return .none
+        }
+    }
+}
+
+/// Drives `UpstreamExchangeStateMachine` for one upstream connection: the
+/// last handler of a pipeline that has NIO's HTTP client codec before it.
+/// Lives on its channel's event loop, like everything that touches it.
+final class UpstreamExchangeHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPClientResponsePart
+    typealias OutboundOut = HTTPClientRequestPart
+
+    typealias Answer = (head: HTTPResponseHead, reusable: Bool)
+
+    private let eventLoop: any EventLoop
+    private var machine = UpstreamExchangeStateMachine()
+    private var context: ChannelHandlerContext?
+    private var promise: EventLoopPromise<Answer>?
+    private var deadline: Scheduled<Void>?
+    /// Whether the connection has answered before: a failure before the
+    /// answer on such a connection is most likely the upstream's keep-alive
+    /// timeout, not an upstream that is down.
+    private(set) var reused = false
+
+    init(eventLoop: any EventLoop) { self.eventLoop = eventLoop }
+
+    var isIdle: Bool { machine.state == .idle && (context?.channel.isActive ?? false) }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+
+    /// Sends `head` (no body); the future holds the answer's head once the
+    /// answer has ended, and whether the pool may keep the connection. It
+    /// fails with `UpstreamExchangeStateMachine.Failure`. Must be called on
+    /// the channel's event loop.
+    func ask(_ head: HTTPRequestHead, within timeout: TimeAmount) -> EventLoopFuture<Answer> {
+        let promise = eventLoop.makePromise(of: Answer.self)
+        guard let context, context.channel.isActive else {
+            promise.fail(UpstreamExchangeStateMachine.Failure.closed)
+            return promise.futureResult
+        }
+        switch machine.request() {
+        case .send:
+            self.promise = promise
+            let loopBound = NIOLoopBound(self, eventLoop: eventLoop)
+            deadline = eventLoop.scheduleTask(in: timeout) { loopBound.value.act(loopBound.value.machine.timedOut()) }
+            context.write(NIOAny(HTTPClientRequestPart.head(head)), promise: nil)
+            context.writeAndFlush(NIOAny(HTTPClientRequestPart.end(nil)), promise: nil)
+        default:
+            promise.fail(UpstreamExchangeStateMachine.Failure.busy)
+        }
+        return promise.futureResult
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head): act(machine.receivedHead(head))
+        case .body: break  // an answer to a HEAD has none; anything else is dropped
+        case .end: act(machine.receivedEnd())
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        act(machine.closedOrFailed())
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        act(machine.closedOrFailed())
+    }
+
+    private func act(_ action: UpstreamExchangeStateMachine.Action) {
+        switch action {
+        case .none, .send:
+            break
+        case .succeed(let head, let reusable):
+            reused = true
+            deadline?.cancel()
+            deadline = nil
+            if !reusable { context?.close(promise: nil) }
+            let promise = self.promise
+            self.promise = nil
+            promise?.succeed((head, reusable))
+        case .fail(let failure, _):
+            deadline?.cancel()
+            deadline = nil
+            context?.close(promise: nil)
+            let promise = self.promise
+            self.promise = nil
+            promise?.fail(failure)
+        case .close:
+            context?.close(promise: nil)
+        }
+    }
+}
