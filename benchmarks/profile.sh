@@ -66,10 +66,11 @@ requests=$(awk '/requests in/{print $1}' <<<"$out")
 bytes=$(awk '/requests in/{v=$5; sub(/,$/,"",v); m=1; if (v ~ /GB$/) m=1e9; else if (v ~ /MB$/) m=1e6; else if (v ~ /KB$/) m=1e3; sub(/[A-Z]+$/,"",v); print v*m}' <<<"$out")
 echo "$scenario: $(awk -v t=$((t1 - t0)) -v b="$bytes" 'BEGIN{printf "%.3f", t/100/(b/1e9)}') CPU s per GB served"
 echo "$scenario: $requests requests, $(awk -v t=$((t1 - t0)) -v r="$requests" 'BEGIN{printf "%.1f", t*10000/r}') µs CPU per request (proxy, /proc ticks, perf attached)"
+# Kept before the reports: a `head` that closes a pipe early ends the script (pipefail).
+if [[ -n ${KEEP:-} ]]; then cp "$work/perf.data" "$KEEP"; fi
 perf report -i "$work/perf.data" --no-children --sort comm,dso -g none --stdio 2>/dev/null | grep -E "^ +[0-9]" | head -12
 perf report -i "$work/perf.data" --no-children --sort symbol --percent-limit 0.7 --stdio 2>/dev/null \
   | grep -E '^ +[0-9]' | head -${TOP:-45}
-[[ -n ${KEEP:-} ]] && cp "$work/perf.data" "$KEEP"
 if [[ -n ${CALLERS:-} ]]; then
   perf report -i "$work/perf.data" --children --sort symbol --percent-limit 2 --stdio -g none 2>/dev/null | grep -E '^ +[0-9]' | head -60
 fi

@@ -24,6 +24,12 @@ final class FakeUpstream: Sendable {
         /// After this many body bytes, pause for `stallFor` before the rest.
         var stallAfter: Int?
         var stallFor: TimeAmount = .zero
+        /// Close the connection after the whole answer, without saying so
+        /// (as a keep-alive timeout does between requests).
+        var closeAfter = false
+        /// On a connection that answered before, close instead of
+        /// answering: a keep-alive timeout that met the next request.
+        var dropIfReused = false
     }
 
     struct Seen: Sendable {
@@ -35,6 +41,9 @@ final class FakeUpstream: Sendable {
     }
 
     private let seen = NIOLockedValueBox<[Seen]>([])
+    private let accepted = NIOLockedValueBox(0)
+    /// Connections accepted so far.
+    var connections: Int { accepted.withLockedValue { $0 } }
     private let listener: NIOAsyncChannel<NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>, Never>
     private let task: Task<Void, Never>
     let port: Int
@@ -56,10 +65,12 @@ final class FakeUpstream: Sendable {
         self.listener = listener
         self.port = listener.channel.localAddress?.port ?? 0
         let seen = self.seen
+        let accepted = self.accepted
         self.task = Task {
             try? await withThrowingDiscardingTaskGroup { group in
                 try await listener.executeThenClose { connections in
                     for try await connection in connections {
+                        accepted.withLockedValue { $0 += 1 }
                         group.addTask {
                             try? await Self.serve(connection, seen: seen, reply: reply)
                         }
@@ -76,6 +87,7 @@ final class FakeUpstream: Sendable {
         try await connection.executeThenClose { inbound, outbound in
             var head: HTTPRequestHead?
             var bodyBytes = 0
+            var answered = 0
             for try await part in inbound {
                 switch part {
                 case .head(let h):
@@ -88,6 +100,8 @@ final class FakeUpstream: Sendable {
                         $0.append(Seen(method: h.method, uri: h.uri, headers: h.headers, bodyBytes: bodyBytes))
                     }
                     let r = reply(h)
+                    if r.dropIfReused, answered > 0 { return }
+                    answered += 1
                     if r.silent {
                         try await Task.sleep(for: .seconds(60))
                         return
@@ -118,6 +132,7 @@ final class FakeUpstream: Sendable {
                         if r.cutAfter != nil { return }
                     }
                     try await outbound.write(.end(nil))
+                    if r.closeAfter { return }
                 }
             }
         }

@@ -1,0 +1,191 @@
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import XCTest
+@testable import CacheProxy
+
+/// A tag resolved on the event loop (`TagLookup`, `LoopUpstreamPool`): one
+/// upstream `HEAD` per request on kept-alive connections, whatever the
+/// answer, and the same answers as the async side gives.
+final class TagLookupTests: XCTestCase {
+    typealias Machine = UpstreamExchangeStateMachine
+
+    /// The exchange's transitions: a failure before any answer is marked so
+    /// (the pool may retry it), one after the head is not.
+    func testTheExchangeStateMachine() {
+        var machine = Machine()
+        XCTAssertEqual(machine.request(), .send)
+        XCTAssertEqual(machine.request(), .fail(.busy, beforeAnswer: true), "one request at a time")
+        let head = HTTPResponseHead(version: .http1_1, status: .ok)
+        XCTAssertEqual(machine.receivedHead(head), .none)
+        XCTAssertEqual(machine.receivedEnd(), .succeed(head, reusable: true))
+        XCTAssertEqual(machine.state, .idle)
+        // `Connection: close` and HTTP/1.0 without keep-alive end the connection.
+        let closing = HTTPResponseHead(version: .http1_1, status: .ok, headers: ["connection": "close"])
+        XCTAssertEqual(machine.request(), .send)
+        _ = machine.receivedHead(closing)
+        XCTAssertEqual(machine.receivedEnd(), .succeed(closing, reusable: false))
+        XCTAssertEqual(machine.state, .closed)
+        XCTAssertEqual(machine.request(), .fail(.busy, beforeAnswer: true), "never reused once closed")
+
+        var idle = Machine()
+        XCTAssertEqual(idle.closedOrFailed(), .close, "closed between requests: nothing to fail")
+        var waiting = Machine()
+        _ = waiting.request()
+        XCTAssertEqual(waiting.closedOrFailed(), .fail(.closed, beforeAnswer: true))
+        var answering = Machine()
+        _ = answering.request()
+        _ = answering.receivedHead(head)
+        XCTAssertEqual(answering.timedOut(), .fail(.timedOut, beforeAnswer: false))
+        var unasked = Machine()
+        XCTAssertEqual(unasked.receivedHead(head), .close, "an answer nobody asked for closes")
+    }
+
+    /// Pulls by tag: each asks the upstream once (an answer handed to the
+    /// async side is not asked again), on kept-alive connections; a refusal
+    /// reaches the client as the upstream gave it, once.
+    func testEachPullAsksOnceOnKeptAliveConnections() async throws {
+        let fake = ManifestCacheTests.FakeRegistry()
+        let upstream = try await FakeUpstream { head in
+            if head.uri.contains("/private/") {
+                return .init(status: .unauthorized, headers: ["www-authenticate": #"Bearer realm="http://x/token""#])
+            }
+            return fake.reply(head)
+        }
+        let proxy = try await TestProxy(upstreamsYAML:
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}")
+        for _ in 0..<8 {
+            let pull = try curl("\(proxy.base)/v2/lib/app/manifests/latest",
+                                ["-H", "Accept: application/vnd.oci.image.manifest.v1+json"])
+            XCTAssertEqual(pull.code, 200)
+            XCTAssertEqual(pull.body, fake.manifest)
+        }
+        let heads = upstream.requests.filter { $0.method == .HEAD && $0.uri == "/v2/lib/app/manifests/latest" }
+        XCTAssertEqual(heads.count, 8, "one upstream HEAD per pull")
+        // The first pull's fill has its own connection; the HEADs share at
+        // most one per event loop.
+        XCTAssertLessThanOrEqual(upstream.connections, 4, "kept-alive, not a connection per pull")
+        XCTAssertEqual(heads.last?.headers.first(name: "accept"), "application/vnd.oci.image.manifest.v1+json",
+                       "the client's Accept")
+
+        let refused = try curl("\(proxy.base)/v2/lib/private/manifests/latest", ["-I"])
+        XCTAssertEqual(refused.code, 401)
+        XCTAssertEqual(upstream.requests.filter { $0.uri.contains("/private/") }.count, 1,
+                       "the refusal is handed on, not asked for again")
+        XCTAssertEqual(try proxy.metric(#"cacheproxy_upstream_requests_total{upstream="127.0.0.1",method="HEAD",code="401"}"#), 1)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    /// An upstream that closes each connection after its answer, unsaid,
+    /// or closes it when the next request comes (its keep-alive timeout
+    /// met that request): every pull still gets the manifest from the
+    /// upstream, asked again on a new connection, not the offline copy.
+    func testAnUpstreamThatClosesKeptConnectionsIsAskedAgainOnANewOne() async throws {
+        let fake = ManifestCacheTests.FakeRegistry()
+        let dropping = NIOLockedValueBox(false)
+        let upstream = try await FakeUpstream { head in
+            var reply = fake.reply(head)
+            if dropping.withLockedValue({ $0 }) { reply.dropIfReused = true } else { reply.closeAfter = head.method == .HEAD }
+            return reply
+        }
+        let proxy = try await TestProxy(upstreamsYAML:
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}")
+        for attempt in 0..<10 {
+            if attempt == 5 { dropping.withLockedValue { $0 = true } }
+            let pull = try curl("\(proxy.base)/v2/lib/app/manifests/latest")
+            XCTAssertEqual(pull.code, 200, "pull \(attempt)")
+            XCTAssertEqual(pull.body, fake.manifest, "pull \(attempt)")
+        }
+        XCTAssertEqual(try proxy.metric("cacheproxy_manifest_offline_total"), 0, "answered by the upstream each time")
+        XCTAssertEqual(try proxy.metric(#"cacheproxy_upstream_requests_total{upstream="127.0.0.1",method="HEAD",code="0"}"#), 0)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    /// Pipelined requests keep their order whichever side answers them: a
+    /// tag answered on the loop, a refusal handed to the async side, a
+    /// `HEAD` of the tag, and a client that leaves while the upstream is
+    /// asked costs nobody else anything.
+    func testPipelinedTagsKeepTheirOrderAndALeavingClientHarmsNoOne() async throws {
+        let fake = ManifestCacheTests.FakeRegistry()
+        let slow = NIOLockedValueBox(false)
+        let upstream = try await FakeUpstream { head in
+            if head.uri.contains("/private/") { return .init(status: .unauthorized) }
+            var reply = fake.reply(head)
+            if slow.withLockedValue({ $0 }), head.method == .HEAD { reply.headDelay = .milliseconds(500) }
+            return reply
+        }
+        let proxy = try await TestProxy(upstreamsYAML:
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}")
+        XCTAssertEqual(try curl("\(proxy.base)/v2/lib/app/manifests/latest").body, fake.manifest)
+
+        let socket = try RawSocket(port: proxy.port)
+        let host = "Host: 127.0.0.1:\(proxy.port)\r\n"
+        XCTAssertTrue(socket.send(
+            "GET /v2/lib/app/manifests/latest HTTP/1.1\r\n\(host)\r\n"
+                + "GET /v2/lib/private/manifests/latest HTTP/1.1\r\n\(host)\r\n"
+                + "HEAD /v2/lib/app/manifests/latest HTTP/1.1\r\n\(host)Connection: close\r\n\r\n"))
+        let text = String(decoding: socket.receive(), as: UTF8.self)
+        // A body ends without a line break: status lines are found anywhere.
+        let statuses = text.components(separatedBy: "HTTP/1.1 ").dropFirst().map { String($0.prefix(3)) }
+        XCTAssertEqual(statuses, ["200", "401", "200"])
+        XCTAssertTrue(text.contains(String(decoding: fake.manifest, as: UTF8.self)), "the body of the first")
+        XCTAssertEqual(text.components(separatedBy: "docker-content-digest: \(fake.digest)").count - 1, 2)
+
+        // A client that leaves while its tag is asked.
+        slow.withLockedValue { $0 = true }
+        let leaving = try RawSocket(port: proxy.port)
+        XCTAssertTrue(leaving.send("GET /v2/lib/app/manifests/latest HTTP/1.1\r\n\(host)\r\n"))
+        try await Task.sleep(for: .milliseconds(100))
+        leaving.close()
+        slow.withLockedValue { $0 = false }
+        try await Task.sleep(for: .milliseconds(600))
+        for _ in 0..<3 {
+            let pull = try curl("\(proxy.base)/v2/lib/app/manifests/latest")
+            XCTAssertEqual(pull.code, 200)
+            XCTAssertEqual(pull.body, fake.manifest)
+        }
+        socket.close()
+        // The scrape's own connection is the one left.
+        XCTAssertTrue(try eventually { try proxy.metric("cacheproxy_connected_clients") == 1 }, "nothing left open")
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    /// An upstream slow to answer one tag (below the answer timeout) holds
+    /// up neither the other clients' tags nor its own answer; above the
+    /// timeout, the offline copy answers (ManifestCacheTests covers that).
+    func testASlowTagStarvesNoOtherClient() async throws {
+        let fake = ManifestCacheTests.FakeRegistry()
+        let upstream = try await FakeUpstream { head in
+            var reply = fake.reply(head)
+            if head.uri.contains("/slow/"), head.method == .HEAD { reply.headDelay = .milliseconds(1500) }
+            return reply
+        }
+        let proxy = try await TestProxy(upstreamsYAML:
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}",
+                                        extraYAML: "timeouts: {upstream: 2, upstream_idle: 2}")
+        XCTAssertEqual(try curl("\(proxy.base)/v2/lib/app/manifests/latest").body, fake.manifest)
+        // A socket, not a curl: a test thread blocked on a process would
+        // starve the in-process proxy's own tasks, not the proxy.
+        let slow = try RawSocket(port: proxy.port)
+        XCTAssertTrue(slow.send("GET /v2/lib/slow/manifests/latest HTTP/1.1\r\nHost: 127.0.0.1:\(proxy.port)\r\n"
+                                + "Connection: close\r\n\r\n"))
+        try await Task.sleep(for: .milliseconds(200))
+        let started = Date()
+        for _ in 0..<6 {
+            let pull = try curl("\(proxy.base)/v2/lib/app/manifests/latest")
+            XCTAssertEqual(pull.code, 200)
+            XCTAssertEqual(pull.body, fake.manifest)
+        }
+        XCTAssertLessThan(Date().timeIntervalSince(started), 1.0, "not held behind the slow tag")
+        let slowPull = String(decoding: slow.receive(), as: UTF8.self)
+        XCTAssertTrue(slowPull.hasPrefix("HTTP/1.1 200"), "answered by the upstream, 1.5 s in, below the 2 s timeout")
+        XCTAssertTrue(slowPull.hasSuffix(String(decoding: fake.manifest, as: UTF8.self)))
+        XCTAssertEqual(try proxy.metric("cacheproxy_manifest_offline_total"), 0)
+        await proxy.stop()
+        await upstream.stop()
+    }
+}
