@@ -384,6 +384,19 @@ final class OfflineTablesUnderFloodTests: XCTestCase {
         XCTAssertEqual(table.candidates(last, accept: []).first?.digest, try digest(199), "the newest is kept")
     }
 
+    /// What the upstream sends as a manifest's type is kept only as a
+    /// plain token, trimmed of blanks: it goes back out as a header.
+    func testAMediaTypeIsAPlainTokenTrimmed() {
+        let type = "application/vnd.oci.image.manifest.v1+json"
+        XCTAssertEqual(MediaType(type)?.value, type)
+        XCTAssertEqual(MediaType(" \t\(type); charset=utf-8 \t")?.value, "\(type); charset=utf-8")
+        for bad in ["", " \t ", "json", "application/json\r\nx-evil: 1", "a/b\u{7f}", "a/\u{e9}",
+                    "a/" + String(repeating: "b", count: 254)] {
+            XCTAssertNil(MediaType(bad), bad)
+        }
+        XCTAssertNotNil(MediaType("a/" + String(repeating: "b", count: 253)), "255 bytes is the limit")
+    }
+
     func testAHostileChallengeIsNotRemembered() {
         let pings = PingMemory()
         pings.record(upstream: "u", status: .unauthorized,

@@ -215,8 +215,8 @@ public final class AccessGate: Sendable {
     /// Records a yes the upstream gave some other way: a fill's own `GET`
     /// with these credentials answered 2xx.
     func remember(upstream: ProxyConfig.Upstream, headers: HTTPHeaders, repository: String, digest: Digest,
-                  kind: ContentKind) {
-        let pair = Pair(grant: grant(upstream: upstream, headers: headers, repository: repository),
+                  kind: ContentKind, memo: CredentialMemo? = nil) {
+        let pair = Pair(grant: grant(upstream: upstream, headers: headers, repository: repository, memo: memo),
                         link: Link(upstream: upstream.host, repository: repository, digest: digest, kind: kind))
         allow(pair, ttl: upstream.accessCacheTTL)
     }

@@ -105,7 +105,8 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
     /// came, with the upstream's answer beside it.
     private func resolve(_ lookup: TagLookup, head: HTTPRequestHead, context: ChannelHandlerContext) -> Bool {
         let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
-        let started = hits.resolve(lookup, head: head, context: context, client: client, wrap: wrapOutboundOut) { asked in
+        let started = hits.resolve(lookup, head: head, context: context, client: client, credentials: credentials,
+                                   wrap: wrapOutboundOut) { asked in
             let handler = loopBound.value
             handler.resolvingTag = false
             guard let asked else { return }

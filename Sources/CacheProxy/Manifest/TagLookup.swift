@@ -52,7 +52,7 @@ extension CacheHitResponder {
     /// (or the client left), else with what the async side needs to answer.
     /// False, having done nothing, when this loop has no pool.
     func resolve(_ lookup: TagLookup, head: HTTPRequestHead, context: ChannelHandlerContext, client: String?,
-                 wrap: @escaping (HTTPServerResponsePart) -> NIOAny,
+                 credentials: AccessGate.CredentialMemo, wrap: @escaping (HTTPServerResponsePart) -> NIOAny,
                  then: @escaping (TagResolver.Asked?) -> Void) -> Bool {
         let channel = context.channel
         let started = ContinuousClock.now
@@ -73,7 +73,7 @@ extension CacheHitResponder {
                     return
                 }
                 if answer(lookup, head: head, reply: reply, context: context, client: client, started: started,
-                          wrap: wrap) {
+                          credentials: credentials, wrap: wrap) {
                     then(nil)
                     return
                 }
@@ -95,7 +95,7 @@ extension CacheHitResponder {
     /// memory. False, having written nothing, for anything else.
     private func answer(_ lookup: TagLookup, head: HTTPRequestHead, reply: HTTPResponseHead,
                         context: ChannelHandlerContext, client: String?, started: ContinuousClock.Instant,
-                        wrap: (HTTPServerResponsePart) -> NIOAny) -> Bool {
+                        credentials: AccessGate.CredentialMemo, wrap: (HTTPServerResponsePart) -> NIOAny) -> Bool {
         guard reply.status == .ok, context.channel.isWritable,
               let digest = reply.headers.first(name: "docker-content-digest")
                 .flatMap({ try? Digest(parsing: Substring($0)) })
@@ -103,7 +103,8 @@ extension CacheHitResponder {
         let entry = head.method == .GET ? smallBlobs.get(digest, kind: .manifest) : nil
         guard head.method == .HEAD || (entry != nil && store.use(digest) != nil) else { return false }
         _ = TagResolver.remember(upstreamHeaders: reply.headers, key: lookup.key, upstream: lookup.upstream,
-                                 clientHeaders: head.headers, repository: lookup.name, tags: tags, gate: gate)
+                                 clientHeaders: head.headers, repository: lookup.name, tags: tags, gate: gate,
+                                 memo: credentials)
         let keepAlive = head.isKeepAlive && !tracker.isDraining
         if let entry {
             send(head, digest: digest, kind: .manifest, entry: entry, size: Int64(entry.bytes.readableBytes),

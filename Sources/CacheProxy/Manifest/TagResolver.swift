@@ -123,7 +123,7 @@ struct TagResolver: Sendable {
     /// none. One place for both the event loop's lookup and this one.
     static func remember(upstreamHeaders headers: HTTPHeaders, key: TagTable.Key, upstream: ProxyConfig.Upstream,
                          clientHeaders: HTTPHeaders, repository: String, tags: TagTable,
-                         gate: AccessGate) -> Digest? {
+                         gate: AccessGate, memo: AccessGate.CredentialMemo? = nil) -> Digest? {
         guard let digest = headers.first(name: "docker-content-digest").flatMap({ try? Digest(parsing: Substring($0)) })
         else { return nil }
         if let mediaType = headers.first(name: "content-type").flatMap(MediaType.init) {
@@ -132,7 +132,7 @@ struct TagResolver: Sendable {
         // The upstream's yes to this client for this repository, and the
         // manifest's place in it: the body may come from the cache.
         gate.remember(upstream: upstream, headers: clientHeaders, repository: repository, digest: digest,
-                      kind: .manifest)
+                      kind: .manifest, memo: memo)
         return digest
     }
 
