@@ -141,6 +141,10 @@ struct CacheHitResponder: Sendable {
     /// A blob, or a manifest by digest: content the cache holds under its
     /// digest (a tag is the upstream's to resolve).
     private static func content(_ method: String, _ uri: String) -> (name: String, digest: Digest, kind: ContentKind)? {
+        // A digest is `algorithm:hex`, and nothing else in a path to content
+        // has a colon (a tag cannot): a pull by tag, which both hit paths
+        // see first, is turned away without the classification.
+        guard uri.utf8.contains(UInt8(ascii: ":")) else { return nil }
         switch try? RequestTarget.classify(method: method, uri: uri) {
         case .blob(let name, let digest)?: return (name, digest, .blob)
         case .manifest(let name, .digest(let digest))?: return (name, digest, .manifest)
