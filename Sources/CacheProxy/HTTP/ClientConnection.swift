@@ -44,8 +44,8 @@ struct ClientConnection {
                                                     listenerScheme: tls ? "https" : "http",
                                                     trustForwarded: handler.trustForwardedHeaders)
                     // Taken with every head, so it belongs to this request or is nil.
-                    let asked = handOff.take()
-                    try await serveRequest(head, parts: &parts, origin: origin, asked: asked, response: response)
+                    let handed = handOff.take()
+                    try await serveRequest(head, parts: &parts, origin: origin, handed: handed, response: response)
                     guard keepAlive, tracker.setIdle(raw, true), raw.isActive else { break }
                 }
             }
@@ -56,14 +56,14 @@ struct ClientConnection {
 
     private func serveRequest(
         _ head: HTTPRequestHead, parts: inout NIOAsyncChannelInboundStream<HTTPServerRequestPart>.AsyncIterator,
-        origin: PassThrough.Origin, asked: TagResolver.Asked?, response: ResponseChannel
+        origin: PassThrough.Origin, handed: TagHandOff.Handed?, response: ResponseChannel
     ) async throws {
         guard RequestHandler.hasBody(head) else {
             // Nothing but the end of the request is left to read.
             while let part = try await parts.next() {
                 if case .end = part { break }
             }
-            await handler.handle(head, body: nil, origin: origin, asked: asked, response: response)
+            await handler.handle(head, body: nil, origin: origin, handed: handed, response: response)
             return
         }
         let length: HTTPClientRequest.Body.Length =

@@ -23,6 +23,10 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
     private var consuming = false
     /// True from a refused head on: the rest of the connection is dropped.
     private var refused = false
+    /// Which tag lookup the two flags below belong to. A lookup's answer,
+    /// written inside its callback, makes the pipelining handler deliver the
+    /// next request (and start its lookup) before that callback returns.
+    private var lookup = 0
     /// True while a tag's upstream `HEAD` asked here is out (`TagLookup`).
     private var resolvingTag = false
     /// The end of that request came and was dropped: when the request goes
@@ -63,7 +67,6 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
                     return
                 }
                 if let lookup = TagLookup(head, router: router), resolve(lookup, head: head, context: context) {
-                    consuming = true
                     return
                 }
                 if head.headers.contains(name: "expect") {
@@ -102,15 +105,23 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
     /// (dropped) meanwhile; the pipelining handler before this one holds any
     /// next request until this one's answer has ended. When the answer is
     /// not one the loop writes, the request goes on to the async side as it
-    /// came, with the upstream's answer beside it.
+    /// came, with the upstream's answer beside it. The flags are set before
+    /// the lookup starts, so an answer that came at once would find them.
     private func resolve(_ lookup: TagLookup, head: HTTPRequestHead, context: ChannelHandlerContext) -> Bool {
         let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        self.lookup &+= 1
+        let mine = self.lookup
+        (consuming, resolvingTag, resolvingTagEnded) = (true, true, false)
         let started = hits.resolve(lookup, head: head, context: context, client: client, credentials: credentials,
-                                   wrap: wrapOutboundOut) { asked in
+                                   wrap: wrapOutboundOut) { handed in
             let handler = loopBound.value
+            // A lookup answered here may find the flags already taken by the
+            // next request's lookup; one handed on has written nothing, so
+            // nothing was delivered after it and the flags are its own.
+            guard handler.lookup == mine else { return }
             handler.resolvingTag = false
-            guard let asked else { return }
-            handler.handOff.put(asked)
+            guard let handed else { return }
+            handler.handOff.put(handed)
             context.fireChannelRead(handler.wrapInboundOut(.head(head)))
             if handler.resolvingTagEnded {
                 context.fireChannelRead(handler.wrapInboundOut(.end(nil)))
@@ -120,10 +131,7 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
             }
             context.fireChannelReadComplete()
         }
-        if started {
-            resolvingTag = true
-            resolvingTagEnded = false
-        }
+        if !started { (consuming, resolvingTag) = (false, false) }
         return started
     }
 }

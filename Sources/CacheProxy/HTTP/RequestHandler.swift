@@ -26,15 +26,16 @@ struct RequestHandler: Sendable {
         return head.headers.contains(name: "transfer-encoding")
     }
 
-    /// `asked`: the upstream's answer to a tag's `HEAD` the event loop made
-    /// for this request (`TagLookup`), if it did.
+    /// `handed`: the upstream's answer to a tag's `HEAD` the event loop made
+    /// for this request (`TagLookup`), if it did; the request's time counts
+    /// from when the loop got it.
     func handle(_ head: HTTPRequestHead, body: RequestBodySource?, origin: PassThrough.Origin,
-                asked: TagResolver.Asked? = nil, response: ResponseChannel) async {
-        let started = ContinuousClock.now
+                handed: TagHandOff.Handed? = nil, response: ResponseChannel) async {
+        let started = handed?.started ?? ContinuousClock.now
         var kind = "error"
         var status = HTTPResponseStatus.internalServerError
         do {
-            (kind, status) = try await route(head, body: body, origin: origin, asked: asked, response: response)
+            (kind, status) = try await route(head, body: body, origin: origin, handed: handed, response: response)
         } catch {
             // The path only: a query may carry a signed URL's token.
             logger.debug("request ended early", metadata: ["path": "\(RequestURI.path(of: head.uri))", "error": "\(error)"])
@@ -67,7 +68,7 @@ struct RequestHandler: Sendable {
     }
 
     private func route(_ head: HTTPRequestHead, body: RequestBodySource?, origin: PassThrough.Origin,
-                       asked: TagResolver.Asked?, response: ResponseChannel) async throws -> (String, HTTPResponseStatus) {
+                       handed: TagHandOff.Handed?, response: ResponseChannel) async throws -> (String, HTTPResponseStatus) {
         let omitBody = head.method == .HEAD
         let target: RequestTarget
         do {
@@ -128,7 +129,8 @@ struct RequestHandler: Sendable {
             return ("manifest", status)
         case .manifest(let name, .tag(let tag)) where upstream.manifests == .revalidate:
             let status = try await tags.respond(
-                .init(head: head, name: name, tag: tag, upstream: upstream, origin: origin), asked: asked,
+                .init(head: head, name: name, tag: tag, upstream: upstream, origin: origin),
+                asked: handed?.asked(of: upstream),
                 response: response)
             return ("manifest", status)
         case .ping where upstream.manifests == .revalidate:

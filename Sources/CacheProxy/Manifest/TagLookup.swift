@@ -28,6 +28,9 @@ struct TagLookup {
     /// no account of the proxy's own).
     init?(_ head: HTTPRequestHead, router: Router) {
         guard head.method == .GET || head.method == .HEAD,
+              // A body (odd on a GET, but a client may send one) is the
+              // async side's to read and drop.
+              !RequestHandler.hasBody(head),
               case .manifest(let name, .tag(let tag))? = try? RequestTarget.classify(method: head.method.rawValue,
                                                                                     uri: head.uri),
               !head.headers.contains(name: "range"),
@@ -50,10 +53,11 @@ extension CacheHitResponder {
     /// memory (or the client asked for a `HEAD`), writes the answer. `then`
     /// runs on the loop afterwards: with nil when the answer was written
     /// (or the client left), else with what the async side needs to answer.
+    /// Not called when this returns false.
     /// False, having done nothing, when this loop has no pool.
     func resolve(_ lookup: TagLookup, head: HTTPRequestHead, context: ChannelHandlerContext, client: String?,
                  credentials: AccessGate.CredentialMemo, wrap: @escaping (HTTPServerResponsePart) -> NIOAny,
-                 then: @escaping (TagResolver.Asked?) -> Void) -> Bool {
+                 then: @escaping (TagHandOff.Handed?) -> Void) -> Bool {
         let channel = context.channel
         let started = ContinuousClock.now
         let answerWithin = TimeAmount.fromSeconds(live.config.timeouts.upstreamSeconds)
@@ -65,8 +69,7 @@ extension CacheHitResponder {
             let handOff: TagResolver.Asked
             switch result {
             case .success(let reply):
-                metrics.upstreamResponse(upstream: lookup.upstream.host, method: "HEAD", code: Int(reply.status.code),
-                                         rateLimitRemaining: UpstreamClient.rateLimitRemaining(reply.headers))
+                metrics.upstreamAnswered(lookup.upstream, method: .HEAD, status: reply.status, headers: reply.headers)
                 guard channel.isActive else {
                     tracker.setIdle(channel, true)
                     then(nil)
@@ -79,13 +82,11 @@ extension CacheHitResponder {
                 }
                 handOff = .answered(reply.status, reply.headers)
             case .failure(let error):
-                metrics.upstreamResponse(upstream: lookup.upstream.host, method: "HEAD", code: 0)
-                // No answer in time is the same 504 as on the async side.
-                let timedOut = error as? UpstreamExchangeStateMachine.Failure == .timedOut
-                handOff = .failed(timedOut ? UpstreamFailure.answer : error)
+                metrics.upstreamAnswered(lookup.upstream, method: .HEAD, status: nil, headers: nil)
+                handOff = .failed(error)
             }
             tracker.setIdle(channel, true)
-            then(handOff)
+            then(TagHandOff.Handed(asked: handOff, upstream: lookup.upstream, started: started))
         }
         return true
     }
@@ -132,11 +133,26 @@ extension CacheHitResponder {
 /// other request), so an answer never outlives its request. One per
 /// connection.
 final class TagHandOff: Sendable {
-    private let asked = NIOLockedValueBox<TagResolver.Asked?>(nil)
+    struct Handed: Sendable {
+        let asked: TagResolver.Asked
+        /// The upstream it was asked of: a reload in between may route the
+        /// request elsewhere, and then the answer is not used.
+        let upstream: ProxyConfig.Upstream
+        /// When the request came: its time counts from there.
+        let started: ContinuousClock.Instant
 
-    func put(_ value: TagResolver.Asked) { asked.withLockedValue { $0 = value } }
+        /// The answer, when the request is still routed to the upstream
+        /// that gave it.
+        func asked(of upstream: ProxyConfig.Upstream) -> TagResolver.Asked? {
+            upstream == self.upstream ? asked : nil
+        }
+    }
 
-    func take() -> TagResolver.Asked? {
+    private let asked = NIOLockedValueBox<Handed?>(nil)
+
+    func put(_ value: Handed) { asked.withLockedValue { $0 = value } }
+
+    func take() -> Handed? {
         asked.withLockedValue { value in
             defer { value = nil }
             return value

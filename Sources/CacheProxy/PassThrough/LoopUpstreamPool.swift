@@ -21,9 +21,12 @@ import NIOPosix
 /// it) is sent again on a fresh one.
 final class LoopUpstreamPool: Sendable {
     /// Idle connections kept per upstream per loop; more are closed after
-    /// their answer. Concurrent exchanges are not capped here: each holds
-    /// one client request, which the client connection limits bound.
+    /// their answer.
     static let idlePerUpstream = 32
+    /// Exchanges in flight per upstream per loop. Beyond it a tag goes the
+    /// async way, whose pool queues at 64 connections per host: a burst of
+    /// pulls must not open a connection each to the registry.
+    static let busyPerUpstream = 32
     /// An idle connection is closed after this long unused (AsyncHTTPClient's
     /// pool uses the same).
     static let idleTimeout = TimeAmount.seconds(60)
@@ -52,31 +55,37 @@ final class LoopUpstreamPool: Sendable {
              within answer: TimeAmount) -> EventLoopFuture<HTTPResponseHead>? {
         guard let connections = loops[ObjectIdentifier(loop)]?.value else { return nil }
         let key = "\(upstream.registry):\(upstream.port)"
+        guard connections.startExchange(key) else { return nil }
         let promise = loop.makePromise(of: HTTPResponseHead.self)
-        guard let kept = connections.take(key) else {
-            askNew(head, upstream: upstream, key: key, connections: connections, within: answer, promise: promise)
-            return promise.futureResult
-        }
-        kept.handler.ask(head, within: answer).assumeIsolated().whenComplete { result in
-            switch result {
-            case .success(let reply):
-                Self.done(kept, reply: reply, key: key, connections: connections, promise: promise)
-            case .failure(UpstreamExchangeStateMachine.Failure.closed):
-                // Closed while idle, most likely by the upstream's own
-                // keep-alive timeout: once more, on a new connection.
-                self.askNew(head, upstream: upstream, key: key, connections: connections, within: answer,
-                            promise: promise)
-            case .failure(let error):
-                promise.fail(error)
-            }
+        promise.futureResult.assumeIsolated().whenComplete { _ in connections.endExchange(key) }
+        let exchange = Exchange(head: head, upstream: upstream, key: key, connections: connections, answer: answer,
+                                promise: promise)
+        if let kept = connections.take(key) {
+            // Closed while idle, most likely by the upstream's own keep-alive
+            // timeout, before any answer: once more, on a new connection.
+            send(exchange, on: kept) { self.connect(exchange) }
+        } else {
+            connect(exchange)
         }
         return promise.futureResult
     }
 
-    private func askNew(_ head: HTTPRequestHead, upstream: ProxyConfig.Upstream, key: String,
-                        connections: Connections, within answer: TimeAmount,
-                        promise: EventLoopPromise<HTTPResponseHead>) {
-        let connect = ClientBootstrap(group: promise.futureResult.eventLoop)
+    /// One request on its way, whichever connection carries it.
+    private struct Exchange {
+        let head: HTTPRequestHead
+        let upstream: ProxyConfig.Upstream
+        let key: String
+        let connections: Connections
+        let answer: TimeAmount
+        let promise: EventLoopPromise<HTTPResponseHead>
+    }
+
+    private func connect(_ exchange: Exchange) {
+        // A registry written as an IPv6 literal (`[::1]`) is connected to
+        // without its brackets, as AsyncHTTPClient does.
+        var host = Substring(exchange.upstream.registry)
+        if host.hasPrefix("["), host.hasSuffix("]") { host = host.dropFirst().dropLast() }
+        let connect = ClientBootstrap(group: exchange.promise.futureResult.eventLoop)
             .connectTimeout(connectTimeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
@@ -85,28 +94,36 @@ final class LoopUpstreamPool: Sendable {
                     try channel.pipeline.syncOperations.addHandler(UpstreamExchangeHandler(eventLoop: channel.eventLoop))
                 }
             }
-            .connect(host: upstream.registry, port: upstream.port)
+            .connect(host: String(host), port: exchange.upstream.port)
         // The connection is made on the loop the pool belongs to.
         connect.assumeIsolated().whenComplete { result in
             switch result {
             case .failure(let error):
-                promise.fail(error)
+                exchange.promise.fail(error)
             case .success(let channel):
                 guard let handler = try? channel.pipeline.syncOperations.handler(type: UpstreamExchangeHandler.self)
                 else {
                     channel.close(promise: nil)
-                    promise.fail(UpstreamExchangeStateMachine.Failure.closed)
+                    exchange.promise.fail(UpstreamExchangeStateMachine.Failure.closed)
                     return
                 }
-                let kept = Connections.Kept(channel: channel, handler: handler)
-                handler.ask(head, within: answer).assumeIsolated().whenComplete { result in
-                    switch result {
-                    case .success(let reply):
-                        Self.done(kept, reply: reply, key: key, connections: connections, promise: promise)
-                    case .failure(let error):
-                        promise.fail(error)
-                    }
-                }
+                self.send(exchange, on: Connections.Kept(channel: channel, handler: handler), retry: nil)
+            }
+        }
+    }
+
+    /// Sends on `kept`; `retry` runs instead of failing when the connection
+    /// turns out closed before any answer.
+    private func send(_ exchange: Exchange, on kept: Connections.Kept, retry: (() -> Void)?) {
+        kept.handler.ask(exchange.head, within: exchange.answer).assumeIsolated().whenComplete { result in
+            switch result {
+            case .success(let reply):
+                Self.done(kept, reply: reply, key: exchange.key, connections: exchange.connections,
+                          promise: exchange.promise)
+            case .failure(UpstreamExchangeStateMachine.Failure.closed) where retry != nil:
+                retry?()
+            case .failure(let error):
+                exchange.promise.fail(error)
             }
         }
     }
@@ -137,6 +154,19 @@ final class LoopUpstreamPool: Sendable {
         }
 
         private var idle: [String: [Idle]] = [:]
+        private var busy: [String: Int] = [:]
+
+        /// Counts an exchange in, unless the upstream has its fill here.
+        func startExchange(_ key: String) -> Bool {
+            let now = busy[key, default: 0]
+            guard now < LoopUpstreamPool.busyPerUpstream else { return false }
+            busy[key] = now + 1
+            return true
+        }
+
+        func endExchange(_ key: String) {
+            busy[key] = max(0, busy[key, default: 1] - 1)
+        }
 
         /// The most recently used idle connection still open (the warmest,
         /// and the least likely to have met the upstream's idle timeout).

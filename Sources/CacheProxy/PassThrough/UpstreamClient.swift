@@ -6,7 +6,8 @@ import NIOHTTP1
 import NIOSSL
 import ProxyMetrics
 
-/// The one HTTP client every upstream request goes through, with the
+/// The HTTP client every upstream request goes through (but for the tag
+/// `HEAD`s the event loop asks itself, `LoopUpstreamPool`), with the
 /// upstream's two timeouts kept apart (DESIGN.md, Timeouts):
 /// - the answer deadline (`timeouts.upstream`) runs from the moment the
 ///   request, body included, has been handed over, to the response head: a
@@ -328,7 +329,7 @@ public final class UpstreamClient: Sendable {
     public static func clientError(for error: any Error) -> OCIError {
         if let oci = error as? OCIError { return oci }
         switch error {
-        case UpstreamFailure.answer, UpstreamFailure.idle:
+        case UpstreamFailure.answer, UpstreamFailure.idle, UpstreamExchangeStateMachine.Failure.timedOut:
             return OCIError(.gatewayTimeout, .timeout, "the upstream registry did not answer in time")
         case UpstreamFailure.tooManyRedirects:
             return OCIError(.badGateway, .unavailable, "the upstream registry redirected too many times")
@@ -351,8 +352,15 @@ extension ProxyMetrics {
     /// Counts one upstream exchange: `response` nil when none came. The
     /// one place that reads an upstream's `ratelimit-remaining`.
     func upstreamAnswered(_ upstream: ProxyConfig.Upstream, method: HTTPMethod, response: HTTPClientResponse?) {
-        upstreamResponse(upstream: upstream.host, method: method.rawValue, code: Int(response?.status.code ?? 0),
-                         rateLimitRemaining: response.flatMap { UpstreamClient.rateLimitRemaining($0.headers) })
+        upstreamAnswered(upstream, method: method, status: response?.status, headers: response?.headers)
+    }
+
+    /// The same, for an answer read by the event loop's own client
+    /// (`LoopUpstreamPool`).
+    func upstreamAnswered(_ upstream: ProxyConfig.Upstream, method: HTTPMethod, status: HTTPResponseStatus?,
+                          headers: HTTPHeaders?) {
+        upstreamResponse(upstream: upstream.host, method: method.rawValue, code: Int(status?.code ?? 0),
+                         rateLimitRemaining: headers.flatMap { UpstreamClient.rateLimitRemaining($0) })
     }
 }
 

@@ -39,8 +39,13 @@ struct UpstreamExchangeStateMachine {
     }
 
     enum Failure: Error, Equatable {
-        /// The upstream closed or reset the connection.
+        /// The upstream closed or reset the connection before any byte of
+        /// an answer: the one failure worth a retry on a new connection.
         case closed
+        /// It closed after the answer's head: not retried.
+        case cut
+        /// Its answer was not HTTP the decoder could read: not retried.
+        case malformed
         /// No whole answer head within the answer deadline.
         case timedOut
         /// A request while another is in flight, or on a closed connection.
@@ -73,8 +78,12 @@ struct UpstreamExchangeStateMachine {
         return .succeed(head, reusable: reusable)
     }
 
-    /// The connection went away, or an error came up the pipeline.
-    mutating func closedOrFailed() -> Action { close(.closed) }
+    /// The connection went away.
+    mutating func closed() -> Action { close(.closed) }
+
+    /// An error came up the pipeline: a socket error (a reset) counts as a
+    /// close, anything else (the decoder's) as a malformed answer.
+    mutating func failed(transport: Bool) -> Action { close(transport ? .closed : .malformed) }
 
     mutating func timedOut() -> Action { close(.timedOut) }
 
@@ -84,7 +93,7 @@ struct UpstreamExchangeStateMachine {
         switch previous {
         case .idle: return .close
         case .awaitingHead: return .fail(failure, beforeAnswer: true)
-        case .awaitingEnd: return .fail(failure, beforeAnswer: false)
+        case .awaitingEnd: return .fail(failure == .closed ? .cut : failure, beforeAnswer: false)
         case .closed: return .none
         }
     }
@@ -148,12 +157,12 @@ final class UpstreamExchangeHandler: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        act(machine.closedOrFailed())
+        act(machine.closed())
         context.fireChannelInactive()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        act(machine.closedOrFailed())
+        act(machine.failed(transport: error is IOError))
     }
 
     private func act(_ action: UpstreamExchangeStateMachine.Action) {

@@ -52,10 +52,10 @@ final class FakeUpstream: Sendable {
     /// The GETs alone: what fetched a blob (access checks are HEADs).
     var gets: [Seen] { requests.filter { $0.method == .GET } }
 
-    init(_ reply: @escaping @Sendable (HTTPRequestHead) -> Reply) async throws {
+    init(host: String = "127.0.0.1", _ reply: @escaping @Sendable (HTTPRequestHead) -> Reply) async throws {
         let listener = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .bind(host: "127.0.0.1", port: 0) { channel in
+            .bind(host: host, port: 0) { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline()
                     return try NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>(
