@@ -264,4 +264,30 @@ final class TagLookupTests: XCTestCase {
         await proxy.stop()
         await upstream.stop()
     }
+
+    /// A hit delivered from the pipelining handler's buffer, inside the
+    /// write of the answer before it (a tag answered on the loop): its own
+    /// end comes during its answer, and the next request's end must still
+    /// reach the async side (it was dropped, and the connection hung).
+    func testAHitPipelinedBehindATagLeavesTheNextRequestWhole() async throws {
+        let fake = ManifestCacheTests.FakeRegistry()
+        let upstream = try await FakeUpstream { fake.reply($0) }
+        let proxy = try await TestProxy(upstreamsYAML:
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}")
+        for _ in 0..<2 { XCTAssertEqual(try curl("\(proxy.base)/v2/lib/app/manifests/latest").body, fake.manifest) }
+        let host = "Host: 127.0.0.1:\(proxy.port)\r\n"
+        let socket = try RawSocket(port: proxy.port, receiveTimeout: 5)
+        XCTAssertTrue(socket.send(
+            "GET /v2/lib/app/manifests/latest HTTP/1.1\r\n\(host)\r\n"
+                + "GET /v2/lib/app/manifests/\(fake.digest) HTTP/1.1\r\n\(host)\r\n"))
+        try await Task.sleep(for: .milliseconds(300))
+        XCTAssertTrue(socket.send("GET /v2/ HTTP/1.1\r\n\(host)Connection: close\r\n\r\n"))
+        let started = Date()
+        let text = String(decoding: socket.receive(), as: UTF8.self)
+        let statuses = text.components(separatedBy: "HTTP/1.1 ").dropFirst().map { String($0.prefix(3)) }
+        XCTAssertEqual(statuses, ["200", "200", "200"])
+        XCTAssertLessThan(Date().timeIntervalSince(started), 3, "the ping answered, not left waiting for its end")
+        await proxy.stop()
+        await upstream.stop()
+    }
 }

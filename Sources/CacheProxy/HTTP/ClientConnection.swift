@@ -35,7 +35,11 @@ struct ClientConnection {
                     // Body parts or ends of a request already answered are
                     // skipped until the next head.
                     guard case .head(let head) = part else { continue }
-                    tracker.setIdle(raw, false)
+                    // Taken with every head, so it belongs to this request or is nil.
+                    let handed = handOff.take()
+                    // A request the event loop hands on is busy already
+                    // (`TagLookup`), and stays so across the hop.
+                    if handed == nil { tracker.setIdle(raw, false) }
                     let keepAlive = head.isKeepAlive && !tracker.isDraining
                     let response = ResponseChannel(channel: raw, keepAlive: keepAlive, version: head.version,
                                                    closeWatch: closeWatch, fileIO: fileIO, tls: tls,
@@ -43,8 +47,6 @@ struct ClientConnection {
                     let origin = PassThrough.Origin(head: head, clientAddress: remoteAddress,
                                                     listenerScheme: tls ? "https" : "http",
                                                     trustForwarded: handler.trustForwardedHeaders)
-                    // Taken with every head, so it belongs to this request or is nil.
-                    let handed = handOff.take()
                     try await serveRequest(head, parts: &parts, origin: origin, handed: handed, response: response)
                     guard keepAlive, tracker.setIdle(raw, true), raw.isActive else { break }
                 }

@@ -61,11 +61,15 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
             let router = hits.live.router
             switch RequestValidator.check(head, router: router) {
             case .accept(var head):
+                // Set before the answer is written: a request delivered from
+                // the pipelining handler's buffer gets its own end during
+                // that write, and the end must be taken as this one's.
+                consuming = true
                 if hits.answer(head, router: router, context: context, client: client, credentials: credentials,
                                wrap: wrapOutboundOut) {
-                    consuming = true
                     return
                 }
+                consuming = false
                 if let lookup = TagLookup(head, router: router), resolve(lookup, head: head, context: context) {
                     return
                 }

@@ -85,7 +85,8 @@ extension CacheHitResponder {
                 metrics.upstreamAnswered(lookup.upstream, method: .HEAD, status: nil, headers: nil)
                 handOff = .failed(error)
             }
-            tracker.setIdle(channel, true)
+            // Still busy: the async side takes the request over without
+            // marking it again, so a drain in between cannot close it as idle.
             then(TagHandOff.Handed(asked: handOff, upstream: lookup.upstream, started: started))
         }
         return true
