@@ -63,8 +63,7 @@ final class TagLookupTests: XCTestCase {
             }
             return fake.reply(head)
         }
-        let proxy = try await TestProxy(upstreamsYAML:
-            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}")
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port))
         for _ in 0..<8 {
             let pull = try curl("\(proxy.base)/v2/lib/app/manifests/latest",
                                 ["-H", "Accept: application/vnd.oci.image.manifest.v1+json"])
@@ -78,6 +77,8 @@ final class TagLookupTests: XCTestCase {
         XCTAssertLessThanOrEqual(upstream.connections, 4, "kept-alive, not a connection per pull")
         XCTAssertEqual(heads.last?.headers.first(name: "accept"), "application/vnd.oci.image.manifest.v1+json",
                        "the client's Accept")
+        XCTAssertEqual(try proxy.metric(#"cacheproxy_time_to_first_byte_seconds_count{kind="manifest"}"#), 8,
+                       "every pull timed to its first byte, on the loop or not")
 
         let refused = try curl("\(proxy.base)/v2/lib/private/manifests/latest", ["-I"])
         XCTAssertEqual(refused.code, 401)
@@ -100,8 +101,7 @@ final class TagLookupTests: XCTestCase {
             if dropping.withLockedValue({ $0 }) { reply.dropIfReused = true } else { reply.closeAfter = head.method == .HEAD }
             return reply
         }
-        let proxy = try await TestProxy(upstreamsYAML:
-            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}")
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port))
         for attempt in 0..<10 {
             if attempt == 5 { dropping.withLockedValue { $0 = true } }
             let pull = try curl("\(proxy.base)/v2/lib/app/manifests/latest")
@@ -127,8 +127,7 @@ final class TagLookupTests: XCTestCase {
             if slow.withLockedValue({ $0 }), head.method == .HEAD { reply.headDelay = .milliseconds(500) }
             return reply
         }
-        let proxy = try await TestProxy(upstreamsYAML:
-            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}")
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port))
         XCTAssertEqual(try curl("\(proxy.base)/v2/lib/app/manifests/latest").body, fake.manifest)
 
         let socket = try RawSocket(port: proxy.port)
@@ -174,8 +173,7 @@ final class TagLookupTests: XCTestCase {
             if head.uri.contains("/slow/"), head.method == .HEAD { reply.headDelay = .milliseconds(1500) }
             return reply
         }
-        let proxy = try await TestProxy(upstreamsYAML:
-            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}",
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port),
                                         extraYAML: "timeouts: {upstream: 2, upstream_idle: 2}")
         XCTAssertEqual(try curl("\(proxy.base)/v2/lib/app/manifests/latest").body, fake.manifest)
         // A socket, not a curl: a test thread blocked on a process would
@@ -211,9 +209,8 @@ final class TagLookupTests: XCTestCase {
             if head.uri.contains("/private/") { return .init(status: .notFound, headDelay: .milliseconds(500)) }
             return fake.reply(head)
         }
-        let proxy = try await TestProxy(upstreamsYAML:
-            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}")
-        for _ in 0..<2 { XCTAssertEqual(try curl("\(proxy.base)/v2/lib/app/manifests/latest").body, fake.manifest) }
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port))
+        try warm(proxy, fake)
         let host = "Host: 127.0.0.1:\(proxy.port)\r\n"
 
         let socket = try RawSocket(port: proxy.port, receiveTimeout: 5)
@@ -272,9 +269,8 @@ final class TagLookupTests: XCTestCase {
     func testAHitPipelinedBehindATagLeavesTheNextRequestWhole() async throws {
         let fake = ManifestCacheTests.FakeRegistry()
         let upstream = try await FakeUpstream { fake.reply($0) }
-        let proxy = try await TestProxy(upstreamsYAML:
-            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}")
-        for _ in 0..<2 { XCTAssertEqual(try curl("\(proxy.base)/v2/lib/app/manifests/latest").body, fake.manifest) }
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port))
+        try warm(proxy, fake)
         let host = "Host: 127.0.0.1:\(proxy.port)\r\n"
         let socket = try RawSocket(port: proxy.port, receiveTimeout: 5)
         XCTAssertTrue(socket.send(
@@ -289,5 +285,11 @@ final class TagLookupTests: XCTestCase {
         XCTAssertLessThan(Date().timeIntervalSince(started), 3, "the ping answered, not left waiting for its end")
         await proxy.stop()
         await upstream.stop()
+    }
+
+    /// Two pulls of the tag: the first fills the cache, the second reads the
+    /// manifest into memory, so the loop answers the next ones itself.
+    private func warm(_ proxy: TestProxy, _ fake: ManifestCacheTests.FakeRegistry) throws {
+        for _ in 0..<2 { XCTAssertEqual(try curl("\(proxy.base)/v2/lib/app/manifests/latest").body, fake.manifest) }
     }
 }

@@ -108,6 +108,10 @@ extension CacheHitResponder {
                                  clientHeaders: head.headers, repository: lookup.name, tags: tags, gate: gate,
                                  memo: credentials)
         let keepAlive = head.isKeepAlive && !tracker.isDraining
+        // The head goes out now, after the upstream's answer: the wait a
+        // client's pull timeout is measured against, as the async side
+        // records it for every tag pull.
+        metrics.timeToFirstByte(kind: "manifest", seconds: started.duration(to: .now).inSeconds)
         if let entry {
             send(head, digest: digest, kind: .manifest, entry: entry, size: Int64(entry.bytes.readableBytes),
                  upstream: lookup.upstream, keepAlive: keepAlive, context: context, client: client, started: started,
