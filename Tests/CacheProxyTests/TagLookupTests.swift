@@ -287,6 +287,46 @@ final class TagLookupTests: XCTestCase {
         await upstream.stop()
     }
 
+    /// Many clients at once for a tag whose upstream never answers hold
+    /// the loops' upstream exchanges (32 per upstream per loop; the rest go
+    /// the async way): another tag of the same upstream is still answered at
+    /// once, and each stalled client gets its 504 after one answer wait,
+    /// none left hanging.
+    func testManyStalledTagsTakeNothingFromOtherClients() async throws {
+        let fake = ManifestCacheTests.FakeRegistry()
+        let upstream = try await FakeUpstream { head in
+            if head.uri.contains("/stuck/"), head.method == .HEAD { return .init(silent: true) }
+            return fake.reply(head)
+        }
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port),
+                                        extraYAML: "timeouts: {upstream: 2, upstream_idle: 2}")
+        try warm(proxy, fake)
+        let stuckCount = 80
+        var stuck: [RawSocket] = []
+        for _ in 0..<stuckCount {
+            let socket = try RawSocket(port: proxy.port, receiveTimeout: 10)
+            XCTAssertTrue(socket.send("GET /v2/lib/stuck/manifests/latest HTTP/1.1\r\nHost: 127.0.0.1:\(proxy.port)\r\n"
+                                      + "Connection: close\r\n\r\n"))
+            stuck.append(socket)
+        }
+        try await Task.sleep(for: .milliseconds(300))
+        let started = Date()
+        for _ in 0..<5 {
+            let pull = try curl("\(proxy.base)/v2/lib/app/manifests/latest")
+            XCTAssertEqual(pull.code, 200)
+            XCTAssertEqual(pull.body, fake.manifest)
+        }
+        XCTAssertLessThan(Date().timeIntervalSince(started), 1.5, "not held behind the stalled tags")
+        // Never seen, so nothing offline to give: each gets the 504, once.
+        for socket in stuck {
+            let answer = String(decoding: socket.receive(), as: UTF8.self)
+            XCTAssertTrue(answer.hasPrefix("HTTP/1.1 504"), String(answer.prefix(40)))
+        }
+        XCTAssertLessThan(Date().timeIntervalSince(started), 6, "one answer wait each, not two")
+        await proxy.stop()
+        await upstream.stop()
+    }
+
     /// Two pulls of the tag: the first fills the cache, the second reads the
     /// manifest into memory, so the loop answers the next ones itself.
     private func warm(_ proxy: TestProxy, _ fake: ManifestCacheTests.FakeRegistry) throws {

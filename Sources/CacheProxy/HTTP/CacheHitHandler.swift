@@ -34,14 +34,12 @@ struct CacheHitResponder: Sendable {
               // A client that does not read its answers gets the next one
               // from the async side, which waits for the channel to drain.
               context.channel.isWritable,
-              let (name, digest, kind) = Self.content(head.method.rawValue, head.uri),
+              let (name, digest, kind, upstream) = content(head.method.rawValue, head.uri,
+                                                           host: head.headers.first(name: "host"), router: router),
               // A manifest's HEAD needs its media type, from the file; its
               // ranges (rare) take the async side's plan.
               kind == .blob || (head.method == .GET && !head.headers.contains(name: "range")),
               let size = store.size(of: digest),
-              let upstream = router.route(host: head.headers.first(name: "host"),
-                                          namespace: RequestURI.queryValue("ns", in: head.uri)),
-              kind == .blob || upstream.manifests == .revalidate,
               // Only what needs no disk is answered here: a HEAD (the index
               // knows the size) and a blob held in memory. Opening, reading
               // or sending a file can wait for the disk, and on the event
@@ -106,14 +104,12 @@ struct CacheHitResponder: Sendable {
 
     /// The fast path's answer (`HitFrontHandler`): a keep-alive HTTP/1.1
     /// `GET` of a whole blob (or manifest by digest) held in memory, written as bytes ahead of NIO's
-    /// encoder. The same lookups and the same access check as `answer`, in
+    /// encoder. The same lookups (`content`) and the same access check as `answer`, in
     /// the same order; false, having written nothing, for anything else.
     func answerAhead(_ request: PlainGetHead, router: Router, context: ChannelHandlerContext, client: String?,
                      credentials: AccessGate.CredentialMemo, timeouts: ConnectionTimeoutsHandler) -> Bool {
-        guard let (name, digest, kind) = Self.content("GET", request.target),
+        guard let (name, digest, kind, upstream) = content("GET", request.target, host: request.host, router: router),
               let entry = smallBlobs.get(digest, kind: kind),
-              let upstream = router.route(host: request.host, namespace: RequestURI.queryValue("ns", in: request.target)),
-              kind == .blob || upstream.manifests == .revalidate,
               gate.allowsNow(upstream: upstream,
                              headers: request.authorization.map { ["authorization": $0] } ?? [:],
                              repository: name, digest: digest, kind: kind, memo: credentials),
@@ -138,18 +134,26 @@ struct CacheHitResponder: Sendable {
         return true
     }
 
-    /// A blob, or a manifest by digest: content the cache holds under its
-    /// digest (a tag is the upstream's to resolve).
-    private static func content(_ method: String, _ uri: String) -> (name: String, digest: Digest, kind: ContentKind)? {
+    /// A blob, or a manifest by digest of an upstream that caches manifests:
+    /// content the cache holds under its digest (a tag is the upstream's to
+    /// resolve), and the upstream the request is routed to. One place for
+    /// both hit paths; memory, index and access checks are theirs.
+    private func content(_ method: String, _ uri: String, host: String?, router: Router)
+        -> (name: String, digest: Digest, kind: ContentKind, upstream: ProxyConfig.Upstream)? {
         // A digest is `algorithm:hex`, and nothing else in a path to content
         // has a colon (a tag cannot): a pull by tag, which both hit paths
         // see first, is turned away without the classification.
         guard uri.utf8.contains(UInt8(ascii: ":")) else { return nil }
+        let name: String, digest: Digest, kind: ContentKind
         switch try? RequestTarget.classify(method: method, uri: uri) {
-        case .blob(let name, let digest)?: return (name, digest, .blob)
-        case .manifest(let name, .digest(let digest))?: return (name, digest, .manifest)
+        case .blob(let blobName, let blobDigest)?: (name, digest, kind) = (blobName, blobDigest, .blob)
+        case .manifest(let manifestName, .digest(let manifestDigest))?:
+            (name, digest, kind) = (manifestName, manifestDigest, .manifest)
         default: return nil
         }
+        guard let upstream = router.route(host: host, namespace: RequestURI.queryValue("ns", in: uri)),
+              kind == .blob || upstream.manifests == .revalidate else { return nil }
+        return (name, digest, kind, upstream)
     }
 
     /// What a hit's metrics and request line say of it.
