@@ -27,8 +27,13 @@ test: deps-build deps-test
 build: deps-build
 	swift build
 
+# The release binary carries the Swift runtime and Foundation inside it
+# (--static-swift-stdlib): it runs on a host without a Swift toolchain (what
+# `make install` copies is all there is), and only the pages of those
+# libraries it touches are resident (3.4 MB less RSS at rest than linked
+# dynamically; benchmarks/RESULTS.md).
 release: deps-build
-	swift build -c release
+	swift build -c release --static-swift-stdlib
 
 bench: deps-build release
 	benchmarks/run.sh

@@ -69,7 +69,7 @@ def main():
     args = ap.parse_args()
     binary = os.path.join(ROOT, ".build", "release", "cache-proxy")
     if not os.access(binary, os.X_OK):
-        raise SystemExit("build first: swift build -c release")
+        raise SystemExit("build first: make release")
 
     work = tempfile.mkdtemp(prefix="hit-sizes-")
     procs = []

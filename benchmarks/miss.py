@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The miss path, per storage backend, against the origin straight.
 
-    swift build -c release
+    make release
     benchmarks/miss.py [--binary .build/release/cache-proxy] [--quick]
 
 One local distribution registry (Debian's docker-registry) is the origin;

@@ -9,7 +9,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 harness=${BENCH_HARNESS:-$root/../shared/bench/run.sh}
 [[ -x $harness ]] || { echo "benchmarks/run.sh: no harness at $harness (set BENCH_HARNESS)" >&2; exit 2; }
-[[ -x $root/.build/release/cache-proxy ]] || (cd "$root" && swift build -c release)
+[[ -x $root/.build/release/cache-proxy ]] || (cd "$root" && make release)
 mkdir -p "$here/results"
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 mode=full

@@ -2,7 +2,7 @@
 """How the proxy's costs grow: with connections, blob size, cache entries
 and fills in flight. The figures of docs/performance.md.
 
-    swift build -c release
+    make release
     benchmarks/scaling.py [--binary .build/release/cache-proxy] [--no-2g] [--json out.json]
 
 A local distribution registry is the origin (blobs written straight into

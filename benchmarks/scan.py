@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How long the start-up scan of the cache folder takes.
 
-    swift build -c release
+    make release
     benchmarks/scan.py [--entries 100000] [--binary .build/release/cache-proxy]
 
 Writes `--entries` blobs (1 KiB each, each with the size attribute a publish

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the security work costs, on this machine, in one run:
 
-    swift build -c release
+    make release
     benchmarks/security.py [--binary .build/release/cache-proxy] [--quick]
 
 1. access_check: the 4 KiB hit path with `access_check: always` (every

@@ -91,4 +91,37 @@ final class SlowDiskTests: XCTestCase {
         await proxy.stop()
         await upstream.stop()
     }
+
+    /// A warm file with a hole (a few pages taken by proactive reclaim, as
+    /// DAMON's `pageout` does on the dev VM) has that region read on the
+    /// pool and the rest sent by `sendfile` again: before, one reclaimed
+    /// page turned the rest of a large answer into a copy through memory.
+    func testAHoleInAWarmFileCostsOneRegionOnThePool() async throws {
+        typealias F = FaultInjectionTests
+        let region = Int(ResponseChannel.maxRegion)
+        let bytes = F.randomBytes(8 * region)
+        let upstream = try await FakeUpstream { _ in .init(body: bytes) }
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port))
+        let digest = try Digest(parsing: F.digest(of: bytes))
+        let url = "\(proxy.base)/v2/a/blobs/\(digest)"
+        let path = proxy.folder + "/blobs/sha256/\(digest.hex.prefix(2))/\(digest.hex)"
+        XCTAssertEqual(try curl(url).body, Data(bytes), "the fill")
+        XCTAssertEqual(try curl(url).body, Data(bytes), "a warm hit")
+
+        // The second region's pages dropped, the rest kept.
+        let fd = open(path, O_RDONLY)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        XCTAssertEqual(fsync(fd), 0)
+        XCTAssertEqual(posix_fadvise(fd, off_t(region), off_t(region), POSIX_FADV_DONTNEED), 0)
+        let holed = !PageCache.isResident(fd: fd, offset: Int64(region), length: Int64(region))
+        let restWarm = PageCache.isResident(fd: fd, offset: Int64(2 * region), length: Int64(6 * region))
+        close(fd)
+        try XCTSkipUnless(holed && restWarm, "the temporary folder's file system keeps its pages in memory")
+
+        XCTAssertTrue(try curl(url).body == Data(bytes), "every byte")
+        XCTAssertEqual(try proxy.metric("cacheproxy_cold_read_bytes_total"), Double(region),
+                       "the hole's region on the pool, the six warm ones after it by sendfile")
+        await proxy.stop()
+        await upstream.stop()
+    }
 }
