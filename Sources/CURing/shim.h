@@ -15,6 +15,7 @@ static inline int cacheproxy_enable_rings(int ring_fd) {
     return result < 0 ? -errno : 0;
 }
 
+#include <malloc.h>  // malloc_trim, mallinfo2: FreedMemory.swift
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <stdint.h>

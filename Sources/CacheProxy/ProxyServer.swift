@@ -7,6 +7,7 @@ import NIOHTTP1
 import NIOPosix
 import NIOSSL
 import ProxyMetrics
+import IOURing
 import ServiceLifecycle
 
 /// The proxy as a service: binds the listener, serves connections, and on
@@ -302,6 +303,16 @@ public final class ProxyServer: Service, Sendable {
             }
         }
         defer { remembering.cancel() }  // also when serving ends in an error
+        // Freed memory goes back to the kernel between bursts, so the
+        // resident size follows what is in use (FreedMemory says why).
+        let trimming = Task {
+            let freed = FreedMemory()
+            while true {
+                do { try await Task.sleep(for: FreedMemory.interval) } catch { return }
+                freed.returnIfGrown()
+            }
+        }
+        defer { trimming.cancel() }
         let fileIO = self.fileIO
 
         try await withGracefulShutdownHandler {
