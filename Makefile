@@ -55,7 +55,7 @@ deps-test:
 PREFIX  ?= /usr/local
 BINARY  ?= .build/release/cache-proxy
 install:
-	@test -x $(BINARY) || $(MAKE) release
+	@if [ "$(BINARY)" = .build/release/cache-proxy ]; then $(MAKE) release; fi
 	install -D -m 0755 $(BINARY) $(DESTDIR)$(PREFIX)/bin/cache-proxy
 	install -D -m 0644 deploy/systemd/cache-proxy.service $(DESTDIR)/etc/systemd/system/cache-proxy.service
 	sed -i 's|/usr/local/bin/cache-proxy|$(PREFIX)/bin/cache-proxy|' $(DESTDIR)/etc/systemd/system/cache-proxy.service

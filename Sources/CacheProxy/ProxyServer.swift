@@ -309,7 +309,10 @@ public final class ProxyServer: Service, Sendable {
             let freed = FreedMemory()
             while true {
                 do { try await Task.sleep(for: FreedMemory.interval) } catch { return }
-                freed.returnIfGrown()
+                // On a thread of NIO's blocking pool: a trim walks each
+                // arena under its lock, which the cooperative pool's two
+                // threads should not wait on.
+                _ = try? await NIOThreadPool.singleton.runIfActive { freed.returnIfGrown() }
             }
         }
         defer { trimming.cancel() }

@@ -1,4 +1,7 @@
 internal import CURing
+#if canImport(Glibc)
+import Glibc
+#endif
 import NIOConcurrencyHelpers
 
 /// Gives memory the process freed back to the kernel, between bursts.
@@ -11,33 +14,57 @@ import NIOConcurrencyHelpers
 /// `malloc_trim` returns the free pages of every arena (`MADV_DONTNEED`), so
 /// the resident size follows what is in use.
 ///
-/// Asked every `interval` by one task; it trims only when glibc's free
-/// bytes grew by `threshold` since the last trim (or since the lowest count
-/// seen after it): free bytes stay counted once their pages are returned,
-/// so the count alone would trim the same fragments every time.
+/// Asked every `interval`; it trims only when the anonymous resident size
+/// grew by `threshold` since the last trim (or since the lowest size seen
+/// after it). Under a steady load the size is steady and nothing is done
+/// (a trim there would only make the next requests fault their pages back
+/// in); a second burst that reuses and frees the same memory grows it again
+/// and is trimmed again. The check reads `/proc/self/statm` and takes no
+/// allocator lock; `malloc_trim` does take each arena's lock while it walks
+/// that arena, so it runs off the event loops and the cooperative pool.
 public final class FreedMemory: Sendable {
     public static let interval: Duration = .seconds(2)
     public static let threshold = 1 << 20
 
-    /// Free bytes at the last trim, lowered when later checks see fewer
-    /// (reused, so their pages are resident again).
-    private let baseline = NIOLockedValueBox(0)
+    /// The anonymous resident size after the last trim, lowered when a
+    /// later check sees less.
+    private let baseline: NIOLockedValueBox<Int>
 
-    public init() {}
+    public init() {
+        baseline = NIOLockedValueBox(Self.residentAnonymous() ?? 0)
+    }
 
-    /// Returns the bytes glibc held free when it trimmed, or nil when not
-    /// enough was freed since the last time (nothing done).
+    /// Trims when the anonymous resident size grew by `threshold` since the
+    /// baseline. Returns the size before and after, or nil (nothing done).
     @discardableResult
-    public func returnIfGrown() -> Int? {
-        let free = Int(mallinfo2().fordblks)
+    public func returnIfGrown() -> (before: Int, after: Int)? {
+        guard let now = Self.residentAnonymous() else { return nil }
         let grown = baseline.withLockedValue { baseline -> Bool in
-            if free < baseline { baseline = free }
-            guard free - baseline >= Self.threshold else { return false }
-            baseline = free
-            return true
+            if now < baseline { baseline = now }
+            return now - baseline >= Self.threshold
         }
         guard grown else { return nil }
         _ = malloc_trim(0)
-        return free
+        let after = Self.residentAnonymous() ?? now
+        baseline.withLockedValue { $0 = after }
+        return (now, after)
+    }
+
+    /// Resident bytes not backed by a file (`/proc/self/statm`: resident
+    /// less shared pages), or nil when it cannot be read.
+    public static func residentAnonymous() -> Int? {
+        let fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var text = [UInt8](repeating: 0, count: 128)
+        let count = text.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        guard count > 0 else { return nil }
+        let fields = text[..<count].split(separator: UInt8(ascii: " ")).prefix(3).map {
+            $0.reduce(0) { number, digit in
+                (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(digit) ? number * 10 + Int(digit - UInt8(ascii: "0")) : number
+            }
+        }
+        guard fields.count == 3, fields[1] >= fields[2] else { return nil }
+        return (fields[1] - fields[2]) * Int(sysconf(Int32(_SC_PAGESIZE)))
     }
 }

@@ -76,12 +76,6 @@ struct ResponseChannel: Sendable {
     /// 0.12 s/GB), for no steadier latency beside them (`cold_hit.sh`).
     static let maxRegion: Int64 = 4 * 1024 * 1024
 
-    /// How far past a region the page cache must hold the file before an
-    /// answer that had a cold region goes back to `sendfile`: twice the
-    /// largest readahead window seen (`read_ahead_kb` 8 MiB on the dev VM;
-    /// 128 KiB is the kernel's default).
-    static let coldLookahead: Int64 = 16 * 1024 * 1024
-
     /// Bytes read per step on the thread pool: large enough that the
     /// thread hop is a small share of the cost, small enough that a slow
     /// client holds little memory (at most two chunks: one being written,
@@ -126,28 +120,38 @@ struct ResponseChannel: Sendable {
     func file(_ handle: NIOFileHandle, range: Range<Int64>) async throws {
         if tls, let fileIO { return try await readAndSend(handle, range: range, fileIO: fileIO) }
         var offset = range.lowerBound
-        var cold = false
+        // From the first cold region on: which regions of the answer were
+        // wholly cached at that moment, before any read of this answer on
+        // the pool set off readahead. Pages the readahead has in flight
+        // count as cached but a `sendfile` of them would wait for the disk
+        // on the loop, so only a region cached then (and still) goes by
+        // `sendfile`: a few pages reclaimed from a warm file (proactive
+        // reclaim takes idle-looking ones) cost their regions, a cold file
+        // stays on the pool to its end.
+        var cachedAtFirstCold: (from: Int64, regions: [Bool])?
         while offset < range.upperBound {
             let end = min(range.upperBound, offset + Self.maxRegion)
-            // Once a region was cold, the kernel's readahead has the next
-            // pages in flight, which the residency check counts as cached
-            // but a `sendfile` would wait for on the loop. So the answer
-            // goes back to `sendfile` only where the region and the
-            // `coldLookahead` bytes after it are all cached: readahead never
-            // runs that far ahead, so those pages were there before. That
-            // tells a few reclaimed pages in a warm file (proactive reclaim
-            // takes idle-looking ones) from a cold file, which stays on the
-            // pool to its end.
-            let checked = cold ? offset..<(end + Self.coldLookahead) : offset..<end
-            if let fileIO, checked.upperBound > range.upperBound || !isResident(handle, checked) {
-                cold = true
-                coldReads?.increment(by: end - offset)
-                try await readAndSend(handle, range: offset..<end, fileIO: fileIO)
+            let bySendfile: Bool
+            if fileIO == nil {
+                bySendfile = true
+            } else if let snapshot = cachedAtFirstCold {
+                let index = Int((offset - snapshot.from) / Self.maxRegion)
+                bySendfile = index < snapshot.regions.count && snapshot.regions[index] && isResident(handle, offset..<end)
+            } else if isResident(handle, offset..<end) {
+                bySendfile = true
             } else {
-                cold = false
+                cachedAtFirstCold = (offset, stride(from: offset, to: range.upperBound, by: Int(Self.maxRegion)).map {
+                    isResident(handle, $0..<min(range.upperBound, $0 + Self.maxRegion))
+                })
+                bySendfile = false
+            }
+            if bySendfile {
                 let region = FileRegion(fileHandle: handle, readerIndex: Int(offset), endIndex: Int(end))
                 try await channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region)))
                 sent(Int(end - offset))
+            } else if let fileIO {
+                coldReads?.increment(by: end - offset)
+                try await readAndSend(handle, range: offset..<end, fileIO: fileIO)
             }
             offset = end
         }
