@@ -44,10 +44,15 @@ public final class FreedMemory: Sendable {
             return now - baseline >= Self.threshold
         }
         guard grown else { return nil }
-        _ = malloc_trim(0)
+        Self.returnAll()
         let after = Self.residentAnonymous() ?? now
         baseline.withLockedValue { $0 = after }
         return (now, after)
+    }
+
+    /// Every arena's free pages to the kernel, now.
+    public static func returnAll() {
+        _ = malloc_trim(0)
     }
 
     /// Resident bytes not backed by a file (`/proc/self/statm`: resident

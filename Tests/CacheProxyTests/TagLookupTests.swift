@@ -2,6 +2,7 @@ import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
+import NIOPosix
 import XCTest
 @testable import CacheProxy
 
@@ -87,6 +88,65 @@ final class TagLookupTests: XCTestCase {
         XCTAssertEqual(try proxy.metric(#"cacheproxy_upstream_requests_total{upstream="127.0.0.1",method="HEAD",code="401"}"#), 1)
         await proxy.stop()
         await upstream.stop()
+    }
+
+    /// A TLS upstream (the real registry, its certificate from the test's
+    /// CA) is asked from the loop too, with its `ca_file`: the loop's own
+    /// pool gets the tag's answer over TLS on one kept-alive connection and
+    /// gets none from a registry it cannot verify; through the proxy, pulls
+    /// by tag (GET and HEAD) get the manifest and its digest, one upstream
+    /// `HEAD` each.
+    func testATLSUpstreamIsAskedFromTheLoopWithItsSettings() async throws {
+        let certificates = try TestCertificates.make()
+        let registry = try Registry(tls: certificates)
+        let image = try TestImage.make(layerSizes: [10_000])
+        try image.push(to: "\(registry.address)/team/app:v1")
+        var upstream = ProxyConfig.Upstream(host: "127.0.0.1", registry: "127.0.0.1", port: registry.port,
+                                            schema: "https", aliases: [])
+        upstream.tls.caFile = certificates.caCert
+        XCTAssertTrue(LoopUpstreamPool.serves(upstream))
+
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let loop = group.next()
+        let pool = LoopUpstreamPool(group: group, connectTimeout: .seconds(2))
+        var head = HTTPRequestHead(version: .http1_1, method: .HEAD, uri: "/v2/team/app/manifests/v1")
+        head.headers.add(name: "host", value: registry.address)
+        head.headers.add(name: "accept", value: "application/vnd.oci.image.manifest.v1+json")
+        func ask(_ upstream: ProxyConfig.Upstream) async throws -> HTTPResponseHead {
+            try await loop.flatSubmit {
+                pool.ask(head, to: upstream, on: loop, within: .seconds(5))
+                    ?? loop.makeFailedFuture(UpstreamExchangeStateMachine.Failure.busy)
+            }.get()
+        }
+        for _ in 0..<3 {
+            let answer = try await ask(upstream)
+            XCTAssertEqual(answer.status, .ok)
+            XCTAssertEqual(answer.headers.first(name: "docker-content-digest"), image.manifest)
+        }
+        var strict = upstream
+        strict.host = "strict"
+        strict.tls = .init()  // the system's CAs, which do not know the test's
+        do {
+            let answer = try await ask(strict)
+            XCTFail("answered without a verified certificate: \(answer.status)")
+        } catch {}
+        try await group.shutdownGracefully()
+
+        let proxy = try await TestProxy(upstreamsYAML:
+            "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(registry.port), schema: https, ca_file: \"\(certificates.caCert)\"}")
+        let url = "\(proxy.base)/v2/team/app/manifests/v1"
+        let accept = ["-H", "Accept: application/vnd.oci.image.manifest.v1+json"]
+        let headsBefore = registry.requests("HEAD", "/manifests/v1")
+        for _ in 0..<3 {
+            let pull = try curl(url, accept)
+            XCTAssertEqual(pull.code, 200)
+            XCTAssertEqual(TestImage.digest(pull.body), image.manifest)
+        }
+        let headers = try shell("curl", ["-sI", url] + accept).output.lowercased()
+        XCTAssertTrue(headers.contains("docker-content-digest: \(image.manifest)"), headers)
+        XCTAssertTrue(eventually { registry.requests("HEAD", "/manifests/v1") - headsBefore == 4 },
+                      "one upstream HEAD per pull")
+        await proxy.stop()
     }
 
     /// An upstream that closes each connection after its answer, unsaid,

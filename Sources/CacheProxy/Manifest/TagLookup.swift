@@ -24,8 +24,8 @@ struct TagLookup {
 
     /// The lookup for `head`, when the event loop can make it: a `GET`
     /// (whole) or `HEAD` of a manifest by tag, for an upstream that
-    /// revalidates manifests and that the loop's pool can reach (plaintext,
-    /// no account of the proxy's own).
+    /// revalidates manifests and that the loop's pool can reach (plaintext
+    /// or TLS, no account of the proxy's own).
     init?(_ head: HTTPRequestHead, router: Router) {
         guard head.method == .GET || head.method == .HEAD,
               // A body (odd on a GET, but a client may send one) is the

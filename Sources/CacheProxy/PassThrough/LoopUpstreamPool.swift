@@ -1,8 +1,10 @@
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOSSL
 
-/// Kept-alive HTTP/1.1 connections to plaintext upstreams, one set per
+/// Kept-alive HTTP/1.1 connections to upstreams, one set per
 /// event loop, for the exchanges the event loop makes itself (a tag's
 /// `HEAD`, `TagLookup`).
 ///
@@ -14,8 +16,10 @@ import NIOPosix
 /// tag answered from memory never leaves it. Each loop owns its own pool,
 /// so no lock is taken.
 ///
-/// What it leaves to `UpstreamClient`: TLS upstreams and upstreams with an
-/// account (token exchanges), bodies, redirects. Requests here are
+/// What it leaves to `UpstreamClient`: upstreams with an account (token
+/// exchanges), bodies, redirects. A TLS upstream is spoken to with the same
+/// settings (`ca_file`, client certificate, `insecure`) as there, from one
+/// `NIOSSLContext` per upstream shared by every loop. Requests here are
 /// bodyless and idempotent (`HEAD`), so one that fails on a reused
 /// connection before any answer (the upstream's keep-alive timeout closed
 /// it) is sent again on a fresh one.
@@ -33,6 +37,19 @@ final class LoopUpstreamPool: Sendable {
 
     private let loops: [ObjectIdentifier: NIOLoopBoundBox<Connections>]
     private let connectTimeout: TimeAmount
+    /// The TLS context of each TLS upstream, by its front host, with the
+    /// settings it was made from (a reload that changes them makes a new
+    /// one) and a number that keeps its connections apart from those of
+    /// other settings. Making one loads the trust roots: milliseconds, so
+    /// once, not per connection.
+    private let tls = NIOLockedValueBox<[String: TLS]>([:])
+    private let nextTLS = NIOLockedValueBox(0)
+
+    private struct TLS {
+        let upstream: ProxyConfig.Upstream
+        let context: NIOSSLContext
+        let number: Int
+    }
 
     init(group: any EventLoopGroup, connectTimeout: TimeAmount) {
         var loops: [ObjectIdentifier: NIOLoopBoundBox<Connections>] = [:]
@@ -45,7 +62,20 @@ final class LoopUpstreamPool: Sendable {
 
     /// Whether the event loop can ask `upstream` itself.
     static func serves(_ upstream: ProxyConfig.Upstream) -> Bool {
-        upstream.schema == "http" && upstream.credentials == nil
+        (upstream.schema == "http" || upstream.schema == "https") && upstream.credentials == nil
+    }
+
+    /// The TLS context for `upstream`, made on first use; nil when its
+    /// settings cannot make one (the async side then asks, and says why).
+    private func tlsContext(for upstream: ProxyConfig.Upstream) -> TLS? {
+        if let known = tls.withLockedValue({ $0[upstream.host] }), known.upstream == upstream { return known }
+        guard let configuration = try? UpstreamClient.tlsConfiguration(upstream.tls, key: "upstreams")
+                ?? TLSConfiguration.makeClientConfiguration(),
+              let context = try? NIOSSLContext(configuration: configuration) else { return nil }
+        let made = TLS(upstream: upstream, context: context,
+                       number: nextTLS.withLockedValue { $0 += 1; return $0 })
+        tls.withLockedValue { $0[upstream.host] = made }
+        return made
     }
 
     /// Sends the bodyless `head` to `upstream` on a connection of `loop`;
@@ -54,12 +84,18 @@ final class LoopUpstreamPool: Sendable {
     func ask(_ head: HTTPRequestHead, to upstream: ProxyConfig.Upstream, on loop: any EventLoop,
              within answer: TimeAmount) -> EventLoopFuture<HTTPResponseHead>? {
         guard let connections = loops[ObjectIdentifier(loop)]?.value else { return nil }
-        let key = "\(upstream.registry):\(upstream.port)"
+        var key = "\(upstream.registry):\(upstream.port)"
+        var tls: TLS?
+        if upstream.schema == "https" {
+            guard let context = tlsContext(for: upstream) else { return nil }
+            tls = context
+            key += " tls \(context.number)"
+        }
         guard connections.startExchange(key) else { return nil }
         let promise = loop.makePromise(of: HTTPResponseHead.self)
         promise.futureResult.assumeIsolated().whenComplete { _ in connections.endExchange(key) }
-        let exchange = Exchange(head: head, upstream: upstream, key: key, connections: connections, answer: answer,
-                                promise: promise)
+        let exchange = Exchange(head: head, upstream: upstream, key: key, tls: tls?.context, connections: connections,
+                                answer: answer, promise: promise)
         if let kept = connections.take(key) {
             // Closed while idle, most likely by the upstream's own keep-alive
             // timeout, before any answer: once more, on a new connection.
@@ -75,6 +111,7 @@ final class LoopUpstreamPool: Sendable {
         let head: HTTPRequestHead
         let upstream: ProxyConfig.Upstream
         let key: String
+        let tls: NIOSSLContext?
         let connections: Connections
         let answer: TimeAmount
         let promise: EventLoopPromise<HTTPResponseHead>
@@ -85,16 +122,25 @@ final class LoopUpstreamPool: Sendable {
         // without its brackets, as AsyncHTTPClient does.
         var host = Substring(exchange.upstream.registry)
         if host.hasPrefix("["), host.hasSuffix("]") { host = host.dropFirst().dropLast() }
+        let (address, tls) = (String(host), exchange.tls)
+        // The name a certificate must carry, also sent as SNI; an address
+        // is checked against the certificate's IP entries instead (SNI
+        // carries no address), as AsyncHTTPClient does.
+        let serverName = (try? SocketAddress(ipAddress: address, port: 0)) == nil ? address : nil
         let connect = ClientBootstrap(group: exchange.promise.futureResult.eventLoop)
             .connectTimeout(connectTimeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let tls {
+                        try channel.pipeline.syncOperations.addHandler(
+                            NIOSSLClientHandler(context: tls, serverHostname: serverName))
+                    }
                     try channel.pipeline.syncOperations.addHTTPClientHandlers()
                     try channel.pipeline.syncOperations.addHandler(UpstreamExchangeHandler(eventLoop: channel.eventLoop))
                 }
             }
-            .connect(host: String(host), port: exchange.upstream.port)
+            .connect(host: address, port: exchange.upstream.port)
         // The connection is made on the loop the pool belongs to.
         connect.assumeIsolated().whenComplete { result in
             switch result {

@@ -1,5 +1,6 @@
 import NIOCore
 import NIOHTTP1
+import NIOSSL
 
 /// One bodyless request at a time on a kept-alive upstream connection, and
 /// whether the connection may carry the next one.
@@ -162,7 +163,10 @@ final class UpstreamExchangeHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        act(machine.failed(transport: error is IOError))
+        // A TLS upstream that closes without `close_notify` (many do, at
+        // their keep-alive timeout) is a close like a reset, not a
+        // malformed answer: on a reused connection it is asked again.
+        act(machine.failed(transport: error is IOError || error as? NIOSSLError == .uncleanShutdown))
     }
 
     private func act(_ action: UpstreamExchangeStateMachine.Action) {
