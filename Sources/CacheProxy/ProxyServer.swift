@@ -124,7 +124,8 @@ public final class ProxyServer: Service, Sendable {
         self.hits = CacheHitResponder(live: live, store: store, gate: gate, metrics: metrics, tracker: tracker,
                                       requestLog: requestLog, tags: tags,
                                       upstreams: LoopUpstreamPool(group: group,
-                                                                  connectTimeout: .fromSeconds(config.timeouts.connectSeconds)))
+                                                                  connectTimeout: .fromSeconds(config.timeouts.connectSeconds),
+                                                                  tls: { [client] in client.loopTLS(for: $0) }))
     }
 
     /// The port the (first) listener is bound to, once it is (port 0 in tests).

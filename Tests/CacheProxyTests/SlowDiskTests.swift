@@ -56,14 +56,7 @@ final class SlowDiskTests: XCTestCase {
     /// disk on the event loop; once warm, it goes by sendfile again. Every
     /// byte either way is the blob's.
     func testACachedBlobNotInThePageCacheIsReadOnTheThreadPool() async throws {
-        typealias F = FaultInjectionTests
-        let bytes = F.randomBytes(9_000_000)  // three sendfile regions
-        let upstream = try await FakeUpstream { _ in .init(body: bytes) }
-        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port))
-        let digest = try Digest(parsing: F.digest(of: bytes))
-        let url = "\(proxy.base)/v2/a/blobs/\(digest)"
-        let path = proxy.folder + "/blobs/sha256/\(digest.hex.prefix(2))/\(digest.hex)"
-        XCTAssertEqual(try curl(url).body, Data(bytes), "the fill")
+        let (bytes, upstream, proxy, url, path) = try await filledBlob(9_000_000)  // three sendfile regions
         // Counted from here: the fill's own reads are not this test's subject,
         // and a warm hit is one whose pages are all cached when it starts.
         let afterFill = try proxy.metric("cacheproxy_cold_read_bytes_total")
@@ -108,15 +101,8 @@ final class SlowDiskTests: XCTestCase {
     /// holes: before, one reclaimed page turned the rest of a large answer
     /// into a copy through memory.
     func testHolesInAWarmFileCostTheirRegionsOnThePool() async throws {
-        typealias F = FaultInjectionTests
         let region = Int(ResponseChannel.maxRegion)
-        let bytes = F.randomBytes(8 * region)
-        let upstream = try await FakeUpstream { _ in .init(body: bytes) }
-        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port))
-        let digest = try Digest(parsing: F.digest(of: bytes))
-        let url = "\(proxy.base)/v2/a/blobs/\(digest)"
-        let path = proxy.folder + "/blobs/sha256/\(digest.hex.prefix(2))/\(digest.hex)"
-        XCTAssertEqual(try curl(url).body, Data(bytes), "the fill")
+        let (bytes, upstream, proxy, url, path) = try await filledBlob(8 * region)
         XCTAssertEqual(try curl(url).body, Data(bytes), "a warm hit")
 
         // The second and fourth regions' pages dropped, the others kept.
@@ -140,6 +126,20 @@ final class SlowDiskTests: XCTestCase {
                        "the two regions with holes on the pool, the six others by sendfile")
         await proxy.stop()
         await upstream.stop()
+    }
+
+    /// A blob of `size` random bytes from a fake upstream, fetched once
+    /// through a new proxy (the fill); its URL and cache file.
+    private func filledBlob(_ size: Int) async throws
+        -> (bytes: [UInt8], upstream: FakeUpstream, proxy: TestProxy, url: String, path: String) {
+        typealias F = FaultInjectionTests
+        let bytes = F.randomBytes(size)
+        let upstream = try await FakeUpstream { _ in .init(body: bytes) }
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port))
+        let digest = try Digest(parsing: F.digest(of: bytes))
+        let url = "\(proxy.base)/v2/a/blobs/\(digest)"
+        XCTAssertEqual(try curl(url).body, Data(bytes), "the fill")
+        return (bytes, upstream, proxy, url, proxy.folder + "/blobs/sha256/\(digest.hex.prefix(2))/\(digest.hex)")
     }
 
     private func resident(_ path: String, length: Int) throws -> Bool {

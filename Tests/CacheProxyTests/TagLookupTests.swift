@@ -3,6 +3,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOSSL
 import XCTest
 @testable import CacheProxy
 
@@ -91,10 +92,13 @@ final class TagLookupTests: XCTestCase {
     }
 
     /// A TLS upstream (the real registry, its certificate from the test's
-    /// CA) is asked from the loop too, with its `ca_file`: the loop's own
-    /// pool gets the tag's answer over TLS on one kept-alive connection and
-    /// gets none from a registry it cannot verify; through the proxy, pulls
-    /// by tag (GET and HEAD) get the manifest and its digest, one upstream
+    /// CA) is asked from the loop too, with its session's context: the
+    /// loop's own pool gets the tag's answer over TLS, by address (checked
+    /// against the certificate's IP entry) and by name (SNI, its DNS
+    /// entry); a context that does not trust the CA gets a handshake
+    /// failure, also for an upstream whose settings changed while a
+    /// verified connection sat idle (never reused across contexts). Through
+    /// the proxy, pulls by tag get the manifest and its digest, one upstream
     /// `HEAD` each.
     func testATLSUpstreamIsAskedFromTheLoopWithItsSettings() async throws {
         let certificates = try TestCertificates.make()
@@ -106,37 +110,51 @@ final class TagLookupTests: XCTestCase {
         upstream.tls.caFile = certificates.caCert
         XCTAssertTrue(LoopUpstreamPool.serves(upstream))
 
+        var trusting = TLSConfiguration.makeClientConfiguration()
+        trusting.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(certificates.caCert))
+        let withCA = UpstreamClient.LoopTLS(context: try NIOSSLContext(configuration: trusting), number: 1)
+        let system = UpstreamClient.LoopTLS(
+            context: try NIOSSLContext(configuration: .makeClientConfiguration()), number: 2)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let loop = group.next()
-        let pool = LoopUpstreamPool(group: group, connectTimeout: .seconds(2))
-        var head = HTTPRequestHead(version: .http1_1, method: .HEAD, uri: "/v2/team/app/manifests/v1")
-        head.headers.add(name: "host", value: registry.address)
-        head.headers.add(name: "accept", value: "application/vnd.oci.image.manifest.v1+json")
+        let pool = LoopUpstreamPool(group: group, connectTimeout: .seconds(2)) { $0.tls.caFile == nil ? system : withCA }
         func ask(_ upstream: ProxyConfig.Upstream) async throws -> HTTPResponseHead {
-            try await loop.flatSubmit {
+            var head = HTTPRequestHead(version: .http1_1, method: .HEAD, uri: "/v2/team/app/manifests/v1")
+            head.headers.add(name: "host", value: "\(upstream.registry):\(upstream.port)")
+            head.headers.add(name: "accept", value: "application/vnd.oci.image.manifest.v1+json")
+            return try await loop.flatSubmit {
                 pool.ask(head, to: upstream, on: loop, within: .seconds(5))
                     ?? loop.makeFailedFuture(UpstreamExchangeStateMachine.Failure.busy)
             }.get()
         }
-        for _ in 0..<3 {
-            let answer = try await ask(upstream)
-            XCTAssertEqual(answer.status, .ok)
+        func refused(_ upstream: ProxyConfig.Upstream, _ why: String) async {
+            do {
+                let answer = try await ask(upstream)
+                XCTFail("\(why): answered without a verified certificate: \(answer.status)")
+            } catch {
+                XCTAssertTrue(error is NIOSSLError, "\(why): a handshake failure, not \(error)")
+            }
+        }
+        var byName = upstream
+        byName.registry = "localhost"
+        for target in [upstream, upstream, upstream, byName] {
+            let answer = try await ask(target)
+            XCTAssertEqual(answer.status, .ok, target.registry)
             XCTAssertEqual(answer.headers.first(name: "docker-content-digest"), image.manifest)
         }
-        var strict = upstream
+        var changed = upstream  // a verified connection to it is idle in the pool now
+        changed.tls = .init()
+        await refused(changed, "settings changed")
+        var strict = changed
         strict.host = "strict"
-        strict.tls = .init()  // the system's CAs, which do not know the test's
-        do {
-            let answer = try await ask(strict)
-            XCTFail("answered without a verified certificate: \(answer.status)")
-        } catch {}
+        await refused(strict, "another upstream")
         try await group.shutdownGracefully()
+        XCTAssertTrue(eventually { registry.requests("HEAD", "/manifests/v1") == 4 }, "the pool's four HEADs, logged")
 
         let proxy = try await TestProxy(upstreamsYAML:
             "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(registry.port), schema: https, ca_file: \"\(certificates.caCert)\"}")
         let url = "\(proxy.base)/v2/team/app/manifests/v1"
         let accept = ["-H", "Accept: application/vnd.oci.image.manifest.v1+json"]
-        let headsBefore = registry.requests("HEAD", "/manifests/v1")
         for _ in 0..<3 {
             let pull = try curl(url, accept)
             XCTAssertEqual(pull.code, 200)
@@ -144,9 +162,30 @@ final class TagLookupTests: XCTestCase {
         }
         let headers = try shell("curl", ["-sI", url] + accept).output.lowercased()
         XCTAssertTrue(headers.contains("docker-content-digest: \(image.manifest)"), headers)
-        XCTAssertTrue(eventually { registry.requests("HEAD", "/manifests/v1") - headsBefore == 4 },
-                      "one upstream HEAD per pull")
+        XCTAssertTrue(eventually { registry.requests("HEAD", "/manifests/v1") == 8 }, "one upstream HEAD per pull")
         await proxy.stop()
+    }
+
+    /// A TLS upstream that takes the connection and never answers the
+    /// handshake is unreachable after the connect timeout (502, as the
+    /// async side says of it), not silent until the answer's wait ends.
+    func testATLSHandshakeThatNeverEndsIsBoundByTheConnectTimeout() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let silent = try await ServerBootstrap(group: group).childChannelOption(.autoRead, value: false)
+            .bind(host: "127.0.0.1", port: 0).get()
+        let port = try XCTUnwrap(silent.localAddress?.port)
+        let proxy = try await TestProxy(
+            upstreamsYAML: "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(port), schema: https}",
+            extraYAML: "timeouts: {connect: 1, upstream: 6}")
+        let started = Date()
+        let pull = try curl("\(proxy.base)/v2/team/app/manifests/v1")
+        let took = Date().timeIntervalSince(started)
+        XCTAssertEqual(pull.code, 502, String(decoding: pull.body, as: UTF8.self))
+        XCTAssertTrue(String(decoding: pull.body, as: UTF8.self).contains("UNAVAILABLE"))
+        XCTAssertLessThan(took, 4, "the connect timeout (1 s), not the answer's (6 s)")
+        await proxy.stop()
+        try await silent.close()
+        try await group.shutdownGracefully()
     }
 
     /// An upstream that closes each connection after its answer, unsaid,

@@ -1,8 +1,8 @@
-import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
 import NIOSSL
+import NIOTLS
 
 /// Kept-alive HTTP/1.1 connections to upstreams, one set per
 /// event loop, for the exchanges the event loop makes itself (a tag's
@@ -14,12 +14,13 @@ import NIOSSL
 /// against nginx's 58 (benchmarks/RESULTS.md). Here the client connection,
 /// the upstream connection and every callback share one event loop, so a
 /// tag answered from memory never leaves it. Each loop owns its own pool,
-/// so no lock is taken.
+/// so no lock is taken for it (a TLS upstream's context is looked up in
+/// `UpstreamClient`'s sessions, under their lock).
 ///
 /// What it leaves to `UpstreamClient`: upstreams with an account (token
 /// exchanges), bodies, redirects. A TLS upstream is spoken to with the same
-/// settings (`ca_file`, client certificate, `insecure`) as there, from one
-/// `NIOSSLContext` per upstream shared by every loop. Requests here are
+/// settings (`ca_file`, client certificate, `insecure`) as there: the
+/// `NIOSSLContext` made with the upstream's session, shared by every loop. Requests here are
 /// bodyless and idempotent (`HEAD`), so one that fails on a reused
 /// connection before any answer (the upstream's keep-alive timeout closed
 /// it) is sent again on a fresh one.
@@ -37,45 +38,23 @@ final class LoopUpstreamPool: Sendable {
 
     private let loops: [ObjectIdentifier: NIOLoopBoundBox<Connections>]
     private let connectTimeout: TimeAmount
-    /// The TLS context of each TLS upstream, by its front host, with the
-    /// settings it was made from (a reload that changes them makes a new
-    /// one) and a number that keeps its connections apart from those of
-    /// other settings. Making one loads the trust roots: milliseconds, so
-    /// once, not per connection.
-    private let tls = NIOLockedValueBox<[String: TLS]>([:])
-    private let nextTLS = NIOLockedValueBox(0)
+    /// The TLS context of a TLS upstream, from its session (`UpstreamClient`).
+    private let tls: @Sendable (ProxyConfig.Upstream) -> UpstreamClient.LoopTLS?
 
-    private struct TLS {
-        let upstream: ProxyConfig.Upstream
-        let context: NIOSSLContext
-        let number: Int
-    }
-
-    init(group: any EventLoopGroup, connectTimeout: TimeAmount) {
+    init(group: any EventLoopGroup, connectTimeout: TimeAmount,
+         tls: @escaping @Sendable (ProxyConfig.Upstream) -> UpstreamClient.LoopTLS?) {
         var loops: [ObjectIdentifier: NIOLoopBoundBox<Connections>] = [:]
         for loop in group.makeIterator() {
             loops[ObjectIdentifier(loop)] = NIOLoopBoundBox.makeBoxSendingValue(Connections(), eventLoop: loop)
         }
         self.loops = loops
         self.connectTimeout = connectTimeout
+        self.tls = tls
     }
 
     /// Whether the event loop can ask `upstream` itself.
     static func serves(_ upstream: ProxyConfig.Upstream) -> Bool {
         (upstream.schema == "http" || upstream.schema == "https") && upstream.credentials == nil
-    }
-
-    /// The TLS context for `upstream`, made on first use; nil when its
-    /// settings cannot make one (the async side then asks, and says why).
-    private func tlsContext(for upstream: ProxyConfig.Upstream) -> TLS? {
-        if let known = tls.withLockedValue({ $0[upstream.host] }), known.upstream == upstream { return known }
-        guard let configuration = try? UpstreamClient.tlsConfiguration(upstream.tls, key: "upstreams")
-                ?? TLSConfiguration.makeClientConfiguration(),
-              let context = try? NIOSSLContext(configuration: configuration) else { return nil }
-        let made = TLS(upstream: upstream, context: context,
-                       number: nextTLS.withLockedValue { $0 += 1; return $0 })
-        tls.withLockedValue { $0[upstream.host] = made }
-        return made
     }
 
     /// Sends the bodyless `head` to `upstream` on a connection of `loop`;
@@ -85,9 +64,9 @@ final class LoopUpstreamPool: Sendable {
              within answer: TimeAmount) -> EventLoopFuture<HTTPResponseHead>? {
         guard let connections = loops[ObjectIdentifier(loop)]?.value else { return nil }
         var key = "\(upstream.registry):\(upstream.port)"
-        var tls: TLS?
+        var tls: UpstreamClient.LoopTLS?
         if upstream.schema == "https" {
-            guard let context = tlsContext(for: upstream) else { return nil }
+            guard let context = self.tls(upstream) else { return nil }
             tls = context
             key += " tls \(context.number)"
         }
@@ -127,6 +106,11 @@ final class LoopUpstreamPool: Sendable {
         // is checked against the certificate's IP entries instead (SNI
         // carries no address), as AsyncHTTPClient does.
         let serverName = (try? SocketAddress(ipAddress: address, port: 0)) == nil ? address : nil
+        // The TLS handshake is part of connecting, under the same deadline
+        // (AsyncHTTPClient's too): an upstream that takes the connection and
+        // never speaks TLS is unreachable after `connect`, not silent until
+        // the answer's wait ends.
+        let deadline = NIODeadline.now() + connectTimeout
         let connect = ClientBootstrap(group: exchange.promise.futureResult.eventLoop)
             .connectTimeout(connectTimeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -135,12 +119,27 @@ final class LoopUpstreamPool: Sendable {
                     if let tls {
                         try channel.pipeline.syncOperations.addHandler(
                             NIOSSLClientHandler(context: tls, serverHostname: serverName))
+                        try channel.pipeline.syncOperations.addHandler(
+                            TLSHandshakeWait(channel.eventLoop.makePromise()))
                     }
                     try channel.pipeline.syncOperations.addHTTPClientHandlers()
                     try channel.pipeline.syncOperations.addHandler(UpstreamExchangeHandler(eventLoop: channel.eventLoop))
                 }
             }
             .connect(host: address, port: exchange.upstream.port)
+            .flatMap { channel in
+                guard let wait = try? channel.pipeline.syncOperations.handler(type: TLSHandshakeWait.self) else {
+                    return channel.eventLoop.makeSucceededFuture(channel)
+                }
+                let done = wait.done
+                let timeout = channel.eventLoop.scheduleTask(deadline: deadline) {
+                    done.fail(TLSHandshakeWait.TimedOut())
+                }
+                return done.futureResult.map { channel }.flatMapErrorThrowing { error in
+                    channel.close(promise: nil)
+                    throw error
+                }.always { _ in timeout.cancel() }
+            }
         // The connection is made on the loop the pool belongs to.
         connect.assumeIsolated().whenComplete { result in
             switch result {
@@ -186,7 +185,8 @@ final class LoopUpstreamPool: Sendable {
         promise.succeed(reply.head)
     }
 
-    /// One loop's idle connections, by `registry:port`. Only its loop
+    /// One loop's idle connections, by `registry:port` (and the TLS
+    /// context's number for a TLS upstream). Only its loop
     /// touches it.
     final class Connections {
         struct Kept {
@@ -242,5 +242,38 @@ final class LoopUpstreamPool: Sendable {
             idle[key]?.removeAll { $0.kept.channel === channel }
             channel.close(promise: nil)
         }
+    }
+}
+
+/// Completes `done` when the TLS handshake does, or fails it with what
+/// ended it first (the handshake's own error, kept for the log: a wrong
+/// `ca_file` or name says so, not "malformed"). Its connection's deadline
+/// is set by `LoopUpstreamPool.connect`.
+final class TLSHandshakeWait: ChannelInboundHandler {
+    typealias InboundIn = NIOAny
+
+    struct TimedOut: Error, CustomStringConvertible {
+        var description: String { "the upstream's TLS handshake did not finish within the connect timeout" }
+    }
+
+    let done: EventLoopPromise<Void>
+
+    init(_ done: EventLoopPromise<Void>) {
+        self.done = done
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case TLSUserEvent.handshakeCompleted = event { done.succeed(()) }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        done.fail(error)
+        context.fireErrorCaught(error)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        done.fail(UpstreamExchangeStateMachine.Failure.closed)
+        context.fireChannelInactive()
     }
 }

@@ -37,9 +37,22 @@ public final class UpstreamClient: Sendable {
         case fills
     }
 
+    /// A TLS upstream's context for the event loops' own connections
+    /// (`LoopUpstreamPool`), made with its session from the same settings,
+    /// so both sides trust the same roots (read once, at start or reload,
+    /// off the loops). `number` tells connections made with one context
+    /// from those of another.
+    struct LoopTLS: Sendable {
+        let context: NIOSSLContext
+        let number: Int
+    }
+
     /// What is particular to one upstream.
     struct Session: Sendable {
         let tls: TLSConfiguration?
+        /// Nil for plaintext, or when no context could be made (the async
+        /// side then asks, and says why).
+        let loopTLS: LoopTLS?
         let auth: UpstreamAuth?
         /// The settings it was made from: a reload keeps a session (and
         /// the tokens its account holds) when they did not change.
@@ -101,8 +114,9 @@ public final class UpstreamClient: Sendable {
                 sessions[upstream.host] = kept
                 continue
             }
+            let tls = try Self.tlsConfiguration(upstream.tls, key: "upstreams[\(index)]")
             sessions[upstream.host] = Session(
-                tls: try Self.tlsConfiguration(upstream.tls, key: "upstreams[\(index)]"),
+                tls: tls, loopTLS: upstream.schema == "https" ? Self.loopTLS(tls) : nil,
                 auth: upstream.credentials.map { UpstreamAuth(credentials: $0, upstream: upstream) },
                 upstream: upstream)
         }
@@ -119,6 +133,31 @@ public final class UpstreamClient: Sendable {
             return current
         }
         return try? Self.sessions(for: [upstream], keeping: [:])[upstream.host]
+    }
+
+    /// The context the event loop's connections to `upstream` use: the one
+    /// of its session in force, only while that session was made from the
+    /// same settings (a request routed before a reload goes the async way).
+    /// Never made here: this runs on the event loop.
+    func loopTLS(for upstream: ProxyConfig.Upstream) -> LoopTLS? {
+        guard let current = live.withLockedValue({ $0.sessions[upstream.host] }), current.upstream == upstream
+        else { return nil }
+        return current.loopTLS
+    }
+
+    /// Upstreams with the system's trust roots share one context (parsing
+    /// the system's bundle takes milliseconds and hundreds of KiB each).
+    private static let systemLoopTLS: LoopTLS? = makeLoopTLS(.makeClientConfiguration())
+    private static let loopTLSNumbers = NIOLockedValueBox(0)
+
+    private static func loopTLS(_ configuration: TLSConfiguration?) -> LoopTLS? {
+        guard let configuration else { return systemLoopTLS }
+        return makeLoopTLS(configuration)
+    }
+
+    private static func makeLoopTLS(_ configuration: TLSConfiguration) -> LoopTLS? {
+        guard let context = try? NIOSSLContext(configuration: configuration) else { return nil }
+        return LoopTLS(context: context, number: loopTLSNumbers.withLockedValue { $0 += 1; return $0 })
     }
 
     /// A reload: sessions for the upstreams configured now (unchanged ones
