@@ -168,7 +168,8 @@ final class TagLookupTests: XCTestCase {
 
     /// A TLS upstream that takes the connection and never answers the
     /// handshake is unreachable after the connect timeout (502, as the
-    /// async side says of it), not silent until the answer's wait ends.
+    /// async side says of it), not silent until the answer's wait ends; one
+    /// that refuses the connection is unreachable at once.
     func testATLSHandshakeThatNeverEndsIsBoundByTheConnectTimeout() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let silent = try await ServerBootstrap(group: group).childChannelOption(.autoRead, value: false)
@@ -185,6 +186,22 @@ final class TagLookupTests: XCTestCase {
         XCTAssertLessThan(took, 4, "the connect timeout (1 s), not the answer's (6 s)")
         await proxy.stop()
         try await silent.close()
+
+        // One that refuses the connection: 502 at once. NIO closes a channel
+        // whose connect failed without an event, only removing its handlers;
+        // the handshake's promise is failed there (a debug build, as this
+        // test runs, traps on a promise left unfulfilled).
+        let closed = try await ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).get()
+        let refusing = try XCTUnwrap(closed.localAddress?.port)
+        try await closed.close()
+        let again = try await TestProxy(
+            upstreamsYAML: "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(refusing), schema: https}",
+            extraYAML: "timeouts: {connect: 1, upstream: 6}")
+        for _ in 0..<2 {
+            let refused = try curl("\(again.base)/v2/team/app/manifests/v1")
+            XCTAssertEqual(refused.code, 502, String(decoding: refused.body, as: UTF8.self))
+        }
+        await again.stop()
         try await group.shutdownGracefully()
     }
 

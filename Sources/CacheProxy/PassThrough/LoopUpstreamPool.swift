@@ -249,7 +249,7 @@ final class LoopUpstreamPool: Sendable {
 /// ended it first (the handshake's own error, kept for the log: a wrong
 /// `ca_file` or name says so, not "malformed"). Its connection's deadline
 /// is set by `LoopUpstreamPool.connect`.
-final class TLSHandshakeWait: ChannelInboundHandler {
+final class TLSHandshakeWait: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = NIOAny
 
     struct TimedOut: Error, CustomStringConvertible {
@@ -263,8 +263,20 @@ final class TLSHandshakeWait: ChannelInboundHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if case TLSUserEvent.handshakeCompleted = event { done.succeed(()) }
         context.fireUserInboundEventTriggered(event)
+        if case TLSUserEvent.handshakeCompleted = event {
+            done.succeed(())
+            // Its work is done: the connection's reads no longer pass here.
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        }
+    }
+
+    /// Also when the connect itself failed: NIO then closes the channel
+    /// without `channelInactive` or an error, only removing its handlers
+    /// (a refused address, or one Happy Eyeballs gave up on), and the
+    /// promise must not be left unfulfilled.
+    func handlerRemoved(context: ChannelHandlerContext) {
+        done.fail(UpstreamExchangeStateMachine.Failure.closed)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

@@ -106,8 +106,10 @@ public final class UpstreamClient: Sendable {
         self.connectTimeout = .milliseconds(Int64(timeouts.connectSeconds * 1000))
     }
 
-    private static func sessions(for upstreams: [ProxyConfig.Upstream], keeping old: [String: Session]) throws
-        -> [String: Session] {
+    /// `loop`: whether to make the event loops' TLS contexts too (not for
+    /// a session made afresh for one request, which the loops never see).
+    private static func sessions(for upstreams: [ProxyConfig.Upstream], keeping old: [String: Session],
+                                 loop: Bool = true) throws -> [String: Session] {
         var sessions: [String: Session] = [:]
         for (index, upstream) in upstreams.enumerated() {
             if let kept = old[upstream.host], kept.upstream == upstream {
@@ -116,7 +118,8 @@ public final class UpstreamClient: Sendable {
             }
             let tls = try Self.tlsConfiguration(upstream.tls, key: "upstreams[\(index)]")
             sessions[upstream.host] = Session(
-                tls: tls, loopTLS: upstream.schema == "https" ? Self.loopTLS(tls) : nil,
+                tls: tls,
+                loopTLS: loop && upstream.schema == "https" && LoopUpstreamPool.serves(upstream) ? Self.loopTLS(tls) : nil,
                 auth: upstream.credentials.map { UpstreamAuth(credentials: $0, upstream: upstream) },
                 upstream: upstream)
         }
@@ -132,7 +135,7 @@ public final class UpstreamClient: Sendable {
         if let current = live.withLockedValue({ $0.sessions[upstream.host] }), current.upstream == upstream {
             return current
         }
-        return try? Self.sessions(for: [upstream], keeping: [:])[upstream.host]
+        return try? Self.sessions(for: [upstream], keeping: [:], loop: false)[upstream.host]
     }
 
     /// The context the event loop's connections to `upstream` use: the one
