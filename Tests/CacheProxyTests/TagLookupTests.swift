@@ -246,15 +246,11 @@ final class TagLookupTests: XCTestCase {
         let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port))
         XCTAssertEqual(try curl("\(proxy.base)/v2/lib/app/manifests/latest").body, fake.manifest)
 
-        let socket = try RawSocket(port: proxy.port)
         let host = "Host: 127.0.0.1:\(proxy.port)\r\n"
-        XCTAssertTrue(socket.send(
+        let (text, statuses, _) = try await pipelined(proxy,
             "GET /v2/lib/app/manifests/latest HTTP/1.1\r\n\(host)\r\n"
                 + "GET /v2/lib/private/manifests/latest HTTP/1.1\r\n\(host)\r\n"
-                + "HEAD /v2/lib/app/manifests/latest HTTP/1.1\r\n\(host)Connection: close\r\n\r\n"))
-        let text = String(decoding: socket.receive(), as: UTF8.self)
-        // A body ends without a line break: status lines are found anywhere.
-        let statuses = text.components(separatedBy: "HTTP/1.1 ").dropFirst().map { String($0.prefix(3)) }
+                + "HEAD /v2/lib/app/manifests/latest HTTP/1.1\r\n\(host)Connection: close\r\n\r\n")
         XCTAssertEqual(statuses, ["200", "401", "200"])
         XCTAssertTrue(text.contains(String(decoding: fake.manifest, as: UTF8.self)), "the body of the first")
         XCTAssertEqual(text.components(separatedBy: "docker-content-digest: \(fake.digest)").count - 1, 2)
@@ -272,7 +268,6 @@ final class TagLookupTests: XCTestCase {
             XCTAssertEqual(pull.code, 200)
             XCTAssertEqual(pull.body, fake.manifest)
         }
-        socket.close()
         // The scrape's own connection is the one left.
         XCTAssertTrue(try eventually { try proxy.metric("cacheproxy_connected_clients") == 1 }, "nothing left open")
         await proxy.stop()
@@ -329,19 +324,14 @@ final class TagLookupTests: XCTestCase {
         try warm(proxy, fake)
         let host = "Host: 127.0.0.1:\(proxy.port)\r\n"
 
-        let socket = try RawSocket(port: proxy.port, receiveTimeout: 5)
-        XCTAssertTrue(socket.send(
-            "GET /v2/lib/app/manifests/latest HTTP/1.1\r\n\(host)\r\n"
-                + "GET /v2/lib/private/manifests/latest HTTP/1.1\r\n\(host)Content-Length: 1\r\n\r\n"))
-        try await Task.sleep(for: .milliseconds(200))
         // Then a request the async side answers (the ping): a lost end
         // made the async side take its head for the body's end.
-        XCTAssertTrue(socket.send("x" + "GET /v2/ HTTP/1.1\r\n\(host)Connection: close\r\n\r\n"))
-        let started = Date()
-        let text = String(decoding: socket.receive(), as: UTF8.self)
-        let statuses = text.components(separatedBy: "HTTP/1.1 ").dropFirst().map { String($0.prefix(3)) }
+        let (_, statuses, seconds) = try await pipelined(proxy,
+            "GET /v2/lib/app/manifests/latest HTTP/1.1\r\n\(host)\r\n"
+                + "GET /v2/lib/private/manifests/latest HTTP/1.1\r\n\(host)Content-Length: 1\r\n\r\n",
+            after: .milliseconds(200), then: "x" + "GET /v2/ HTTP/1.1\r\n\(host)Connection: close\r\n\r\n")
         XCTAssertEqual(statuses, ["200", "404", "200"])
-        XCTAssertLessThan(Date().timeIntervalSince(started), 3, "answered and closed, not left hanging")
+        XCTAssertLessThan(seconds, 3, "answered and closed, not left hanging")
 
         let before = upstream.requests.count
         let closing = try RawSocket(port: proxy.port, receiveTimeout: 5)
@@ -388,17 +378,12 @@ final class TagLookupTests: XCTestCase {
         let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port))
         try warm(proxy, fake)
         let host = "Host: 127.0.0.1:\(proxy.port)\r\n"
-        let socket = try RawSocket(port: proxy.port, receiveTimeout: 5)
-        XCTAssertTrue(socket.send(
+        let (_, statuses, seconds) = try await pipelined(proxy,
             "GET /v2/lib/app/manifests/latest HTTP/1.1\r\n\(host)\r\n"
-                + "GET /v2/lib/app/manifests/\(fake.digest) HTTP/1.1\r\n\(host)\r\n"))
-        try await Task.sleep(for: .milliseconds(300))
-        XCTAssertTrue(socket.send("GET /v2/ HTTP/1.1\r\n\(host)Connection: close\r\n\r\n"))
-        let started = Date()
-        let text = String(decoding: socket.receive(), as: UTF8.self)
-        let statuses = text.components(separatedBy: "HTTP/1.1 ").dropFirst().map { String($0.prefix(3)) }
+                + "GET /v2/lib/app/manifests/\(fake.digest) HTTP/1.1\r\n\(host)\r\n",
+            after: .milliseconds(300), then: "GET /v2/ HTTP/1.1\r\n\(host)Connection: close\r\n\r\n")
         XCTAssertEqual(statuses, ["200", "200", "200"])
-        XCTAssertLessThan(Date().timeIntervalSince(started), 3, "the ping answered, not left waiting for its end")
+        XCTAssertLessThan(seconds, 3, "the ping answered, not left waiting for its end")
         await proxy.stop()
         await upstream.stop()
     }
@@ -445,6 +430,25 @@ final class TagLookupTests: XCTestCase {
 
     /// Two pulls of the tag: the first fills the cache, the second reads the
     /// manifest into memory, so the loop answers the next ones itself.
+    /// Sends `requests` on one connection and, `after` a pause, `then`
+    /// (which ends with a close); returns what came back, its status codes
+    /// in order (a body ends without a line break: they are found
+    /// anywhere) and the seconds from the last send to the close.
+    private func pipelined(_ proxy: TestProxy, _ requests: String, after pause: Duration = .zero,
+                           then more: String = "") async throws
+        -> (text: String, statuses: [String], seconds: Double) {
+        let socket = try RawSocket(port: proxy.port, receiveTimeout: 5)
+        XCTAssertTrue(socket.send(requests))
+        if !more.isEmpty {
+            try await Task.sleep(for: pause)
+            XCTAssertTrue(socket.send(more))
+        }
+        let started = Date()
+        let text = String(decoding: socket.receive(), as: UTF8.self)
+        let statuses = text.components(separatedBy: "HTTP/1.1 ").dropFirst().map { String($0.prefix(3)) }
+        return (text, statuses, Date().timeIntervalSince(started))
+    }
+
     private func warm(_ proxy: TestProxy, _ fake: ManifestCacheTests.FakeRegistry) throws {
         for _ in 0..<2 { XCTAssertEqual(try curl("\(proxy.base)/v2/lib/app/manifests/latest").body, fake.manifest) }
     }
