@@ -19,7 +19,7 @@ final class EvictionTests: XCTestCase {
         for n in 1...4 { index.insert(digest(n), size: 100, now: 0) }  // same clock tick: order still kept
         XCTAssertEqual(index.totalBytes, 400)
         _ = index.use(digest(1), now: 0)  // 1 is now the most recent
-        XCTAssertTrue(index.retain(digest(2), now: 0))  // 2 is being read
+        XCTAssertEqual(index.retain(digest(2), now: 0), 100)  // 2 is being read
         _ = index.use(digest(3), now: 0)
         let candidates = BlobIndex.byLastUse(index.idle())
         XCTAssertEqual(candidates.map(\.digest), [digest(4), digest(1), digest(3)], "oldest first, the one being read left out")
@@ -28,7 +28,7 @@ final class EvictionTests: XCTestCase {
         XCTAssertNil(index.evict(digest(1), chosenAt: candidates[1].lastAccess))
         XCTAssertEqual(index.evict(digest(4), chosenAt: candidates[0].lastAccess), 100)
         XCTAssertEqual(index.totalBytes, 300)
-        XCTAssertFalse(index.retain(digest(4), now: 0), "an evicted blob cannot be opened")
+        XCTAssertNil(index.retain(digest(4), now: 0), "an evicted blob cannot be opened")
         index.release(digest(2))
         XCTAssertEqual(BlobIndex.byLastUse(index.idle()).map(\.digest), [digest(2), digest(3), digest(1)], "released: 2 is a candidate again")
     }

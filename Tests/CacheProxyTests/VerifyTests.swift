@@ -70,4 +70,47 @@ final class VerifyTests: XCTestCase {
         await proxy.stop()
         await upstream.stop()
     }
+
+    /// A large cached file cut short (or grown) behind the running server's
+    /// back: a large hit is not hashed again, and the file's own length would
+    /// have gone out as `Content-Length`, a short layer the client takes as
+    /// whole. The size it was published with is the check: the file is
+    /// dropped and the blob fetched again, whole.
+    func testALargeCachedFileOfTheWrongSizeIsFetchedAgainNotServed() async throws {
+        let blob = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 31) }
+        let upstream = try await FakeUpstream { _ in .init(body: blob) }
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port))
+        let digest = TestImage.digest(Data(blob))
+        let url = "\(proxy.base)/v2/lib/app/blobs/\(digest)"
+        XCTAssertEqual(try curl(url).code, 200)
+        let path = proxy.folder + "/blobs/sha256/\(digest.dropFirst(7).prefix(2))/\(digest.dropFirst(7))"
+        for _ in 0..<100 where !FileManager.default.fileExists(atPath: path) {
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        XCTAssertEqual(Data(try curl(url).body), Data(blob))
+        XCTAssertEqual(upstream.gets.count, 1, "a hit")
+
+        XCTAssertEqual(truncate(path, 100_000), 0)
+        let cut = try curl(url)
+        XCTAssertEqual(cut.code, 200)
+        XCTAssertEqual(Data(cut.body), Data(blob), "never the short file")
+        XCTAssertEqual(upstream.gets.count, 2, "fetched again")
+
+        // Grown: the blob's bytes and then some.
+        for _ in 0..<100 where (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) != blob.count {
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        let handle = try XCTUnwrap(FileHandle(forWritingAtPath: path))
+        try handle.seekToEnd()
+        handle.write(Data(repeating: 7, count: 4096))
+        try handle.close()
+        let grown = try curl(url)
+        XCTAssertEqual(grown.code, 200)
+        XCTAssertEqual(Data(grown.body), Data(blob), "never the grown file")
+        XCTAssertEqual(upstream.gets.count, 3)
+        XCTAssertEqual(Data(try curl(url).body), Data(blob))
+        XCTAssertEqual(upstream.gets.count, 3, "the copy fetched again is a hit")
+        await proxy.stop()
+        await upstream.stop()
+    }
 }

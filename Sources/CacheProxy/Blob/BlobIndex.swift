@@ -66,12 +66,14 @@ struct BlobIndex {
         return size
     }
 
-    mutating func retain(_ digest: Digest, now: UInt64) -> Bool {
-        guard entries[digest] != nil else { return false }
+    /// Counts a reader in and marks the blob used; its size as published,
+    /// nil when it is not in the index.
+    mutating func retain(_ digest: Digest, now: UInt64) -> Int64? {
+        guard let size = entries[digest]?.size else { return nil }
         let stamp = stamp(now)
         entries[digest]?.readers += 1
         entries[digest]?.lastAccess = stamp
-        return true
+        return size
     }
 
     mutating func release(_ digest: Digest) {

@@ -146,19 +146,28 @@ public final class BlobStore: Sendable {
     /// again.
     public func openCached(_ digest: Digest) -> Opened {
         let now = Self.now()
-        guard index.withLockedValue({ $0.retain(digest, now: now) }) else { return .missing }
+        guard let published = index.withLockedValue({ $0.retain(digest, now: now) }) else { return .missing }
         // O_NONBLOCK: a FIFO put where a blob was must not block the event
         // loop in open(); on a regular file it changes nothing.
         let fd = open(path(for: digest), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
         var error = fd >= 0 ? 0 : errno
+        var problem: String?
         if fd >= 0 {
             var st = stat()
             if fstat(fd, &st) != 0 {
                 error = errno
-            } else if (st.st_mode & S_IFMT) == S_IFREG {
-                return .file(fd: fd, size: Int64(st.st_size))
-            } else {
+            } else if (st.st_mode & S_IFMT) != S_IFREG {
                 error = EINVAL  // not a regular file: unusable, whatever errno says
+            } else if Int64(st.st_size) != published {
+                // Truncated or appended to behind the cache's back (another
+                // process, a restore, a file system repair): its length
+                // would go out as the answer's `Content-Length`, and a large
+                // blob is sent without being hashed again. A short layer
+                // with a matching length is exactly what must never be
+                // served: it is dropped and fetched again.
+                problem = "size \(st.st_size), published as \(published)"
+            } else {
+                return .file(fd: fd, size: published)
             }
             close(fd)
         }
@@ -166,6 +175,10 @@ public final class BlobStore: Sendable {
         if error == EMFILE || error == ENFILE || error == ENOMEM {
             openFailed(error)
             return .unavailable
+        }
+        if let problem {
+            discardDamaged(digest, problem: problem)
+            return .missing
         }
         if error != ENOENT {
             logger.warning("cached blob is unusable; fetching it again",
@@ -345,8 +358,8 @@ public final class BlobStore: Sendable {
 
     /// A cached file whose bytes are not its digest's: removed, so the next
     /// request fetches it again.
-    func discardDamaged(_ digest: Digest) {
-        logger.warning("removing a damaged cached blob", metadata: ["digest": "\(digest)"])
+    func discardDamaged(_ digest: Digest, problem: String = "digest mismatch") {
+        logger.warning("removing a damaged cached blob", metadata: ["digest": "\(digest)", "problem": "\(problem)"])
         unlink(path(for: digest))
         forget(digest)
     }
