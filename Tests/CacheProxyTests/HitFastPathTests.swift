@@ -20,8 +20,22 @@ final class HitFastPathTests: XCTestCase {
     func testTheParserTakesOnlyPlainKeepAliveGets() {
         let plain = "GET /v2/a/blobs/sha256:ab?ns=x HTTP/1.1\r\nHost: h:5000\r\nAuthorization: Basic  eA== \r\n"
             + "Accept: */*\r\nConnection: Keep-Alive\r\n\r\nGET /next"
-        XCTAssertEqual(parse(plain), PlainGetHead(target: "/v2/a/blobs/sha256:ab?ns=x", host: "h:5000",
-                                                  authorization: "Basic  eA== "))
+        let head = parse(plain)
+        XCTAssertEqual(head?.target, "/v2/a/blobs/sha256:ab?ns=x")
+        XCTAssertEqual(head?.host, "h:5000")
+        XCTAssertEqual(head?.authorization, "Basic  eA== ")
+        // `Accept` and `User-Agent` as offsets into the head (a tag's
+        // upstream `HEAD` carries them), each as the decoder keeps it.
+        func text(_ range: Range<Int>?, _ of: String) -> String? {
+            range.map { String(decoding: Array(of.utf8)[$0], as: UTF8.self) }
+        }
+        XCTAssertEqual(text(head?.accept, plain), "*/*")
+        XCTAssertEqual(head?.acceptCount, 1)
+        XCTAssertNil(head?.userAgent)
+        let agent = "GET /v2/a/manifests/1 HTTP/1.1\r\nUser-Agent: containerd/2.0 \r\nHost: h\r\n"
+            + "Accept: a/b\r\nAccept: c/d, e/f\r\n\r\n"
+        XCTAssertEqual(text(parse(agent)?.userAgent, agent), "containerd/2.0 ")
+        XCTAssertEqual(parse(agent)?.acceptCount, 2, "Docker's one field per type: counted, for the decoder's way")
         let length = Array(plain.utf8).withUnsafeBytes { PlainGetHead.parse($0, limit: 8192)?.length }
         XCTAssertEqual(length, plain.utf8.count - "GET /next".utf8.count, "ends at the blank line")
         let h = "GET /v2/a/blobs/x HTTP/1.1\r\nHost: h\r\n"
@@ -32,6 +46,7 @@ final class HitFastPathTests: XCTestCase {
             h + "Content-Length: 0\r\n\r\n", h + "Transfer-Encoding: chunked\r\n\r\n", h + "Expect: 100-continue\r\n\r\n",
             h + "Range: bytes=0-1\r\n\r\n", h + "Upgrade: h2c\r\n\r\n", h + "Connection: close\r\n\r\n",
             h + "Host: other\r\n\r\n", h + "Authorization: a\r\nAuthorization: b\r\n\r\n",
+            h + "User-Agent: a\r\nuser-agent: b\r\n\r\n",
             h + "X: folded\r\n continued\r\n\r\n", h + "X : y\r\n\r\n", h + "X: y\n\r\n", h + "X: y\r\n\n",
             h + "X: caf\u{e9}\r\n\r\n", h + "X: \u{1}\r\n\r\n", h + "\r\n".dropLast(),  // cut before its end
             h,  // no blank line yet

@@ -5,6 +5,9 @@ import NIOHTTP1
 import NIOPosix
 import NIOSSL
 import XCTest
+#if canImport(Glibc)
+import Glibc
+#endif
 @testable import CacheProxy
 
 /// A tag resolved on the event loop (`TagLookup`, `LoopUpstreamPool`): one
@@ -424,6 +427,59 @@ final class TagLookupTests: XCTestCase {
             XCTAssertTrue(answer.hasPrefix("HTTP/1.1 504"), String(answer.prefix(40)))
         }
         XCTAssertLessThan(Date().timeIntervalSince(started), 6, "one answer wait each, not two")
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    /// A pull by tag the fast path takes from the connection's bytes
+    /// (`HitFrontHandler`) is owed its answer while the upstream is asked:
+    /// the idle timeout, shorter here than the upstream's wait, does not
+    /// close the connection. What the client sends meanwhile waits, and
+    /// past the head limit the connection stops reading it (the proxy holds
+    /// at most that much, not what the client can push). A refusal handed
+    /// to the async side is not asked for twice.
+    func testATagTakenFromTheBytesIsOwedItsAnswerAndHoldsWhatFollows() async throws {
+        let fake = ManifestCacheTests.FakeRegistry()
+        let upstream = try await FakeUpstream { head in
+            if head.uri.contains("/private/") { return .init(status: .unauthorized) }
+            var reply = fake.reply(head)
+            if head.uri.contains("/slow/"), head.method == .HEAD { reply.headDelay = .milliseconds(1200) }
+            return reply
+        }
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port),
+                                        extraYAML: "timeouts: {idle: 0.5, upstream: 4}\nlimits: {max_header_bytes: 4096}")
+        try warm(proxy, fake)
+        let host = "Host: 127.0.0.1:\(proxy.port)\r\n"
+
+        let refused = try curl("\(proxy.base)/v2/lib/private/manifests/latest")
+        XCTAssertEqual(refused.code, 401)
+        XCTAssertEqual(upstream.requests.filter { $0.uri.contains("/private/") }.count, 1, "asked once")
+
+        let socket = try RawSocket(port: proxy.port, receiveTimeout: 5)
+        let sent = Date()
+        XCTAssertTrue(socket.send("GET /v2/lib/slow/manifests/latest HTTP/1.1\r\n\(host)\r\n"))
+        try await Task.sleep(for: .milliseconds(100))
+        // Then a head far past the limit, pushed without waiting: the
+        // kernel's buffers take some megabytes, the proxy only 4 KiB more.
+        let flood = Array("GET /v2/ HTTP/1.1\r\n\(host)X-Pad: ".utf8) + [UInt8](repeating: 97, count: 32 << 20)
+        var pushed = 0
+        let pushing = Date()
+        while pushed < flood.count, Date().timeIntervalSince(pushing) < 0.5 {
+            let n = flood[pushed...].withUnsafeBytes {
+                Glibc.send(socket.fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT | MSG_NOSIGNAL))
+            }
+            if n > 0 { pushed += n } else { try await Task.sleep(for: .milliseconds(10)) }
+        }
+        XCTAssertLessThan(pushed, 20 << 20, "the proxy stopped reading while the tag was asked")
+
+        let head = socket.receiveHead()
+        XCTAssertTrue(head.hasPrefix("HTTP/1.1 200"), "answered, not closed as idle: \(head.prefix(40))")
+        XCTAssertGreaterThan(Date().timeIntervalSince(sent), 1.1, "after the upstream's answer")
+        XCTAssertTrue(head.contains("docker-content-digest: \(fake.digest)"))
+        let rest = String(decoding: socket.receive(limit: 4096), as: UTF8.self)
+        XCTAssertTrue(rest.hasPrefix(String(decoding: fake.manifest, as: UTF8.self)), "the manifest, whole")
+        XCTAssertTrue(rest.contains("HTTP/1.1 431"), "then the oversized head refused: \(rest.suffix(200))")
+        XCTAssertEqual(upstream.requests.filter { $0.uri.contains("/slow/") }.count, 1)
         await proxy.stop()
         await upstream.stop()
     }

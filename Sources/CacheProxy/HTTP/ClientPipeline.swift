@@ -7,7 +7,8 @@ import ProxyMetrics
 /// ```
 /// (NIOSSLServerHandler)   on a TLS listener
 /// HitFrontHandler         plain GETs of blobs and manifests held in memory, answered
-///                         from the raw bytes when nothing else is owed
+///                         from the raw bytes when nothing else is owed; GETs of
+///                         manifests by tag, asked of the upstream from there
 /// RequestHeadLimiter      431 above the head-size limit (sees raw bytes)
 /// HTTPResponseEncoder
 /// HTTPRequestDecoder      (its own header limits as a second line)
@@ -36,8 +37,9 @@ enum ClientPipeline {
         limits.maxHeaderFieldSize = config.maxHeaderBytes
         let sync = channel.pipeline.syncOperations
         let credentials = AccessGate.CredentialMemo()
+        let askedAhead = TagAskedAhead()
         try sync.addHandler(HitFrontHandler(hits: hits, timeouts: timeouts, limit: config.maxHeaderBytes,
-                                            credentials: credentials))
+                                            credentials: credentials, askedAhead: askedAhead))
         try sync.addHandler(RequestHeadLimiter(timeouts: timeouts, limit: config.maxHeaderBytes))
         // The encoder and decoder come from NIO's own set-up, not built by
         // hand: only then does the decoder tell the encoder each request's
@@ -56,7 +58,8 @@ enum ClientPipeline {
             withDecoderLimitConfiguration: limits)
         try sync.addHandler(timeouts)
         try sync.addHandler(HTTPServerPipelineHandler())
-        try sync.addHandler(RequestFrontHandler(hits: hits, credentials: credentials, handOff: handOff))
+        try sync.addHandler(RequestFrontHandler(hits: hits, credentials: credentials, handOff: handOff,
+                                                askedAhead: askedAhead))
     }
 }
 

@@ -86,6 +86,13 @@ struct ConnectionTimeoutsStateMachine {
         armIdleIfQuiet(now: now)
     }
 
+    /// A request `HitFrontHandler` took whole (`requestEnded`) goes to the
+    /// decoder after all, which delivers it again: it is not owed twice.
+    mutating func requestGivenBack(now: NIODeadline) {
+        unanswered -= 1
+        armIdleIfQuiet(now: now)
+    }
+
     mutating func responseStarted() {
         responding += 1
         if deadline?.kind == .idle || deadline?.kind == .head { deadline = nil }
@@ -188,7 +195,28 @@ final class ConnectionTimeoutsHandler: ChannelDuplexHandler, RemovableChannelHan
     /// until `written` completes, and the idle timer starts after it.
     /// Called after the answer's write and flush.
     func answeredAhead(_ written: EventLoopFuture<Void>, bytes: Int, channel: any Channel) {
+        takenAhead()
+        answeringAhead(written, bytes: bytes, channel: channel)
+    }
+
+    /// A request `HitFrontHandler` took whole and answers later (a pull by
+    /// tag, once the upstream has named the manifest): owed an answer from
+    /// now on, like one the decoder delivered, so no head or idle timer runs
+    /// while the upstream is asked (its own answer timeout bounds that) and
+    /// nothing else is answered ahead of it.
+    func takenAhead() {
         machine.requestEnded(now: .now())
+    }
+
+    /// The request `takenAhead` goes to the decoder after all.
+    func givenBack() {
+        machine.requestGivenBack(now: .now())
+        arm()
+    }
+
+    /// The answer to a request `takenAhead`, written and flushed: watched
+    /// like `answeredAhead`'s.
+    func answeringAhead(_ written: EventLoopFuture<Void>, bytes: Int, channel: any Channel) {
         machine.responseStarted()
         send.handedDown(bytes)
         let loopBound = NIOLoopBound(self, eventLoop: channel.eventLoop)

@@ -12,6 +12,17 @@ import NIOCore
 /// the same lookups and access check as any hit, and one `writev` of a
 /// response head built once per blob plus the blob's bytes.
 ///
+/// A `GET` of a manifest by tag is taken the same way: its upstream `HEAD`
+/// goes out from here (`TagLookup`, on the loop's own kept-alive
+/// connection), and a manifest the upstream names that is held in memory is
+/// written as bytes too. The profile of a tag pull had the decoder, the
+/// pipelining handler, the timeouts handler and the encoder at about a
+/// sixth of the proxy's CPU (benchmarks/RESULTS.md). When the loop cannot
+/// answer (any other status, a manifest not in memory, no answer), the
+/// request's own bytes go to the decoder after all, with the upstream's
+/// answer beside them (`TagAskedAhead`), so the async side answers it
+/// without asking twice.
+///
 /// It only answers at a request boundary with nothing owed: the timeouts
 /// handler knows when no request is arriving, no answer is pending and the
 /// connection is not closing (`isQuiet`), and the bytes it last passed to
@@ -19,10 +30,13 @@ import NIOCore
 /// never overtake a pipelined answer, nor split a request the decoder is in
 /// the middle of, nor follow a `Connection: close`. Whatever it declines (any other request, a head cut
 /// across reads, a client that stopped reading) goes on to the decoder with
-/// everything after it in the same read.
-final class HitFrontHandler: ChannelInboundHandler, RemovableChannelHandler {
+/// everything after it in the same read. Bytes that come while a tag's
+/// upstream is asked wait for its answer, and past `limit` of them the
+/// connection stops reading until then.
+final class HitFrontHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
+    typealias OutboundIn = IOData
 
     private let hits: CacheHitResponder
     private let timeouts: ConnectionTimeoutsHandler
@@ -30,6 +44,9 @@ final class HitFrontHandler: ChannelInboundHandler, RemovableChannelHandler {
     private let limit: Int
     /// Shared with `RequestFrontHandler`: one memo per connection.
     private let credentials: AccessGate.CredentialMemo
+    /// Where an upstream answer this could not write waits for
+    /// `RequestFrontHandler`.
+    private let askedAhead: TagAskedAhead
     /// The client's address for the request log, formatted once.
     private var client: String?
     /// The last four bytes handed to the decoder, newest lowest. A head ends
@@ -40,12 +57,26 @@ final class HitFrontHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var forwardedTail: UInt32 = HitFrontHandler.clean
     private static let clean: UInt32 = 0x0D0A_0D0A
 
+    /// A pull by tag taken here whose upstream is being asked: the
+    /// request's own bytes (for the decoder, should the answer not be
+    /// written here) and what the client sent after them meanwhile.
+    private struct Pending {
+        var request: ByteBuffer
+        var after: ByteBuffer?
+    }
+    private var pending: Pending?
+    /// Which lookup `pending` belongs to.
+    private var lookups = 0
+    /// A read the pipeline asked for while more than `limit` bytes wait.
+    private var readHeld = false
+
     init(hits: CacheHitResponder, timeouts: ConnectionTimeoutsHandler, limit: Int,
-         credentials: AccessGate.CredentialMemo) {
+         credentials: AccessGate.CredentialMemo, askedAhead: TagAskedAhead) {
         self.hits = hits
         self.timeouts = timeouts
         self.limit = limit
         self.credentials = credentials
+        self.askedAhead = askedAhead
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -53,18 +84,112 @@ final class HitFrontHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        var buffer = unwrapInboundIn(data)
+        let buffer = unwrapInboundIn(data)
+        if pending != nil {
+            hold(buffer)
+            return
+        }
+        process(buffer, context: context)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        // A lookup still out finds its client gone (`resolve`); nothing waits.
+        pending = nil
+        context.fireChannelInactive()
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if let pending, (pending.after?.readableBytes ?? 0) > limit {
+            readHeld = true
+            return
+        }
+        context.read()
+    }
+
+    private func process(_ bytes: ByteBuffer, context: ChannelHandlerContext) {
+        var buffer = bytes
         // While the client reads its answers, pipelined hits in one read
         // are answered in turn; once the channel holds more than its high
         // watermark, the rest goes to the decoder, whose answers wait for
         // the channel to drain (`CacheHitResponder.answer` declines an
         // unwritable channel, and the async side awaits its writes).
         while buffer.readableBytes > 0, forwardedTail == Self.clean, timeouts.isQuiet, context.channel.isWritable,
-              let (head, length) = buffer.withUnsafeReadableBytes({ PlainGetHead.parse($0, limit: limit) }),
-              hits.answerAhead(head, router: hits.live.router, context: context, client: client,
-                               credentials: credentials, timeouts: timeouts) {
+              let (head, length) = buffer.withUnsafeReadableBytes({ PlainGetHead.parse($0, limit: limit) }) {
+            if hits.answerAhead(head, router: hits.live.router, context: context, client: client,
+                                credentials: credentials, timeouts: timeouts) {
+                buffer.moveReaderIndex(forwardBy: length)
+                continue
+            }
+            guard let request = buffer.getSlice(at: buffer.readerIndex, length: length),
+                  lookUp(head, bytes: request, context: context)
+            else { break }
             buffer.moveReaderIndex(forwardBy: length)
+            if buffer.readableBytes > 0 { pending?.after = buffer }
+            return
         }
+        forward(buffer, context: context)
+    }
+
+    /// Starts the upstream `HEAD` for a pull by tag taken from the bytes.
+    /// False, having done nothing, when it is not one the loop asks.
+    private func lookUp(_ request: PlainGetHead, bytes: ByteBuffer, context: ChannelHandlerContext) -> Bool {
+        // A digest has a colon and a tag cannot: a blob or manifest by
+        // digest that was not answered above is not looked at again.
+        guard !request.target.utf8.contains(UInt8(ascii: ":")),
+              let lookup = TagLookup(request, bytes: bytes, router: hits.live.router)
+        else { return false }
+        let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        lookups &+= 1
+        let mine = lookups
+        // Set before the lookup starts: an answer that came at once would
+        // find them.
+        pending = Pending(request: bytes)
+        timeouts.takenAhead()
+        let (hits, client, credentials, timeouts) = (hits, client, credentials, timeouts)
+        let started = hits.resolve(lookup, context: context, answer: { reply, started in
+            hits.answerAhead(lookup, request: request, reply: reply, context: context, client: client,
+                             started: started, credentials: credentials, timeouts: timeouts)
+        }) { handed in
+            loopBound.value.lookedUp(mine, handed: handed, context: context)
+        }
+        if !started {
+            pending = nil
+            timeouts.givenBack()
+        }
+        return started
+    }
+
+    /// The lookup `mine` is over: answered here (`handed` nil), or to be
+    /// answered by the async side with what the upstream said.
+    private func lookedUp(_ mine: Int, handed: TagHandOff.Handed?, context: ChannelHandlerContext) {
+        guard mine == lookups, let pending, context.channel.isActive else { return }
+        self.pending = nil
+        if let handed {
+            timeouts.givenBack()
+            askedAhead.put(handed)
+            forward(pending.request, context: context)
+            if let after = pending.after { forward(after, context: context) }
+            context.fireChannelReadComplete()
+        } else if let after = pending.after {
+            process(after, context: context)
+            context.fireChannelReadComplete()
+        }
+        if readHeld {
+            readHeld = false
+            context.read()
+        }
+    }
+
+    /// Bytes that came while a lookup is out wait for its answer.
+    private func hold(_ buffer: ByteBuffer) {
+        if pending?.after == nil {
+            pending?.after = buffer
+        } else {
+            pending?.after?.writeImmutableBuffer(buffer)
+        }
+    }
+
+    private func forward(_ buffer: ByteBuffer, context: ChannelHandlerContext) {
         guard buffer.readableBytes > 0 else { return }
         buffer.withUnsafeReadableBytes { bytes in
             for byte in bytes.suffix(4) { forwardedTail = forwardedTail << 8 | UInt32(byte) }

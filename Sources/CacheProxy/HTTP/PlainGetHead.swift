@@ -16,6 +16,14 @@ struct PlainGetHead: Equatable {
     var target: String
     var host: String?
     var authorization: String?
+    /// Where the `Accept` and `User-Agent` values lie in the head's bytes,
+    /// kept as offsets, not strings: only a pull by tag needs them (they go
+    /// to the upstream), and the hit path must not pay for them.
+    var accept: Range<Int>?
+    var userAgent: Range<Int>?
+    /// More than one `Accept` (Docker sends one per media type): a pull by
+    /// tag then goes the decoder's way, which keeps them all.
+    var acceptCount = 0
 
     /// The head at the start of `bytes` and its length, or nil.
     /// `limit`: the longest head accepted (longer ones go to the decoder,
@@ -64,6 +72,12 @@ struct PlainGetHead: Equatable {
             case .authorization:
                 guard head.authorization == nil else { return nil }
                 head.authorization = String(decoding: bytes[valueStart..<valueEnd], as: UTF8.self)
+            case .accept:
+                head.acceptCount += 1
+                head.accept = valueStart..<valueEnd
+            case .userAgent:
+                guard head.userAgent == nil else { return nil }
+                head.userAgent = valueStart..<valueEnd
             case .connection:
                 guard equalsLowercased(UnsafeRawBufferPointer(rebasing: bytes[valueStart..<valueEnd]), "keep-alive")
                 else { return nil }
@@ -77,13 +91,15 @@ struct PlainGetHead: Equatable {
 
     /// What a header name means to the fast path.
     private enum Field {
-        case host, authorization, connection, refused, other
+        case host, authorization, accept, userAgent, connection, refused, other
 
         init(_ name: UnsafeRawBufferPointer) {
             switch name.count {
             case 4 where equalsLowercased(name, "host"): self = .host
             case 13 where equalsLowercased(name, "authorization"): self = .authorization
             case 10 where equalsLowercased(name, "connection"): self = .connection
+            case 6 where equalsLowercased(name, "accept"): self = .accept
+            case 10 where equalsLowercased(name, "user-agent"): self = .userAgent
             case 14 where equalsLowercased(name, "content-length"): self = .refused
             case 17 where equalsLowercased(name, "transfer-encoding"): self = .refused
             case 6 where equalsLowercased(name, "expect"): self = .refused

@@ -34,6 +34,9 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
     private var resolvingTagEnded = false
     /// Where the upstream's answer goes when the async side answers.
     private let handOff: TagHandOff
+    /// An upstream answer `HitFrontHandler` got for the request now
+    /// arriving, shared with it.
+    private let askedAhead: TagAskedAhead
 
     /// This connection's last credential and its hash (access checks),
     /// shared with `HitFrontHandler`.
@@ -42,10 +45,12 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
     /// per connection, not per request.
     private var client: String?
 
-    init(hits: CacheHitResponder, credentials: AccessGate.CredentialMemo, handOff: TagHandOff) {
+    init(hits: CacheHitResponder, credentials: AccessGate.CredentialMemo, handOff: TagHandOff,
+         askedAhead: TagAskedAhead) {
         self.hits = hits
         self.credentials = credentials
         self.handOff = handOff
+        self.askedAhead = askedAhead
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -59,7 +64,14 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
             // The configuration in force when the head came: one read for
             // the checks and the hit path both.
             let router = hits.live.router
+            let askedAhead = self.askedAhead.take()
             switch RequestValidator.check(head, router: router) {
+            case .accept(let head) where askedAhead != nil:
+                // A pull by tag the fast path already asked the upstream
+                // for (`HitFrontHandler`): on to the async side with that
+                // answer, never asked twice.
+                if let askedAhead { handOff.put(askedAhead) }
+                context.fireChannelRead(wrapInboundOut(.head(head)))
             case .accept(var head):
                 // Set before the answer is written: a request delivered from
                 // the pipelining handler's buffer gets its own end during
@@ -116,8 +128,11 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
         self.lookup &+= 1
         let mine = self.lookup
         (consuming, resolvingTag, resolvingTagEnded) = (true, true, false)
-        let started = hits.resolve(lookup, head: head, context: context, client: client, credentials: credentials,
-                                   wrap: wrapOutboundOut) { handed in
+        let (hits, client, credentials) = (hits, client, credentials)
+        let started = hits.resolve(lookup, context: context, answer: { reply, started in
+            hits.answer(lookup, head: head, reply: reply, context: context, client: client, started: started,
+                        credentials: credentials, wrap: loopBound.value.wrapOutboundOut)
+        }) { handed in
             let handler = loopBound.value
             // A lookup answered here may find the flags already taken by the
             // next request's lookup; one handed on has written nothing, so

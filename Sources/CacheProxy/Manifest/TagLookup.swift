@@ -31,14 +31,36 @@ struct TagLookup {
               // A body (odd on a GET, but a client may send one) is the
               // async side's to read and drop.
               !RequestHandler.hasBody(head),
-              case .manifest(let name, .tag(let tag))? = try? RequestTarget.classify(method: head.method.rawValue,
-                                                                                    uri: head.uri),
-              !head.headers.contains(name: "range"),
-              let upstream = router.route(host: head.headers.first(name: "host"),
-                                          namespace: RequestURI.queryValue("ns", in: head.uri)),
+              !head.headers.contains(name: "range")
+        else { return nil }
+        self.init(method: head.method, uri: head.uri, host: head.headers.first(name: "host"),
+                  clientHeaders: BlobResponder.upstreamHeaders(head.headers, kind: .manifest), router: router)
+    }
+
+    /// The lookup for a `GET` the fast path read from the connection's bytes
+    /// (`HitFrontHandler`), under the same conditions; `bytes` is the head
+    /// the request's offsets point into. Several `Accept` fields go the
+    /// decoder's way, which keeps them all.
+    init?(_ request: PlainGetHead, bytes: ByteBuffer, router: Router) {
+        guard request.acceptCount <= 1 else { return nil }
+        func value(_ range: Range<Int>?) -> String? {
+            range.flatMap { bytes.getString(at: bytes.readerIndex + $0.lowerBound, length: $0.count) }
+        }
+        var headers = HTTPHeaders()
+        if let authorization = request.authorization { headers.add(name: "authorization", value: authorization) }
+        if let userAgent = value(request.userAgent) { headers.add(name: "user-agent", value: userAgent) }
+        headers.add(name: "accept", value: value(request.accept) ?? MediaType.manifestAccept)
+        self.init(method: .GET, uri: request.target, host: request.host, clientHeaders: headers, router: router)
+    }
+
+    /// `clientHeaders`: what the upstream gets of the client's headers
+    /// (`BlobResponder.upstreamHeaders`).
+    private init?(method: HTTPMethod, uri: String, host: String?, clientHeaders: HTTPHeaders, router: Router) {
+        guard case .manifest(let name, .tag(let tag))? = try? RequestTarget.classify(method: method.rawValue, uri: uri),
+              let upstream = router.route(host: host, namespace: RequestURI.queryValue("ns", in: uri)),
               upstream.manifests == .revalidate, LoopUpstreamPool.serves(upstream)
         else { return nil }
-        var headers = BlobResponder.upstreamHeaders(head.headers, kind: .manifest)
+        var headers = clientHeaders
         headers.replaceOrAdd(name: "host", value: upstream.authority)
         self.name = name
         self.tag = tag
@@ -49,14 +71,14 @@ struct TagLookup {
 }
 
 extension CacheHitResponder {
-    /// Asks the upstream for the tag and, when it names a manifest held in
-    /// memory (or the client asked for a `HEAD`), writes the answer. `then`
-    /// runs on the loop afterwards: with nil when the answer was written
-    /// (or the client left), else with what the async side needs to answer.
-    /// Not called when this returns false.
+    /// Asks the upstream for the tag and, when `answer` can write the
+    /// answer from what the upstream said (`named`), lets it. `then` runs on
+    /// the loop afterwards: with nil when the answer was written (or the
+    /// client left), else with what the async side needs to answer. Not
+    /// called when this returns false.
     /// False, having done nothing, when this loop has no pool.
-    func resolve(_ lookup: TagLookup, head: HTTPRequestHead, context: ChannelHandlerContext, client: String?,
-                 credentials: AccessGate.CredentialMemo, wrap: @escaping (HTTPServerResponsePart) -> NIOAny,
+    func resolve(_ lookup: TagLookup, context: ChannelHandlerContext,
+                 answer: @escaping (_ reply: HTTPResponseHead, _ started: ContinuousClock.Instant) -> Bool,
                  then: @escaping (TagHandOff.Handed?) -> Void) -> Bool {
         let channel = context.channel
         let started = ContinuousClock.now
@@ -75,8 +97,7 @@ extension CacheHitResponder {
                     then(nil)
                     return
                 }
-                if answer(lookup, head: head, reply: reply, context: context, client: client, started: started,
-                          credentials: credentials, wrap: wrap) {
+                if answer(reply, started) {
                     then(nil)
                     return
                 }
@@ -94,24 +115,16 @@ extension CacheHitResponder {
 
     /// The upstream's 200 naming a manifest, answered here: a `HEAD` with
     /// the upstream's own headers (as `TagResolver` does), a `GET` from
-    /// memory. False, having written nothing, for anything else.
-    private func answer(_ lookup: TagLookup, head: HTTPRequestHead, reply: HTTPResponseHead,
-                        context: ChannelHandlerContext, client: String?, started: ContinuousClock.Instant,
-                        credentials: AccessGate.CredentialMemo, wrap: (HTTPServerResponsePart) -> NIOAny) -> Bool {
-        guard reply.status == .ok, context.channel.isWritable,
-              let digest = reply.headers.first(name: "docker-content-digest")
-                .flatMap({ try? Digest(parsing: Substring($0)) })
+    /// memory, through NIO's encoder (`RequestFrontHandler`). False, having
+    /// written nothing, for anything else.
+    func answer(_ lookup: TagLookup, head: HTTPRequestHead, reply: HTTPResponseHead,
+                context: ChannelHandlerContext, client: String?, started: ContinuousClock.Instant,
+                credentials: AccessGate.CredentialMemo, wrap: (HTTPServerResponsePart) -> NIOAny) -> Bool {
+        guard context.channel.isWritable,
+              let (digest, entry) = named(lookup, get: head.method == .GET, reply: reply,
+                                          clientHeaders: head.headers, credentials: credentials, started: started)
         else { return false }
-        let entry = head.method == .GET ? smallBlobs.get(digest, kind: .manifest) : nil
-        guard head.method == .HEAD || (entry != nil && store.use(digest) != nil) else { return false }
-        _ = TagResolver.remember(upstreamHeaders: reply.headers, key: lookup.key, upstream: lookup.upstream,
-                                 clientHeaders: head.headers, repository: lookup.name, tags: tags, gate: gate,
-                                 memo: credentials)
         let keepAlive = head.isKeepAlive && !tracker.isDraining
-        // The head goes out now, after the upstream's answer: the wait a
-        // client's pull timeout is measured against, as the async side
-        // records it for every tag pull.
-        metrics.timeToFirstByte(kind: "manifest", seconds: started.duration(to: .now).inSeconds)
         if let entry {
             send(head, digest: digest, kind: .manifest, entry: entry, size: Int64(entry.bytes.readableBytes),
                  upstream: lookup.upstream, keepAlive: keepAlive, context: context, client: client, started: started,
@@ -129,6 +142,52 @@ extension CacheHitResponder {
         let channel = context.channel
         written.assumeIsolated().whenComplete { finished(hit, result: $0, channel: channel) }
         return true
+    }
+
+    /// The same answer to a `GET` the fast path took from the bytes
+    /// (`HitFrontHandler`): the manifest's prebuilt head and body, written
+    /// from the front of the pipeline as a pull by digest's are. False,
+    /// having written nothing, for anything else, and while draining (the
+    /// answer must then say `Connection: close`: the decoder's way does).
+    func answerAhead(_ lookup: TagLookup, request: PlainGetHead, reply: HTTPResponseHead,
+                     context: ChannelHandlerContext, client: String?, started: ContinuousClock.Instant,
+                     credentials: AccessGate.CredentialMemo, timeouts: ConnectionTimeoutsHandler) -> Bool {
+        guard context.channel.isWritable, !tracker.isDraining,
+              let (_, entry) = named(lookup, get: true, reply: reply, clientHeaders: lookup.ask.headers,
+                                     credentials: credentials, started: started),
+              let entry
+        else { return false }
+        let channel = context.channel
+        context.write(NIOAny(entry.responseHead), promise: nil)
+        let written = context.writeAndFlush(NIOAny(entry.bytes))
+        timeouts.answeringAhead(written, bytes: entry.bytes.readableBytes, channel: channel)
+        let hit = Hit(kind: .manifest, method: "GET", uri: request.target, host: request.host,
+                      upstream: lookup.upstream.host, client: client, status: 200,
+                      sent: Int64(entry.bytes.readableBytes), started: started, keepAlive: true)
+        written.assumeIsolated().whenComplete { finished(hit, result: $0, channel: channel) }
+        return true
+    }
+
+    /// What the loop answers from the upstream's reply: its 200 naming a
+    /// manifest, held in memory for a `GET` (and marked used). That is then
+    /// remembered as the tag's and as the upstream's yes to this client,
+    /// and the wait is counted, as the async side records it for every tag
+    /// pull: the answer's head goes out next. Nil, having done nothing,
+    /// for anything else.
+    private func named(_ lookup: TagLookup, get: Bool, reply: HTTPResponseHead, clientHeaders: HTTPHeaders,
+                       credentials: AccessGate.CredentialMemo, started: ContinuousClock.Instant)
+        -> (digest: Digest, entry: SmallBlobCache.Entry?)? {
+        guard reply.status == .ok,
+              let digest = reply.headers.first(name: "docker-content-digest")
+                .flatMap({ try? Digest(parsing: Substring($0)) })
+        else { return nil }
+        let entry = get ? smallBlobs.get(digest, kind: .manifest) : nil
+        guard !get || (entry != nil && store.use(digest) != nil) else { return nil }
+        _ = TagResolver.remember(upstreamHeaders: reply.headers, key: lookup.key, upstream: lookup.upstream,
+                                 clientHeaders: clientHeaders, repository: lookup.name, tags: tags, gate: gate,
+                                 memo: credentials)
+        metrics.timeToFirstByte(kind: "manifest", seconds: started.duration(to: .now).inSeconds)
+        return (digest, entry)
     }
 }
 
@@ -162,5 +221,21 @@ final class TagHandOff: Sendable {
             defer { value = nil }
             return value
         }
+    }
+}
+
+/// A pull by tag `HitFrontHandler` asked the upstream for and could not
+/// answer itself: the upstream's answer waits here while the request's bytes
+/// go through the decoder, and `RequestFrontHandler` takes it with the next
+/// head, which is that request's, and hands both to the async side instead
+/// of asking again. One per connection, on its event loop only.
+final class TagAskedAhead {
+    private var handed: TagHandOff.Handed?
+
+    func put(_ value: TagHandOff.Handed) { handed = value }
+
+    func take() -> TagHandOff.Handed? {
+        defer { handed = nil }
+        return handed
     }
 }
