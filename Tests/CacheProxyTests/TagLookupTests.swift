@@ -1,6 +1,7 @@
 import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
+import NIOEmbedded
 import NIOHTTP1
 import NIOPosix
 import NIOSSL
@@ -55,6 +56,96 @@ final class TagLookupTests: XCTestCase {
         XCTAssertEqual(answering.timedOut(), .fail(.timedOut, beforeAnswer: false))
         var unasked = Machine()
         XCTAssertEqual(unasked.receivedHead(head), .close, "an answer nobody asked for closes")
+    }
+
+    /// The upstream's answer head, read as bytes: what a registry sends is
+    /// taken whole at any cut, and what llhttp refused is refused.
+    func testTheAnswerHeadIsReadStrictly() {
+        func parse(_ text: String, limit: Int = 4096) -> UpstreamAnswerHead.Parsed {
+            Array(text.utf8).withUnsafeBytes { UpstreamAnswerHead.parse($0, limit: limit) }
+        }
+        let text = "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n"
+            + "Docker-Content-Digest:sha256:ab \t\r\nX-Two: a\r\nx-two: b, c\r\nX-Empty:\r\nX-Obs: caf\u{e9}\r\n\r\n"
+        guard case .head(let head, let length) = parse(text + "HTTP/1.1 404") else {
+            return XCTFail("\(parse(text))")
+        }
+        XCTAssertEqual(length, text.utf8.count, "ends at the blank line")
+        XCTAssertEqual(head.status, .ok)
+        XCTAssertEqual(head.version, .http1_1)
+        XCTAssertTrue(head.isKeepAlive)
+        XCTAssertEqual(head.headers.first(name: "docker-content-digest"), "sha256:ab", "trimmed both sides")
+        XCTAssertEqual(head.headers["x-two"], ["a", "b, c"], "repeated fields kept apart, values whole")
+        XCTAssertEqual(head.headers.first(name: "x-empty"), "")
+        XCTAssertEqual(head.headers.first(name: "x-obs"), "caf\u{e9}")
+        for cut in 0..<text.utf8.count {
+            XCTAssertEqual(parse(String(decoding: Array(text.utf8)[..<cut], as: UTF8.self)), .incomplete, "cut at \(cut)")
+        }
+        guard case .head(let old, _) = parse("HTTP/1.0 404\r\n\r\n") else { return XCTFail("no reason phrase") }
+        XCTAssertEqual(old.status, .notFound)
+        XCTAssertFalse(old.isKeepAlive, "HTTP/1.0 closes unless it says keep-alive")
+        let refused = [
+            "HTTP/2 200\r\n\r\n", "HTTP/1.2 200 OK\r\n\r\n", "http/1.1 200 OK\r\n\r\n", "HTTP/1.1 20x OK\r\n\r\n",
+            "HTTP/1.1 099 X\r\n\r\n", "HTTP/1.1  200 OK\r\n\r\n", "HTTP/1.1 200 OK\n\n", "HTTP/1.1 200 OK\r\nA: b\n\r\n",
+            "HTTP/1.1 200 OK\r\nA: b\r\n folded\r\n\r\n", "HTTP/1.1 200 OK\r\nA : b\r\n\r\n",
+            "HTTP/1.1 200 OK\r\n: b\r\n\r\n", "HTTP/1.1 200 OK\r\nA: b\u{1}c\r\n\r\n", "HTTP/1.1 200 OK\r\nA\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nA: b\rc\r\n\r\n", "<html>",
+        ]
+        for bad in refused { XCTAssertEqual(parse(bad), .malformed, bad.debugDescription) }
+        XCTAssertEqual(parse("HTTP/1.1 200 OK\r\nA: \(String(repeating: "b", count: 100))\r\n\r\n", limit: 64),
+                       .malformed, "past the limit")
+
+        var out = ByteBuffer()
+        XCTAssertTrue(UpstreamAnswerHead.writeRequest(uri: "/v2/a/manifests/1", headers: ["accept": "*/*"], into: &out))
+        XCTAssertEqual(String(buffer: out), "HEAD /v2/a/manifests/1 HTTP/1.1\r\naccept: */*\r\n\r\n")
+        var none = ByteBuffer()
+        XCTAssertFalse(UpstreamAnswerHead.writeRequest(uri: "/v2/a", headers: ["x": "a\r\nInjected: 1"], into: &none))
+        XCTAssertFalse(UpstreamAnswerHead.writeRequest(uri: "/v2/a HTTP/1.0\r\n", headers: [:], into: &none))
+        XCTAssertEqual(none.readableBytes, 0)
+    }
+
+    /// The exchange handler over those bytes: a head cut across reads, an
+    /// interim answer before the real one, bytes after an answer (the
+    /// connection is not kept) and bytes nobody asked for (closed).
+    func testTheExchangeHandlerReadsAnswersAcrossReads() throws {
+        func connected() throws -> (EmbeddedChannel, UpstreamExchangeHandler) {
+            let channel = EmbeddedChannel()
+            let handler = UpstreamExchangeHandler(eventLoop: channel.embeddedEventLoop)
+            try channel.pipeline.syncOperations.addHandler(handler)
+            try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+            return (channel, handler)
+        }
+        let ask = HTTPRequestHead(version: .http1_1, method: .HEAD, uri: "/v2/a/manifests/1", headers: ["host": "r"])
+        let (channel, handler) = try connected()
+        var answers: [UpstreamExchangeHandler.Answer] = []
+        handler.ask(ask, within: .seconds(5)).whenSuccess { answers.append($0) }
+        XCTAssertEqual(try channel.readOutbound(as: ByteBuffer.self).map { String(buffer: $0) },
+                       "HEAD /v2/a/manifests/1 HTTP/1.1\r\nhost: r\r\n\r\n")
+        try channel.writeInbound(ByteBuffer(string: "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nDocker-Con"))
+        XCTAssertTrue(answers.isEmpty)
+        try channel.writeInbound(ByteBuffer(string: "tent-Digest: sha256:ab\r\n\r\n"))
+        XCTAssertEqual(answers.first?.head.status, .ok)
+        XCTAssertEqual(answers.first?.head.headers.first(name: "docker-content-digest"), "sha256:ab")
+        XCTAssertEqual(answers.first?.reusable, true)
+        XCTAssertTrue(handler.isIdle)
+
+        handler.ask(ask, within: .seconds(5)).whenSuccess { answers.append($0) }
+        _ = try channel.readOutbound(as: ByteBuffer.self)
+        try channel.writeInbound(ByteBuffer(string: "HTTP/1.1 404 Not Found\r\n\r\nHTTP/1.1 200 OK\r\n\r\n"))
+        XCTAssertEqual(answers.last?.head.status, .notFound)
+        XCTAssertEqual(answers.last?.reusable, false, "an answer nobody asked for came after it")
+        XCTAssertFalse(channel.isActive)
+
+        let (idle, idleHandler) = try connected()
+        try idle.writeInbound(ByteBuffer(string: "HTTP/1.1 200 OK\r\n\r\n"))
+        XCTAssertFalse(idle.isActive, "bytes while nothing was asked: out of step, closed")
+        XCTAssertFalse(idleHandler.isIdle)
+
+        let (garbled, garbledHandler) = try connected()
+        var failure: (any Error)?
+        garbledHandler.ask(ask, within: .seconds(5)).whenFailure { failure = $0 }
+        try garbled.writeInbound(ByteBuffer(string: "HTTP/1.1 200 OK\r\nA: b\n\r\n"))
+        XCTAssertEqual(failure as? UpstreamExchangeStateMachine.Failure, .malformed)
+        XCTAssertFalse(garbled.isActive)
     }
 
     /// Pulls by tag: each asks the upstream once (an answer handed to the

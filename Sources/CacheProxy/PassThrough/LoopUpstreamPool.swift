@@ -122,7 +122,6 @@ final class LoopUpstreamPool: Sendable {
                         try channel.pipeline.syncOperations.addHandler(
                             TLSHandshakeWait(channel.eventLoop.makePromise()))
                     }
-                    try channel.pipeline.syncOperations.addHTTPClientHandlers()
                     try channel.pipeline.syncOperations.addHandler(UpstreamExchangeHandler(eventLoop: channel.eventLoop))
                 }
             }

@@ -45,7 +45,8 @@ struct UpstreamExchangeStateMachine {
         case closed
         /// It closed after the answer's head: not retried.
         case cut
-        /// Its answer was not HTTP the decoder could read: not retried.
+        /// Its answer was not HTTP this could read (`UpstreamAnswerHead`):
+        /// not retried.
         case malformed
         /// No whole answer head within the answer deadline.
         case timedOut
@@ -70,17 +71,22 @@ struct UpstreamExchangeStateMachine {
         return .none
     }
 
-    mutating func receivedEnd() -> Action {
+    /// The answer ended; `trailing`: bytes came after it that nobody asked
+    /// for (the connection is out of step and is not used again).
+    mutating func receivedEnd(trailing: Bool = false) -> Action {
         guard case .awaitingEnd(let head) = state else { return close(.closed) }
         // HTTP/1.1 keeps the connection unless it says `close`; 1.0 only
         // when it says `keep-alive` (`isKeepAlive` reads both).
-        let reusable = head.isKeepAlive
+        let reusable = head.isKeepAlive && !trailing
         state = reusable ? .idle : .closed
         return .succeed(head, reusable: reusable)
     }
 
     /// The connection went away.
     mutating func closed() -> Action { close(.closed) }
+
+    /// Bytes came while no answer was awaited: out of step.
+    mutating func receivedOutOfTurn() -> Action { close(.closed) }
 
     /// An error came up the pipeline: a socket error (a reset) counts as a
     /// close, anything else (the decoder's) as a malformed answer.
@@ -101,19 +107,26 @@ struct UpstreamExchangeStateMachine {
 }
 
 /// Drives `UpstreamExchangeStateMachine` for one upstream connection: the
-/// last handler of a pipeline that has NIO's HTTP client codec before it.
-/// Lives on its channel's event loop, like everything that touches it.
+/// last handler of its pipeline (after TLS, if any), writing each `HEAD` and
+/// reading each answer's head as bytes (`UpstreamAnswerHead`). Lives on its
+/// channel's event loop, like everything that touches it.
 final class UpstreamExchangeHandler: ChannelInboundHandler {
-    typealias InboundIn = HTTPClientResponsePart
-    typealias OutboundOut = HTTPClientRequestPart
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
 
     typealias Answer = (head: HTTPResponseHead, reusable: Bool)
+
+    /// The longest answer head read; a longer one is malformed (NIO's
+    /// decoder allowed 80 KiB of headers).
+    static let headLimit = 80 * 1024
 
     private let eventLoop: any EventLoop
     private var machine = UpstreamExchangeStateMachine()
     private var context: ChannelHandlerContext?
     private var promise: EventLoopPromise<Answer>?
     private var deadline: Scheduled<Void>?
+    /// The start of an answer head cut across reads.
+    private var partial: ByteBuffer?
     /// Whether the connection has answered before: a failure before the
     /// answer on such a connection is most likely the upstream's keep-alive
     /// timeout, not an upstream that is down.
@@ -126,14 +139,20 @@ final class UpstreamExchangeHandler: ChannelInboundHandler {
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
     func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
 
-    /// Sends `head` (no body); the future holds the answer's head once the
-    /// answer has ended, and whether the pool may keep the connection. It
-    /// fails with `UpstreamExchangeStateMachine.Failure`. Must be called on
-    /// the channel's event loop.
+    /// Sends a `HEAD` of `head.uri` with `head.headers` (the pool asks
+    /// nothing else: an answer ends with its head); the future holds the
+    /// answer's head once it is in, and whether the pool may keep the
+    /// connection. It fails with `UpstreamExchangeStateMachine.Failure`.
+    /// Must be called on the channel's event loop.
     func ask(_ head: HTTPRequestHead, within timeout: TimeAmount) -> EventLoopFuture<Answer> {
         let promise = eventLoop.makePromise(of: Answer.self)
         guard let context, context.channel.isActive else {
             promise.fail(UpstreamExchangeStateMachine.Failure.closed)
+            return promise.futureResult
+        }
+        var request = context.channel.allocator.buffer(capacity: 512)
+        guard UpstreamAnswerHead.writeRequest(uri: head.uri, headers: head.headers, into: &request) else {
+            promise.fail(UpstreamExchangeStateMachine.Failure.malformed)
             return promise.futureResult
         }
         switch machine.request() {
@@ -141,8 +160,7 @@ final class UpstreamExchangeHandler: ChannelInboundHandler {
             self.promise = promise
             let loopBound = NIOLoopBound(self, eventLoop: eventLoop)
             deadline = eventLoop.scheduleTask(in: timeout) { loopBound.value.act(loopBound.value.machine.timedOut()) }
-            context.write(NIOAny(HTTPClientRequestPart.head(head)), promise: nil)
-            context.writeAndFlush(NIOAny(HTTPClientRequestPart.end(nil)), promise: nil)
+            context.writeAndFlush(wrapOutboundOut(request), promise: nil)
         default:
             promise.fail(UpstreamExchangeStateMachine.Failure.busy)
         }
@@ -150,10 +168,40 @@ final class UpstreamExchangeHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        switch unwrapInboundIn(data) {
-        case .head(let head): act(machine.receivedHead(head))
-        case .body: break  // an answer to a HEAD has none; anything else is dropped
-        case .end: act(machine.receivedEnd())
+        var bytes = unwrapInboundIn(data)
+        guard machine.state == .awaitingHead else {
+            // An answer nobody asked for: the connection is out of step.
+            act(machine.receivedOutOfTurn())
+            return
+        }
+        if var earlier = partial {
+            partial = nil
+            earlier.writeBuffer(&bytes)
+            bytes = earlier
+        }
+        while true {
+            switch bytes.withUnsafeReadableBytes({ UpstreamAnswerHead.parse($0, limit: Self.headLimit) }) {
+            case .incomplete:
+                partial = bytes
+                return
+            case .malformed:
+                act(machine.failed(transport: false))
+                return
+            case .head(let head, let length):
+                bytes.moveReaderIndex(forwardBy: length)
+                // An interim answer (`100 Continue`, `103 Early Hints`): the
+                // answer follows it. `101` would switch protocols: not HTTP.
+                if head.status.code / 100 == 1 {
+                    guard head.status.code != 101 else {
+                        act(machine.failed(transport: false))
+                        return
+                    }
+                    continue
+                }
+                act(machine.receivedHead(head))
+                act(machine.receivedEnd(trailing: bytes.readableBytes > 0))
+                return
+            }
         }
     }
 
