@@ -117,7 +117,7 @@ final class TagLookupTests: XCTestCase {
         let ask = HTTPRequestHead(version: .http1_1, method: .HEAD, uri: "/v2/a/manifests/1", headers: ["host": "r"])
         let (channel, handler) = try connected()
         var answers: [UpstreamExchangeHandler.Answer] = []
-        handler.ask(ask, within: .seconds(5)).whenSuccess { answers.append($0) }
+        handler.ask(ask, within: .seconds(5)) { if case .success(let answer) = $0 { answers.append(answer) } }
         XCTAssertEqual(try channel.readOutbound(as: ByteBuffer.self).map { String(buffer: $0) },
                        "HEAD /v2/a/manifests/1 HTTP/1.1\r\nhost: r\r\n\r\n")
         try channel.writeInbound(ByteBuffer(string: "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nDocker-Con"))
@@ -128,7 +128,7 @@ final class TagLookupTests: XCTestCase {
         XCTAssertEqual(answers.first?.reusable, true)
         XCTAssertTrue(handler.isIdle)
 
-        handler.ask(ask, within: .seconds(5)).whenSuccess { answers.append($0) }
+        handler.ask(ask, within: .seconds(5)) { if case .success(let answer) = $0 { answers.append(answer) } }
         _ = try channel.readOutbound(as: ByteBuffer.self)
         try channel.writeInbound(ByteBuffer(string: "HTTP/1.1 404 Not Found\r\n\r\nHTTP/1.1 200 OK\r\n\r\n"))
         XCTAssertEqual(answers.last?.head.status, .notFound)
@@ -142,10 +142,32 @@ final class TagLookupTests: XCTestCase {
 
         let (garbled, garbledHandler) = try connected()
         var failure: (any Error)?
-        garbledHandler.ask(ask, within: .seconds(5)).whenFailure { failure = $0 }
+        garbledHandler.ask(ask, within: .seconds(5)) { if case .failure(let error) = $0 { failure = error } }
         try garbled.writeInbound(ByteBuffer(string: "HTTP/1.1 200 OK\r\nA: b\n\r\n"))
         XCTAssertEqual(failure as? UpstreamExchangeStateMachine.Failure, .malformed)
         XCTAssertFalse(garbled.isActive)
+
+        // The answer deadline: one timer, re-armed for a later wait, not
+        // one per exchange; each wait still ends at its own deadline.
+        let (timed, timedHandler) = try connected()
+        var outcomes: [String] = []
+        let record: UpstreamExchangeHandler.Completion = { result in
+            switch result {
+            case .success(let answer): outcomes.append("\(answer.head.status.code)")
+            case .failure(let error): outcomes.append("\(error)")
+            }
+        }
+        timedHandler.ask(ask, within: .seconds(5), completion: record)
+        timed.embeddedEventLoop.advanceTime(by: .seconds(2))
+        try timed.writeInbound(ByteBuffer(string: "HTTP/1.1 200 OK\r\n\r\n"))
+        timedHandler.ask(ask, within: .seconds(5), completion: record)  // due at 7 s; the timer is at 5 s
+        timed.embeddedEventLoop.advanceTime(by: .seconds(4))
+        XCTAssertEqual(outcomes, ["200"], "not timed out at the first wait's deadline")
+        timed.embeddedEventLoop.advanceTime(by: .milliseconds(999))
+        XCTAssertEqual(outcomes, ["200"])
+        timed.embeddedEventLoop.advanceTime(by: .milliseconds(2))
+        XCTAssertEqual(outcomes, ["200", "timedOut"], "at its own deadline")
+        XCTAssertFalse(timed.isActive)
     }
 
     /// Pulls by tag: each asks the upstream once (an answer handed to the

@@ -57,24 +57,22 @@ final class LoopUpstreamPool: Sendable {
         (upstream.schema == "http" || upstream.schema == "https") && upstream.credentials == nil
     }
 
-    /// Sends the bodyless `head` to `upstream` on a connection of `loop`;
-    /// the future (on `loop`) holds the answer's head. Nil when `loop` has
-    /// no pool (not one of the server's loops). Must be called on `loop`.
+    /// Sends a `HEAD` of `head.uri` with `head.headers` to `upstream` on a
+    /// connection of `loop`; the future (on `loop`) holds the answer's head.
+    /// Nil when `loop` has no pool (not one of the server's loops). Must be
+    /// called on `loop`.
     func ask(_ head: HTTPRequestHead, to upstream: ProxyConfig.Upstream, on loop: any EventLoop,
              within answer: TimeAmount) -> EventLoopFuture<HTTPResponseHead>? {
         guard let connections = loops[ObjectIdentifier(loop)]?.value else { return nil }
-        var key = "\(upstream.registry):\(upstream.port)"
         var tls: UpstreamClient.LoopTLS?
         if upstream.schema == "https" {
             guard let context = self.tls(upstream) else { return nil }
             tls = context
-            key += " tls \(context.number)"
         }
+        let key = Connections.Key(registry: upstream.registry, port: upstream.port, tls: tls?.number ?? 0)
         guard connections.startExchange(key) else { return nil }
-        let promise = loop.makePromise(of: HTTPResponseHead.self)
-        promise.futureResult.assumeIsolated().whenComplete { _ in connections.endExchange(key) }
         let exchange = Exchange(head: head, upstream: upstream, key: key, tls: tls?.context, connections: connections,
-                                answer: answer, promise: promise)
+                                answer: answer, promise: loop.makePromise(of: HTTPResponseHead.self))
         if let kept = connections.take(key) {
             // Closed while idle, most likely by the upstream's own keep-alive
             // timeout, before any answer: once more, on a new connection.
@@ -82,18 +80,25 @@ final class LoopUpstreamPool: Sendable {
         } else {
             connect(exchange)
         }
-        return promise.futureResult
+        return exchange.promise.futureResult
     }
 
     /// One request on its way, whichever connection carries it.
     private struct Exchange {
         let head: HTTPRequestHead
         let upstream: ProxyConfig.Upstream
-        let key: String
+        let key: Connections.Key
         let tls: NIOSSLContext?
         let connections: Connections
         let answer: TimeAmount
         let promise: EventLoopPromise<HTTPResponseHead>
+
+        /// The exchange is over: counted out, then its answer or failure
+        /// handed on.
+        func finish(_ result: Result<HTTPResponseHead, any Error>) {
+            connections.endExchange(key)
+            promise.completeWith(result)
+        }
     }
 
     private func connect(_ exchange: Exchange) {
@@ -143,12 +148,12 @@ final class LoopUpstreamPool: Sendable {
         connect.assumeIsolated().whenComplete { result in
             switch result {
             case .failure(let error):
-                exchange.promise.fail(error)
+                exchange.finish(.failure(error))
             case .success(let channel):
                 guard let handler = try? channel.pipeline.syncOperations.handler(type: UpstreamExchangeHandler.self)
                 else {
                     channel.close(promise: nil)
-                    exchange.promise.fail(UpstreamExchangeStateMachine.Failure.closed)
+                    exchange.finish(.failure(UpstreamExchangeStateMachine.Failure.closed))
                     return
                 }
                 self.send(exchange, on: Connections.Kept(channel: channel, handler: handler), retry: nil)
@@ -159,35 +164,35 @@ final class LoopUpstreamPool: Sendable {
     /// Sends on `kept`; `retry` runs instead of failing when the connection
     /// turns out closed before any answer.
     private func send(_ exchange: Exchange, on kept: Connections.Kept, retry: (() -> Void)?) {
-        kept.handler.ask(exchange.head, within: exchange.answer).assumeIsolated().whenComplete { result in
+        kept.handler.ask(exchange.head, within: exchange.answer) { result in
             switch result {
             case .success(let reply):
-                Self.done(kept, reply: reply, key: exchange.key, connections: exchange.connections,
-                          promise: exchange.promise)
+                // The connection goes back to the pool when it may carry
+                // another request, and is closed otherwise.
+                if reply.reusable, kept.channel.isActive {
+                    exchange.connections.put(kept, key: exchange.key)
+                } else {
+                    kept.channel.close(promise: nil)
+                }
+                exchange.finish(.success(reply.head))
             case .failure(UpstreamExchangeStateMachine.Failure.closed) where retry != nil:
                 retry?()
             case .failure(let error):
-                exchange.promise.fail(error)
+                exchange.finish(.failure(error))
             }
         }
     }
 
-    /// An answer: the connection goes back to the pool when it may carry
-    /// another request and there is room, and is closed otherwise.
-    private static func done(_ kept: Connections.Kept, reply: UpstreamExchangeHandler.Answer, key: String,
-                             connections: Connections, promise: EventLoopPromise<HTTPResponseHead>) {
-        if reply.reusable, kept.channel.isActive {
-            connections.put(kept, key: key)
-        } else {
-            kept.channel.close(promise: nil)
-        }
-        promise.succeed(reply.head)
-    }
-
-    /// One loop's idle connections, by `registry:port` (and the TLS
-    /// context's number for a TLS upstream). Only its loop
-    /// touches it.
+    /// One loop's idle connections, by upstream address (and the TLS
+    /// context's number for a TLS upstream). Only its loop touches it.
     final class Connections {
+        struct Key: Hashable {
+            let registry: String
+            let port: Int
+            /// The TLS context's number; 0 for plaintext.
+            let tls: Int
+        }
+
         struct Kept {
             let channel: any Channel
             let handler: UpstreamExchangeHandler
@@ -195,51 +200,69 @@ final class LoopUpstreamPool: Sendable {
 
         private struct Idle {
             let kept: Kept
-            let expiry: Scheduled<Void>
+            let since: NIODeadline
         }
 
-        private var idle: [String: [Idle]] = [:]
-        private var busy: [String: Int] = [:]
+        private var idle: [Key: [Idle]] = [:]
+        private var busy: [Key: Int] = [:]
+        /// Closes what sat idle too long. One timer per loop, running only
+        /// while connections are idle, instead of one scheduled and
+        /// cancelled per exchange (a timer-heap insert and removal each, on
+        /// every tag pull).
+        private var sweep: Scheduled<Void>?
 
         /// Counts an exchange in, unless the upstream has its fill here.
-        func startExchange(_ key: String) -> Bool {
+        func startExchange(_ key: Key) -> Bool {
             let now = busy[key, default: 0]
             guard now < LoopUpstreamPool.busyPerUpstream else { return false }
             busy[key] = now + 1
             return true
         }
 
-        func endExchange(_ key: String) {
+        func endExchange(_ key: Key) {
             busy[key] = max(0, busy[key, default: 1] - 1)
         }
 
-        /// The most recently used idle connection still open (the warmest,
-        /// and the least likely to have met the upstream's idle timeout).
-        func take(_ key: String) -> Kept? {
+        /// The most recently used idle connection still open and not idle
+        /// past the timeout (the warmest, and the least likely to have met
+        /// the upstream's own idle timeout).
+        func take(_ key: Key) -> Kept? {
+            let oldest = NIODeadline.now() - LoopUpstreamPool.idleTimeout
             while let last = idle[key]?.popLast() {
-                last.expiry.cancel()
-                if last.kept.handler.isIdle { return last.kept }
+                if last.kept.handler.isIdle, last.since > oldest { return last.kept }
                 last.kept.channel.close(promise: nil)
             }
             return nil
         }
 
-        func put(_ kept: Kept, key: String) {
+        func put(_ kept: Kept, key: Key) {
             guard (idle[key]?.count ?? 0) < LoopUpstreamPool.idlePerUpstream else {
                 kept.channel.close(promise: nil)
                 return
             }
-            let channel = kept.channel
-            let loopBound = NIOLoopBound(self, eventLoop: channel.eventLoop)
-            let expiry = channel.eventLoop.scheduleTask(in: LoopUpstreamPool.idleTimeout) {
-                loopBound.value.expire(channel, key: key)
-            }
-            idle[key, default: []].append(Idle(kept: kept, expiry: expiry))
+            idle[key, default: []].append(Idle(kept: kept, since: .now()))
+            if sweep == nil { scheduleSweep(on: kept.channel.eventLoop) }
         }
 
-        private func expire(_ channel: any Channel, key: String) {
-            idle[key]?.removeAll { $0.kept.channel === channel }
-            channel.close(promise: nil)
+        /// Every half idle timeout while any connection is idle: a
+        /// connection is closed between one and one and a half idle
+        /// timeouts after its last answer.
+        private func scheduleSweep(on loop: any EventLoop) {
+            let loopBound = NIOLoopBound(self, eventLoop: loop)
+            sweep = loop.scheduleTask(in: .nanoseconds(LoopUpstreamPool.idleTimeout.nanoseconds / 2)) {
+                let connections = loopBound.value
+                connections.sweep = nil
+                let oldest = NIODeadline.now() - LoopUpstreamPool.idleTimeout
+                for key in Array(connections.idle.keys) {
+                    connections.idle[key]?.removeAll { entry in
+                        guard entry.since <= oldest || !entry.kept.handler.isIdle else { return false }
+                        entry.kept.channel.close(promise: nil)
+                        return true
+                    }
+                    if connections.idle[key]?.isEmpty == true { connections.idle[key] = nil }
+                }
+                if !connections.idle.isEmpty { connections.scheduleSweep(on: loop) }
+            }
         }
     }
 }

@@ -120,11 +120,21 @@ final class UpstreamExchangeHandler: ChannelInboundHandler {
     /// decoder allowed 80 KiB of headers).
     static let headLimit = 80 * 1024
 
+    typealias Completion = (Result<Answer, any Error>) -> Void
+
     private let eventLoop: any EventLoop
     private var machine = UpstreamExchangeStateMachine()
     private var context: ChannelHandlerContext?
-    private var promise: EventLoopPromise<Answer>?
-    private var deadline: Scheduled<Void>?
+    private var completion: Completion?
+    /// When the answer awaited now is overdue.
+    private var answerBy = NIODeadline.distantFuture
+    /// The one timer watching `answerBy`, and when it fires. It is not
+    /// scheduled and cancelled per exchange (a timer-heap insert and
+    /// removal each, on every tag pull): it fires once per answer wait at
+    /// most, and then re-arms for the time left when a later answer is
+    /// awaited, or stops.
+    private var timer: Scheduled<Void>?
+    private var timerAt = NIODeadline.distantFuture
     /// The start of an answer head cut across reads.
     private var partial: ByteBuffer?
     /// Whether the connection has answered before: a failure before the
@@ -140,31 +150,45 @@ final class UpstreamExchangeHandler: ChannelInboundHandler {
     func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
 
     /// Sends a `HEAD` of `head.uri` with `head.headers` (the pool asks
-    /// nothing else: an answer ends with its head); the future holds the
+    /// nothing else: an answer ends with its head); `completion` gets the
     /// answer's head once it is in, and whether the pool may keep the
-    /// connection. It fails with `UpstreamExchangeStateMachine.Failure`.
-    /// Must be called on the channel's event loop.
-    func ask(_ head: HTTPRequestHead, within timeout: TimeAmount) -> EventLoopFuture<Answer> {
-        let promise = eventLoop.makePromise(of: Answer.self)
+    /// connection, or a `UpstreamExchangeStateMachine.Failure`. It may run
+    /// before this returns. Must be called on the channel's event loop.
+    func ask(_ head: HTTPRequestHead, within timeout: TimeAmount, completion: @escaping Completion) {
         guard let context, context.channel.isActive else {
-            promise.fail(UpstreamExchangeStateMachine.Failure.closed)
-            return promise.futureResult
+            return completion(.failure(UpstreamExchangeStateMachine.Failure.closed))
         }
         var request = context.channel.allocator.buffer(capacity: 512)
         guard UpstreamAnswerHead.writeRequest(uri: head.uri, headers: head.headers, into: &request) else {
-            promise.fail(UpstreamExchangeStateMachine.Failure.malformed)
-            return promise.futureResult
+            return completion(.failure(UpstreamExchangeStateMachine.Failure.malformed))
         }
         switch machine.request() {
         case .send:
-            self.promise = promise
-            let loopBound = NIOLoopBound(self, eventLoop: eventLoop)
-            deadline = eventLoop.scheduleTask(in: timeout) { loopBound.value.act(loopBound.value.machine.timedOut()) }
+            self.completion = completion
+            answerBy = eventLoop.now + timeout
+            armTimer()
             context.writeAndFlush(wrapOutboundOut(request), promise: nil)
         default:
-            promise.fail(UpstreamExchangeStateMachine.Failure.busy)
+            completion(.failure(UpstreamExchangeStateMachine.Failure.busy))
         }
-        return promise.futureResult
+    }
+
+    private func armTimer() {
+        guard timer == nil || answerBy < timerAt else { return }
+        timer?.cancel()
+        timerAt = answerBy
+        let loopBound = NIOLoopBound(self, eventLoop: eventLoop)
+        timer = eventLoop.scheduleTask(deadline: answerBy) {
+            let handler = loopBound.value
+            handler.timer = nil
+            handler.timerAt = .distantFuture
+            guard handler.machine.state == .awaitingHead else { return }  // answered since
+            if handler.answerBy <= handler.eventLoop.now {
+                handler.act(handler.machine.timedOut())
+            } else {
+                handler.armTimer()
+            }
+        }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -223,21 +247,26 @@ final class UpstreamExchangeHandler: ChannelInboundHandler {
             break
         case .succeed(let head, let reusable):
             reused = true
-            deadline?.cancel()
-            deadline = nil
+            answerBy = .distantFuture
             if !reusable { context?.close(promise: nil) }
-            let promise = self.promise
-            self.promise = nil
-            promise?.succeed((head, reusable))
+            let completion = self.completion
+            self.completion = nil
+            completion?(.success((head, reusable)))
         case .fail(let failure, _):
-            deadline?.cancel()
-            deadline = nil
+            stopTimer()
             context?.close(promise: nil)
-            let promise = self.promise
-            self.promise = nil
-            promise?.fail(failure)
+            let completion = self.completion
+            self.completion = nil
+            completion?(.failure(failure))
         case .close:
+            stopTimer()
             context?.close(promise: nil)
         }
+    }
+
+    private func stopTimer() {
+        timer?.cancel()
+        timer = nil
+        timerAt = .distantFuture
     }
 }
