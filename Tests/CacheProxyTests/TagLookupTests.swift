@@ -147,6 +147,17 @@ final class TagLookupTests: XCTestCase {
         XCTAssertEqual(failure as? UpstreamExchangeStateMachine.Failure, .malformed)
         XCTAssertFalse(garbled.isActive)
 
+        // A head dripped a byte at a time is read once it has ended.
+        let (drip, dripHandler) = try connected()
+        var dripped: [UpstreamExchangeHandler.Answer] = []
+        dripHandler.ask(ask, within: .seconds(5)) { if case .success(let answer) = $0 { dripped.append(answer) } }
+        for byte in "HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n".utf8 {
+            XCTAssertTrue(dripped.isEmpty)
+            try drip.writeInbound(ByteBuffer(bytes: [byte]))
+        }
+        XCTAssertEqual(dripped.first?.head.headers.first(name: "x-a"), "1")
+        XCTAssertEqual(dripped.first?.reusable, true)
+
         // The answer deadline: one timer, re-armed for a later wait, not
         // one per exchange; each wait still ends at its own deadline.
         let (timed, timedHandler) = try connected()
@@ -593,6 +604,38 @@ final class TagLookupTests: XCTestCase {
         XCTAssertTrue(rest.hasPrefix(String(decoding: fake.manifest, as: UTF8.self)), "the manifest, whole")
         XCTAssertTrue(rest.contains("HTTP/1.1 431"), "then the oversized head refused: \(rest.suffix(200))")
         XCTAssertEqual(upstream.requests.filter { $0.uri.contains("/slow/") }.count, 1)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    /// A client that pipelines pulls by tag without end, reading its
+    /// answers as they come: each answer lets the connection read on only
+    /// while what waits is under the head limit, so the proxy takes a few
+    /// kilobytes at a time, not whatever the client can push.
+    func testPipelinedTagPullsAreReadNoFasterThanAnswered() async throws {
+        let fake = ManifestCacheTests.FakeRegistry()
+        let upstream = try await FakeUpstream { fake.reply($0) }
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port),
+                                        extraYAML: "limits: {max_header_bytes: 4096}")
+        try warm(proxy, fake)
+        let pull = "GET /v2/lib/app/manifests/latest HTTP/1.1\r\nHost: 127.0.0.1:\(proxy.port)\r\n\r\n"
+        let flood = Array(String(repeating: pull, count: (32 << 20) / pull.utf8.count).utf8)
+        let socket = try RawSocket(port: proxy.port)
+        var (pushed, received) = (0, 0)
+        var buffer = [UInt8](repeating: 0, count: 1 << 16)
+        let started = Date()
+        while pushed < flood.count, Date().timeIntervalSince(started) < 1.5 {
+            let sent = flood[pushed...].withUnsafeBytes {
+                Glibc.send(socket.fd, $0.baseAddress, min($0.count, 1 << 16), Int32(MSG_DONTWAIT | MSG_NOSIGNAL))
+            }
+            if sent > 0 { pushed += sent }
+            let got = recv(socket.fd, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+            if got > 0 { received += got }
+            if sent <= 0, got <= 0 { try await Task.sleep(for: .milliseconds(1)) }
+        }
+        XCTAssertGreaterThan(received, 0, "answered meanwhile")
+        XCTAssertLessThan(pushed, 20 << 20, "read no faster than answered (\(received) bytes of answers)")
+        socket.close()
         await proxy.stop()
         await upstream.stop()
     }

@@ -120,19 +120,20 @@ final class HitFrontHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 buffer.moveReaderIndex(forwardBy: length)
                 continue
             }
-            guard let request = buffer.getSlice(at: buffer.readerIndex, length: length),
-                  lookUp(head, bytes: request, context: context)
-            else { break }
-            buffer.moveReaderIndex(forwardBy: length)
-            if buffer.readableBytes > 0 { pending?.after = buffer }
-            return
+            guard let request = buffer.getSlice(at: buffer.readerIndex, length: length) else { break }
+            var after = buffer
+            after.moveReaderIndex(forwardBy: length)
+            if lookUp(head, bytes: request, after: after, context: context) { return }
+            break
         }
         forward(buffer, context: context)
     }
 
-    /// Starts the upstream `HEAD` for a pull by tag taken from the bytes.
-    /// False, having done nothing, when it is not one the loop asks.
-    private func lookUp(_ request: PlainGetHead, bytes: ByteBuffer, context: ChannelHandlerContext) -> Bool {
+    /// Starts the upstream `HEAD` for a pull by tag taken from the bytes;
+    /// `after`: the rest of the read, which waits for the answer. False,
+    /// having done nothing, when it is not one the loop asks.
+    private func lookUp(_ request: PlainGetHead, bytes: ByteBuffer, after: ByteBuffer,
+                        context: ChannelHandlerContext) -> Bool {
         // A digest has a colon and a tag cannot: a blob or manifest by
         // digest that was not answered above is not looked at again.
         guard !request.target.utf8.contains(UInt8(ascii: ":")),
@@ -141,9 +142,9 @@ final class HitFrontHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
         lookups &+= 1
         let mine = lookups
-        // Set before the lookup starts: an answer that came at once would
-        // find them.
-        pending = Pending(request: bytes)
+        // Set before the lookup starts, the rest of the read included: an
+        // answer that came at once would find them.
+        pending = Pending(request: bytes, after: after.readableBytes > 0 ? after : nil)
         timeouts.takenAhead()
         let (hits, client, credentials, timeouts) = (hits, client, credentials, timeouts)
         let started = hits.resolve(lookup, context: context, answer: { reply, started in
@@ -175,8 +176,11 @@ final class HitFrontHandler: ChannelDuplexHandler, RemovableChannelHandler {
             context.fireChannelReadComplete()
         }
         if readHeld {
+            // Asked again through the same check: the next lookup may
+            // already hold more than `limit` (pipelined pulls), and a read
+            // passed straight on would add a read's worth each answer.
             readHeld = false
-            context.read()
+            read(context: context)
         }
     }
 

@@ -135,8 +135,11 @@ final class UpstreamExchangeHandler: ChannelInboundHandler {
     /// awaited, or stops.
     private var timer: Scheduled<Void>?
     private var timerAt = NIODeadline.distantFuture
-    /// The start of an answer head cut across reads.
+    /// The start of an answer head cut across reads, and how much of it
+    /// holds no CRLF CRLF: an upstream that drips its head a byte at a time
+    /// costs one look at each byte, not a parse of the whole head per read.
     private var partial: ByteBuffer?
+    private var partialScanned = 0
     /// Whether the connection has answered before: a failure before the
     /// answer on such a connection is most likely the upstream's keep-alive
     /// timeout, not an upstream that is down.
@@ -173,6 +176,16 @@ final class UpstreamExchangeHandler: ChannelInboundHandler {
         }
     }
 
+    /// Whether CRLF CRLF occurs in `bytes` at or after `from`.
+    private static func containsEnd(_ bytes: UnsafeRawBufferPointer, from: Int) -> Bool {
+        var index = from
+        while index + 3 < bytes.count {
+            if bytes[index] == 13, bytes[index + 1] == 10, bytes[index + 2] == 13, bytes[index + 3] == 10 { return true }
+            index += 1
+        }
+        return false
+    }
+
     private func armTimer() {
         guard timer == nil || answerBy < timerAt else { return }
         timer?.cancel()
@@ -202,11 +215,24 @@ final class UpstreamExchangeHandler: ChannelInboundHandler {
             partial = nil
             earlier.writeBuffer(&bytes)
             bytes = earlier
+            // Parsed only once a head can have ended: a CRLF CRLF among the
+            // bytes not looked at yet (from three back, for one cut inside
+            // it), or the limit reached.
+            let from = max(0, partialScanned - 3)
+            let ended = bytes.withUnsafeReadableBytes { raw in
+                raw.count >= Self.headLimit || Self.containsEnd(raw, from: from)
+            }
+            if !ended {
+                partialScanned = bytes.readableBytes
+                partial = bytes
+                return
+            }
         }
         while true {
             switch bytes.withUnsafeReadableBytes({ UpstreamAnswerHead.parse($0, limit: Self.headLimit) }) {
             case .incomplete:
                 partial = bytes
+                partialScanned = bytes.readableBytes
                 return
             case .malformed:
                 act(machine.failed(transport: false))
@@ -248,7 +274,10 @@ final class UpstreamExchangeHandler: ChannelInboundHandler {
         case .succeed(let head, let reusable):
             reused = true
             answerBy = .distantFuture
-            if !reusable { context?.close(promise: nil) }
+            if !reusable {
+                stopTimer()
+                context?.close(promise: nil)
+            }
             let completion = self.completion
             self.completion = nil
             completion?(.success((head, reusable)))
