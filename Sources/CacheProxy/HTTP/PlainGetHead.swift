@@ -1,13 +1,15 @@
 /// The one request shape the hit fast path answers, read straight from the
 /// connection's bytes: `GET <path> HTTP/1.1`, a `Host`, perhaps an
-/// `Authorization`, nothing that frames a body or changes the answer.
+/// `Authorization` (and, kept for a pull by tag's upstream `HEAD`, an
+/// `Accept` and a `User-Agent`), nothing that frames a body or changes the
+/// answer.
 ///
 /// The parser says nil to anything else, however valid: NIO's decoder,
 /// the request checks and the rest of the pipeline stay the authority on
 /// HTTP. So it only has to agree with them on what it accepts, and it
 /// accepts a strict subset: CRLF line ends only, header names of token
 /// characters, values of visible ASCII, space and tab, no obs-fold, exactly
-/// one `Host`, at most one `Authorization`, and none of `Content-Length`,
+/// one `Host`, at most one `Authorization` and `User-Agent`, and none of `Content-Length`,
 /// `Transfer-Encoding`, `Expect`, `Upgrade`, `Range`, `Proxy-Connection`, or
 /// a `Connection` other than `keep-alive`. Where a head ends is then beyond dispute (the
 /// first CRLF CRLF, no body), so no byte can be read as two requests.
