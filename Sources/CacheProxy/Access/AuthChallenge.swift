@@ -62,20 +62,9 @@ public struct AuthChallenge: Sendable, Equatable {
             skip { $0 == UInt8(ascii: " ") || $0 == UInt8(ascii: "\t") }
         }
 
-        /// RFC 9110 `tchar`s.
-        static func isTokenByte(_ byte: UInt8) -> Bool {
-            switch byte {
-            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
-                 UInt8(ascii: "0")...UInt8(ascii: "9"):
-                return true
-            default:
-                return Array("!#$%&'*+-.^_`|~".utf8).contains(byte)
-            }
-        }
-
         mutating func token() -> String? {
             let start = index
-            skip(while: Self.isTokenByte)
+            skip(while: HTTPToken.isCharacter)
             return String(decoding: bytes[start..<index], as: UTF8.self)
         }
 
@@ -83,7 +72,7 @@ public struct AuthChallenge: Sendable, Equatable {
         /// of unquoted URLs some servers send.
         mutating func token68() -> String? {
             let start = index
-            skip { Self.isTokenByte($0) || $0 == UInt8(ascii: "/") || $0 == UInt8(ascii: "=") || $0 == UInt8(ascii: ":") }
+            skip { HTTPToken.isCharacter($0) || $0 == UInt8(ascii: "/") || $0 == UInt8(ascii: "=") || $0 == UInt8(ascii: ":") }
             return index > start ? String(decoding: bytes[start..<index], as: UTF8.self) : nil
         }
 

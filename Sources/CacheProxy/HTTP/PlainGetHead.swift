@@ -54,7 +54,7 @@ struct PlainGetHead: Equatable {
             }
             // A name of token characters, then `:`.
             let nameStart = index
-            while index < end, isTokenCharacter(bytes[index]) { index += 1 }
+            while index < end, HTTPToken.isCharacter(bytes[index]) { index += 1 }
             guard index < end, index > nameStart, bytes[index] == UInt8(ascii: ":") else { return nil }
             let name = UnsafeRawBufferPointer(rebasing: bytes[nameStart..<index])
             index += 1
@@ -113,17 +113,6 @@ struct PlainGetHead: Equatable {
             case 16 where equalsLowercased(name, "proxy-connection"): self = .refused
             default: self = .other
             }
-        }
-    }
-
-    /// RFC 9110 `tchar`.
-    private static func isTokenCharacter(_ byte: UInt8) -> Bool {
-        switch byte {
-        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
-             UInt8(ascii: "0")...UInt8(ascii: "9"):
-            return true
-        default:
-            return "!#$%&'*+-.^_`|~".utf8.contains(byte)
         }
     }
 }

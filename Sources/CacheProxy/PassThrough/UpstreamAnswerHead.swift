@@ -75,7 +75,7 @@ enum UpstreamAnswerHead {
                                               headers: headers), length: after)
             }
             let nameStart = index
-            while index < end, isTokenCharacter(bytes[index]) { index += 1 }
+            while index < end, HTTPToken.isCharacter(bytes[index]) { index += 1 }
             guard index < end else { return short() }
             // No name (an obs-fold starts with a space), or not `:` after it.
             guard index > nameStart, bytes[index] == UInt8(ascii: ":") else { return .malformed }
@@ -109,17 +109,6 @@ enum UpstreamAnswerHead {
         byte == 0x09 || (byte >= 0x20 && byte != 0x7f)
     }
 
-    /// RFC 9110 `tchar`.
-    private static func isTokenCharacter(_ byte: UInt8) -> Bool {
-        switch byte {
-        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
-             UInt8(ascii: "0")...UInt8(ascii: "9"):
-            return true
-        default:
-            return "!#$%&'*+-.^_`|~".utf8.contains(byte)
-        }
-    }
-
     /// `HEAD <uri> HTTP/1.1` with `headers`, as bytes. False, having written
     /// nothing, when the target or a header could end a line or a field
     /// (they come from the client's validated head and the configuration,
@@ -127,7 +116,7 @@ enum UpstreamAnswerHead {
     static func writeRequest(uri: String, headers: HTTPHeaders, into out: inout ByteBuffer) -> Bool {
         guard uri.utf8.allSatisfy({ $0 > 0x20 && $0 != 0x7f }),
               headers.allSatisfy({ field in
-                  !field.name.isEmpty && field.name.utf8.allSatisfy(isTokenCharacter)
+                  !field.name.isEmpty && field.name.utf8.allSatisfy(HTTPToken.isCharacter)
                       && field.value.utf8.allSatisfy(isFieldByte)
               })
         else { return false }
