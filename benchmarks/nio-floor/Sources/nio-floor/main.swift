@@ -4,7 +4,9 @@
 // event loop, then a fixed answer from memory. No HTTP parsing, no routing,
 // no checks, no logging, no metrics: a request is whatever one read brings,
 // the upstream's answer ends at its first CRLF CRLF. Only for wrk's one
-// request at a time per connection; never a server.
+// request at a time per connection; never a server. With ORIGIN_PORT 0 it
+// asks no upstream and answers every request with the file at once: the
+// floor of a cache hit from memory.
 //
 //   nio-floor LISTEN_PORT ORIGIN_PORT REPOSITORY TAG MANIFEST_FILE MEDIA_TYPE DIGEST
 import NIOCore
@@ -56,6 +58,9 @@ final class ClientHandler: ChannelInboundHandler {
     var waiting = 0
 
     func channelActive(context: ChannelHandlerContext) {
+        // Origin port 0: no upstream, every request answered from memory
+        // (the floor of a cache hit).
+        guard Settings.origin != 0 else { return context.fireChannelActive() }
         let client = context.channel
         let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
         ClientBootstrap(group: context.eventLoop)
@@ -79,6 +84,12 @@ final class ClientHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard Settings.origin != 0 else {
+            var out = context.channel.allocator.buffer(capacity: answer.count)
+            out.writeBytes(answer)
+            context.writeAndFlush(NIOAny(out), promise: nil)
+            return
+        }
         if upstream == nil { waiting += 1 } else { sendAsk() }
     }
 
