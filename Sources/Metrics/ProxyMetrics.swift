@@ -17,6 +17,7 @@ public final class ProxyMetrics: Sendable {
     public let manifestHits: Counter
     public let manifestMisses: Counter
     public let manifestsOffline: Counter
+    public let tagPullsOnLoop: Counter
     public let digestMismatches: Counter
     public let fillFailures: Counter
     public let bytesFromCache: Counter
@@ -82,6 +83,7 @@ public final class ProxyMetrics: Sendable {
         manifestHits = registry.makeCounter(descriptor: Self.describe("cacheproxy_manifest_hits_total", "Manifest reads (by digest, or by a tag the upstream or the offline table resolved) answered from the cache."))
         manifestMisses = registry.makeCounter(descriptor: Self.describe("cacheproxy_manifest_misses_total", "Manifest reads that started an upstream fill."))
         manifestsOffline = registry.makeCounter(descriptor: Self.describe("cacheproxy_manifest_offline_total", "Manifest reads answered from the cache while the upstream could not be asked (offline: serve); also counted as hits."))
+        tagPullsOnLoop = registry.makeCounter(descriptor: Self.describe("cacheproxy_tag_pulls_on_loop_total", "Pulls by tag answered wholly on the event loop: the upstream's HEAD on the loop's own connection, the manifest from memory (or the upstream's headers, for a HEAD)."))
         coalescedFollowers = registry.makeCounter(descriptor: Self.describe("cacheproxy_blob_coalesced_total", "Blob reads that joined a fill already in flight instead of asking the upstream again."))
         digestMismatches = registry.makeCounter(descriptor: Self.describe("cacheproxy_digest_mismatches_total", "Fills whose bytes did not hash to the requested digest; nothing was stored."))
         fillFailures = registry.makeCounter(descriptor: Self.describe("cacheproxy_fill_failures_total", "Fills that failed: upstream cut or error, digest mismatch, or a disk failure with no client left to stream to."))

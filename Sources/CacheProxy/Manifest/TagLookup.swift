@@ -98,6 +98,7 @@ extension CacheHitResponder {
                     return
                 }
                 if answer(reply, started) {
+                    metrics.tagPullsOnLoop.increment()
                     then(nil)
                     return
                 }
