@@ -646,6 +646,52 @@ final class TagLookupTests: XCTestCase {
         await upstream.stop()
     }
 
+    /// The same from the connection's bytes (keep-alive `GET`s, which the
+    /// fast path takes): 40 clients whose tag's upstream never answers hold
+    /// the loops' exchanges past the answer timeout; another tag is answered
+    /// at once meanwhile, each stalled client gets its 504 after one answer
+    /// wait, and its connection then serves the next pull.
+    func testStalledTagsTakenFromTheBytesGiveWayAndTheirConnectionsGoOn() async throws {
+        let fake = ManifestCacheTests.FakeRegistry()
+        let upstream = try await FakeUpstream { head in
+            if head.uri.contains("/stuck/"), head.method == .HEAD { return .init(silent: true) }
+            return fake.reply(head)
+        }
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port),
+                                        extraYAML: "timeouts: {upstream: 1, upstream_idle: 1}")
+        try warm(proxy, fake)
+        let host = "Host: 127.0.0.1:\(proxy.port)\r\n"
+        var stuck: [RawSocket] = []
+        for _ in 0..<40 {
+            let socket = try RawSocket(port: proxy.port, receiveTimeout: 10)
+            XCTAssertTrue(socket.send("GET /v2/lib/stuck/manifests/latest HTTP/1.1\r\n\(host)\r\n"))
+            stuck.append(socket)
+        }
+        try await Task.sleep(for: .milliseconds(200))
+        let started = Date()
+        for _ in 0..<5 {
+            let pull = try curl("\(proxy.base)/v2/lib/app/manifests/latest")
+            XCTAssertEqual(pull.code, 200)
+            XCTAssertEqual(pull.body, fake.manifest)
+        }
+        XCTAssertLessThan(Date().timeIntervalSince(started), 0.8, "not held behind the stalled tags")
+        for socket in stuck {
+            let head = socket.receiveHead()
+            XCTAssertTrue(head.hasPrefix("HTTP/1.1 504"), String(head.prefix(40)))
+            let length = head.lowercased().split(separator: "\r\n")
+                .first { $0.hasPrefix("content-length:") }.flatMap { Int($0.dropFirst(15).trimmingCharacters(in: .whitespaces)) }
+            var body = [UInt8](repeating: 0, count: length ?? 0)
+            if !body.isEmpty { XCTAssertEqual(recv(socket.fd, &body, body.count, Int32(MSG_WAITALL)), body.count) }
+        }
+        XCTAssertLessThan(Date().timeIntervalSince(started), 4, "one answer wait each, not two")
+        for socket in stuck.prefix(3) {
+            XCTAssertTrue(socket.send("GET /v2/lib/app/manifests/latest HTTP/1.1\r\n\(host)\r\n"))
+            XCTAssertTrue(socket.receiveHead().hasPrefix("HTTP/1.1 200"), "the connection goes on after its 504")
+        }
+        await proxy.stop()
+        await upstream.stop()
+    }
+
     /// Two pulls of the tag: the first fills the cache, the second reads the
     /// manifest into memory, so the loop answers the next ones itself.
     /// Sends `requests` on one connection and, `after` a pause, `then`

@@ -124,14 +124,28 @@ struct CacheHitResponder: Sendable {
             tracker.setIdle(channel, true)
             return false
         }
-        let started = ContinuousClock.now
+        timeouts.takenAhead()
+        writeAhead(entry, kind: kind, request: request, upstream: upstream, client: client, started: .now,
+                   context: context, timeouts: timeouts)
+        return true
+    }
+
+    /// Writes `entry` whole from the front of the pipeline, its prebuilt
+    /// head and its bytes, for a `GET` `HitFrontHandler` took
+    /// (`ConnectionTimeoutsHandler.takenAhead`): watched by the send
+    /// timeout, then counted and logged as a hit. One place for a blob or
+    /// manifest by digest and a manifest a tag named.
+    func writeAhead(_ entry: SmallBlobCache.Entry, kind: ContentKind, request: PlainGetHead,
+                    upstream: ProxyConfig.Upstream, client: String?, started: ContinuousClock.Instant,
+                    context: ChannelHandlerContext, timeouts: ConnectionTimeoutsHandler) {
+        let channel = context.channel
         context.write(NIOAny(entry.responseHead), promise: nil)
         let written = context.writeAndFlush(NIOAny(entry.bytes))
-        timeouts.answeredAhead(written, bytes: entry.bytes.readableBytes, channel: channel)
-        let hit = Hit(kind: kind, method: "GET", uri: request.target, host: request.host, upstream: upstream.host, client: client,
-                      status: 200, sent: Int64(entry.bytes.readableBytes), started: started, keepAlive: true)
+        timeouts.answeringAhead(written, bytes: entry.bytes.readableBytes, channel: channel)
+        let hit = Hit(kind: kind, method: "GET", uri: request.target, host: request.host, upstream: upstream.host,
+                      client: client, status: 200, sent: Int64(entry.bytes.readableBytes), started: started,
+                      keepAlive: true)
         written.assumeIsolated().whenComplete { finished(hit, result: $0, channel: channel) }
-        return true
     }
 
     /// A blob, or a manifest by digest of an upstream that caches manifests:

@@ -190,20 +190,11 @@ final class ConnectionTimeoutsHandler: ChannelDuplexHandler, RemovableChannelHan
     var isQuiet: Bool { machine.isQuiet && !closing }
     private var closing = false
 
-    /// A request `HitFrontHandler` answered before the decoder saw it, timed
-    /// as one that came through: its answer is watched by the send timeout
-    /// until `written` completes, and the idle timer starts after it.
-    /// Called after the answer's write and flush.
-    func answeredAhead(_ written: EventLoopFuture<Void>, bytes: Int, channel: any Channel) {
-        takenAhead()
-        answeringAhead(written, bytes: bytes, channel: channel)
-    }
-
-    /// A request `HitFrontHandler` took whole and answers later (a pull by
-    /// tag, once the upstream has named the manifest): owed an answer from
-    /// now on, like one the decoder delivered, so no head or idle timer runs
-    /// while the upstream is asked (its own answer timeout bounds that) and
-    /// nothing else is answered ahead of it.
+    /// A request `HitFrontHandler` took whole from the bytes, timed as one
+    /// that came through the decoder: owed an answer from now on, so no
+    /// head or idle timer runs while it is answered (a pull by tag waits for
+    /// the upstream, whose own answer timeout bounds that) and nothing else
+    /// is answered ahead of it.
     func takenAhead() {
         machine.requestEnded(now: .now())
     }
@@ -214,8 +205,9 @@ final class ConnectionTimeoutsHandler: ChannelDuplexHandler, RemovableChannelHan
         arm()
     }
 
-    /// The answer to a request `takenAhead`, written and flushed: watched
-    /// like `answeredAhead`'s.
+    /// The answer to a request `takenAhead`, written and flushed: watched by
+    /// the send timeout until `written` completes, and the idle timer starts
+    /// after it.
     func answeringAhead(_ written: EventLoopFuture<Void>, bytes: Int, channel: any Channel) {
         machine.responseStarted()
         send.handedDown(bytes)

@@ -65,8 +65,6 @@ final class HitFrontHandler: ChannelDuplexHandler, RemovableChannelHandler {
         var after: ByteBuffer?
     }
     private var pending: Pending?
-    /// Which lookup `pending` belongs to.
-    private var lookups = 0
     /// A read the pipeline asked for while more than `limit` bytes wait.
     private var readHeld = false
 
@@ -140,8 +138,6 @@ final class HitFrontHandler: ChannelDuplexHandler, RemovableChannelHandler {
               let lookup = TagLookup(request, bytes: bytes, router: hits.live.router)
         else { return false }
         let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
-        lookups &+= 1
-        let mine = lookups
         // Set before the lookup starts, the rest of the read included: an
         // answer that came at once would find them.
         pending = Pending(request: bytes, after: after.readableBytes > 0 ? after : nil)
@@ -151,7 +147,7 @@ final class HitFrontHandler: ChannelDuplexHandler, RemovableChannelHandler {
             hits.answerAhead(lookup, request: request, reply: reply, context: context, client: client,
                              started: started, credentials: credentials, timeouts: timeouts)
         }) { handed in
-            loopBound.value.lookedUp(mine, handed: handed, context: context)
+            loopBound.value.lookedUp(handed: handed, context: context)
         }
         if !started {
             pending = nil
@@ -160,10 +156,11 @@ final class HitFrontHandler: ChannelDuplexHandler, RemovableChannelHandler {
         return started
     }
 
-    /// The lookup `mine` is over: answered here (`handed` nil), or to be
-    /// answered by the async side with what the upstream said.
-    private func lookedUp(_ mine: Int, handed: TagHandOff.Handed?, context: ChannelHandlerContext) {
-        guard mine == lookups, let pending, context.channel.isActive else { return }
+    /// The lookup is over: answered here (`handed` nil), or to be answered
+    /// by the async side with what the upstream said. One is out at a time,
+    /// and a client that left took `pending` with it (`channelInactive`).
+    private func lookedUp(handed: TagHandOff.Handed?, context: ChannelHandlerContext) {
+        guard let pending, context.channel.isActive else { return }
         self.pending = nil
         if let handed {
             timeouts.givenBack()

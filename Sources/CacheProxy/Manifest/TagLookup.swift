@@ -158,14 +158,8 @@ extension CacheHitResponder {
                                      credentials: credentials, started: started),
               let entry
         else { return false }
-        let channel = context.channel
-        context.write(NIOAny(entry.responseHead), promise: nil)
-        let written = context.writeAndFlush(NIOAny(entry.bytes))
-        timeouts.answeringAhead(written, bytes: entry.bytes.readableBytes, channel: channel)
-        let hit = Hit(kind: .manifest, method: "GET", uri: request.target, host: request.host,
-                      upstream: lookup.upstream.host, client: client, status: 200,
-                      sent: Int64(entry.bytes.readableBytes), started: started, keepAlive: true)
-        written.assumeIsolated().whenComplete { finished(hit, result: $0, channel: channel) }
+        writeAhead(entry, kind: .manifest, request: request, upstream: lookup.upstream, client: client,
+                   started: started, context: context, timeouts: timeouts)
         return true
     }
 
