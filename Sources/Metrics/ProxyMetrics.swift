@@ -44,7 +44,14 @@ public final class ProxyMetrics: Sendable {
     /// upstream's answer to a HEAD), `offline_served` / `offline_refused`
     /// (the upstream could not be asked).
     public let accessChecks: [String: Counter]
+    /// `accessChecks["remembered"]`, which every hit counts, held apart.
+    public let accessRemembered: Counter
+    /// The series of the answers given most: a `GET` of a blob, and of a
+    /// manifest, answered 200 (`requestFinished(_:seconds:)`).
+    public let blobGetOK: RequestSeries
+    public let manifestGetOK: RequestSeries
     public static let accessCheckResults = ["remembered", "allowed", "refused", "offline_served", "offline_refused"]
+    private static let accessCheckHelp = "Checks that a client may read a cached blob or join a fill, by result."
 
     /// Series looked up per request are kept here, so the hot path does one
     /// small dictionary lookup instead of the registry's name-and-label
@@ -105,9 +112,29 @@ public final class ProxyMetrics: Sendable {
         fillErrors = Self.counters(in: registry, "cacheproxy_fill_errors_total",
                                    "Storage errors during fills (full disk, I/O error), by errno; the blob was not kept.",
                                    label: "reason", values: Self.fillErrorReasons)
-        accessChecks = Self.counters(in: registry, "cacheproxy_access_checks_total",
-                                     "Checks that a client may read a cached blob or join a fill, by result.",
+        accessRemembered = registry.makeCounter(descriptor: Self.describe("cacheproxy_access_checks_total", Self.accessCheckHelp),
+                                                labels: [("result", "remembered")])
+        accessChecks = Self.counters(in: registry, "cacheproxy_access_checks_total", Self.accessCheckHelp,
                                      label: "result", values: Self.accessCheckResults)
+        let blob = RequestKey(kind: "blob", method: "GET", code: 200)
+        let manifest = RequestKey(kind: "manifest", method: "GET", code: 200)
+        let countHelp = Self.describe("cacheproxy_requests_total", "Client requests by kind, method and response status.")
+        let blobCount = registry.makeCounter(descriptor: countHelp, labels: [("kind", "blob"), ("method", "GET"), ("code", "200")])
+        let manifestCount = registry.makeCounter(descriptor: countHelp,
+                                                 labels: [("kind", "manifest"), ("method", "GET"), ("code", "200")])
+        requestCounters.withLockedValue { $0 = [blob: blobCount, manifest: manifestCount] }
+        let durationHelp = Self.describe("cacheproxy_request_duration_seconds",
+                                         "Time from request head to the last response byte written.")
+        let blobDuration = registry.makeDurationHistogram(descriptor: durationHelp, labels: [("kind", "blob")],
+                                                          buckets: Self.durationBuckets)
+        let manifestDuration = registry.makeDurationHistogram(descriptor: durationHelp, labels: [("kind", "manifest")],
+                                                              buckets: Self.durationBuckets)
+        histograms.withLockedValue {
+            $0 = [HistogramKey(name: "cacheproxy_request_duration_seconds", kind: "blob"): blobDuration,
+                  HistogramKey(name: "cacheproxy_request_duration_seconds", kind: "manifest"): manifestDuration]
+        }
+        blobGetOK = RequestSeries(count: blobCount, duration: blobDuration)
+        manifestGetOK = RequestSeries(count: manifestCount, duration: manifestDuration)
     }
 
     /// One counter per value of a single label, made up front so the hot
@@ -124,6 +151,26 @@ public final class ProxyMetrics: Sendable {
     /// One finished client request. `kind` is `blob`, `passthrough`, `local`
     /// or `error`.
     public func requestFinished(kind: String, method: String, code: Int, seconds: Double) {
+        requestFinished(requestSeries(kind: kind, method: method, code: code), seconds: seconds)
+    }
+
+    /// A finished request counted in series looked up before: the hit
+    /// paths keep theirs (`blobGetOK`, `manifestGetOK`), which saves two
+    /// locked dictionary lookups with hashed string keys per hit.
+    public func requestFinished(_ series: RequestSeries, seconds: Double) {
+        series.count.increment()
+        series.duration.record(.nanoseconds(Int64(seconds * 1e9)))
+    }
+
+    /// The two series a finished request is counted in.
+    public struct RequestSeries: Sendable {
+        let count: Counter
+        let duration: DurationHistogram
+    }
+
+    /// The series of a request of this kind, method and status; made on
+    /// first use.
+    public func requestSeries(kind: String, method: String, code: Int) -> RequestSeries {
         let key = RequestKey(kind: kind, method: Self.boundedMethod(method), code: code)
         let counter = requestCounters.withLockedValue { counters in
             if let counter = counters[key] { return counter }
@@ -133,9 +180,9 @@ public final class ProxyMetrics: Sendable {
             counters[key] = counter
             return counter
         }
-        counter.increment()
-        histogram("cacheproxy_request_duration_seconds", "Time from request head to the last response byte written.",
-                  kind: kind).record(.nanoseconds(Int64(seconds * 1e9)))
+        let duration = histogram("cacheproxy_request_duration_seconds",
+                                 "Time from request head to the last response byte written.", kind: kind)
+        return RequestSeries(count: counter, duration: duration)
     }
 
     /// Time from request head to response head, the figure a client's pull

@@ -27,6 +27,26 @@ final class DigestTests: XCTestCase {
         }
     }
 
+    /// The parser reads bytes, not `Character`s: a non-ASCII byte anywhere is
+    /// refused, and a combining mark cannot join the colon into one
+    /// character and hide it.
+    func testReadsDigestsAsBytes() {
+        XCTAssertThrowsError(try Digest(parsing: "shä256:\(hex64)")) {
+            XCTAssertEqual($0 as? Digest.ParseError, .unsupportedAlgorithm("shä256"))
+        }
+        XCTAssertThrowsError(try Digest(parsing: "sha256:\(hex64.dropLast())é")) {
+            XCTAssertEqual($0 as? Digest.ParseError, .badEncoding)
+        }
+        XCTAssertThrowsError(try Digest(parsing: "sha256\u{301}:\(hex64)")) {
+            XCTAssertEqual($0 as? Digest.ParseError, .unsupportedAlgorithm("sha256\u{301}"))
+        }
+        // The colon followed by a combining mark is one Character, but its byte is found.
+        XCTAssertThrowsError(try Digest(parsing: "sha256:\u{301}\(hex64.dropFirst(2))")) {
+            XCTAssertEqual($0 as? Digest.ParseError, .badEncoding)
+        }
+        XCTAssertEqual(try? Digest(parsing: Substring("x sha256:\(hex64)").dropFirst(2)).hex, hex64)
+    }
+
     func testStorePathIsBuiltFromTheDigestOnly() throws {
         let folder = try makeTemporaryFolder("digest")
         let store = try makeStore(folder)

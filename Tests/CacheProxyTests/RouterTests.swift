@@ -66,6 +66,15 @@ final class RequestTargetTests: XCTestCase {
         XCTAssertEqual(try RequestTarget.classify(method: "DELETE", uri: "/v2/a/blobs/\(digest)"), .passThrough)
         XCTAssertEqual(try RequestTarget.classify(method: "GET", uri: "/metrics"), .metrics)
         XCTAssertEqual(try RequestTarget.classify(method: "GET", uri: "/readyz"), .readyz)
+        // Paths are compared as bytes: a look-alike that Unicode calls
+        // equivalent (U+212A KELVIN SIGN is canonically `K`) is not the
+        // path it looks like, nor is a path with a combining mark.
+        XCTAssertEqual(try RequestTarget.classify(method: "GET", uri: "/metrics\u{301}"), .passThrough)
+        XCTAssertEqual(try RequestTarget.classify(method: "GET", uri: "/v2\u{301}/"), .passThrough)
+        XCTAssertThrowsError(try RequestTarget.classify(method: "GET", uri: "/v2/a/blobs/uploads\u{301}")) {
+            XCTAssertEqual($0 as? RequestTarget.Rejection, .digestInvalid("digest must be <algorithm>:<hex>"))
+        }
+        XCTAssertThrowsError(try RequestTarget.classify(method: "GET", uri: "/v2/\u{212A}/manifests/latest"))
     }
 
     func testQueryValueIsPercentDecoded() {

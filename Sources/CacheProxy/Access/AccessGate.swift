@@ -208,7 +208,7 @@ public final class AccessGate: Sendable {
             guard let grant else { return true }
             return state.grants[grant].map { $0 > now } ?? false
         }
-        if fresh { metrics.accessChecks["remembered"]?.increment() }
+        if fresh { metrics.accessRemembered.increment() }
         return fresh
     }
 

@@ -157,7 +157,7 @@ struct CacheHitResponder: Sendable {
         // A digest is `algorithm:hex`, and nothing else in a path to content
         // has a colon (a tag cannot): a pull by tag, which both hit paths
         // see first, is turned away without the classification.
-        guard uri.utf8.contains(UInt8(ascii: ":")) else { return nil }
+        guard uri.containsByte(UInt8(ascii: ":")) else { return nil }
         let name: String, digest: Digest, kind: ContentKind
         switch try? RequestTarget.classify(method: method, uri: uri) {
         case .blob(let blobName, let blobDigest)?: (name, digest, kind) = (blobName, blobDigest, .blob)
@@ -201,8 +201,12 @@ struct CacheHitResponder: Sendable {
             sent = 0
         }
         let seconds = hit.started.duration(to: .now).inSeconds
-        metrics.requestFinished(kind: hit.kind == .blob ? "blob" : "manifest", method: hit.method, code: hit.status,
-                                seconds: seconds)
+        if hit.status == 200, hit.method == "GET" {
+            metrics.requestFinished(hit.kind == .blob ? metrics.blobGetOK : metrics.manifestGetOK, seconds: seconds)
+        } else {
+            metrics.requestFinished(kind: hit.kind == .blob ? "blob" : "manifest", method: hit.method, code: hit.status,
+                                    seconds: seconds)
+        }
         if requestLog.enabled {
             requestLog.record(.init(client: hit.client, method: hit.method, uri: hit.uri, host: hit.host,
                                     upstream: hit.upstream, status: hit.status, bytes: sent, seconds: seconds,

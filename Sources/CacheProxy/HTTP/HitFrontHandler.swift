@@ -67,6 +67,11 @@ final class HitFrontHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var pending: Pending?
     /// A read the pipeline asked for while more than `limit` bytes wait.
     private var readHeld = false
+    /// Whether bytes went on to the decoder since the last read completed.
+    /// When none did (every request in the read answered here), the rest
+    /// of the pipeline has nothing to complete, and the event stops here:
+    /// six handlers' hops per hit, ~3% of its CPU.
+    private var forwardedSinceComplete = false
 
     init(hits: CacheHitResponder, timeouts: ConnectionTimeoutsHandler, limit: Int,
          credentials: AccessGate.CredentialMemo, askedAhead: TagAskedAhead) {
@@ -88,6 +93,12 @@ final class HitFrontHandler: ChannelDuplexHandler, RemovableChannelHandler {
             return
         }
         process(buffer, context: context)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        guard forwardedSinceComplete else { return }
+        forwardedSinceComplete = false
+        context.fireChannelReadComplete()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -134,7 +145,7 @@ final class HitFrontHandler: ChannelDuplexHandler, RemovableChannelHandler {
                         context: ChannelHandlerContext) -> Bool {
         // A digest has a colon and a tag cannot: a blob or manifest by
         // digest that was not answered above is not looked at again.
-        guard !request.target.utf8.contains(UInt8(ascii: ":")),
+        guard !request.target.containsByte(UInt8(ascii: ":")),
               let lookup = TagLookup(request, bytes: bytes, router: hits.live.router)
         else { return false }
         let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
@@ -167,10 +178,10 @@ final class HitFrontHandler: ChannelDuplexHandler, RemovableChannelHandler {
             askedAhead.put(handed)
             forward(pending.request, context: context)
             if let after = pending.after { forward(after, context: context) }
-            context.fireChannelReadComplete()
+            channelReadComplete(context: context)
         } else if let after = pending.after {
             process(after, context: context)
-            context.fireChannelReadComplete()
+            channelReadComplete(context: context)
         }
         if readHeld {
             // Asked again through the same check: the next lookup may
@@ -195,6 +206,7 @@ final class HitFrontHandler: ChannelDuplexHandler, RemovableChannelHandler {
         buffer.withUnsafeReadableBytes { bytes in
             for byte in bytes.suffix(4) { forwardedTail = forwardedTail << 8 | UInt32(byte) }
         }
+        forwardedSinceComplete = true
         context.fireChannelRead(wrapInboundOut(buffer))
     }
 }

@@ -60,7 +60,16 @@ public enum LogWriter {
     /// (a space, a quote, a control byte, non-ASCII) as `_`.
     static func appendToken(_ text: Substring.UTF8View, to line: inout [UInt8]) {
         guard !text.isEmpty else { return line.append(UInt8(ascii: "-")) }
-        if text.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: "\"") }) {
+        // Through the string's own buffer when it has one (strings from the
+        // network do): one check and one copy of the bytes, where the view's
+        // generic walk cost a few percent of a 4 KiB hit.
+        let clean: Bool? = text.withContiguousStorageIfAvailable { bytes in
+            guard bytes.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: "\"") }) else { return false }
+            line.append(contentsOf: bytes)
+            return true
+        }
+        if clean == true { return }
+        if clean == nil, text.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: "\"") }) {
             return line.append(contentsOf: text)
         }
         line.append(contentsOf: token(String(Substring(text))).utf8)
@@ -98,7 +107,7 @@ public enum LogWriter {
             gmtime_r(&seconds, &parts)
             let text = "\(padded(Int(parts.tm_year) + 1900, 4))-\(padded(Int(parts.tm_mon) + 1, 2))-\(padded(Int(parts.tm_mday), 2))T"
                 + "\(padded(Int(parts.tm_hour), 2)):\(padded(Int(parts.tm_min), 2)):\(padded(Int(parts.tm_sec), 2))"
-            last = (seconds, text)
+            last = LastSecond(seconds: seconds, text: text)
             return text
         }
         line.append(contentsOf: prefix.utf8)
@@ -115,7 +124,14 @@ public enum LogWriter {
         return String(decoding: bytes, as: UTF8.self)
     }
 
-    private static let lastSecond = NIOLockedValueBox<(seconds: time_t, text: String)>((-1, ""))
+    /// The formatted second of the last line: a struct, not a tuple, whose
+    /// box's type the compiler knows (a tuple's generic metadata was looked
+    /// up at run time on every line, half of the line's cost).
+    private struct LastSecond {
+        var seconds: time_t
+        var text: String
+    }
+    private static let lastSecond = NIOLockedValueBox(LastSecond(seconds: -1, text: ""))
 
     /// Seconds with six decimals, without `String(format:)`.
     static func seconds(_ value: Double) -> String {

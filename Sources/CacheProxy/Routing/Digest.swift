@@ -44,14 +44,21 @@ public struct Digest: Hashable, Sendable, CustomStringConvertible {
     }
 
     public init(parsing text: Substring) throws(ParseError) {
-        guard let colon = text.firstIndex(of: ":") else { throw .missingSeparator }
-        let algorithmName = text[..<colon]
-        guard let algorithm = Algorithm(rawValue: String(algorithmName)) else {
-            throw .unsupportedAlgorithm(String(algorithmName.prefix(32)))
+        // Byte by byte, not by `Character`: this runs on every request for
+        // content, hits included, and a digest is ASCII or refused.
+        guard let colon = text.firstIndex(ofByte: UInt8(ascii: ":")) else { throw .missingSeparator }
+        let algorithmName = text.utf8[..<colon]
+        let algorithm: Algorithm
+        if algorithmName.elementsEqual("sha256".utf8) {
+            algorithm = .sha256
+        } else if algorithmName.elementsEqual("sha512".utf8) {
+            algorithm = .sha512
+        } else {
+            throw .unsupportedAlgorithm(String(Substring(algorithmName).prefix(32)))
         }
-        let hex = text[text.index(after: colon)...]
+        let hex = text[text.utf8.index(after: colon)...]
         guard hex.utf8.count == algorithm.hexLength,
-              hex.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) })
+              hex.allBytes({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) })
         else { throw .badEncoding }
         self.algorithm = algorithm
         self.hex = String(hex)

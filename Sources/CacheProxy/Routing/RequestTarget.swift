@@ -26,19 +26,17 @@ public enum RequestTarget: Equatable, Sendable {
     /// Classifies `uri` (path plus optional query).
     public static func classify(method: String, uri: String) throws(Rejection) -> RequestTarget {
         let path = RequestURI.path(of: uri)
-        switch path {
-        case "/metrics": return .metrics
-        case "/healthz": return .healthz
-        case "/readyz": return .readyz
-        default: break
-        }
+        // Compared as bytes, not as `String`s: equal paths are equal bytes.
+        if path.hasBytes("/metrics") { return .metrics }
+        if path.hasBytes("/healthz") { return .healthz }
+        if path.hasBytes("/readyz") { return .readyz }
         try rejectTraversal(path)
         guard method == "GET" || method == "HEAD" else { return .passThrough }
-        if path == "/v2/" || path == "/v2" { return .ping }
-        guard path.hasPrefix("/v2/") else { return .passThrough }
+        if path.hasBytes("/v2/") || path.hasBytes("/v2") { return .ping }
+        guard path.hasPrefixBytes("/v2/") else { return .passThrough }
         // `/v2/<name>/blobs/uploads/...` is the push API, not a blob read.
-        if let blobs = lastSegment("/blobs/", in: path), path[blobs.upperBound...] != "uploads",
-           !path[blobs.upperBound...].utf8.contains(UInt8(ascii: "/")) {
+        if let blobs = lastSegment("/blobs/", in: path), !path[blobs.upperBound...].hasBytes("uploads"),
+           path[blobs.upperBound...].firstIndex(ofByte: UInt8(ascii: "/")) == nil {
             let digestPart = path[blobs.upperBound...]
             let name = try repositoryName(in: path, before: blobs)
             do {
@@ -49,7 +47,7 @@ public enum RequestTarget: Equatable, Sendable {
         }
         if let manifests = lastSegment("/manifests/", in: path) {
             let reference = path[manifests.upperBound...]
-            if reference.utf8.contains(UInt8(ascii: ":")) {
+            if reference.firstIndex(ofByte: UInt8(ascii: ":")) != nil {
                 let name = try repositoryName(in: path, before: manifests)
                 do {
                     return .manifest(name: name, reference: .digest(try Digest(parsing: reference)))
@@ -125,7 +123,7 @@ public enum RequestTarget: Equatable, Sendable {
     static func lastSegment(_ marker: String, in path: Substring) -> Range<Substring.Index>? {
         let marker = marker.utf8
         var end = path.endIndex
-        while let slash = path.utf8[..<end].lastIndex(of: UInt8(ascii: "/")) {
+        while let slash = path[..<end].lastIndex(ofByte: UInt8(ascii: "/")) {
             let start = slash
             if path[start...].utf8.starts(with: marker) {
                 return start..<path.utf8.index(start, offsetBy: marker.count)
@@ -139,14 +137,14 @@ public enum RequestTarget: Equatable, Sendable {
 /// Splitting of a request target into path and query.
 public enum RequestURI {
     public static func path(of uri: String) -> Substring {
-        if let q = uri.utf8.firstIndex(of: UInt8(ascii: "?")) { return uri[..<q] }
+        if let q = uri.firstIndex(ofByte: UInt8(ascii: "?")) { return uri[..<q] }
         return Substring(uri)
     }
 
     /// The percent-decoded value of the first `key=value` pair with that key
     /// (containerd sends `ns=127.0.0.1%3A5000`).
     public static func queryValue(_ key: String, in uri: String) -> Substring? {
-        guard let q = uri.utf8.firstIndex(of: UInt8(ascii: "?")) else { return nil }
+        guard let q = uri.firstIndex(ofByte: UInt8(ascii: "?")) else { return nil }
         for pair in uri[uri.index(after: q)...].split(separator: "&") {
             let parts = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
             if parts.count == 2, parts[0] == key { return String(parts[1]).removingPercentEncoding.map { Substring($0) } }
