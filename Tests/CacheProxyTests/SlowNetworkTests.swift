@@ -89,14 +89,29 @@ final class SlowNetworkTests: XCTestCase {
 
     func testAClientThatNeverReadsIsCutByTheSendTimeout() async throws {
         let (upstream, proxy, bytes, digest) = try await cachedBlob(size: 32 << 20)
+        func openBlobFiles() -> Int { Self.descriptors(under: proxy.folder + "/blobs/") }
+        let before = openBlobFiles()
         let reader = try SlowReader(port: proxy.port, receiveBuffer: 4096)
         reader.send("GET /v2/a/blobs/\(digest) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        try await Task.sleep(for: .seconds(3))  // send is 1 s: cut by now
+        try await Task.sleep(for: .milliseconds(500))
+        XCTAssertEqual(openBlobFiles(), before + 1, "the warm file is being sent, region after region, from the loop")
+        try await Task.sleep(for: .milliseconds(2500))  // send is 1 s: cut by now
         XCTAssertEqual(try proxy.metric("cacheproxy_client_timeouts_total{kind=\"send\"}"), 1)
         let rest = reader.read(bytesPerSecond: 1 << 30, deadline: 10)
         XCTAssertTrue(rest.closedByPeer)
         XCTAssertLessThan(rest.body.count, bytes.count, "cut, not completed")
+        // The regions queued behind the stalled one failed with it, and the
+        // file was closed once the last of them was over.
+        XCTAssertTrue(eventually { openBlobFiles() == before }, "\(openBlobFiles()) blob files open, \(before) before")
         await stop(upstream, proxy)
+    }
+
+    /// This process's descriptors open on files under `folder`.
+    static func descriptors(under folder: String) -> Int {
+        let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+        return fds.filter { fd in
+            ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)")) ?? "").hasPrefix(folder)
+        }.count
     }
 
     func testAClientThatNeverReadsASmallAnswerIsCutToo() async throws {
@@ -206,13 +221,7 @@ final class SlowNetworkTests: XCTestCase {
         let (upstream, proxy) = try await start { _ in
             .init(body: bytes, chunkSize: 100_000, stallAfter: 200_000, stallFor: .milliseconds(900))
         }
-        func openTemporaryFiles() -> Int {
-            let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
-            return fds.filter { fd in
-                ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)")) ?? "")
-                    .hasPrefix(proxy.folder + "/tmp/")
-            }.count
-        }
+        func openTemporaryFiles() -> Int { Self.descriptors(under: proxy.folder + "/tmp/") }
         let socket = try RawSocket(port: proxy.port)
         socket.send("GET /v2/a/blobs/\(F.digest(of: bytes)) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         XCTAssertTrue(socket.receiveHead().hasPrefix("HTTP/1.1 200"))

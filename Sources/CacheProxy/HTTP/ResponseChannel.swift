@@ -63,7 +63,7 @@ struct ResponseChannel: Sendable {
         record.withLockedValue { if $0.answer != .offline { $0.answer = answer } }
     }
 
-    private func sent(_ count: Int) {
+    fileprivate func sent(_ count: Int) {
         record.withLockedValue { $0.bytes += Int64(count) }
     }
 
@@ -119,7 +119,9 @@ struct ResponseChannel: Sendable {
     /// written from memory instead (over TLS: every region is).
     func file(_ handle: NIOFileHandle, range: Range<Int64>) async throws {
         if tls, let fileIO { return try await readAndSend(handle, range: range, fileIO: fileIO) }
-        var offset = range.lowerBound
+        // A warm file goes all the way from the event loop.
+        var offset = try await sendResident(handle, range: range, checked: fileIO != nil)
+        guard offset < range.upperBound, let fileIO else { return }
         // From the first cold region on: which regions of the answer were
         // wholly cached at that moment, before any read of this answer on
         // the pool set off readahead. Pages the readahead has in flight
@@ -128,32 +130,118 @@ struct ResponseChannel: Sendable {
         // `sendfile`: a few pages reclaimed from a warm file (proactive
         // reclaim takes idle-looking ones) cost their regions, a cold file
         // stays on the pool to its end.
-        var cachedAtFirstCold: (from: Int64, regions: [Bool])?
+        let firstCold = offset
+        let cachedAtFirstCold = stride(from: offset, to: range.upperBound, by: Int(Self.maxRegion)).map {
+            isResident(handle, $0..<min(range.upperBound, $0 + Self.maxRegion))
+        }
         while offset < range.upperBound {
             let end = min(range.upperBound, offset + Self.maxRegion)
-            let bySendfile: Bool
-            if fileIO == nil {
-                bySendfile = true
-            } else if let snapshot = cachedAtFirstCold {
-                let index = Int((offset - snapshot.from) / Self.maxRegion)
-                bySendfile = index < snapshot.regions.count && snapshot.regions[index] && isResident(handle, offset..<end)
-            } else if isResident(handle, offset..<end) {
-                bySendfile = true
-            } else {
-                cachedAtFirstCold = (offset, stride(from: offset, to: range.upperBound, by: Int(Self.maxRegion)).map {
-                    isResident(handle, $0..<min(range.upperBound, $0 + Self.maxRegion))
-                })
-                bySendfile = false
-            }
-            if bySendfile {
+            let index = Int((offset - firstCold) / Self.maxRegion)
+            if index > 0, index < cachedAtFirstCold.count, cachedAtFirstCold[index], isResident(handle, offset..<end) {
                 let region = FileRegion(fileHandle: handle, readerIndex: Int(offset), endIndex: Int(end))
                 try await channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region)))
                 sent(Int(end - offset))
-            } else if let fileIO {
+            } else {
                 coldReads?.increment(by: end - offset)
                 try await readAndSend(handle, range: offset..<end, fileIO: fileIO)
             }
             offset = end
+        }
+    }
+
+    /// Sends the regions of `range` that are wholly in the page cache
+    /// (every one, unless `checked`) from the event loop, one after
+    /// another, and returns where it stopped: the end of the range, or the
+    /// start of the first region that is not cached.
+    ///
+    /// The check and the next write happen on the loop as a region is
+    /// written. Awaiting each region from the task cost two thread wake-ups
+    /// per region (the loop's and the task pool's) and left the socket with
+    /// nothing queued between regions. Here one region waits queued behind
+    /// the one being sent, so the kernel has the next bytes when the socket
+    /// drains, and a file region holds a descriptor, not memory.
+    private func sendResident(_ handle: NIOFileHandle, range: Range<Int64>, checked: Bool) async throws -> Int64 {
+        guard !range.isEmpty else { return range.lowerBound }
+        let eventLoop = channel.eventLoop
+        let stopped = eventLoop.makePromise(of: Int64.self)
+        let responder = self
+        eventLoop.execute {
+            ResidentRegions(responder: responder, handle: handle, range: range, checked: checked, stopped: stopped)
+                .queue()
+        }
+        return try await stopped.futureResult.get()
+    }
+
+    /// The loop's side of `sendResident`: at most `depth` regions written
+    /// and not yet sent. It answers only once every write it made is over,
+    /// so the caller may close the file as soon as it hears.
+    private final class ResidentRegions {
+        static let depth = 2
+        let responder: ResponseChannel
+        let handle: NIOFileHandle
+        let range: Range<Int64>
+        let checked: Bool
+        let stopped: EventLoopPromise<Int64>
+        /// The start of the next region to write.
+        var next: Int64
+        var inFlight = 0
+        /// A region was not cached: write no more.
+        var cold = false
+        var failure: (any Error)?
+
+        init(responder: ResponseChannel, handle: NIOFileHandle, range: Range<Int64>, checked: Bool,
+             stopped: EventLoopPromise<Int64>) {
+            self.responder = responder
+            self.handle = handle
+            self.range = range
+            self.checked = checked
+            self.stopped = stopped
+            self.next = range.lowerBound
+        }
+
+        /// Within `queue`: a write that completes at once calls it again,
+        /// which then only asks the running one for another turn.
+        var queuing = false
+        var again = false
+        var answered = false
+
+        func queue() {
+            guard !queuing else { return again = true }
+            queuing = true
+            repeat {
+                again = false
+                writeMore()
+            } while again
+            queuing = false
+            guard inFlight == 0, !answered else { return }
+            answered = true
+            if let failure {
+                stopped.fail(failure)
+            } else {
+                stopped.succeed(next)
+            }
+        }
+
+        private func writeMore() {
+            while failure == nil, !cold, inFlight < Self.depth, next < range.upperBound {
+                let end = min(range.upperBound, next + ResponseChannel.maxRegion)
+                if checked, !responder.isResident(handle, next..<end) {
+                    cold = true
+                    break
+                }
+                let region = FileRegion(fileHandle: handle, readerIndex: Int(next), endIndex: Int(end))
+                inFlight += 1
+                next = end
+                responder.channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region)))
+                    .assumeIsolated().whenComplete { [self] result in
+                        inFlight -= 1
+                        switch result {
+                        case .success: responder.sent(region.readableBytes)
+                        case .failure(let error): failure = failure ?? error
+                        }
+                        queue()
+                    }
+            }
         }
     }
 
@@ -170,7 +258,7 @@ struct ResponseChannel: Sendable {
     /// A page evicted between this and the `sendfile` makes that one call
     /// wait for the disk: a narrow window, where asking nothing made every
     /// cold hit wait.
-    private func isResident(_ handle: NIOFileHandle, _ range: Range<Int64>) -> Bool {
+    fileprivate func isResident(_ handle: NIOFileHandle, _ range: Range<Int64>) -> Bool {
         (try? handle.withUnsafeFileDescriptor {
             PageCache.isResident(fd: $0, offset: range.lowerBound, length: Int64(range.count))
         }) ?? false
