@@ -70,10 +70,12 @@ struct ResponseChannel: Sendable {
     /// Largest file region handed to one write: NIO gives a region's whole
     /// length to one `sendfile`, and one huge call would hold the event loop
     /// (nginx's `sendfile_max_chunk` does the same). It is also the unit of
-    /// the page-cache check. Each region costs a hop to the event loop and
-    /// back: 1 MiB regions measured 45% more CPU per GB than 4 MiB at eight
-    /// connections (`CONNS=8 benchmarks/profile.sh big`: 0.175 against
-    /// 0.12 s/GB), for no steadier latency beside them (`cold_hit.sh`).
+    /// the page-cache check. When each region cost a hop to the event loop
+    /// and back, 1 MiB regions measured 45% more CPU per GB than 4 MiB at
+    /// eight connections (`CONNS=8 benchmarks/profile.sh big`: 0.175 against
+    /// 0.12 s/GB), for no steadier latency beside them (`cold_hit.sh`); warm
+    /// regions are now queued from the loop (`sendResident`), a cold one
+    /// still costs its hops.
     static let maxRegion: Int64 = 4 * 1024 * 1024
 
     /// Bytes read per step on the thread pool: large enough that the
