@@ -156,12 +156,17 @@ struct ResponseChannel: Sendable {
     /// another, and returns where it stopped: the end of the range, or the
     /// start of the first region that is not cached.
     ///
-    /// The check and the next write happen on the loop as a region is
-    /// written. Awaiting each region from the task cost two thread wake-ups
-    /// per region (the loop's and the task pool's) and left the socket with
-    /// nothing queued between regions. Here one region waits queued behind
-    /// the one being sent, so the kernel has the next bytes when the socket
-    /// drains, and a file region holds a descriptor, not memory.
+    /// Awaiting each region from the task cost two thread wake-ups per
+    /// region (the loop's and the task pool's), and the socket could drain
+    /// meanwhile. Here the loop itself checks and writes the next region as
+    /// soon as the kernel has taken the last one (whose bytes still fill
+    /// the socket buffer). It does so in a task of its own, not inside the
+    /// write's completion: there a write is taken up by the same flush, and
+    /// a client reading as fast as `sendfile` pushes would keep the loop,
+    /// and every other connection of it, waiting for a whole blob. And one
+    /// region at a time, so a region's pages are checked just before it is
+    /// written, not a region earlier: a page evicted in between would make
+    /// `sendfile` wait for the disk on the loop.
     private func sendResident(_ handle: NIOFileHandle, range: Range<Int64>, checked: Bool) async throws -> Int64 {
         guard !range.isEmpty else { return range.lowerBound }
         let eventLoop = channel.eventLoop
@@ -169,16 +174,15 @@ struct ResponseChannel: Sendable {
         let responder = self
         eventLoop.execute {
             ResidentRegions(responder: responder, handle: handle, range: range, checked: checked, stopped: stopped)
-                .queue()
+                .writeNext()
         }
         return try await stopped.futureResult.get()
     }
 
-    /// The loop's side of `sendResident`: at most `depth` regions written
-    /// and not yet sent. It answers only once every write it made is over,
-    /// so the caller may close the file as soon as it hears.
+    /// The loop's side of `sendResident`: one region written at a time. It
+    /// answers only once its last write is over, so the caller may close
+    /// the file as soon as it hears.
     private final class ResidentRegions {
-        static let depth = 2
         let responder: ResponseChannel
         let handle: NIOFileHandle
         let range: Range<Int64>
@@ -186,10 +190,6 @@ struct ResponseChannel: Sendable {
         let stopped: EventLoopPromise<Int64>
         /// The start of the next region to write.
         var next: Int64
-        var inFlight = 0
-        /// A region was not cached: write no more.
-        var cold = false
-        var failure: (any Error)?
 
         init(responder: ResponseChannel, handle: NIOFileHandle, range: Range<Int64>, checked: Bool,
              stopped: EventLoopPromise<Int64>) {
@@ -201,49 +201,24 @@ struct ResponseChannel: Sendable {
             self.next = range.lowerBound
         }
 
-        /// Within `queue`: a write that completes at once calls it again,
-        /// which then only asks the running one for another turn.
-        var queuing = false
-        var again = false
-        var answered = false
-
-        func queue() {
-            guard !queuing else { return again = true }
-            queuing = true
-            repeat {
-                again = false
-                writeMore()
-            } while again
-            queuing = false
-            guard inFlight == 0, !answered else { return }
-            answered = true
-            if let failure {
-                stopped.fail(failure)
-            } else {
-                stopped.succeed(next)
+        func writeNext() {
+            let end = min(range.upperBound, next + ResponseChannel.maxRegion)
+            guard next < range.upperBound, !checked || responder.isResident(handle, next..<end) else {
+                return stopped.succeed(next)
             }
-        }
-
-        private func writeMore() {
-            while failure == nil, !cold, inFlight < Self.depth, next < range.upperBound {
-                let end = min(range.upperBound, next + ResponseChannel.maxRegion)
-                if checked, !responder.isResident(handle, next..<end) {
-                    cold = true
-                    break
-                }
-                let region = FileRegion(fileHandle: handle, readerIndex: Int(next), endIndex: Int(end))
-                inFlight += 1
-                next = end
-                responder.channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region)))
-                    .assumeIsolated().whenComplete { [self] result in
-                        inFlight -= 1
-                        switch result {
-                        case .success: responder.sent(region.readableBytes)
-                        case .failure(let error): failure = failure ?? error
-                        }
-                        queue()
+            let region = FileRegion(fileHandle: handle, readerIndex: Int(next), endIndex: Int(end))
+            let eventLoop = responder.channel.eventLoop
+            responder.channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region)))
+                .assumeIsolated().whenComplete { [self] result in
+                    switch result {
+                    case .success:
+                        responder.sent(region.readableBytes)
+                        next = end
+                        eventLoop.assumeIsolated().execute { self.writeNext() }
+                    case .failure(let error):
+                        stopped.fail(error)
                     }
-            }
+                }
         }
     }
 

@@ -29,15 +29,19 @@ extension Substring {
 
     /// Whether the UTF-8 is exactly `bytes` (byte equality: no Unicode
     /// equivalence, which a path has no business with).
+    /// (`withUTF8Buffer`, not `utf8Start`: a one-character literal may be
+    /// held as a scalar, which `utf8Start` traps on.)
     func hasBytes(_ bytes: StaticString) -> Bool {
-        let expected = UnsafeBufferPointer(start: bytes.utf8Start, count: bytes.utf8CodeUnitCount)
-        return utf8.withContiguousStorageIfAvailable { $0.elementsEqual(expected) } ?? utf8.elementsEqual(expected)
+        bytes.withUTF8Buffer { expected in
+            utf8.withContiguousStorageIfAvailable { $0.elementsEqual(expected) } ?? utf8.elementsEqual(expected)
+        }
     }
 
     /// Whether the UTF-8 starts with `bytes`.
     func hasPrefixBytes(_ bytes: StaticString) -> Bool {
-        let expected = UnsafeBufferPointer(start: bytes.utf8Start, count: bytes.utf8CodeUnitCount)
-        return utf8.withContiguousStorageIfAvailable { $0.starts(with: expected) } ?? utf8.starts(with: expected)
+        bytes.withUTF8Buffer { expected in
+            utf8.withContiguousStorageIfAvailable { $0.starts(with: expected) } ?? utf8.starts(with: expected)
+        }
     }
 }
 
