@@ -77,6 +77,14 @@ final class TagLookupTests: XCTestCase {
         XCTAssertEqual(head.headers["x-two"], ["a", "b, c"], "repeated fields kept apart, values whole")
         XCTAssertEqual(head.headers.first(name: "x-empty"), "")
         XCTAssertEqual(head.headers.first(name: "x-obs"), "caf\u{e9}")
+        // Names are kept as sent, byte for byte, the common long ones
+        // (held as literals, no allocation) as much as any other.
+        let names = "HTTP/1.1 200 OK\r\nDocker-Content-Digest: a\r\nDOCKER-CONTENT-DIGEST: b\r\n"
+            + "docker-content-digest: c\r\nDocker-Content-Digesx: d\r\nX-Content-Type-Options: e\r\n\r\n"
+        guard case .head(let named, _) = parse(names) else { return XCTFail("\(parse(names))") }
+        XCTAssertEqual(named.headers.map(\.name), ["Docker-Content-Digest", "DOCKER-CONTENT-DIGEST", "docker-content-digest",
+                                                  "Docker-Content-Digesx", "X-Content-Type-Options"])
+        XCTAssertEqual(named.headers["docker-content-digest"], ["a", "b", "c"])
         for cut in 0..<text.utf8.count {
             XCTAssertEqual(parse(String(decoding: Array(text.utf8)[..<cut], as: UTF8.self)), .incomplete, "cut at \(cut)")
         }
@@ -252,8 +260,11 @@ final class TagLookupTests: XCTestCase {
             head.headers.add(name: "host", value: "\(upstream.registry):\(upstream.port)")
             head.headers.add(name: "accept", value: "application/vnd.oci.image.manifest.v1+json")
             return try await loop.flatSubmit {
-                pool.ask(head, to: upstream, on: loop, within: .seconds(5))
-                    ?? loop.makeFailedFuture(UpstreamExchangeStateMachine.Failure.busy)
+                let answer = loop.makePromise(of: HTTPResponseHead.self)
+                if !pool.ask(head, to: upstream, on: loop, within: .seconds(5), completion: answer.completeWith) {
+                    answer.fail(UpstreamExchangeStateMachine.Failure.busy)
+                }
+                return answer.futureResult
             }.get()
         }
         func refused(_ upstream: ProxyConfig.Upstream, _ why: String) async {

@@ -60,24 +60,26 @@ struct BlobIndex {
 
     /// The size, marking the blob used now.
     mutating func use(_ digest: Digest, now: UInt64) -> Int64? {
-        guard let size = entries[digest]?.size else { return nil }
-        let stamp = stamp(now)
-        entries[digest]?.lastAccess = stamp
-        return size
+        // Through the index: one hash of the digest, and no allocation (an
+        // optional chain's `entries[digest]?.lastAccess = …` made one per hit).
+        guard let index = entries.index(forKey: digest) else { return nil }
+        entries.values[index].lastAccess = stamp(now)
+        return entries.values[index].size
     }
 
     /// Counts a reader in and marks the blob used; its size as published,
     /// nil when it is not in the index.
     mutating func retain(_ digest: Digest, now: UInt64) -> Int64? {
-        guard let size = entries[digest]?.size else { return nil }
-        let stamp = stamp(now)
-        entries[digest]?.readers += 1
-        entries[digest]?.lastAccess = stamp
-        return size
+        guard let index = entries.index(forKey: digest) else { return nil }
+        entries.values[index].readers += 1
+        entries.values[index].lastAccess = stamp(now)
+        return entries.values[index].size
     }
 
     mutating func release(_ digest: Digest) {
-        if let readers = entries[digest]?.readers, readers > 0 { entries[digest]?.readers = readers - 1 }
+        if let index = entries.index(forKey: digest), entries.values[index].readers > 0 {
+            entries.values[index].readers -= 1
+        }
     }
 
     /// The blobs nobody reads, unsorted: eviction's candidates. The caller

@@ -39,8 +39,10 @@ final class ConnectionTracker: Sendable {
     @discardableResult
     func setIdle(_ channel: any Channel, _ idle: Bool) -> Bool {
         table.withLockedValue { table in
-            if let busy = table.entries[ObjectIdentifier(channel)]?.busy {
-                table.entries[ObjectIdentifier(channel)]?.busy = max(0, busy + (idle ? -1 : 1))
+            // Through the index, not `entries[id]?.busy = …`: that optional
+            // chain's accessor allocated on every call (twice a hit).
+            if let index = table.entries.index(forKey: ObjectIdentifier(channel)) {
+                table.entries.values[index].busy = max(0, table.entries.values[index].busy + (idle ? -1 : 1))
             }
             return !table.draining
         }

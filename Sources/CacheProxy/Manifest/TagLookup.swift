@@ -47,6 +47,7 @@ struct TagLookup {
             range.flatMap { bytes.getString(at: bytes.readerIndex + $0.lowerBound, length: $0.count) }
         }
         var headers = HTTPHeaders()
+        headers.reserveCapacity(4)  // with `host`, added below
         if let authorization = request.authorization { headers.add(name: "authorization", value: authorization) }
         if let userAgent = value(request.userAgent) { headers.add(name: "user-agent", value: userAgent) }
         headers.add(name: "accept", value: value(request.accept) ?? MediaType.manifestAccept)
@@ -83,11 +84,11 @@ extension CacheHitResponder {
         let channel = context.channel
         let started = ContinuousClock.now
         let answerWithin = TimeAmount.fromSeconds(live.config.timeouts.upstreamSeconds)
-        guard let asked = upstreams.ask(lookup.ask, to: lookup.upstream, on: context.eventLoop, within: answerWithin)
-        else { return false }
-        // Busy while the upstream is asked, as any request in progress.
+        // Busy while the upstream is asked, as any request in progress;
+        // marked first, as a failure may be handed on within `ask`.
         tracker.setIdle(channel, false)
-        asked.assumeIsolated().whenComplete { result in
+        let asked = upstreams.ask(lookup.ask, to: lookup.upstream, on: context.eventLoop, within: answerWithin) {
+            result in
             let handOff: TagResolver.Asked
             switch result {
             case .success(let reply):
@@ -111,7 +112,8 @@ extension CacheHitResponder {
             // marking it again, so a drain in between cannot close it as idle.
             then(TagHandOff.Handed(asked: handOff, upstream: lookup.upstream, started: started))
         }
-        return true
+        if !asked { tracker.setIdle(channel, true) }
+        return asked
     }
 
     /// The upstream's 200 naming a manifest, answered here: a `HEAD` with

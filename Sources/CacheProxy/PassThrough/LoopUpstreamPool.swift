@@ -58,21 +58,24 @@ final class LoopUpstreamPool: Sendable {
     }
 
     /// Sends a `HEAD` of `head.uri` with `head.headers` to `upstream` on a
-    /// connection of `loop`; the future (on `loop`) holds the answer's head.
-    /// Nil when `loop` has no pool (not one of the server's loops). Must be
-    /// called on `loop`.
+    /// connection of `loop`; `completion` gets the answer's head (or the
+    /// failure) on `loop`, once. False, having done nothing, when `loop` has
+    /// no pool (not one of the server's loops) or no room. Must be called on
+    /// `loop`. A closure, not a future: one promise and its callback list
+    /// less per pull by tag.
     func ask(_ head: HTTPRequestHead, to upstream: ProxyConfig.Upstream, on loop: any EventLoop,
-             within answer: TimeAmount) -> EventLoopFuture<HTTPResponseHead>? {
-        guard let connections = loops[ObjectIdentifier(loop)]?.value else { return nil }
+             within answer: TimeAmount,
+             completion: @escaping (Result<HTTPResponseHead, any Error>) -> Void) -> Bool {
+        guard let connections = loops[ObjectIdentifier(loop)]?.value else { return false }
         var tls: UpstreamClient.LoopTLS?
         if upstream.schema == "https" {
-            guard let context = self.tls(upstream) else { return nil }
+            guard let context = self.tls(upstream) else { return false }
             tls = context
         }
         let key = Connections.Key(registry: upstream.registry, port: upstream.port, tls: tls?.number ?? 0)
-        guard connections.startExchange(key) else { return nil }
+        guard connections.startExchange(key) else { return false }
         let exchange = Exchange(head: head, upstream: upstream, key: key, tls: tls?.context, connections: connections,
-                                answer: answer, promise: loop.makePromise(of: HTTPResponseHead.self))
+                                answer: answer, loop: loop, completion: completion)
         if let kept = connections.take(key) {
             // Closed while idle, most likely by the upstream's own keep-alive
             // timeout, before any answer: once more, on a new connection.
@@ -80,7 +83,7 @@ final class LoopUpstreamPool: Sendable {
         } else {
             connect(exchange)
         }
-        return exchange.promise.futureResult
+        return true
     }
 
     /// One request on its way, whichever connection carries it.
@@ -91,13 +94,14 @@ final class LoopUpstreamPool: Sendable {
         let tls: NIOSSLContext?
         let connections: Connections
         let answer: TimeAmount
-        let promise: EventLoopPromise<HTTPResponseHead>
+        let loop: any EventLoop
+        let completion: (Result<HTTPResponseHead, any Error>) -> Void
 
         /// The exchange is over: counted out, then its answer or failure
         /// handed on.
         func finish(_ result: Result<HTTPResponseHead, any Error>) {
             connections.endExchange(key)
-            promise.completeWith(result)
+            completion(result)
         }
     }
 
@@ -116,7 +120,7 @@ final class LoopUpstreamPool: Sendable {
         // never speaks TLS is unreachable after `connect`, not silent until
         // the answer's wait ends.
         let deadline = NIODeadline.now() + connectTimeout
-        let connect = ClientBootstrap(group: exchange.promise.futureResult.eventLoop)
+        let connect = ClientBootstrap(group: exchange.loop)
             .connectTimeout(connectTimeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
@@ -228,7 +232,10 @@ final class LoopUpstreamPool: Sendable {
         /// the upstream's own idle timeout).
         func take(_ key: Key) -> Kept? {
             let oldest = NIODeadline.now() - LoopUpstreamPool.idleTimeout
-            while let last = idle[key]?.popLast() {
+            // Through the index, not `idle[key]?.popLast()`, whose accessor
+            // allocated on every pull by tag.
+            guard let index = idle.index(forKey: key) else { return nil }
+            while let last = idle.values[index].popLast() {
                 if last.kept.handler.isIdle, last.since > oldest { return last.kept }
                 last.kept.channel.close(promise: nil)
             }
@@ -240,7 +247,11 @@ final class LoopUpstreamPool: Sendable {
                 kept.channel.close(promise: nil)
                 return
             }
-            idle[key, default: []].append(Idle(kept: kept, since: .now()))
+            if let index = idle.index(forKey: key) {
+                idle.values[index].append(Idle(kept: kept, since: .now()))
+            } else {
+                idle[key] = [Idle(kept: kept, since: .now())]
+            }
             if sweep == nil { scheduleSweep(on: kept.channel.eventLoop) }
         }
 

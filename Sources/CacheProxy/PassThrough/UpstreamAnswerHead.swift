@@ -65,6 +65,7 @@ enum UpstreamAnswerHead {
         guard afterStatus > 0 else { return .malformed }
         index = afterStatus
         var headers = HTTPHeaders()
+        headers.reserveCapacity(16)  // one allocation, not one per doubling
         while true {
             guard index < end else { return short() }
             if bytes[index] == 13 {
@@ -88,10 +89,31 @@ enum UpstreamAnswerHead {
             while valueEnd > valueStart, bytes[valueEnd - 1] == 0x20 || bytes[valueEnd - 1] == 0x09 { valueEnd -= 1 }
             guard let after = lineEnd(bytes, at: index, end: end) else { return short() }
             guard after > 0 else { return .malformed }
-            headers.add(name: String(decoding: bytes[nameStart..<nameEnd], as: UTF8.self),
+            headers.add(name: fieldName(UnsafeRawBufferPointer(rebasing: bytes[nameStart..<nameEnd])),
                         value: String(decoding: bytes[valueStart..<valueEnd], as: UTF8.self))
             index = after
         }
+    }
+
+    /// Names longer than a small string (15 bytes) that registries send on
+    /// every answer, spelled as they send them: one of these, byte for byte,
+    /// is used as it is, where a `String` made of the bytes would cost an
+    /// allocation per field per pull.
+    private static let knownNames = [
+        "Docker-Content-Digest", "docker-content-digest", "Docker-Distribution-Api-Version",
+        "docker-distribution-api-version", "X-Content-Type-Options", "x-content-type-options",
+        "Strict-Transport-Security", "strict-transport-security", "Www-Authenticate", "WWW-Authenticate",
+        "www-authenticate", "RateLimit-Remaining", "ratelimit-remaining", "docker-ratelimit-source",
+    ]
+
+    /// The name in `bytes` (token characters, so ASCII).
+    private static func fieldName(_ bytes: UnsafeRawBufferPointer) -> String {
+        if bytes.count > 15 {
+            for known in knownNames where known.utf8.count == bytes.count && known.utf8.elementsEqual(bytes) {
+                return known
+            }
+        }
+        return String(decoding: bytes, as: UTF8.self)
     }
 
     /// After a CRLF at `index`: the index past it, nil when the bytes end
