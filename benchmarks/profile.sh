@@ -8,6 +8,10 @@
 # miss: eight uncached 64 MiB blobs fetched one after another (fill, verify,
 # store, serve), CPU per GB.
 # Prints the top symbols by self time and the CPU per request from /proc.
+# ALLOCS=1: instead of sampling, counts glibc malloc calls through a uprobe
+# (perf probe, set up here) and prints allocations per request: a figure
+# this shared VM's noise does not move (the machine has no hardware
+# counters, and callgrind dies on the Swift runtime).
 set -euo pipefail
 scenario=${1:?usage: $0 hit4k|manifest|digest|big|miss [BINARY]}
 binary=${2:-.build/release/cache-proxy}
@@ -51,7 +55,13 @@ for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$proxy/healthz" &&
 for _ in 1 2; do curl -s -o /dev/null -H "Accept: $mtype" "$url"; done
 ticks() { awk '{print $14+$15}' /proc/$pid/stat; }
 t0=$(ticks)
-perf record -q -e cpu-clock -F 2000 -g -p "$pid" -o "$work/perf.data" -- sleep "$seconds" > /dev/null 2>&1 &
+if [[ -n ${ALLOCS:-} ]]; then
+  libc=$(ldd "$binary" | awk '/libc\.so/{print $3}')
+  perf probe -l 2>/dev/null | grep -c 'probe_libc:malloc' > /dev/null || perf probe -q -x "$libc" malloc
+  perf stat -e probe_libc:malloc -x, -o "$work/stat.txt" -p "$pid" -- sleep "$seconds" &
+else
+  perf record -q -e cpu-clock -F 2000 -g -p "$pid" -o "$work/perf.data" -- sleep "$seconds" > /dev/null 2>&1 &
+fi
 perf_pid=$!
 if [[ $scenario == miss ]]; then
   for d in "${misses[@]}"; do curl -s -o /dev/null "http://127.0.0.1:$proxy/v2/ab/blobs/$d"; done
@@ -66,6 +76,10 @@ requests=$(awk '/requests in/{print $1}' <<<"$out")
 bytes=$(awk '/requests in/{v=$5; sub(/,$/,"",v); m=1; if (v ~ /GB$/) m=1e9; else if (v ~ /MB$/) m=1e6; else if (v ~ /KB$/) m=1e3; sub(/[A-Z]+$/,"",v); print v*m}' <<<"$out")
 echo "$scenario: $(awk -v t=$((t1 - t0)) -v b="$bytes" 'BEGIN{printf "%.3f", t/100/(b/1e9)}') CPU s per GB served"
 echo "$scenario: $requests requests, $(awk -v t=$((t1 - t0)) -v r="$requests" 'BEGIN{printf "%.1f", t*10000/r}') µs CPU per request (proxy, /proc ticks, perf attached)"
+if [[ -n ${ALLOCS:-} ]]; then
+  awk -F, -v r="$requests" '/malloc/{printf "allocations (malloc) per request: %.1f\n", $1/r}' "$work/stat.txt"
+  exit 0
+fi
 # Kept before the reports: a `head` that closes a pipe early ends the script (pipefail).
 if [[ -n ${KEEP:-} ]]; then cp "$work/perf.data" "$KEEP"; fi
 perf report -i "$work/perf.data" --no-children --sort comm,dso -g none --stdio 2>/dev/null | grep -E "^ +[0-9]" | head -12
