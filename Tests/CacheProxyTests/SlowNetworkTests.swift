@@ -2,6 +2,7 @@ import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
+import NIOPosix
 import XCTest
 @testable import CacheProxy
 #if canImport(Glibc)
@@ -185,6 +186,73 @@ final class SlowNetworkTests: XCTestCase {
         XCTAssertTrue(result.body == bytes, "every byte, in order")
         XCTAssertEqual(proxy.files(in: "blobs"), [], "a pass-through stores nothing")
         await stop(upstream, proxy)
+    }
+
+    func testAFastReaderOfAWarmBlobLeavesItsLoopToTheOthers() async throws {
+        // One event loop for every connection. A client that reads a warm
+        // 64 MiB blob as fast as the kernel sends it takes each 4 MiB region
+        // at once; 4 KiB hits asked on another connection meanwhile must
+        // still be answered while it reads, not after (a loop that chained
+        // the regions without polling its selector answered none).
+        let loop = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        // Patterned, not random: random bytes at this size cost the test seconds.
+        var big = [UInt8](repeating: 0, count: 64 << 20)
+        for page in stride(from: 0, to: big.count, by: 4096) { big[page] = UInt8(truncatingIfNeeded: page >> 12) }
+        let small = F.randomBytes(4096)
+        let (bigDigest, smallDigest) = (F.digest(of: big), F.digest(of: small))
+        let upstream = try await FakeUpstream { [big] head in
+            .init(body: head.uri.hasSuffix(bigDigest) ? big : small, chunkSize: 1 << 20)
+        }
+        let proxy = try await TestProxy(
+            upstreamsYAML: "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}",
+            eventLoops: loop)
+        for digest in [bigDigest, smallDigest] {
+            XCTAssertEqual(try curl("\(proxy.base)/v2/a/blobs/\(digest)", ["-o", "/dev/null"]).exit, 0)
+            let parsed = try Digest(parsing: digest)
+            XCTAssertTrue(eventually { proxy.server.store.size(of: parsed) != nil })
+        }
+        // Each used by one thread of its own only.
+        nonisolated(unsafe) let reader = try RawSocket(port: proxy.port)
+        var size: Int32 = 8 << 20
+        setsockopt(reader.fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        nonisolated(unsafe) let prober = try RawSocket(port: proxy.port)
+        let times = NIOLockedValueBox<(first: Date?, last: Date?, body: Int, answers: [(Date, Date)])>((nil, nil, 0, []))
+        let done = DispatchSemaphore(value: 0)
+        Thread {
+            var buffer = [UInt8](repeating: 0, count: 1 << 20)
+            var body = -1
+            while true {
+                let n = recv(reader.fd, &buffer, buffer.count, 0)
+                if n < 0, errno == EINTR { continue }
+                guard n > 0 else { break }
+                if body < 0 { times.withLockedValue { $0.first = Date() }; body = 0 }
+                body += n
+            }
+            times.withLockedValue { $0.last = Date(); $0.body = body }
+            done.signal()
+        }.start()
+        let probing = Thread {
+            let request = "GET /v2/a/blobs/\(smallDigest) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            while times.withLockedValue({ $0.last == nil }) {
+                let sent = Date()
+                prober.send(request)
+                guard prober.receiveHead().hasPrefix("HTTP/1.1 200"), prober.receive(limit: 4096).count == 4096 else { return }
+                times.withLockedValue { $0.answers.append((sent, Date())) }
+            }
+        }
+        probing.start()
+        reader.send("GET /v2/a/blobs/\(bigDigest) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        XCTAssertEqual(done.wait(timeout: .now() + 30), .success)
+        let (first, last, body, answers) = times.withLockedValue { $0 }
+        XCTAssertGreaterThan(body, big.count, "the whole blob and its head")
+        if let first, let last {
+            let during = answers.filter { $0.0 > first && $0.1 < last }.count
+            XCTAssertGreaterThanOrEqual(during, 3, "hits answered while \(last.timeIntervalSince(first)) s of blob went out")
+        } else {
+            XCTFail("no blob")
+        }
+        await stop(upstream, proxy)
+        try await loop.shutdownGracefully()
     }
 
     // MARK: upstream stalls

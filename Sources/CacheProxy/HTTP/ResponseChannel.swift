@@ -160,12 +160,15 @@ struct ResponseChannel: Sendable {
     /// region (the loop's and the task pool's), and the socket could drain
     /// meanwhile. Here the loop itself checks and writes the next region as
     /// soon as the kernel has taken the last one (whose bytes still fill
-    /// the socket buffer). It does so in a task of its own, not inside the
-    /// write's completion: there a write is taken up by the same flush, and
-    /// a client reading as fast as `sendfile` pushes would keep the loop,
-    /// and every other connection of it, waiting for a whole blob. And one
-    /// region at a time, so a region's pages are checked just before it is
-    /// written, not a region earlier: a page evicted in between would make
+    /// the socket buffer), but never without letting the loop look at its
+    /// other connections first: a region taken at once (a client reading as
+    /// fast as `sendfile` pushes) waits a moment, so the loop goes back to
+    /// its selector; a loop task alone would not (NIO runs the tasks queued
+    /// by tasks in the same tick), nor would writing inside the completion
+    /// (the same flush takes it up), and either kept every other
+    /// connection of the loop waiting for a whole blob. And one region at
+    /// a time, so a region's pages are checked just before it is written,
+    /// not a region earlier: a page evicted in between would make
     /// `sendfile` wait for the disk on the loop.
     private func sendResident(_ handle: NIOFileHandle, range: Range<Int64>, checked: Bool) async throws -> Int64 {
         guard !range.isEmpty else { return range.lowerBound }
@@ -183,6 +186,10 @@ struct ResponseChannel: Sendable {
     /// answers only once its last write is over, so the caller may close
     /// the file as soon as it hears.
     private final class ResidentRegions {
+        /// The pause after a region the socket took whole: long enough that
+        /// the loop polls its selector before the next, short beside the
+        /// millisecond or more that `sendfile` takes for 4 MiB.
+        static let pause = TimeAmount.microseconds(50)
         let responder: ResponseChannel
         let handle: NIOFileHandle
         let range: Range<Int64>
@@ -207,18 +214,24 @@ struct ResponseChannel: Sendable {
                 return stopped.succeed(next)
             }
             let region = FileRegion(fileHandle: handle, readerIndex: Int(next), endIndex: Int(end))
-            let eventLoop = responder.channel.eventLoop
+            let eventLoop = responder.channel.eventLoop.assumeIsolated()
+            var writing = true
             responder.channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region)))
                 .assumeIsolated().whenComplete { [self] result in
                     switch result {
                     case .success:
                         responder.sent(region.readableBytes)
                         next = end
-                        eventLoop.assumeIsolated().execute { self.writeNext() }
+                        if writing {
+                            eventLoop.scheduleTask(in: Self.pause) { self.writeNext() }
+                        } else {
+                            eventLoop.execute { self.writeNext() }
+                        }
                     case .failure(let error):
                         stopped.fail(error)
                     }
                 }
+            writing = false
         }
     }
 

@@ -182,6 +182,9 @@ final class LoopUpstreamPool: Sendable {
             case .failure(UpstreamExchangeStateMachine.Failure.closed) where retry != nil:
                 retry?()
             case .failure(let error):
+                // Neither back to the pool nor left open outside it (a
+                // request refused before it was written leaves it open).
+                kept.channel.close(promise: nil)
                 exchange.finish(.failure(error))
             }
         }

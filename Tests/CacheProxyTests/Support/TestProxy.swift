@@ -1,6 +1,7 @@
 import CacheProxy
 import Foundation
 import Logging
+import NIOCore
 import ServiceLifecycle
 
 /// The proxy, run in-process on a free port, with a graceful stop.
@@ -16,7 +17,8 @@ final class TestProxy: @unchecked Sendable {
     /// `upstreams` are YAML list items; the storage folder is new and empty
     /// unless one is given.
     init(upstreamsYAML: String, folder: String? = nil, extraYAML: String = "", fsync: Bool = false,
-         apiYAML: String = "", storageYAML: String = "", resolver: any HostResolver = SystemResolver()) async throws {
+         apiYAML: String = "", storageYAML: String = "", resolver: any HostResolver = SystemResolver(),
+         eventLoops: (any EventLoopGroup)? = nil) async throws {
         let folder = try folder ?? makeTemporaryFolder("cache")
         self.folder = folder
         let yaml = """
@@ -33,7 +35,11 @@ final class TestProxy: @unchecked Sendable {
         if config.api.tlsPort != nil { config.api.tlsPort = 0 }
         var logger = Logger(label: "test-proxy")
         logger.logLevel = .error
-        server = try ProxyServer(config: config, logger: logger, resolver: resolver)
+        if let eventLoops {
+            server = try ProxyServer(config: config, logger: logger, group: eventLoops, resolver: resolver)
+        } else {
+            server = try ProxyServer(config: config, logger: logger, resolver: resolver)
+        }
         group = ServiceGroup(services: [server], logger: logger)
         let group = self.group
         task = Task { try await group.run() }
