@@ -437,13 +437,7 @@ final class TagLookupTests: XCTestCase {
         XCTAssertTrue(slow.send("GET /v2/lib/slow/manifests/latest HTTP/1.1\r\nHost: 127.0.0.1:\(proxy.port)\r\n"
                                 + "Connection: close\r\n\r\n"))
         try await Task.sleep(for: .milliseconds(200))
-        let started = Date()
-        for _ in 0..<6 {
-            let pull = try curl("\(proxy.base)/v2/lib/app/manifests/latest")
-            XCTAssertEqual(pull.code, 200)
-            XCTAssertEqual(pull.body, fake.manifest)
-        }
-        XCTAssertLessThan(Date().timeIntervalSince(started), 1.0, "not held behind the slow tag")
+        _ = try pulls(6, of: proxy, fake, within: 1.0, "not held behind the slow tag")
         let slowPull = String(decoding: slow.receive(), as: UTF8.self)
         XCTAssertTrue(slowPull.hasPrefix("HTTP/1.1 200"), "answered by the upstream, 1.5 s in, below the 2 s timeout")
         XCTAssertTrue(slowPull.hasSuffix(String(decoding: fake.manifest, as: UTF8.self)))
@@ -538,30 +532,8 @@ final class TagLookupTests: XCTestCase {
     /// once, and each stalled client gets its 504 after one answer wait,
     /// none left hanging.
     func testManyStalledTagsTakeNothingFromOtherClients() async throws {
-        let fake = ManifestCacheTests.FakeRegistry()
-        let upstream = try await FakeUpstream { head in
-            if head.uri.contains("/stuck/"), head.method == .HEAD { return .init(silent: true) }
-            return fake.reply(head)
-        }
-        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port),
-                                        extraYAML: "timeouts: {upstream: 2, upstream_idle: 2}")
-        try warm(proxy, fake)
-        let stuckCount = 80
-        var stuck: [RawSocket] = []
-        for _ in 0..<stuckCount {
-            let socket = try RawSocket(port: proxy.port, receiveTimeout: 10)
-            XCTAssertTrue(socket.send("GET /v2/lib/stuck/manifests/latest HTTP/1.1\r\nHost: 127.0.0.1:\(proxy.port)\r\n"
-                                      + "Connection: close\r\n\r\n"))
-            stuck.append(socket)
-        }
-        try await Task.sleep(for: .milliseconds(300))
-        let started = Date()
-        for _ in 0..<5 {
-            let pull = try curl("\(proxy.base)/v2/lib/app/manifests/latest")
-            XCTAssertEqual(pull.code, 200)
-            XCTAssertEqual(pull.body, fake.manifest)
-        }
-        XCTAssertLessThan(Date().timeIntervalSince(started), 1.5, "not held behind the stalled tags")
+        let (upstream, proxy, stuck, started) = try await stalledTags(
+            80, timeouts: "timeouts: {upstream: 2, upstream_idle: 2}", otherPullsWithin: 1.5, connection: "Connection: close\r\n")
         // Never seen, so nothing offline to give: each gets the 504, once.
         for socket in stuck {
             let answer = String(decoding: socket.receive(), as: UTF8.self)
@@ -663,29 +635,9 @@ final class TagLookupTests: XCTestCase {
     /// at once meanwhile, each stalled client gets its 504 after one answer
     /// wait, and its connection then serves the next pull.
     func testStalledTagsTakenFromTheBytesGiveWayAndTheirConnectionsGoOn() async throws {
-        let fake = ManifestCacheTests.FakeRegistry()
-        let upstream = try await FakeUpstream { head in
-            if head.uri.contains("/stuck/"), head.method == .HEAD { return .init(silent: true) }
-            return fake.reply(head)
-        }
-        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port),
-                                        extraYAML: "timeouts: {upstream: 1, upstream_idle: 1}")
-        try warm(proxy, fake)
+        let (upstream, proxy, stuck, started) = try await stalledTags(
+            40, timeouts: "timeouts: {upstream: 1, upstream_idle: 1}", otherPullsWithin: 0.8)
         let host = "Host: 127.0.0.1:\(proxy.port)\r\n"
-        var stuck: [RawSocket] = []
-        for _ in 0..<40 {
-            let socket = try RawSocket(port: proxy.port, receiveTimeout: 10)
-            XCTAssertTrue(socket.send("GET /v2/lib/stuck/manifests/latest HTTP/1.1\r\n\(host)\r\n"))
-            stuck.append(socket)
-        }
-        try await Task.sleep(for: .milliseconds(200))
-        let started = Date()
-        for _ in 0..<5 {
-            let pull = try curl("\(proxy.base)/v2/lib/app/manifests/latest")
-            XCTAssertEqual(pull.code, 200)
-            XCTAssertEqual(pull.body, fake.manifest)
-        }
-        XCTAssertLessThan(Date().timeIntervalSince(started), 0.8, "not held behind the stalled tags")
         for socket in stuck {
             let head = socket.receiveHead()
             XCTAssertTrue(head.hasPrefix("HTTP/1.1 504"), String(head.prefix(40)))
@@ -701,6 +653,47 @@ final class TagLookupTests: XCTestCase {
         }
         await proxy.stop()
         await upstream.stop()
+    }
+
+    /// `count` clients pulling a tag whose upstream never answers its
+    /// `HEAD` (`connection`: a header their `GET` adds), then five pulls of
+    /// another tag of the same upstream, each answered with its manifest and
+    /// all within `otherPullsWithin` seconds: the stalled clients hold the
+    /// loops' upstream exchanges, and take nothing from the others. Returns
+    /// the stalled clients and when the five pulls began.
+    private func stalledTags(_ count: Int, timeouts: String, otherPullsWithin limit: Double, connection: String = "")
+        async throws -> (FakeUpstream, TestProxy, [RawSocket], Date) {
+        let fake = ManifestCacheTests.FakeRegistry()
+        let upstream = try await FakeUpstream { head in
+            if head.uri.contains("/stuck/"), head.method == .HEAD { return .init(silent: true) }
+            return fake.reply(head)
+        }
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port), extraYAML: timeouts)
+        try warm(proxy, fake)
+        var stuck: [RawSocket] = []
+        for _ in 0..<count {
+            let socket = try RawSocket(port: proxy.port, receiveTimeout: 10)
+            XCTAssertTrue(socket.send("GET /v2/lib/stuck/manifests/latest HTTP/1.1\r\nHost: 127.0.0.1:\(proxy.port)\r\n"
+                                      + connection + "\r\n"))
+            stuck.append(socket)
+        }
+        try await Task.sleep(for: .milliseconds(300))
+        let started = try pulls(5, of: proxy, fake, within: limit, "not held behind the stalled tags")
+        return (upstream, proxy, stuck, started)
+    }
+
+    /// `count` pulls of `lib/app:latest`, one after another, each answered
+    /// with the manifest, all within `limit` seconds; returns when they began.
+    private func pulls(_ count: Int, of proxy: TestProxy, _ fake: ManifestCacheTests.FakeRegistry,
+                       within limit: Double, _ why: String) throws -> Date {
+        let started = Date()
+        for _ in 0..<count {
+            let pull = try curl("\(proxy.base)/v2/lib/app/manifests/latest")
+            XCTAssertEqual(pull.code, 200)
+            XCTAssertEqual(pull.body, fake.manifest)
+        }
+        XCTAssertLessThan(Date().timeIntervalSince(started), limit, why)
+        return started
     }
 
     /// Two pulls of the tag: the first fills the cache, the second reads the

@@ -201,12 +201,8 @@ struct CacheHitResponder: Sendable {
             sent = 0
         }
         let seconds = hit.started.duration(to: .now).inSeconds
-        if hit.status == 200, hit.method == "GET" {
-            metrics.requestFinished(hit.kind == .blob ? metrics.blobGetOK : metrics.manifestGetOK, seconds: seconds)
-        } else {
-            metrics.requestFinished(kind: hit.kind == .blob ? "blob" : "manifest", method: hit.method, code: hit.status,
-                                    seconds: seconds)
-        }
+        metrics.requestFinished(kind: hit.kind == .blob ? "blob" : "manifest", method: hit.method, code: hit.status,
+                                seconds: seconds)
         if requestLog.enabled {
             requestLog.record(.init(client: hit.client, method: hit.method, uri: hit.uri, host: hit.host,
                                     upstream: hit.upstream, status: hit.status, bytes: sent, seconds: seconds,

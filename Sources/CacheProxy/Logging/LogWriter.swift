@@ -48,13 +48,16 @@ public enum LogWriter {
     public static func token(_ text: String) -> String {
         guard !text.isEmpty else { return "-" }
         // Almost every value is clean already: then it is used as it is.
-        if text.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: "\"") }) { return text }
+        if text.utf8.allSatisfy(isTokenByte) { return text }
         var out = ""
         for scalar in text.unicodeScalars {
             out.unicodeScalars.append(scalar.value > 0x20 && scalar.value < 0x7f && scalar != "\"" ? scalar : "_")
         }
         return out
     }
+
+    /// Printable, not a space, not a quote: kept as it is in a text line.
+    private static func isTokenByte(_ byte: UInt8) -> Bool { byte > 0x20 && byte < 0x7f && byte != UInt8(ascii: "\"") }
 
     /// `token`, appended as bytes: clean bytes as they are, anything else
     /// (a space, a quote, a control byte, non-ASCII) as `_`.
@@ -64,14 +67,12 @@ public enum LogWriter {
         // network do): one check and one copy of the bytes, where the view's
         // generic walk cost a few percent of a 4 KiB hit.
         let clean: Bool? = text.withContiguousStorageIfAvailable { bytes in
-            guard bytes.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: "\"") }) else { return false }
+            guard bytes.allSatisfy(isTokenByte) else { return false }
             line.append(contentsOf: bytes)
             return true
         }
         if clean == true { return }
-        if clean == nil, text.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: "\"") }) {
-            return line.append(contentsOf: text)
-        }
+        if clean == nil, text.allSatisfy(isTokenByte) { return line.append(contentsOf: text) }
         line.append(contentsOf: token(String(Substring(text))).utf8)
     }
 
