@@ -53,6 +53,10 @@ upstreams: [{host: "127.0.0.1:$port", registry: "127.0.0.1", port: $origin, sche
 storage: {folder: "$work/cache"}
 EOT
 ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' /proc/$p/stat 2>/dev/null || echo 0))); done; echo $t; }
+user_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14}' /proc/$p/stat 2>/dev/null || echo 0))); done; echo $t; }
+# Context switches of every thread (a loop that sleeps in epoll_wait and is
+# woken pays one each time): voluntary plus involuntary.
+switches() { local p; for p in "$@"; do cat /proc/$p/task/*/status 2>/dev/null; done | awk '/ctxt_switches/{s+=$2} END{print s+0}'; }
 run() {  # name command...
   local name=$1; shift
   "$@" > "$work/$name.log" 2>&1 & pid=$!
@@ -60,11 +64,13 @@ run() {  # name command...
   local body; body=$(curl -s -H "Accept: $mtype" "http://127.0.0.1:$port/v2/ab/manifests/latest" | sha256sum | cut -d' ' -f1)
   [[ "sha256:$body" == "$mdigest" ]] || { echo "$name: wrong manifest body" >&2; exit 1; }
   local pids=("$pid" $(pgrep -P "$pid" || true))
-  local t0; t0=$(ticks "${pids[@]}")
+  local t0; t0=$(ticks "${pids[@]}"); local c0; c0=$(switches "${pids[@]}"); local u0; u0=$(user_ticks "${pids[@]}")
   local out; out=$(wrk -t2 -c16 -d${seconds}s -H "Accept: $mtype" "http://127.0.0.1:$port/v2/ab/manifests/latest")
-  local t1; t1=$(ticks "${pids[@]}")
+  local t1; t1=$(ticks "${pids[@]}"); local c1; c1=$(switches "${pids[@]}"); local u1; u1=$(user_ticks "${pids[@]}")
   local requests; requests=$(awk '/requests in/{print $1}' <<<"$out")
-  printf '%-12s %7d requests  %6.1f µs CPU per request\n' "$name" "$requests" "$(awk -v t=$((t1 - t0)) -v r="$requests" 'BEGIN{print t*10000/r}')"
+  printf '%-12s %7d requests  %6.1f µs CPU per request (%5.1f user)  %5.2f context switches per request\n' "$name" "$requests" \
+    "$(awk -v t=$((t1 - t0)) -v r="$requests" 'BEGIN{print t*10000/r}')" "$(awk -v t=$((u1 - u0)) -v r="$requests" 'BEGIN{print t*10000/r}')" \
+    "$(awk -v c=$((c1 - c0)) -v r="$requests" 'BEGIN{print c/r}')"
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
   sleep 0.5
 }

@@ -17,18 +17,26 @@ import Glibc
 final class TagLookupTests: XCTestCase {
     typealias Machine = UpstreamExchangeStateMachine
 
+    /// The head `text` parses to.
+    static func answer(_ text: String) -> UpstreamAnswerHead {
+        guard case .head(let head, _) = UpstreamAnswerHead.parse(ByteBuffer(string: text), limit: 4096) else {
+            preconditionFailure("not a head: \(text.debugDescription)")
+        }
+        return head
+    }
+
     /// The exchange's transitions: a failure before any answer is marked so
     /// (the pool may retry it), one after the head is not.
     func testTheExchangeStateMachine() {
         var machine = Machine()
         XCTAssertEqual(machine.request(), .send)
         XCTAssertEqual(machine.request(), .fail(.busy, beforeAnswer: true), "one request at a time")
-        let head = HTTPResponseHead(version: .http1_1, status: .ok)
+        let head = Self.answer("HTTP/1.1 200 OK\r\n\r\n")
         XCTAssertEqual(machine.receivedHead(head), .none)
         XCTAssertEqual(machine.receivedEnd(), .succeed(head, reusable: true))
         XCTAssertEqual(machine.state, .idle)
         // `Connection: close` and HTTP/1.0 without keep-alive end the connection.
-        let closing = HTTPResponseHead(version: .http1_1, status: .ok, headers: ["connection": "close"])
+        let closing = Self.answer("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
         XCTAssertEqual(machine.request(), .send)
         _ = machine.receivedHead(closing)
         XCTAssertEqual(machine.receivedEnd(), .succeed(closing, reusable: false))
@@ -62,7 +70,7 @@ final class TagLookupTests: XCTestCase {
     /// taken whole at any cut, and what llhttp refused is refused.
     func testTheAnswerHeadIsReadStrictly() {
         func parse(_ text: String, limit: Int = 4096) -> UpstreamAnswerHead.Parsed {
-            Array(text.utf8).withUnsafeBytes { UpstreamAnswerHead.parse($0, limit: limit) }
+            UpstreamAnswerHead.parse(ByteBuffer(string: text), limit: limit)
         }
         let text = "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n"
             + "Docker-Content-Digest:sha256:ab \t\r\nX-Two: a\r\nx-two: b, c\r\nX-Empty:\r\nX-Obs: caf\u{e9}\r\n\r\n"
@@ -77,6 +85,25 @@ final class TagLookupTests: XCTestCase {
         XCTAssertEqual(head.headers["x-two"], ["a", "b, c"], "repeated fields kept apart, values whole")
         XCTAssertEqual(head.headers.first(name: "x-empty"), "")
         XCTAssertEqual(head.headers.first(name: "x-obs"), "caf\u{e9}")
+        // Looked up in the bytes, as the loop reads them: the first field
+        // of that name, any case, trimmed.
+        XCTAssertEqual(head.first(name: "docker-content-digest"), "sha256:ab")
+        XCTAssertEqual(head.first(name: "x-two"), "a")
+        XCTAssertEqual(head.first(name: "x-empty"), "")
+        XCTAssertNil(head.first(name: "x-tw"))
+        XCTAssertEqual(head.headers.count, 6)
+        // Keep-alive as NIO reads it, from every `Connection` token.
+        let keepAlive = [
+            ("HTTP/1.1 200 OK\r\nConnection: Upgrade, CLOSE\r\n\r\n", false),
+            ("HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nconnection:close \r\n\r\n", false),
+            ("HTTP/1.1 200 OK\r\nX-Connection: close\r\nConnection: closed\r\n\r\n", true),
+            ("HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\n\r\n", true),
+            ("HTTP/1.0 200 OK\r\nConnection: ,keep-alive,\r\n\r\n", true),
+            ("HTTP/1.0 200 OK\r\nKeep-Alive: timeout=5\r\n\r\n", false),
+        ]
+        for (text, expected) in keepAlive {
+            XCTAssertEqual(Self.answer(text).isKeepAlive, expected, text.debugDescription)
+        }
         // Names are kept as sent, byte for byte, the common long ones
         // (held as literals, no allocation) as much as any other.
         let names = "HTTP/1.1 200 OK\r\nDocker-Content-Digest: a\r\nDOCKER-CONTENT-DIGEST: b\r\n"
@@ -111,6 +138,44 @@ final class TagLookupTests: XCTestCase {
         XCTAssertEqual(none.readableBytes, 0)
     }
 
+    /// The `HEAD` written straight from a request's bytes carries what the
+    /// decoder's way writes for the same request (`BlobResponder.upstreamHeaders`
+    /// and `writeRequest`): the same fields and values, byte for byte, in
+    /// any order; the default `Accept` when the client sent none.
+    func testTheHeadFromTheBytesIsTheDecodersHead() throws {
+        let router = Router(upstreams: [.init(host: "h", registry: "r", port: 5000, schema: "https", aliases: [])])
+        func fields(_ request: ByteBuffer) -> (line: Substring, fields: [Substring]) {
+            let lines = String(buffer: request).split(separator: "\r\n", omittingEmptySubsequences: false)
+            XCTAssertEqual(lines.suffix(2), ["", ""], "ends with a blank line")
+            return (lines[0], lines.dropFirst().dropLast(2).sorted())
+        }
+        let heads = [
+            "GET /v2/lib/app/manifests/v1.2 HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET /v2/lib/app/manifests/latest HTTP/1.1\r\nHost: h\r\nAccept: application/vnd.oci.image.index.v1+json, */* \r\n"
+                + "User-Agent: containerd/2.0 (x)\r\nAuthorization: Bearer a,b \r\nX-Other: 1\r\n\r\n",
+        ]
+        for text in heads {
+            let bytes = ByteBuffer(string: text)
+            let plain = try XCTUnwrap(bytes.withUnsafeReadableBytes { PlainGetHead.parse($0, limit: 4096) })
+            let fromBytes = try XCTUnwrap(TagLookup(plain.head, bytes: bytes, router: router))
+            var decoded = HTTPRequestHead(version: .http1_1, method: .GET, uri: plain.head.target)
+            for line in text.split(separator: "\r\n").dropFirst() {
+                let (name, value) = (line.prefix { $0 != ":" }, line.drop { $0 != ":" }.dropFirst().drop { $0 == " " })
+                decoded.headers.add(name: String(name), value: String(value))
+            }
+            let viaDecoder = try XCTUnwrap(TagLookup(decoded, router: router))
+            XCTAssertEqual(fields(fromBytes.ask).line, "HEAD \(decoded.uri) HTTP/1.1")
+            XCTAssertEqual(fields(fromBytes.ask).line, fields(viaDecoder.ask).line)
+            XCTAssertEqual(fields(fromBytes.ask).fields.map { $0.lowercased() },
+                           fields(viaDecoder.ask).fields.map { $0.lowercased() }, text)
+            XCTAssertEqual(fromBytes.credentials["authorization"], viaDecoder.credentials["authorization"])
+            XCTAssertEqual(fromBytes.key, viaDecoder.key)
+        }
+        XCTAssertTrue(String(buffer: TagLookup(try XCTUnwrap(ByteBuffer(string: heads[0]).withUnsafeReadableBytes {
+            PlainGetHead.parse($0, limit: 4096) }).head, bytes: ByteBuffer(string: heads[0]), router: router)!.ask)
+            .contains("\r\naccept: \(MediaType.manifestAccept)\r\n"), "the default Accept")
+    }
+
     /// The exchange handler over those bytes: a head cut across reads, an
     /// interim answer before the real one, bytes after an answer (the
     /// connection is not kept) and bytes nobody asked for (closed).
@@ -122,7 +187,7 @@ final class TagLookupTests: XCTestCase {
             try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
             return (channel, handler)
         }
-        let ask = HTTPRequestHead(version: .http1_1, method: .HEAD, uri: "/v2/a/manifests/1", headers: ["host": "r"])
+        let ask = ByteBuffer(string: "HEAD /v2/a/manifests/1 HTTP/1.1\r\nhost: r\r\n\r\n")
         let (channel, handler) = try connected()
         var answers: [UpstreamExchangeHandler.Answer] = []
         handler.ask(ask, within: .seconds(5)) { if case .success(let answer) = $0 { answers.append(answer) } }
@@ -255,12 +320,11 @@ final class TagLookupTests: XCTestCase {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let loop = group.next()
         let pool = LoopUpstreamPool(group: group, connectTimeout: .seconds(2)) { $0.tls.caFile == nil ? system : withCA }
-        func ask(_ upstream: ProxyConfig.Upstream) async throws -> HTTPResponseHead {
-            var head = HTTPRequestHead(version: .http1_1, method: .HEAD, uri: "/v2/team/app/manifests/v1")
-            head.headers.add(name: "host", value: "\(upstream.registry):\(upstream.port)")
-            head.headers.add(name: "accept", value: "application/vnd.oci.image.manifest.v1+json")
+        func ask(_ upstream: ProxyConfig.Upstream) async throws -> UpstreamAnswerHead {
+            let head = ByteBuffer(string: "HEAD /v2/team/app/manifests/v1 HTTP/1.1\r\nhost: \(upstream.registry):\(upstream.port)"
+                + "\r\naccept: application/vnd.oci.image.manifest.v1+json\r\n\r\n")
             return try await loop.flatSubmit {
-                let answer = loop.makePromise(of: HTTPResponseHead.self)
+                let answer = loop.makePromise(of: UpstreamAnswerHead.self)
                 if !pool.ask(head, to: upstream, on: loop, within: .seconds(5), completion: answer.completeWith) {
                     answer.fail(UpstreamExchangeStateMachine.Failure.busy)
                 }
@@ -280,7 +344,7 @@ final class TagLookupTests: XCTestCase {
         for target in [upstream, upstream, upstream, byName] {
             let answer = try await ask(target)
             XCTAssertEqual(answer.status, .ok, target.registry)
-            XCTAssertEqual(answer.headers.first(name: "docker-content-digest"), image.manifest)
+            XCTAssertEqual(answer.first(name: "docker-content-digest"), image.manifest)
         }
         var changed = upstream  // a verified connection to it is idle in the pool now
         changed.tls = .init()

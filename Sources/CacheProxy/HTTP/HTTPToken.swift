@@ -12,4 +12,18 @@ enum HTTPToken {
             return "!#$%&'*+-.^_`|~".utf8.contains(byte)
         }
     }
+
+    /// Whether ASCII `bytes`, lower-cased, equal `lower` (a lower-case
+    /// literal): a header name compared as HTTP compares them.
+    static func equalsLowercased(_ bytes: UnsafeRawBufferPointer, _ lower: StaticString) -> Bool {
+        guard bytes.count == lower.utf8CodeUnitCount else { return false }
+        return lower.withUTF8Buffer { expected in
+            for index in 0..<bytes.count {
+                let byte = bytes[index]
+                let folded = byte >= UInt8(ascii: "A") && byte <= UInt8(ascii: "Z") ? byte | 0x20 : byte
+                guard folded == expected[index] else { return false }
+            }
+            return true
+        }
+    }
 }

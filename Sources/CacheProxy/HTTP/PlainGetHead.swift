@@ -81,7 +81,7 @@ struct PlainGetHead: Equatable {
                 guard head.userAgent == nil else { return nil }
                 head.userAgent = valueStart..<valueEnd
             case .connection:
-                guard equalsLowercased(UnsafeRawBufferPointer(rebasing: bytes[valueStart..<valueEnd]), "keep-alive")
+                guard HTTPToken.equalsLowercased(UnsafeRawBufferPointer(rebasing: bytes[valueStart..<valueEnd]), "keep-alive")
                 else { return nil }
             case .refused:
                 return nil
@@ -97,34 +97,22 @@ struct PlainGetHead: Equatable {
 
         init(_ name: UnsafeRawBufferPointer) {
             switch name.count {
-            case 4 where equalsLowercased(name, "host"): self = .host
-            case 13 where equalsLowercased(name, "authorization"): self = .authorization
-            case 10 where equalsLowercased(name, "connection"): self = .connection
-            case 6 where equalsLowercased(name, "accept"): self = .accept
-            case 10 where equalsLowercased(name, "user-agent"): self = .userAgent
-            case 14 where equalsLowercased(name, "content-length"): self = .refused
-            case 17 where equalsLowercased(name, "transfer-encoding"): self = .refused
-            case 6 where equalsLowercased(name, "expect"): self = .refused
-            case 7 where equalsLowercased(name, "upgrade"): self = .refused
-            case 5 where equalsLowercased(name, "range"): self = .refused
-            case 8 where equalsLowercased(name, "if-range"): self = .refused
-            case 2 where equalsLowercased(name, "te"): self = .refused
+            case 4 where HTTPToken.equalsLowercased(name, "host"): self = .host
+            case 13 where HTTPToken.equalsLowercased(name, "authorization"): self = .authorization
+            case 10 where HTTPToken.equalsLowercased(name, "connection"): self = .connection
+            case 6 where HTTPToken.equalsLowercased(name, "accept"): self = .accept
+            case 10 where HTTPToken.equalsLowercased(name, "user-agent"): self = .userAgent
+            case 14 where HTTPToken.equalsLowercased(name, "content-length"): self = .refused
+            case 17 where HTTPToken.equalsLowercased(name, "transfer-encoding"): self = .refused
+            case 6 where HTTPToken.equalsLowercased(name, "expect"): self = .refused
+            case 7 where HTTPToken.equalsLowercased(name, "upgrade"): self = .refused
+            case 5 where HTTPToken.equalsLowercased(name, "range"): self = .refused
+            case 8 where HTTPToken.equalsLowercased(name, "if-range"): self = .refused
+            case 2 where HTTPToken.equalsLowercased(name, "te"): self = .refused
             // llhttp reads it as `Connection` (and `close` as the last request).
-            case 16 where equalsLowercased(name, "proxy-connection"): self = .refused
+            case 16 where HTTPToken.equalsLowercased(name, "proxy-connection"): self = .refused
             default: self = .other
             }
         }
     }
-}
-
-/// Whether ASCII `bytes`, lower-cased, equal `lower`.
-private func equalsLowercased(_ bytes: UnsafeRawBufferPointer, _ lower: StaticString) -> Bool {
-    guard bytes.count == lower.utf8CodeUnitCount else { return false }
-    let expected = UnsafeRawBufferPointer(start: lower.utf8Start, count: lower.utf8CodeUnitCount)
-    for index in 0..<bytes.count {
-        let byte = bytes[index]
-        let folded = byte >= UInt8(ascii: "A") && byte <= UInt8(ascii: "Z") ? byte | 0x20 : byte
-        guard folded == expected[index] else { return false }
-    }
-    return true
 }

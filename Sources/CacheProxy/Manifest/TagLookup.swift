@@ -16,9 +16,12 @@ struct TagLookup {
     let name: String
     let tag: String
     let upstream: ProxyConfig.Upstream
-    /// The `HEAD` for the upstream: the client's `Accept`, credentials and
-    /// user agent, as `TagResolver` would send them.
-    let ask: HTTPRequestHead
+    /// The `HEAD` for the upstream, as the bytes that go out: the client's
+    /// `Accept`, credentials and user agent, as `TagResolver` would send them.
+    let ask: ByteBuffer
+    /// The client's `Authorization`, what the access memory keys the
+    /// upstream's yes by (`AccessGate.grant`).
+    let credentials: HTTPHeaders
 
     var key: TagTable.Key { TagTable.Key(upstream: upstream.host, repository: name, tag: tag) }
 
@@ -31,43 +34,76 @@ struct TagLookup {
               // A body (odd on a GET, but a client may send one) is the
               // async side's to read and drop.
               !RequestHandler.hasBody(head),
-              !head.headers.contains(name: "range")
+              !head.headers.contains(name: "range"),
+              let (name, tag, upstream) = Self.route(method: head.method, uri: head.uri,
+                                                     host: head.headers.first(name: "host"), router: router)
         else { return nil }
-        self.init(method: head.method, uri: head.uri, host: head.headers.first(name: "host"),
-                  clientHeaders: BlobResponder.upstreamHeaders(head.headers, kind: .manifest), router: router)
+        var headers = BlobResponder.upstreamHeaders(head.headers, kind: .manifest)
+        headers.replaceOrAdd(name: "host", value: upstream.authority)
+        var ask = ByteBuffer()
+        guard UpstreamAnswerHead.writeRequest(uri: "/v2/\(name)/manifests/\(tag)", headers: headers, into: &ask)
+        else { return nil }
+        (self.name, self.tag, self.upstream, self.ask, self.credentials) = (name, tag, upstream, ask, headers)
     }
 
     /// The lookup for a `GET` the fast path read from the connection's bytes
     /// (`HitFrontHandler`), under the same conditions; `bytes` is the head
     /// the request's offsets point into. Several `Accept` fields go the
     /// decoder's way, which keeps them all.
+    ///
+    /// The `HEAD` is written from those bytes: no `HTTPHeaders`, no
+    /// `HTTPRequestHead`, no `String` per field. `PlainGetHead` let only
+    /// visible ASCII, space and tab into the values, so they are copied as
+    /// they came (as the decoder's way passes them).
     init?(_ request: PlainGetHead, bytes: ByteBuffer, router: Router) {
-        guard request.acceptCount <= 1 else { return nil }
-        func value(_ range: Range<Int>?) -> String? {
-            range.flatMap { bytes.getString(at: bytes.readerIndex + $0.lowerBound, length: $0.count) }
+        guard request.acceptCount <= 1,
+              let (name, tag, upstream) = Self.route(method: .GET, uri: request.target, host: request.host,
+                                                     router: router),
+              upstream.authority.utf8.allSatisfy(UpstreamAnswerHead.isFieldByte)
+        else { return nil }
+        var ask = ByteBuffer()
+        ask.reserveCapacity(96 + name.utf8.count + tag.utf8.count + upstream.authority.utf8.count
+            + (request.authorization?.utf8.count ?? 0) + (request.userAgent?.count ?? 0)
+            + (request.accept?.count ?? MediaType.manifestAccept.utf8.count))
+        ask.writeStaticString("HEAD /v2/")
+        ask.writeString(name)
+        ask.writeStaticString("/manifests/")
+        ask.writeString(tag)
+        ask.writeStaticString(" HTTP/1.1\r\nhost: ")
+        ask.writeString(upstream.authority)
+        if let authorization = request.authorization {
+            ask.writeStaticString("\r\nauthorization: ")
+            ask.writeString(authorization)
         }
-        var headers = HTTPHeaders()
-        headers.reserveCapacity(4)  // with `host`, added below
-        if let authorization = request.authorization { headers.add(name: "authorization", value: authorization) }
-        if let userAgent = value(request.userAgent) { headers.add(name: "user-agent", value: userAgent) }
-        headers.add(name: "accept", value: value(request.accept) ?? MediaType.manifestAccept)
-        self.init(method: .GET, uri: request.target, host: request.host, clientHeaders: headers, router: router)
+        bytes.withUnsafeReadableBytes { raw in
+            if let userAgent = request.userAgent {
+                ask.writeStaticString("\r\nuser-agent: ")
+                ask.writeBytes(UnsafeRawBufferPointer(rebasing: raw[userAgent]))
+            }
+            ask.writeStaticString("\r\naccept: ")
+            if let accept = request.accept {
+                ask.writeBytes(UnsafeRawBufferPointer(rebasing: raw[accept]))
+            } else {
+                ask.writeString(MediaType.manifestAccept)
+            }
+        }
+        ask.writeStaticString("\r\n\r\n")
+        self.name = name
+        self.tag = tag
+        self.upstream = upstream
+        self.ask = ask
+        self.credentials = request.authorization.map { HTTPHeaders([("authorization", $0)]) } ?? HTTPHeaders()
     }
 
-    /// `clientHeaders`: what the upstream gets of the client's headers
-    /// (`BlobResponder.upstreamHeaders`).
-    private init?(method: HTTPMethod, uri: String, host: String?, clientHeaders: HTTPHeaders, router: Router) {
+    /// The repository, tag and upstream of a pull by tag the loop can ask
+    /// for itself.
+    private static func route(method: HTTPMethod, uri: String, host: String?, router: Router)
+        -> (name: String, tag: String, upstream: ProxyConfig.Upstream)? {
         guard case .manifest(let name, .tag(let tag))? = try? RequestTarget.classify(method: method.rawValue, uri: uri),
               let upstream = router.route(host: host, namespace: RequestURI.queryValue("ns", in: uri)),
               upstream.manifests == .revalidate, LoopUpstreamPool.serves(upstream)
         else { return nil }
-        var headers = clientHeaders
-        headers.replaceOrAdd(name: "host", value: upstream.authority)
-        self.name = name
-        self.tag = tag
-        self.upstream = upstream
-        self.ask = HTTPRequestHead(version: .http1_1, method: .HEAD, uri: "/v2/\(name)/manifests/\(tag)",
-                                   headers: headers)
+        return (name, tag, upstream)
     }
 }
 
@@ -79,7 +115,7 @@ extension CacheHitResponder {
     /// called when this returns false.
     /// False, having done nothing, when this loop has no pool.
     func resolve(_ lookup: TagLookup, context: ChannelHandlerContext,
-                 answer: @escaping (_ reply: HTTPResponseHead, _ started: ContinuousClock.Instant) -> Bool,
+                 answer: @escaping (_ reply: UpstreamAnswerHead, _ started: ContinuousClock.Instant) -> Bool,
                  then: @escaping (TagHandOff.Handed?) -> Void) -> Bool {
         let channel = context.channel
         let started = ContinuousClock.now
@@ -92,7 +128,8 @@ extension CacheHitResponder {
             let handOff: TagResolver.Asked
             switch result {
             case .success(let reply):
-                metrics.upstreamAnswered(lookup.upstream, method: .HEAD, status: reply.status, headers: reply.headers)
+                metrics.upstreamAnswered(lookup.upstream, method: .HEAD, status: reply.status,
+                                         rateLimit: reply.first(name: "ratelimit-remaining"))
                 guard channel.isActive else {
                     tracker.setIdle(channel, true)
                     then(nil)
@@ -105,7 +142,7 @@ extension CacheHitResponder {
                 }
                 handOff = .answered(reply.status, reply.headers)
             case .failure(let error):
-                metrics.upstreamAnswered(lookup.upstream, method: .HEAD, status: nil, headers: nil)
+                metrics.upstreamAnswered(lookup.upstream, method: .HEAD, status: nil, rateLimit: nil)
                 handOff = .failed(error)
             }
             // Still busy: the async side takes the request over without
@@ -120,7 +157,7 @@ extension CacheHitResponder {
     /// the upstream's own headers (as `TagResolver` does), a `GET` from
     /// memory, through NIO's encoder (`RequestFrontHandler`). False, having
     /// written nothing, for anything else.
-    func answer(_ lookup: TagLookup, head: HTTPRequestHead, reply: HTTPResponseHead,
+    func answer(_ lookup: TagLookup, head: HTTPRequestHead, reply: UpstreamAnswerHead,
                 context: ChannelHandlerContext, client: String?, started: ContinuousClock.Instant,
                 credentials: AccessGate.CredentialMemo, wrap: (HTTPServerResponsePart) -> NIOAny) -> Bool {
         guard context.channel.isWritable,
@@ -152,11 +189,11 @@ extension CacheHitResponder {
     /// from the front of the pipeline as a pull by digest's are. False,
     /// having written nothing, for anything else, and while draining (the
     /// answer must then say `Connection: close`: the decoder's way does).
-    func answerAhead(_ lookup: TagLookup, request: PlainGetHead, reply: HTTPResponseHead,
+    func answerAhead(_ lookup: TagLookup, request: PlainGetHead, reply: UpstreamAnswerHead,
                      context: ChannelHandlerContext, client: String?, started: ContinuousClock.Instant,
                      credentials: AccessGate.CredentialMemo, timeouts: ConnectionTimeoutsHandler) -> Bool {
         guard context.channel.isWritable, !tracker.isDraining,
-              let (_, entry) = named(lookup, get: true, reply: reply, clientHeaders: lookup.ask.headers,
+              let (_, entry) = named(lookup, get: true, reply: reply, clientHeaders: lookup.credentials,
                                      credentials: credentials, started: started),
               let entry
         else { return false }
@@ -171,18 +208,18 @@ extension CacheHitResponder {
     /// and the wait is counted, as the async side records it for every tag
     /// pull: the answer's head goes out next. Nil, having done nothing,
     /// for anything else.
-    private func named(_ lookup: TagLookup, get: Bool, reply: HTTPResponseHead, clientHeaders: HTTPHeaders,
+    private func named(_ lookup: TagLookup, get: Bool, reply: UpstreamAnswerHead, clientHeaders: HTTPHeaders,
                        credentials: AccessGate.CredentialMemo, started: ContinuousClock.Instant)
         -> (digest: Digest, entry: SmallBlobCache.Entry?)? {
         guard reply.status == .ok,
-              let digest = reply.headers.first(name: "docker-content-digest")
+              let digest = reply.first(name: "docker-content-digest")
                 .flatMap({ try? Digest(parsing: Substring($0)) })
         else { return nil }
         let entry = get ? smallBlobs.get(digest, kind: .manifest) : nil
         guard !get || (entry != nil && store.use(digest) != nil) else { return nil }
-        _ = TagResolver.remember(upstreamHeaders: reply.headers, key: lookup.key, upstream: lookup.upstream,
-                                 clientHeaders: clientHeaders, repository: lookup.name, tags: tags, gate: gate,
-                                 memo: credentials)
+        TagResolver.remember(digest, mediaType: reply.first(name: "content-type").flatMap(MediaType.init),
+                             key: lookup.key, upstream: lookup.upstream, clientHeaders: clientHeaders,
+                             repository: lookup.name, tags: tags, gate: gate, memo: credentials)
         metrics.timeToFirstByte(kind: "manifest", seconds: started.duration(to: .now).inSeconds)
         return (digest, entry)
     }

@@ -77,15 +77,17 @@ struct TagResolver: Sendable {
         }
         switch status.code {
         case 200:
-            guard let digest = Self.remember(upstreamHeaders: headers, key: request.key, upstream: upstream,
-                                             clientHeaders: request.head.headers, repository: request.name,
-                                             tags: tags, gate: gate) else {
+            guard let digest = headers.first(name: "docker-content-digest").flatMap({ try? Digest(parsing: Substring($0)) })
+            else {
                 // No digest to cache under (not a registry this proxy knows
                 // how to cache for): the request goes as it came.
                 response.answered(.passthrough)
                 return try await blobs.passThrough.forward(request.head, to: upstream, body: nil,
                                                            origin: request.origin, response: response)
             }
+            Self.remember(digest, mediaType: headers.first(name: "content-type").flatMap(MediaType.init),
+                          key: request.key, upstream: upstream, clientHeaders: request.head.headers,
+                          repository: request.name, tags: tags, gate: gate)
             if request.head.method == .HEAD {
                 response.answered(.passthrough)
                 // The upstream's own answer: its type, length and digest.
@@ -117,23 +119,18 @@ struct TagResolver: Sendable {
         }
     }
 
-    /// The upstream's 200 for the tag: the digest its `Docker-Content-Digest`
-    /// names, remembered as the tag's (with its media type) and as the
-    /// upstream's yes to this client for that manifest. Nil when it names
-    /// none. One place for both the event loop's lookup and this one.
-    static func remember(upstreamHeaders headers: HTTPHeaders, key: TagTable.Key, upstream: ProxyConfig.Upstream,
+    /// The upstream's 200 for the tag, naming `digest` (its
+    /// `Docker-Content-Digest`) of `mediaType`: remembered as the tag's and
+    /// as the upstream's yes to this client for that manifest. One place for
+    /// both the event loop's lookup and this one.
+    static func remember(_ digest: Digest, mediaType: MediaType?, key: TagTable.Key, upstream: ProxyConfig.Upstream,
                          clientHeaders: HTTPHeaders, repository: String, tags: TagTable,
-                         gate: AccessGate, memo: AccessGate.CredentialMemo? = nil) -> Digest? {
-        guard let digest = headers.first(name: "docker-content-digest").flatMap({ try? Digest(parsing: Substring($0)) })
-        else { return nil }
-        if let mediaType = headers.first(name: "content-type").flatMap(MediaType.init) {
-            tags.record(key, digest: digest, mediaType: mediaType)
-        }
+                         gate: AccessGate, memo: AccessGate.CredentialMemo? = nil) {
+        if let mediaType { tags.record(key, digest: digest, mediaType: mediaType) }
         // The upstream's yes to this client for this repository, and the
         // manifest's place in it: the body may come from the cache.
         gate.remember(upstream: upstream, headers: clientHeaders, repository: repository, digest: digest,
                       kind: .manifest, memo: memo)
-        return digest
     }
 
     private func unreachable(_ request: Request, error: any Error, response: ResponseChannel) async throws

@@ -57,15 +57,15 @@ final class LoopUpstreamPool: Sendable {
         (upstream.schema == "http" || upstream.schema == "https") && upstream.credentials == nil
     }
 
-    /// Sends a `HEAD` of `head.uri` with `head.headers` to `upstream` on a
+    /// Sends `request` (a whole `HEAD`, as bytes) to `upstream` on a
     /// connection of `loop`; `completion` gets the answer's head (or the
     /// failure) on `loop`, once. False, having done nothing, when `loop` has
     /// no pool (not one of the server's loops) or no room. Must be called on
     /// `loop`. A closure, not a future: one promise and its callback list
     /// less per pull by tag.
-    func ask(_ head: HTTPRequestHead, to upstream: ProxyConfig.Upstream, on loop: any EventLoop,
+    func ask(_ request: ByteBuffer, to upstream: ProxyConfig.Upstream, on loop: any EventLoop,
              within answer: TimeAmount,
-             completion: @escaping (Result<HTTPResponseHead, any Error>) -> Void) -> Bool {
+             completion: @escaping (Result<UpstreamAnswerHead, any Error>) -> Void) -> Bool {
         guard let connections = loops[ObjectIdentifier(loop)]?.value else { return false }
         var tls: UpstreamClient.LoopTLS?
         if upstream.schema == "https" {
@@ -74,7 +74,7 @@ final class LoopUpstreamPool: Sendable {
         }
         let key = Connections.Key(registry: upstream.registry, port: upstream.port, tls: tls?.number ?? 0)
         guard connections.startExchange(key) else { return false }
-        let exchange = Exchange(head: head, upstream: upstream, key: key, tls: tls?.context, connections: connections,
+        let exchange = Exchange(request: request, upstream: upstream, key: key, tls: tls?.context, connections: connections,
                                 answer: answer, loop: loop, completion: completion)
         if let kept = connections.take(key) {
             // Closed while idle, most likely by the upstream's own keep-alive
@@ -88,18 +88,18 @@ final class LoopUpstreamPool: Sendable {
 
     /// One request on its way, whichever connection carries it.
     private struct Exchange {
-        let head: HTTPRequestHead
+        let request: ByteBuffer
         let upstream: ProxyConfig.Upstream
         let key: Connections.Key
         let tls: NIOSSLContext?
         let connections: Connections
         let answer: TimeAmount
         let loop: any EventLoop
-        let completion: (Result<HTTPResponseHead, any Error>) -> Void
+        let completion: (Result<UpstreamAnswerHead, any Error>) -> Void
 
         /// The exchange is over: counted out, then its answer or failure
         /// handed on.
-        func finish(_ result: Result<HTTPResponseHead, any Error>) {
+        func finish(_ result: Result<UpstreamAnswerHead, any Error>) {
             connections.endExchange(key)
             completion(result)
         }
@@ -168,7 +168,7 @@ final class LoopUpstreamPool: Sendable {
     /// Sends on `kept`; `retry` runs instead of failing when the connection
     /// turns out closed before any answer.
     private func send(_ exchange: Exchange, on kept: Connections.Kept, retry: (() -> Void)?) {
-        kept.handler.ask(exchange.head, within: exchange.answer) { result in
+        kept.handler.ask(exchange.request, within: exchange.answer) { result in
             switch result {
             case .success(let reply):
                 // The connection goes back to the pool when it may carry

@@ -16,20 +16,101 @@ import NIOHTTP1
 /// only, `HTTP/1.0` or `HTTP/1.1`, a three-digit status, header names of
 /// token characters, values without control characters (obs-text passes,
 /// as llhttp lets it), no obs-fold, a head of at most `limit` bytes.
-enum UpstreamAnswerHead {
+struct UpstreamAnswerHead: Equatable {
+    let version: HTTPVersion
+    let status: HTTPResponseStatus
+    /// Whether the connection may carry another request: HTTP/1.1 unless a
+    /// `Connection` field says `close`, HTTP/1.0 only when one says
+    /// `keep-alive` (as NIO's `isKeepAlive` reads them).
+    let isKeepAlive: Bool
+    /// The field lines, each ending in CRLF, as they came (checked by
+    /// `parse`). Looked up by name when asked: a pull answered on the loop
+    /// reads two or three fields, and a `String` per name and value of every
+    /// field (an `HTTPHeaders`) was the most of the parse's cost.
+    private let fields: ByteBuffer
+
     enum Parsed: Equatable {
         /// A whole head, and its length with the blank line.
-        case head(HTTPResponseHead, length: Int)
+        case head(UpstreamAnswerHead, length: Int)
         /// Not all of it yet.
         case incomplete
         case malformed
     }
 
-    static func parse(_ bytes: UnsafeRawBufferPointer, limit: Int) -> Parsed {
+    /// The head at the start of `buffer`'s readable bytes.
+    static func parse(_ buffer: ByteBuffer, limit: Int) -> Parsed {
+        buffer.withUnsafeReadableBytes { bytes in
+            switch parse(bytes, limit: limit) {
+            case .incomplete: return .incomplete
+            case .malformed: return .malformed
+            case .head(let version, let status, let keepAlive, let fields, let length):
+                let lines = buffer.getSlice(at: buffer.readerIndex + fields.lowerBound, length: fields.count)
+                return .head(UpstreamAnswerHead(version: version, status: status, isKeepAlive: keepAlive,
+                                                fields: lines ?? ByteBuffer()), length: length)
+            }
+        }
+    }
+
+    /// The first field named `name` (a lower-case literal; names compare
+    /// without case), its value without the spaces around it.
+    func first(name: StaticString) -> String? {
+        var found: String?
+        forEachField { fieldName, value in
+            guard HTTPToken.equalsLowercased(fieldName, name) else { return true }
+            found = String(decoding: value, as: UTF8.self)
+            return false
+        }
+        return found
+    }
+
+    /// Every field, names as sent: for the answers the loop hands on (the
+    /// async side's `TagResolver`, a `HEAD` passed through).
+    var headers: HTTPHeaders {
+        var headers = HTTPHeaders()
+        forEachField { name, value in
+            headers.add(name: String(decoding: name, as: UTF8.self), value: String(decoding: value, as: UTF8.self))
+            return true
+        }
+        return headers
+    }
+
+    /// Calls `body` with each field's name and trimmed value, in order,
+    /// until it returns false. The lines were checked by `parse`: each is
+    /// `name:` then the value, and ends in CRLF.
+    private func forEachField(_ body: (_ name: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer) -> Bool) {
+        fields.withUnsafeReadableBytes { bytes in
+            var index = 0
+            while index < bytes.count {
+                let nameStart = index
+                while index < bytes.count, bytes[index] != UInt8(ascii: ":") { index += 1 }
+                let nameEnd = index
+                index += 1
+                while index < bytes.count, bytes[index] == 0x20 || bytes[index] == 0x09 { index += 1 }
+                let valueStart = index
+                while index < bytes.count, bytes[index] != 13 { index += 1 }
+                var valueEnd = index
+                while valueEnd > valueStart, bytes[valueEnd - 1] == 0x20 || bytes[valueEnd - 1] == 0x09 { valueEnd -= 1 }
+                index += 2
+                guard nameEnd <= bytes.count, valueEnd <= bytes.count else { return }
+                guard body(UnsafeRawBufferPointer(rebasing: bytes[nameStart..<nameEnd]),
+                           UnsafeRawBufferPointer(rebasing: bytes[valueStart..<valueEnd]))
+                else { return }
+            }
+        }
+    }
+
+    /// What `parse` found, as offsets into the bytes it read.
+    private enum Found {
+        case head(HTTPVersion, HTTPResponseStatus, keepAlive: Bool, fields: Range<Int>, length: Int)
+        case incomplete
+        case malformed
+    }
+
+    private static func parse(_ bytes: UnsafeRawBufferPointer, limit: Int) -> Found {
         // Where the bytes end or the limit is reached, whichever is first:
         // running out there is `incomplete`, or past the limit `malformed`.
         let end = min(bytes.count, limit)
-        func short() -> Parsed { bytes.count >= limit ? .malformed : .incomplete }
+        func short() -> Found { bytes.count >= limit ? .malformed : .incomplete }
         let prefix = "HTTP/1.".utf8
         guard end >= prefix.count + 5 else {
             // Whatever came must at least start like a status line.
@@ -64,16 +145,16 @@ enum UpstreamAnswerHead {
         guard let afterStatus = lineEnd(bytes, at: index, end: end) else { return short() }
         guard afterStatus > 0 else { return .malformed }
         index = afterStatus
-        var headers = HTTPHeaders()
-        headers.reserveCapacity(16)  // one allocation, not one per doubling
+        let fieldsStart = index
+        var (saysClose, saysKeepAlive) = (false, false)
         while true {
             guard index < end else { return short() }
             if bytes[index] == 13 {
                 guard let after = lineEnd(bytes, at: index, end: end) else { return short() }
                 guard after > 0 else { return .malformed }
-                let status = HTTPResponseStatus(statusCode: code)
-                return .head(HTTPResponseHead(version: .init(major: 1, minor: minor), status: status,
-                                              headers: headers), length: after)
+                let keepAlive = minor == 1 ? !saysClose : saysKeepAlive
+                return .head(HTTPVersion(major: 1, minor: minor), HTTPResponseStatus(statusCode: code),
+                             keepAlive: keepAlive, fields: fieldsStart..<index, length: after)
             }
             let nameStart = index
             while index < end, HTTPToken.isCharacter(bytes[index]) { index += 1 }
@@ -82,38 +163,31 @@ enum UpstreamAnswerHead {
             guard index > nameStart, bytes[index] == UInt8(ascii: ":") else { return .malformed }
             let nameEnd = index
             index += 1
-            while index < end, bytes[index] == 0x20 || bytes[index] == 0x09 { index += 1 }
             let valueStart = index
             while index < end, isFieldByte(bytes[index]) { index += 1 }
-            var valueEnd = index
-            while valueEnd > valueStart, bytes[valueEnd - 1] == 0x20 || bytes[valueEnd - 1] == 0x09 { valueEnd -= 1 }
             guard let after = lineEnd(bytes, at: index, end: end) else { return short() }
             guard after > 0 else { return .malformed }
-            headers.add(name: fieldName(UnsafeRawBufferPointer(rebasing: bytes[nameStart..<nameEnd])),
-                        value: String(decoding: bytes[valueStart..<valueEnd], as: UTF8.self))
+            if HTTPToken.equalsLowercased(UnsafeRawBufferPointer(rebasing: bytes[nameStart..<nameEnd]), "connection") {
+                connectionTokens(UnsafeRawBufferPointer(rebasing: bytes[valueStart..<index])) { token in
+                    if HTTPToken.equalsLowercased(token, "close") { saysClose = true }
+                    if HTTPToken.equalsLowercased(token, "keep-alive") { saysKeepAlive = true }
+                }
+            }
             index = after
         }
     }
 
-    /// Names longer than a small string (15 bytes) that registries send on
-    /// every answer, spelled as they send them: one of these, byte for byte,
-    /// is used as it is, where a `String` made of the bytes would cost an
-    /// allocation per field per pull.
-    private static let knownNames = [
-        "Docker-Content-Digest", "docker-content-digest", "Docker-Distribution-Api-Version",
-        "docker-distribution-api-version", "X-Content-Type-Options", "x-content-type-options",
-        "Strict-Transport-Security", "strict-transport-security", "Www-Authenticate", "WWW-Authenticate",
-        "www-authenticate", "RateLimit-Remaining", "ratelimit-remaining", "docker-ratelimit-source",
-    ]
-
-    /// The name in `bytes` (token characters, so ASCII).
-    private static func fieldName(_ bytes: UnsafeRawBufferPointer) -> String {
-        if bytes.count > 15 {
-            for known in knownNames where known.utf8.count == bytes.count && known.utf8.elementsEqual(bytes) {
-                return known
-            }
+    /// The comma-separated tokens of a `Connection` value, without the
+    /// spaces around them.
+    private static func connectionTokens(_ value: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer) -> Void) {
+        var start = 0
+        for index in 0...value.count where index == value.count || value[index] == UInt8(ascii: ",") {
+            var (from, to) = (start, index)
+            while from < to, value[from] == 0x20 || value[from] == 0x09 { from += 1 }
+            while to > from, value[to - 1] == 0x20 || value[to - 1] == 0x09 { to -= 1 }
+            body(UnsafeRawBufferPointer(rebasing: value[from..<to]))
+            start = index + 1
         }
-        return String(decoding: bytes, as: UTF8.self)
     }
 
     /// After a CRLF at `index`: the index past it, nil when the bytes end
@@ -127,7 +201,7 @@ enum UpstreamAnswerHead {
 
     /// A byte of a field value or reason phrase: HTAB, SP, visible ASCII,
     /// obs-text.
-    private static func isFieldByte(_ byte: UInt8) -> Bool {
+    static func isFieldByte(_ byte: UInt8) -> Bool {
         byte == 0x09 || (byte >= 0x20 && byte != 0x7f)
     }
 

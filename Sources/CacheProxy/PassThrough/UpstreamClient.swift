@@ -394,23 +394,23 @@ extension ProxyMetrics {
     /// Counts one upstream exchange: `response` nil when none came. The
     /// one place that reads an upstream's `ratelimit-remaining`.
     func upstreamAnswered(_ upstream: ProxyConfig.Upstream, method: HTTPMethod, response: HTTPClientResponse?) {
-        upstreamAnswered(upstream, method: method, status: response?.status, headers: response?.headers)
+        upstreamAnswered(upstream, method: method, status: response?.status,
+                         rateLimit: response?.headers.first(name: "ratelimit-remaining"))
     }
 
     /// The same, for an answer read by the event loop's own client
-    /// (`LoopUpstreamPool`).
+    /// (`LoopUpstreamPool`); `rateLimit`: its `ratelimit-remaining` value.
     func upstreamAnswered(_ upstream: ProxyConfig.Upstream, method: HTTPMethod, status: HTTPResponseStatus?,
-                          headers: HTTPHeaders?) {
+                          rateLimit: String?) {
         upstreamResponse(upstream: upstream.host, method: method.rawValue, code: Int(status?.code ?? 0),
-                         rateLimitRemaining: headers.flatMap { UpstreamClient.rateLimitRemaining($0) })
+                         rateLimitRemaining: rateLimit.flatMap { UpstreamClient.rateLimitRemaining($0) })
     }
 }
 
 extension UpstreamClient {
     /// The count in a `ratelimit-remaining` header (Docker Hub writes
     /// `100;w=21600`: the pulls left, then the window in seconds).
-    static func rateLimitRemaining(_ headers: HTTPHeaders) -> Int? {
-        guard let value = headers.first(name: "ratelimit-remaining") else { return nil }
+    static func rateLimitRemaining(_ value: String) -> Int? {
         let count = String(value.prefix { $0 != ";" }.filter { !$0.isWhitespace })
         return Int(count).flatMap { $0 >= 0 ? $0 : nil }
     }

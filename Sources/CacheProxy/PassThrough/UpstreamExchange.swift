@@ -19,7 +19,7 @@ struct UpstreamExchangeStateMachine {
         /// what makes a retry on a fresh connection safe.
         case awaitingHead
         /// The head is in; the (empty) body's end is not.
-        case awaitingEnd(HTTPResponseHead)
+        case awaitingEnd(UpstreamAnswerHead)
         case closed
     }
 
@@ -29,7 +29,7 @@ struct UpstreamExchangeStateMachine {
         case send
         /// The exchange is over: hand the head on; keep the connection for
         /// the next request only when `reusable`.
-        case succeed(HTTPResponseHead, reusable: Bool)
+        case succeed(UpstreamAnswerHead, reusable: Bool)
         /// The exchange failed; `beforeAnswer` when not one byte of an
         /// answer came (a retry cannot be a duplicate the upstream acted on
         /// differently: only idempotent requests are sent here). Close the
@@ -62,7 +62,7 @@ struct UpstreamExchangeStateMachine {
         return .send
     }
 
-    mutating func receivedHead(_ head: HTTPResponseHead) -> Action {
+    mutating func receivedHead(_ head: UpstreamAnswerHead) -> Action {
         guard case .awaitingHead = state else {
             // An answer nobody asked for: the connection is out of step.
             return close(.closed)
@@ -114,7 +114,7 @@ final class UpstreamExchangeHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    typealias Answer = (head: HTTPResponseHead, reusable: Bool)
+    typealias Answer = (head: UpstreamAnswerHead, reusable: Bool)
 
     /// The longest answer head read; a longer one is malformed (NIO's
     /// decoder allowed 80 KiB of headers).
@@ -152,18 +152,14 @@ final class UpstreamExchangeHandler: ChannelInboundHandler {
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
     func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
 
-    /// Sends a `HEAD` of `head.uri` with `head.headers` (the pool asks
-    /// nothing else: an answer ends with its head); `completion` gets the
+    /// Sends `request`, a whole `HEAD` as bytes (`TagLookup` writes it; the
+    /// pool asks nothing else: an answer ends with its head); `completion` gets the
     /// answer's head once it is in, and whether the pool may keep the
     /// connection, or a `UpstreamExchangeStateMachine.Failure`. It may run
     /// before this returns. Must be called on the channel's event loop.
-    func ask(_ head: HTTPRequestHead, within timeout: TimeAmount, completion: @escaping Completion) {
+    func ask(_ request: ByteBuffer, within timeout: TimeAmount, completion: @escaping Completion) {
         guard let context, context.channel.isActive else {
             return completion(.failure(UpstreamExchangeStateMachine.Failure.closed))
-        }
-        var request = context.channel.allocator.buffer(capacity: 512)
-        guard UpstreamAnswerHead.writeRequest(uri: head.uri, headers: head.headers, into: &request) else {
-            return completion(.failure(UpstreamExchangeStateMachine.Failure.malformed))
         }
         switch machine.request() {
         case .send:
@@ -229,7 +225,7 @@ final class UpstreamExchangeHandler: ChannelInboundHandler {
             }
         }
         while true {
-            switch bytes.withUnsafeReadableBytes({ UpstreamAnswerHead.parse($0, limit: Self.headLimit) }) {
+            switch UpstreamAnswerHead.parse(bytes, limit: Self.headLimit) {
             case .incomplete:
                 partial = bytes
                 partialScanned = bytes.readableBytes
