@@ -11,7 +11,8 @@
 # ALLOCS=1: instead of sampling, counts glibc malloc calls through a uprobe
 # (perf probe, set up here) and prints allocations per request: a figure
 # this shared VM's noise does not move (the machine has no hardware
-# counters, and callgrind dies on the Swift runtime).
+# counters, and callgrind dies on the Swift runtime). ALLOCS=1 KEEP=FILE:
+# records each allocation's call graph into FILE instead.
 set -euo pipefail
 scenario=${1:?usage: $0 hit4k|manifest|digest|big|miss [BINARY]}
 binary=${2:-.build/release/cache-proxy}
@@ -58,7 +59,12 @@ t0=$(ticks)
 if [[ -n ${ALLOCS:-} ]]; then
   libc=$(ldd "$binary" | awk '/libc\.so/{print $3}')
   perf probe -l 2>/dev/null | grep -c 'probe_libc:malloc' > /dev/null || perf probe -q -x "$libc" malloc
-  perf stat -e probe_libc:malloc -x, -o "$work/stat.txt" -p "$pid" -- sleep "$seconds" &
+  if [[ -n ${KEEP:-} ]]; then
+    # With KEEP: where each allocation comes from (call graphs of the probe).
+    perf record -q -e probe_libc:malloc -g -p "$pid" -o "$KEEP" -- sleep "$seconds" > /dev/null 2>&1 &
+  else
+    perf stat -e probe_libc:malloc -x, -o "$work/stat.txt" -p "$pid" -- sleep "$seconds" &
+  fi
 else
   perf record -q -e cpu-clock -F 2000 -g -p "$pid" -o "$work/perf.data" -- sleep "$seconds" > /dev/null 2>&1 &
 fi
@@ -77,7 +83,11 @@ bytes=$(awk '/requests in/{v=$5; sub(/,$/,"",v); m=1; if (v ~ /GB$/) m=1e9; else
 echo "$scenario: $(awk -v t=$((t1 - t0)) -v b="$bytes" 'BEGIN{printf "%.3f", t/100/(b/1e9)}') CPU s per GB served"
 echo "$scenario: $requests requests, $(awk -v t=$((t1 - t0)) -v r="$requests" 'BEGIN{printf "%.1f", t*10000/r}') µs CPU per request (proxy, /proc ticks, perf attached)"
 if [[ -n ${ALLOCS:-} ]]; then
-  awk -F, -v r="$requests" '/malloc/{printf "allocations (malloc) per request: %.1f\n", $1/r}' "$work/stat.txt"
+  if [[ -n ${KEEP:-} ]]; then
+    echo "allocations (malloc) per request: $(perf report -i "$KEEP" --stdio 2>/dev/null | awk -v r="$requests" '/^# Event count/{printf "%.1f", $5/r}') (call graphs in $KEEP)"
+  else
+    awk -F, -v r="$requests" '/malloc/{printf "allocations (malloc) per request: %.1f\n", $1/r}' "$work/stat.txt"
+  fi
   exit 0
 fi
 # Kept before the reports: a `head` that closes a pipe early ends the script (pipefail).

@@ -153,10 +153,13 @@ final class HitFrontHandler: ChannelDuplexHandler, RemovableChannelHandler {
         // answer that came at once would find them.
         pending = Pending(request: bytes, after: after.readableBytes > 0 ? after : nil)
         timeouts.takenAhead()
-        let (hits, client, credentials, timeouts) = (hits, client, credentials, timeouts)
+        // The closures hold the handler (through its loop-bound box), not
+        // copies of what it holds: each capture is a retain per pull.
         let started = hits.resolve(lookup, context: context, answer: { reply, started in
-            hits.answerAhead(lookup, request: request, reply: reply, context: context, client: client,
-                             started: started, credentials: credentials, timeouts: timeouts)
+            let handler = loopBound.value
+            return handler.hits.answerAhead(lookup, request: request, reply: reply, context: context,
+                                            client: handler.client, started: started,
+                                            credentials: handler.credentials, timeouts: handler.timeouts)
         }) { handed in
             loopBound.value.lookedUp(handed: handed, context: context)
         }

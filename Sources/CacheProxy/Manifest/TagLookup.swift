@@ -58,11 +58,12 @@ struct TagLookup {
     init?(_ request: PlainGetHead, bytes: ByteBuffer, router: Router) {
         guard request.acceptCount <= 1,
               let (name, tag, upstream) = Self.route(method: .GET, uri: request.target, host: request.host,
-                                                     router: router),
-              upstream.authority.utf8.allSatisfy(UpstreamAnswerHead.isFieldByte)
+                                                     router: router)
         else { return nil }
+        let authority = upstream.authority  // made on each call
+        guard authority.utf8.allSatisfy(UpstreamAnswerHead.isFieldByte) else { return nil }
         var ask = ByteBuffer()
-        ask.reserveCapacity(96 + name.utf8.count + tag.utf8.count + upstream.authority.utf8.count
+        ask.reserveCapacity(96 + name.utf8.count + tag.utf8.count + authority.utf8.count
             + (request.authorization?.utf8.count ?? 0) + (request.userAgent?.count ?? 0)
             + (request.accept?.count ?? MediaType.manifestAccept.utf8.count))
         ask.writeStaticString("HEAD /v2/")
@@ -70,7 +71,7 @@ struct TagLookup {
         ask.writeStaticString("/manifests/")
         ask.writeString(tag)
         ask.writeStaticString(" HTTP/1.1\r\nhost: ")
-        ask.writeString(upstream.authority)
+        ask.writeString(authority)
         if let authorization = request.authorization {
             ask.writeStaticString("\r\nauthorization: ")
             ask.writeString(authorization)
@@ -123,6 +124,8 @@ extension CacheHitResponder {
         // Busy while the upstream is asked, as any request in progress;
         // marked first, as a failure may be handed on within `ask`.
         tracker.setIdle(channel, false)
+        // Only what it uses, not this whole responder, goes into the closure.
+        let (metrics, tracker) = (metrics, tracker)
         let asked = upstreams.ask(lookup.ask, to: lookup.upstream, on: context.eventLoop, within: answerWithin) {
             result in
             let handOff: TagResolver.Asked
