@@ -141,11 +141,14 @@ struct CacheHitResponder: Sendable {
         let channel = context.channel
         context.write(NIOAny(entry.responseHead), promise: nil)
         let written = context.writeAndFlush(NIOAny(entry.bytes))
-        timeouts.answeringAhead(written, bytes: entry.bytes.readableBytes, channel: channel)
+        timeouts.answeringAhead(bytes: entry.bytes.readableBytes, channel: channel)
         let hit = Hit(kind: kind, method: "GET", uri: request.target, host: request.host, upstream: upstream.host,
                       client: client, status: 200, sent: Int64(entry.bytes.readableBytes), started: started,
                       keepAlive: true)
-        written.assumeIsolated().whenComplete { finished(hit, result: $0, channel: channel) }
+        written.assumeIsolated().whenComplete { result in
+            timeouts.answeredAhead()
+            finished(hit, result: result, channel: channel)
+        }
     }
 
     /// A blob, or a manifest by digest of an upstream that caches manifests:
