@@ -141,7 +141,7 @@ struct CacheHitResponder: Sendable {
         let channel = context.channel
         context.write(NIOAny(entry.responseHead), promise: nil)
         let written = context.writeAndFlush(NIOAny(entry.bytes))
-        timeouts.answeringAhead(bytes: entry.bytes.readableBytes, channel: channel)
+        timeouts.answeringAhead(bytes: entry.bytes.readableBytes)
         let hit = Hit(kind: kind, method: "GET", uri: request.target, host: request.host, upstream: upstream.host,
                       client: client, status: 200, sent: Int64(entry.bytes.readableBytes), started: started,
                       keepAlive: true)
@@ -149,6 +149,7 @@ struct CacheHitResponder: Sendable {
             timeouts.answeredAhead()
             finished(hit, result: result, channel: channel)
         }
+        timeouts.flushedAhead(channel: channel)
     }
 
     /// A blob, or a manifest by digest of an upstream that caches manifests:

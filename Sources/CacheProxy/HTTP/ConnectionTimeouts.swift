@@ -205,25 +205,33 @@ final class ConnectionTimeoutsHandler: ChannelDuplexHandler, RemovableChannelHan
         arm()
     }
 
-    /// The answer to a request `takenAhead`, written and flushed: watched by
-    /// the send timeout until the write completes (`answeredAhead`, which
-    /// the caller calls from its own completion: one callback on the write,
-    /// not two, is two allocations less per hit), and the idle timer starts
-    /// after it.
-    func answeringAhead(bytes: Int, channel: any Channel) {
+    /// The answer to a request `takenAhead` is written and flushed, `bytes`
+    /// of it: watched by the send timeout until the write completes. Three
+    /// calls, in this order, where a future would be watched by a callback
+    /// of its own: the caller's one completion on the write calls
+    /// `answeredAhead` (a second callback cost a closure and the callback
+    /// list's storage per hit), and `flushedAhead` comes after it is
+    /// attached, so a write the socket took at once (its completion ran on
+    /// attaching) needs no look at the socket's queue.
+    func answeringAhead(bytes: Int) {
         machine.responseStarted()
         send.handedDown(bytes)
+    }
+
+    /// The write `answeringAhead` announced completed (or failed): the idle
+    /// timer starts. On the channel's event loop.
+    func answeredAhead() {
+        machine.responseFinished(now: .now())
+        arm()
+    }
+
+    /// After the completion is attached: starts the send watch if the
+    /// write is still out.
+    func flushedAhead(channel: any Channel) {
         if let context, send.flushed(queued: { Self.queuedBytes(channel) }, unfinished: machine.responding > 0,
                                      writable: channel.isWritable) {
             scheduleSendCheck(context)
         }
-    }
-
-    /// The write `answeringAhead` watched completed (or failed). On the
-    /// channel's event loop.
-    func answeredAhead() {
-        machine.responseFinished(now: .now())
-        arm()
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {

@@ -43,7 +43,8 @@ struct TagLookup {
         var ask = ByteBuffer()
         guard UpstreamAnswerHead.writeRequest(uri: "/v2/\(name)/manifests/\(tag)", headers: headers, into: &ask)
         else { return nil }
-        (self.name, self.tag, self.upstream, self.ask, self.credentials) = (name, tag, upstream, ask, headers)
+        (self.name, self.tag, self.upstream, self.ask) = (name, tag, upstream, ask)
+        self.credentials = HTTPHeaders(headers["authorization"].map { ("authorization", $0) })
     }
 
     /// The lookup for a `GET` the fast path read from the connection's bytes

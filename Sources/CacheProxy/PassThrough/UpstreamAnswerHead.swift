@@ -19,9 +19,10 @@ import NIOHTTP1
 struct UpstreamAnswerHead: Equatable {
     let version: HTTPVersion
     let status: HTTPResponseStatus
-    /// Whether the connection may carry another request: HTTP/1.1 unless a
-    /// `Connection` field says `close`, HTTP/1.0 only when one says
-    /// `keep-alive` (as NIO's `isKeepAlive` reads them).
+    /// Whether the connection may carry another request, as NIO's
+    /// `isKeepAlive` reads the `Connection` fields: never after a `close`
+    /// (or a `keep-alive` said twice), always after one `keep-alive`, and
+    /// otherwise for HTTP/1.1 only.
     let isKeepAlive: Bool
     /// The field lines, each ending in CRLF, as they came (checked by
     /// `parse`). Looked up by name when asked: a pull answered on the loop
@@ -146,13 +147,15 @@ struct UpstreamAnswerHead: Equatable {
         guard afterStatus > 0 else { return .malformed }
         index = afterStatus
         let fieldsStart = index
-        var (saysClose, saysKeepAlive) = (false, false)
+        var (closes, keepAlives) = (0, 0)
         while true {
             guard index < end else { return short() }
             if bytes[index] == 13 {
                 guard let after = lineEnd(bytes, at: index, end: end) else { return short() }
                 guard after > 0 else { return .malformed }
-                let keepAlive = minor == 1 ? !saysClose : saysKeepAlive
+                // NIO's reading: any `close`, or `keep-alive` said twice,
+                // closes; one `keep-alive` keeps; neither, the version decides.
+                let keepAlive = closes == 0 && keepAlives <= 1 && (keepAlives == 1 || minor == 1)
                 return .head(HTTPVersion(major: 1, minor: minor), HTTPResponseStatus(statusCode: code),
                              keepAlive: keepAlive, fields: fieldsStart..<index, length: after)
             }
@@ -169,8 +172,8 @@ struct UpstreamAnswerHead: Equatable {
             guard after > 0 else { return .malformed }
             if HTTPToken.equalsLowercased(UnsafeRawBufferPointer(rebasing: bytes[nameStart..<nameEnd]), "connection") {
                 connectionTokens(UnsafeRawBufferPointer(rebasing: bytes[valueStart..<index])) { token in
-                    if HTTPToken.equalsLowercased(token, "close") { saysClose = true }
-                    if HTTPToken.equalsLowercased(token, "keep-alive") { saysKeepAlive = true }
+                    if HTTPToken.equalsLowercased(token, "close") { closes += 1 }
+                    if HTTPToken.equalsLowercased(token, "keep-alive") { keepAlives += 1 }
                 }
             }
             index = after
