@@ -7,7 +7,9 @@
 # proxy, one after another against the same local distribution registry,
 # with the harness's load (wrk -t2 -c16, Accept of an OCI manifest).
 #   benchmarks/manifest_floor.sh [BINARY] [ROUNDS]
-# CPU: the server's processes' utime+stime from /proc over the wrk run.
+# CPU: the server's processes' utime+stime from /proc over the wrk run (and
+# the user part); context switches of all its threads; the origin's CPU per
+# request (a `HEAD` may cost the registry more or less than a `GET`).
 set -euo pipefail
 binary=${1:-.build/release/cache-proxy}
 rounds=${2:-3}
@@ -64,13 +66,14 @@ run() {  # name command...
   local body; body=$(curl -s -H "Accept: $mtype" "http://127.0.0.1:$port/v2/ab/manifests/latest" | sha256sum | cut -d' ' -f1)
   [[ "sha256:$body" == "$mdigest" ]] || { echo "$name: wrong manifest body" >&2; exit 1; }
   local pids=("$pid" $(pgrep -P "$pid" || true))
-  local t0; t0=$(ticks "${pids[@]}"); local c0; c0=$(switches "${pids[@]}"); local u0; u0=$(user_ticks "${pids[@]}")
+  local t0; t0=$(ticks "${pids[@]}"); local c0; c0=$(switches "${pids[@]}"); local u0; u0=$(user_ticks "${pids[@]}"); local o0; o0=$(ticks "$registry_pid")
   local out; out=$(wrk -t2 -c16 -d${seconds}s -H "Accept: $mtype" "http://127.0.0.1:$port/v2/ab/manifests/latest")
-  local t1; t1=$(ticks "${pids[@]}"); local c1; c1=$(switches "${pids[@]}"); local u1; u1=$(user_ticks "${pids[@]}")
+  local t1; t1=$(ticks "${pids[@]}"); local c1; c1=$(switches "${pids[@]}"); local u1; u1=$(user_ticks "${pids[@]}"); local o1; o1=$(ticks "$registry_pid")
   local requests; requests=$(awk '/requests in/{print $1}' <<<"$out")
-  printf '%-12s %7d requests  %6.1f µs CPU per request (%5.1f user)  %5.2f context switches per request\n' "$name" "$requests" \
+  printf '%-12s %7d requests  %6.1f µs CPU per request (%5.1f user)  %5.2f context switches per request  origin %4.0f µs\n' \
+    "$name" "$requests" \
     "$(awk -v t=$((t1 - t0)) -v r="$requests" 'BEGIN{print t*10000/r}')" "$(awk -v t=$((u1 - u0)) -v r="$requests" 'BEGIN{print t*10000/r}')" \
-    "$(awk -v c=$((c1 - c0)) -v r="$requests" 'BEGIN{print c/r}')"
+    "$(awk -v c=$((c1 - c0)) -v r="$requests" 'BEGIN{print c/r}')" "$(awk -v t=$((o1 - o0)) -v r="$requests" 'BEGIN{print t*10000/r}')"
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
   sleep 0.5
 }
