@@ -20,9 +20,13 @@ struct UpstreamAnswerHead: Equatable {
     let version: HTTPVersion
     let status: HTTPResponseStatus
     /// Whether the connection may carry another request, as NIO's
-    /// `isKeepAlive` reads the `Connection` fields: never after a `close`
-    /// (or a `keep-alive` said twice), always after one `keep-alive`, and
-    /// otherwise for HTTP/1.1 only.
+    /// `HTTPHeaders.isKeepAlive` reads the `Connection` fields' tokens (split
+    /// at commas, spaces and tabs trimmed, case ignored): never after a
+    /// `close` (or a `keep-alive` said twice), always after one
+    /// `keep-alive`, and otherwise for HTTP/1.1 only. (NIO splits at
+    /// characters, so a comma followed by a combining mark does not split
+    /// there; such a value, non-ASCII in a `Connection` field, may read
+    /// differently.)
     let isKeepAlive: Bool
     /// The field lines, each ending in CRLF, as they came (checked by
     /// `parse`). Looked up by name when asked: a pull answered on the loop
