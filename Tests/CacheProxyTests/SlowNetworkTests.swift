@@ -318,6 +318,56 @@ final class SlowNetworkTests: XCTestCase {
         try await loop.shutdownGracefully()
     }
 
+    func testACachedFileCutShortUnderAReaderEndsItsAnswerAtOnce() async throws {
+        // Something outside the proxy truncates a cached blob's file while
+        // a slow client reads it. `sendfile` then meets the file's end
+        // before the region's and sends nothing, and NIO tries again at
+        // every writable event: the loop spun, a core busy, until the send
+        // timeout (10 s here, a minute by default). The answer must end
+        // within a second or so instead (the client sees it short), and a
+        // new request for the blob gets it whole and right or visibly cut.
+        let (upstream, proxy, bytes, digest) = try await cachedBlob(
+            size: 16 << 20,
+            timeouts: "timeouts: {header_read: 5, idle: 20, request_body: 5, send: 10, upstream: 5, upstream_idle: 5, shutdown: 2}")
+        let file = proxy.server.store.path(for: try Digest(parsing: digest))
+        XCTAssertEqual((try FileManager.default.attributesOfItem(atPath: file)[.size] as? Int), bytes.count)
+        let reader = try RawSocket(port: proxy.port)
+        var size: Int32 = 64 << 10
+        setsockopt(reader.fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        XCTAssertTrue(reader.send("GET /v2/a/blobs/\(digest) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
+        XCTAssertTrue(reader.receiveHead().hasPrefix("HTTP/1.1 200"))
+        var received = reader.receive(limit: 1 << 20).count
+        XCTAssertGreaterThanOrEqual(received, 1 << 20)
+        XCTAssertEqual(truncate(file, 2 << 20), 0)
+        let cpuBefore = Self.processCPUSeconds()
+        let cut = Date()
+        while true {
+            let chunk = reader.receive(limit: 256 << 10)
+            if chunk.isEmpty { break }
+            received += chunk.count
+        }
+        let took = Date().timeIntervalSince(cut)
+        let cpu = Self.processCPUSeconds() - cpuBefore
+        XCTAssertLessThan(received, bytes.count, "the answer ends short")
+        XCTAssertLessThan(took, 3, "ended within a second or so, not at the send timeout")
+        XCTAssertLessThan(cpu, 3, "no longer than that spent spinning")
+        // Asked again: whole and right, or visibly cut; never short as if whole.
+        let again = try curl("\(proxy.base)/v2/a/blobs/\(digest)", ["--max-time", "10"])
+        if again.exit == 0 {
+            XCTAssertEqual(again.code, 200)
+            XCTAssertEqual(F.digest(of: [UInt8](again.body)), digest)
+        }
+        await stop(upstream, proxy)
+    }
+
+    /// This process's user and system CPU seconds so far.
+    static func processCPUSeconds() -> Double {
+        var usage = rusage()
+        getrusage(RUSAGE_SELF.rawValue, &usage)
+        return Double(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec)
+            + Double(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6
+    }
+
     // MARK: upstream stalls
 
     func testAnUpstreamPauseShorterThanTheIdleTimeoutIsWaitedFor() async throws {

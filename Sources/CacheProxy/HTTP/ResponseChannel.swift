@@ -141,7 +141,12 @@ struct ResponseChannel: Sendable {
             let index = Int((offset - firstCold) / Self.maxRegion)
             if index > 0, index < cachedAtFirstCold.count, cachedAtFirstCold[index], isResident(handle, offset..<end) {
                 let region = FileRegion(fileHandle: handle, readerIndex: Int(offset), endIndex: Int(end))
-                try await channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region)))
+                let channel = self.channel
+                try await channel.eventLoop.flatSubmit {
+                    let written = channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region)))
+                    CutFileWatch.watch(written, of: handle, reaching: end, on: channel)
+                    return written
+                }.get()
                 sent(Int(end - offset))
             } else {
                 coldReads?.increment(by: end - offset)
@@ -216,8 +221,8 @@ struct ResponseChannel: Sendable {
             let region = FileRegion(fileHandle: handle, readerIndex: Int(next), endIndex: Int(end))
             let eventLoop = responder.channel.eventLoop.assumeIsolated()
             var writing = true
-            responder.channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region)))
-                .assumeIsolated().whenComplete { [self] result in
+            let written = responder.channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region)))
+            written.assumeIsolated().whenComplete { [self] result in
                     switch result {
                     case .success:
                         responder.sent(region.readableBytes)
@@ -232,6 +237,60 @@ struct ResponseChannel: Sendable {
                     }
                 }
             writing = false
+            CutFileWatch.watch(written, of: handle, reaching: end, on: responder.channel)
+        }
+    }
+
+    /// Watches a file region while it is out: a file cut short under a send
+    /// (something outside the proxy truncated it; the proxy's own files
+    /// are written whole and renamed into place) makes `sendfile` meet the
+    /// file's end before the region's, send nothing and return, and NIO
+    /// tries again at every writable event: the loop would spin, a core
+    /// busy, until the send timeout (a minute by default). Every half
+    /// second while the region is out, the file's size is looked at
+    /// (`fstat`, no disk wait) and the connection closed once the file no
+    /// longer reaches the region's end: the client sees a short body. A
+    /// region written within its flush (most) costs a flag, no timer.
+    /// On the channel's event loop.
+    private final class CutFileWatch {
+        static let interval = TimeAmount.milliseconds(500)
+        let channel: any Channel
+        let handle: NIOFileHandle
+        let end: Int64
+        var done = false
+        var timer: Scheduled<Void>?
+
+        private init(channel: any Channel, handle: NIOFileHandle, end: Int64) {
+            self.channel = channel
+            self.handle = handle
+            self.end = end
+        }
+
+        static func watch(_ written: EventLoopFuture<Void>, of handle: NIOFileHandle, reaching end: Int64,
+                          on channel: any Channel) {
+            let watch = CutFileWatch(channel: channel, handle: handle, end: end)
+            written.assumeIsolated().whenComplete { _ in
+                watch.done = true
+                watch.timer?.cancel()
+            }
+            if !watch.done { watch.arm() }
+        }
+
+        private func arm() {
+            timer = channel.eventLoop.assumeIsolated().scheduleTask(in: Self.interval) { [self] in
+                timer = nil
+                guard !done else { return }
+                // The region's write still holds the descriptor open.
+                let size = try? handle.withUnsafeFileDescriptor { fd -> Int64 in
+                    var status = stat()
+                    return fstat(fd, &status) == 0 ? Int64(status.st_size) : -1
+                }
+                if let size, size >= 0, size < end {
+                    channel.close(promise: nil)
+                } else {
+                    arm()
+                }
+            }
         }
     }
 
@@ -308,8 +367,10 @@ struct ResponseChannel: Sendable {
         let channel = self.channel
         try await channel.eventLoop.flatSubmit {
             channel.write(HTTPServerResponsePart.head(head), promise: nil)
-            if !range.isEmpty { channel.write(HTTPServerResponsePart.body(.fileRegion(region)), promise: nil) }
-            return channel.writeAndFlush(HTTPServerResponsePart.end(nil))
+            let body = range.isEmpty ? nil : channel.write(HTTPServerResponsePart.body(.fileRegion(region)))
+            let ended = channel.writeAndFlush(HTTPServerResponsePart.end(nil))
+            if let body { CutFileWatch.watch(body, of: handle, reaching: range.upperBound, on: channel) }
+            return ended
         }.get()
         sent(range.count)
     }
