@@ -243,14 +243,17 @@ struct ResponseChannel: Sendable {
 
     /// Watches a file region while it is out: a file cut short under a send
     /// (something outside the proxy truncated it; the proxy's own files
-    /// are written whole and renamed into place) makes `sendfile` meet the
-    /// file's end before the region's, send nothing and return, and NIO
-    /// tries again at every writable event: the loop would spin, a core
-    /// busy, until the send timeout (a minute by default). Every half
-    /// second while the region is out, the file's size is looked at
-    /// (`fstat`, no disk wait) and the connection closed once the file no
-    /// longer reaches the region's end: the client sees a short body. A
-    /// region written within its flush (most) costs a flag, no timer.
+    /// are written whole and renamed into place, and only ever unlinked)
+    /// makes `sendfile` meet the file's end before the region's, send
+    /// nothing and return, and NIO tries again at every writable event: the
+    /// loop would spin, a core busy, until the send timeout (a minute by
+    /// default). Every half second while the region is out, the file's
+    /// size is looked at (`fstat`, no disk wait) and the connection reset
+    /// once the file no longer reaches the region's end (a reset, as
+    /// `abort` does: an answer without a length must not end as if whole).
+    /// A region written within its flush (a small one) costs an object and
+    /// a callback; one the socket takes in several goes (most 4 MiB
+    /// regions) also a timer, microseconds beside its `sendfile`s.
     /// On the channel's event loop.
     private final class CutFileWatch {
         static let interval = TimeAmount.milliseconds(500)
@@ -286,7 +289,7 @@ struct ResponseChannel: Sendable {
                     return fstat(fd, &status) == 0 ? Int64(status.st_size) : -1
                 }
                 if let size, size >= 0, size < end {
-                    channel.close(promise: nil)
+                    ResponseChannel.reset(channel)
                 } else {
                     arm()
                 }
@@ -393,7 +396,11 @@ struct ResponseChannel: Sendable {
     /// at the close, and only a reset tells it apart from a complete body.
     func abort() {
         record.withLockedValue { $0.aborted = true }
-        let channel = self.channel
+        Self.reset(channel)
+    }
+
+    /// Closes `channel` with a reset (`SO_LINGER` 0), not a `FIN`.
+    fileprivate static func reset(_ channel: any Channel) {
         guard let options = channel as? SocketOptionProvider else { return channel.close(promise: nil) }
         options.setSoLinger(linger(l_onoff: 1, l_linger: 0)).whenComplete { _ in
             channel.close(promise: nil)
