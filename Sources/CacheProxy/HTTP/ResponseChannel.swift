@@ -142,11 +142,7 @@ struct ResponseChannel: Sendable {
             if index > 0, index < cachedAtFirstCold.count, cachedAtFirstCold[index], isResident(handle, offset..<end) {
                 let region = FileRegion(fileHandle: handle, readerIndex: Int(offset), endIndex: Int(end))
                 let channel = self.channel
-                try await channel.eventLoop.flatSubmit {
-                    let written = channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region)))
-                    CutFileWatch.watch(written, of: handle, reaching: end, on: channel)
-                    return written
-                }.get()
+                try await channel.eventLoop.flatSubmit { CutFileWatch.send(region, on: channel) }.get()
                 sent(Int(end - offset))
             } else {
                 coldReads?.increment(by: end - offset)
@@ -221,23 +217,21 @@ struct ResponseChannel: Sendable {
             let region = FileRegion(fileHandle: handle, readerIndex: Int(next), endIndex: Int(end))
             let eventLoop = responder.channel.eventLoop.assumeIsolated()
             var writing = true
-            let written = responder.channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region)))
-            written.assumeIsolated().whenComplete { [self] result in
-                    switch result {
-                    case .success:
-                        responder.sent(region.readableBytes)
-                        next = end
-                        if writing {
-                            eventLoop.scheduleTask(in: Self.pause) { self.writeNext() }
-                        } else {
-                            eventLoop.execute { self.writeNext() }
-                        }
-                    case .failure(let error):
-                        stopped.fail(error)
+            CutFileWatch.send(region, on: responder.channel).assumeIsolated().whenComplete { [self] result in
+                switch result {
+                case .success:
+                    responder.sent(region.readableBytes)
+                    next = end
+                    if writing {
+                        eventLoop.scheduleTask(in: Self.pause) { self.writeNext() }
+                    } else {
+                        eventLoop.execute { self.writeNext() }
                     }
+                case .failure(let error):
+                    stopped.fail(error)
                 }
+            }
             writing = false
-            CutFileWatch.watch(written, of: handle, reaching: end, on: responder.channel)
         }
     }
 
@@ -258,20 +252,25 @@ struct ResponseChannel: Sendable {
     private final class CutFileWatch {
         static let interval = TimeAmount.milliseconds(500)
         let channel: any Channel
-        let handle: NIOFileHandle
-        let end: Int64
+        let region: FileRegion
         var done = false
         var timer: Scheduled<Void>?
 
-        private init(channel: any Channel, handle: NIOFileHandle, end: Int64) {
+        private init(channel: any Channel, region: FileRegion) {
             self.channel = channel
-            self.handle = handle
-            self.end = end
+            self.region = region
         }
 
-        static func watch(_ written: EventLoopFuture<Void>, of handle: NIOFileHandle, reaching end: Int64,
-                          on channel: any Channel) {
-            let watch = CutFileWatch(channel: channel, handle: handle, end: end)
+        /// Writes and flushes `region` as a body part, watched.
+        static func send(_ region: FileRegion, on channel: any Channel) -> EventLoopFuture<Void> {
+            let written = channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region)))
+            watch(written, region: region, on: channel)
+            return written
+        }
+
+        /// Watches `region`, written (and flushed) as `written`.
+        static func watch(_ written: EventLoopFuture<Void>, region: FileRegion, on channel: any Channel) {
+            let watch = CutFileWatch(channel: channel, region: region)
             written.assumeIsolated().whenComplete { _ in
                 watch.done = true
                 watch.timer?.cancel()
@@ -284,11 +283,11 @@ struct ResponseChannel: Sendable {
                 timer = nil
                 guard !done else { return }
                 // The region's write still holds the descriptor open.
-                let size = try? handle.withUnsafeFileDescriptor { fd -> Int64 in
+                let size = try? region.fileHandle.withUnsafeFileDescriptor { fd -> Int64 in
                     var status = stat()
                     return fstat(fd, &status) == 0 ? Int64(status.st_size) : -1
                 }
-                if let size, size >= 0, size < end {
+                if let size, size >= 0, size < region.endIndex {
                     ResponseChannel.reset(channel)
                 } else {
                     arm()
@@ -372,7 +371,7 @@ struct ResponseChannel: Sendable {
             channel.write(HTTPServerResponsePart.head(head), promise: nil)
             let body = range.isEmpty ? nil : channel.write(HTTPServerResponsePart.body(.fileRegion(region)))
             let ended = channel.writeAndFlush(HTTPServerResponsePart.end(nil))
-            if let body { CutFileWatch.watch(body, of: handle, reaching: range.upperBound, on: channel) }
+            if let body { CutFileWatch.watch(body, region: region, on: channel) }
             return ended
         }.get()
         sent(range.count)

@@ -44,16 +44,7 @@ struct UpstreamAnswerHead: Equatable {
 
     /// The head at the start of `buffer`'s readable bytes.
     static func parse(_ buffer: ByteBuffer, limit: Int) -> Parsed {
-        buffer.withUnsafeReadableBytes { bytes in
-            switch parse(bytes, limit: limit) {
-            case .incomplete: return .incomplete
-            case .malformed: return .malformed
-            case .head(let version, let status, let keepAlive, let fields, let length):
-                let lines = buffer.getSlice(at: buffer.readerIndex + fields.lowerBound, length: fields.count)
-                return .head(UpstreamAnswerHead(version: version, status: status, isKeepAlive: keepAlive,
-                                                fields: lines ?? ByteBuffer()), length: length)
-            }
-        }
+        buffer.withUnsafeReadableBytes { parse($0, of: buffer, limit: limit) }
     }
 
     /// The first field named `name` (a lower-case literal; names compare
@@ -104,18 +95,13 @@ struct UpstreamAnswerHead: Equatable {
         }
     }
 
-    /// What `parse` found, as offsets into the bytes it read.
-    private enum Found {
-        case head(HTTPVersion, HTTPResponseStatus, keepAlive: Bool, fields: Range<Int>, length: Int)
-        case incomplete
-        case malformed
-    }
-
-    private static func parse(_ bytes: UnsafeRawBufferPointer, limit: Int) -> Found {
+    /// `bytes`: `buffer`'s readable bytes, which the field lines are
+    /// sliced from (a reference, no copy).
+    private static func parse(_ bytes: UnsafeRawBufferPointer, of buffer: ByteBuffer, limit: Int) -> Parsed {
         // Where the bytes end or the limit is reached, whichever is first:
         // running out there is `incomplete`, or past the limit `malformed`.
         let end = min(bytes.count, limit)
-        func short() -> Found { bytes.count >= limit ? .malformed : .incomplete }
+        func short() -> Parsed { bytes.count >= limit ? .malformed : .incomplete }
         let prefix = "HTTP/1.".utf8
         guard end >= prefix.count + 5 else {
             // Whatever came must at least start like a status line.
@@ -160,8 +146,10 @@ struct UpstreamAnswerHead: Equatable {
                 // NIO's reading: any `close`, or `keep-alive` said twice,
                 // closes; one `keep-alive` keeps; neither, the version decides.
                 let keepAlive = closes == 0 && keepAlives <= 1 && (keepAlives == 1 || minor == 1)
-                return .head(HTTPVersion(major: 1, minor: minor), HTTPResponseStatus(statusCode: code),
-                             keepAlive: keepAlive, fields: fieldsStart..<index, length: after)
+                let lines = buffer.getSlice(at: buffer.readerIndex + fieldsStart, length: index - fieldsStart)
+                return .head(UpstreamAnswerHead(version: HTTPVersion(major: 1, minor: minor),
+                                                status: HTTPResponseStatus(statusCode: code), isKeepAlive: keepAlive,
+                                                fields: lines ?? ByteBuffer()), length: after)
             }
             let nameStart = index
             while index < end, HTTPToken.isCharacter(bytes[index]) { index += 1 }
