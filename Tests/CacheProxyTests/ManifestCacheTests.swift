@@ -79,8 +79,12 @@ final class ManifestCacheTests: XCTestCase {
         XCTAssertGreaterThanOrEqual(registry.requests("HEAD", "/manifests/v1"), 2, "each pull asked for the tag")
         XCTAssertGreaterThanOrEqual(try proxy.metric("cacheproxy_manifest_hits_total"), 1)
         XCTAssertEqual(try proxy.metric("cacheproxy_manifest_misses_total"), 1)
+        // The second pull named the first's manifest in `If-None-Match`, and
+        // distribution answered 304 (without reading the manifest again).
         XCTAssertGreaterThanOrEqual(
-            try proxy.metric(#"cacheproxy_upstream_requests_total{upstream="127.0.0.1",method="HEAD",code="200"}"#), 2)
+            try proxy.metric(#"cacheproxy_upstream_requests_total{upstream="127.0.0.1",method="HEAD",code="200"}"#), 1)
+        XCTAssertGreaterThanOrEqual(
+            try proxy.metric(#"cacheproxy_upstream_requests_total{upstream="127.0.0.1",method="HEAD",code="304"}"#), 1)
         // A cached manifest by digest answers with the upstream's media type.
         let byDigest = try curl("\(proxy.base)/v2/test/app/manifests/\(first.manifest)", method: "HEAD")
         XCTAssertEqual(byDigest.code, 200)
@@ -296,6 +300,19 @@ final class ManifestCacheTests: XCTestCase {
         XCTAssertEqual(table.candidates(key, accept: ["application/vnd.oci.image.index.v1+json;q=0, */*"]).first, single)
         XCTAssertNil(table.candidates(key, accept: ["application/vnd.docker.distribution.manifest.v1+prettyjws"]).first)
         XCTAssertEqual(table.candidates(key, accept: []).first, index)
+        // What a pull by tag expects is the first candidate, both ways of
+        // matching `Accept` (a client's bytes, or its fields).
+        for accept in [containerd, ["application/vnd.docker.distribution.manifest.v2+json"],
+                       ["application/vnd.oci.image.index.v1+json;q=0, */*"], ["application/vnd.oci.image.index.v1+json;Q=0.000"],
+                       ["application/vnd.docker.distribution.manifest.v1+prettyjws"], ["application/*"],
+                       ["application/vnd.oci.image.index.v1+json;q=0.5"]] {
+            let first = table.candidates(key, accept: accept).first
+            XCTAssertEqual(table.expected(key) { $0.isAccepted(by: accept) }, first, "\(accept)")
+            var field = accept[0]
+            XCTAssertEqual(field.withUTF8 { raw in table.expected(key) { $0.isAccepted(byField: UnsafeRawBufferPointer(raw)) } },
+                           first, "\(accept)")
+        }
+        XCTAssertNil(table.expected(TagTable.Key(upstream: "u", repository: "lib/app", tag: "v2")) { _ in true })
         // Clients taking turns with the same digests are no news to write.
         XCTAssertNotNil(table.snapshot())
         table.record(key, digest: index.digest, mediaType: index.mediaType)

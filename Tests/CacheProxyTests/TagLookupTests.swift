@@ -163,16 +163,26 @@ final class TagLookupTests: XCTestCase {
                 + "User-Agent: containerd/2.0 (x)\t\r\nAuthorization: Bearer a,b \r\nX-Other: 1\r\n\r\n",
             "GET /v2/lib/app/manifests/latest?ns=h HTTP/1.1\r\nHost: h\r\nauthorization:Basic eA==\r\nACCEPT:\t*/*\r\n\r\n",
         ]
-        for text in heads {
+        // With a manifest remembered for both tags, each way names it in
+        // `If-None-Match`, unless the client does not take its type.
+        let remembered = TagTable()
+        let index = try Digest(parsing: "sha256:" + String(repeating: "1", count: 64))
+        for tag in ["v1.2", "latest"] {
+            remembered.record(TagTable.Key(upstream: "h", repository: "lib/app", tag: tag), digest: index,
+                              mediaType: try XCTUnwrap(MediaType("application/vnd.oci.image.index.v1+json")))
+        }
+        let refusing = "GET /v2/lib/app/manifests/latest HTTP/1.1\r\nHost: h\r\n"
+            + "Accept: application/vnd.oci.image.index.v1+json;q=0, */*\r\n\r\n"
+        for (text, tags) in heads.map({ ($0, nil) }) + (heads + [refusing]).map({ ($0, remembered) }) {
             let bytes = ByteBuffer(string: text)
             let plain = try XCTUnwrap(bytes.withUnsafeReadableBytes { PlainGetHead.parse($0, limit: 4096) }, text)
-            let fromBytes = try XCTUnwrap(TagLookup(plain.head, bytes: bytes, router: router))
+            let fromBytes = try XCTUnwrap(TagLookup(plain.head, bytes: bytes, router: router, tags: tags))
             let channel = EmbeddedChannel(handler: ByteToMessageHandler(HTTPRequestDecoder()))
             try channel.writeInbound(bytes)
             guard case .head(let decoded)? = try channel.readInbound(as: HTTPServerRequestPart.self) else {
                 return XCTFail("NIO read no head from \(text.debugDescription)")
             }
-            let viaDecoder = try XCTUnwrap(TagLookup(decoded, router: router))
+            let viaDecoder = try XCTUnwrap(TagLookup(decoded, router: router, tags: tags))
             let (bytesWay, decoderWay) = (lines(fromBytes.ask), lines(viaDecoder.ask))
             XCTAssertEqual(bytesWay.line, "HEAD \(decoded.uri.prefix { $0 != "?" }) HTTP/1.1")
             XCTAssertEqual(bytesWay.line, decoderWay.line)
@@ -180,7 +190,82 @@ final class TagLookupTests: XCTestCase {
             XCTAssertTrue(bytesWay.fields.contains { $0.hasPrefix("accept: ") }, "an Accept always")
             XCTAssertEqual(fromBytes.credentials["authorization"], viaDecoder.credentials["authorization"])
             XCTAssertEqual(fromBytes.key, viaDecoder.key)
+            let expects = tags != nil && text != refusing
+            XCTAssertEqual(bytesWay.fields.filter { $0.hasPrefix("if-none-match: ") },
+                           expects ? ["if-none-match: \"\(index)\""] : [], text.debugDescription)
+            XCTAssertEqual(fromBytes.expected?.digest, expects ? index : nil)
+            XCTAssertEqual(viaDecoder.expected?.digest, expects ? index : nil)
         }
+        // A client's `HEAD` is answered with the upstream's own headers,
+        // which a 304 does not carry: it expects nothing.
+        let channel = EmbeddedChannel(handler: ByteToMessageHandler(HTTPRequestDecoder()))
+        try channel.writeInbound(ByteBuffer(string: "HEAD /v2/lib/app/manifests/latest HTTP/1.1\r\nHost: h\r\n\r\n"))
+        guard case .head(let head)? = try channel.readInbound(as: HTTPServerRequestPart.self) else {
+            return XCTFail("NIO read no head")
+        }
+        let lookup = try XCTUnwrap(TagLookup(head, router: router, tags: remembered))
+        XCTAssertNil(lookup.expected)
+        XCTAssertFalse(String(buffer: lookup.ask).contains("if-none-match"))
+    }
+
+    /// A pull by tag names the manifest the tag named last in its `HEAD`'s
+    /// `If-None-Match`; the upstream's 304 is then answered with that
+    /// manifest, from memory, both ways (from the bytes, and through the
+    /// decoder for a client with two `Accept` fields). Nothing is expected
+    /// of a client that does not take the remembered type, nor of a
+    /// `HEAD`; a 304 naming another digest is not believed: the request
+    /// goes to the upstream as it came.
+    func testATagPullExpectsItsLastManifestAndBelievesA304OnlyForIt() async throws {
+        let fake = ManifestCacheTests.FakeRegistry()
+        let other = "sha256:" + String(repeating: "3", count: 64)
+        let lying = NIOLockedValueBox(false)
+        let upstream = try await FakeUpstream { head in
+            if head.method == .HEAD, head.uri == "/v2/lib/app/manifests/latest",
+               let expected = head.headers.first(name: "if-none-match") {
+                if lying.withLockedValue({ $0 }) {
+                    return .init(status: .notModified, headers: ["docker-content-digest": other])
+                }
+                if expected == "\"\(fake.digest)\"" { return .init(status: .notModified) }
+            }
+            return fake.reply(head)
+        }
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port))
+        let url = "\(proxy.base)/v2/lib/app/manifests/latest"
+        func heads() -> [FakeUpstream.Seen] {
+            upstream.requests.filter { $0.method == .HEAD && $0.uri == "/v2/lib/app/manifests/latest" }
+        }
+        let oci = ["-H", "Accept: application/vnd.oci.image.manifest.v1+json"]
+        for accept in [oci, oci, oci, oci + ["-H", "Accept: */*"]] {
+            let pull = try curl(url, accept)
+            XCTAssertEqual(pull.code, 200)
+            XCTAssertEqual(pull.body, fake.manifest)
+        }
+        let (_, head) = try shell("curl", ["-s", "-D", "-", "-o", "/dev/null"] + oci + [url])
+        XCTAssertTrue(head.lowercased().contains("docker-content-digest: \(fake.digest)"), head)
+        XCTAssertTrue(head.lowercased().contains("content-type: application/vnd.oci.image.manifest.v1+json"), head)
+        let expected = heads().map { $0.headers.first(name: "if-none-match") }
+        XCTAssertEqual(expected, [nil] + Array(repeating: "\"\(fake.digest)\"", count: 4),
+                       "nothing expected before the first answer, the last manifest after it")
+        XCTAssertEqual(try proxy.metric(#"cacheproxy_upstream_requests_total{upstream="127.0.0.1",method="HEAD",code="304"}"#), 4)
+        XCTAssertGreaterThanOrEqual(try proxy.metric("cacheproxy_tag_pulls_on_loop_total"), 3)
+        XCTAssertEqual(upstream.gets.filter { $0.uri.contains("/manifests/") }.count, 1, "one fill, then 304s")
+
+        // A client that does not take the type, and a HEAD: nothing expected.
+        _ = try curl(url, ["-H", "Accept: application/vnd.docker.distribution.manifest.v1+prettyjws"])
+        XCTAssertEqual(try curl(url, oci + ["-I"]).code, 200)
+        XCTAssertEqual(heads().suffix(2).map { $0.headers.first(name: "if-none-match") }, [nil, nil])
+
+        // A 304 that names another manifest: the client's GET goes on as it
+        // came, and gets the upstream's own answer.
+        lying.withLockedValue { $0 = true }
+        let gets = upstream.gets.count
+        let pull = try curl(url, oci)
+        XCTAssertEqual(pull.code, 200)
+        XCTAssertEqual(pull.body, fake.manifest)
+        XCTAssertEqual(upstream.gets.count, gets + 1, "passed through, not answered from the 304")
+        XCTAssertEqual(upstream.gets.last?.uri, "/v2/lib/app/manifests/latest")
+        await proxy.stop()
+        await upstream.stop()
     }
 
     /// The exchange handler over those bytes: a head cut across reads, an

@@ -10,6 +10,10 @@ import Glibc
 /// served as `application/octet-stream` is not an image to them.
 struct MediaType: Sendable, Equatable {
     let value: String
+    /// The type without parameters, lower-cased: what `Accept` is matched
+    /// on. Made once: a tag pull matches it against the client's `Accept`
+    /// and the tag table's entries each time.
+    let essence: String
 
     /// Only a plain token (`type/subtype`, parameters allowed) of visible
     /// ASCII: the value is sent back as a header, and a tampered folder or
@@ -20,21 +24,19 @@ struct MediaType: Sendable, Equatable {
     /// character-set machinery cost ~5% of that path's CPU.
     init?(_ text: String) {
         let bytes = text.utf8
-        func isBlank(_ byte: UInt8) -> Bool { byte == 0x20 || byte == 0x09 }
-        guard let first = bytes.firstIndex(where: { !isBlank($0) }),
-              let last = bytes.lastIndex(where: { !isBlank($0) }) else { return nil }
+        guard let first = bytes.firstIndex(where: { !Self.isBlank($0) }),
+              let last = bytes.lastIndex(where: { !Self.isBlank($0) }) else { return nil }
         let trimmed = bytes[first...last]
         guard trimmed.count <= 255, trimmed.contains(UInt8(ascii: "/")),
               trimmed.allSatisfy({ $0 >= 0x20 && $0 < 0x7f }) else { return nil }
         value = first == bytes.startIndex && last == bytes.index(before: bytes.endIndex)
             ? text : String(Substring(trimmed))
+        let type = trimmed.prefix { $0 != UInt8(ascii: ";") }
+        let end = type.lastIndex { !Self.isBlank($0) } ?? type.startIndex
+        essence = String(decoding: type[...end].map(HTTPToken.lowercased), as: UTF8.self)
     }
 
-    /// The type without parameters, lower-cased: what `Accept` is matched on.
-    var essence: String {
-        let type = value.split(separator: ";", maxSplits: 1).first ?? Substring(value)
-        return type.trimmingCharacters(in: .whitespaces).lowercased()
-    }
+    private static func isBlank(_ byte: UInt8) -> Bool { byte == 0x20 || byte == 0x09 }
 
     /// An index (OCI) or manifest list (Docker): many platforms.
     var isIndex: Bool {
@@ -46,25 +48,69 @@ struct MediaType: Sendable, Equatable {
     /// names only other types (an old Docker asking for schema 1) must not
     /// get an index it cannot parse from the offline table.
     func isAccepted(by accept: [String]) -> Bool {
-        // Each range without its parameters; the type itself with `q=0` is
-        // a "not this", whatever a wildcard says.
-        var named = false
-        var refused = false
-        let essence = self.essence
-        let ranges = accept.flatMap { $0.split(separator: ",") }.compactMap { range -> String? in
-            let parts = range.split(separator: ";").map { $0.trimmingCharacters(in: .whitespaces).lowercased() }
-            guard let type = parts.first, !type.isEmpty else { return nil }
-            named = true
-            guard !parts.dropFirst().contains(where: { $0.hasPrefix("q=") && Double($0.dropFirst(2)) == 0 }) else {
-                if type == essence { refused = true }
-                return nil
-            }
-            return type
+        var verdict = AcceptVerdict()
+        for field in accept {
+            var field = field
+            field.withUTF8 { verdict.read(UnsafeRawBufferPointer($0), for: self) }
         }
-        guard named else { return true }
-        guard !refused else { return false }
-        let major = essence.split(separator: "/").first.map(String.init) ?? essence
-        return ranges.contains { $0 == "*/*" || $0 == essence || $0 == major + "/*" }
+        return verdict.accepted
+    }
+
+    /// The same for one `Accept` field as the client's bytes (a pull by tag
+    /// read from them, `TagLookup`): no `String` per range.
+    func isAccepted(byField field: UnsafeRawBufferPointer) -> Bool {
+        var verdict = AcceptVerdict()
+        verdict.read(field, for: self)
+        return verdict.accepted
+    }
+
+    /// `Accept` ranges read against one type, field after field: each
+    /// range without its parameters; the type itself with `q=0` is a "not
+    /// this", whatever a wildcard says.
+    private struct AcceptVerdict {
+        private var named = false
+        private var refused = false
+        private var matched = false
+
+        var accepted: Bool { !named || (!refused && matched) }
+
+        mutating func read(_ field: UnsafeRawBufferPointer, for type: MediaType) {
+            for range in field.split(separator: UInt8(ascii: ","), omittingEmptySubsequences: false) {
+                var parts = range.split(separator: UInt8(ascii: ";"), omittingEmptySubsequences: false)
+                    .makeIterator()
+                guard let name = parts.next().map(MediaType.trimmed), !name.isEmpty else { continue }
+                named = true
+                let essence = type.essence.utf8
+                let isSelf = HTTPToken.equalsLowercased(name, essence)
+                if parts.contains(where: { MediaType.isZeroWeight(MediaType.trimmed($0)) }) {
+                    if isSelf { refused = true }
+                    continue
+                }
+                if isSelf || HTTPToken.equalsLowercased(name, "*/*".utf8) {
+                    matched = true
+                } else if name.count >= 2, name.last == UInt8(ascii: "*"),
+                          let slash = essence.firstIndex(of: UInt8(ascii: "/")),
+                          HTTPToken.equalsLowercased(name.dropLast(), essence[...slash]) {
+                    matched = true  // `type/*`
+                }
+            }
+        }
+    }
+
+    private static func trimmed(_ bytes: Slice<UnsafeRawBufferPointer>) -> Slice<UnsafeRawBufferPointer> {
+        guard let first = bytes.firstIndex(where: { !isBlank($0) }),
+              let last = bytes.lastIndex(where: { !isBlank($0) }) else { return bytes[bytes.endIndex...] }
+        return bytes[first...last]
+    }
+
+    /// `q=0`, `q=0.`, `q=0.000` (RFC 9110's qvalue of nothing).
+    private static func isZeroWeight(_ parameter: Slice<UnsafeRawBufferPointer>) -> Bool {
+        guard parameter.count >= 3, HTTPToken.lowercased(parameter[parameter.startIndex]) == UInt8(ascii: "q"),
+              parameter[parameter.startIndex + 1] == UInt8(ascii: "=") else { return false }
+        let weight = parameter.dropFirst(2)
+        return weight.first == UInt8(ascii: "0")
+            && (weight.count == 1 || (weight.dropFirst().first == UInt8(ascii: ".")
+                && weight.dropFirst(2).allSatisfy { $0 == UInt8(ascii: "0") }))
     }
 
     /// The media type of the cached manifest open at `fd`: the one stored

@@ -13,17 +13,23 @@ enum HTTPToken {
         }
     }
 
+    /// An ASCII letter in lower case; any other byte as it is.
+    @inline(__always)
+    static func lowercased(_ byte: UInt8) -> UInt8 {
+        byte >= UInt8(ascii: "A") && byte <= UInt8(ascii: "Z") ? byte | 0x20 : byte
+    }
+
     /// Whether ASCII `bytes`, lower-cased, equal `lower` (a lower-case
     /// literal): a header name compared as HTTP compares them.
     static func equalsLowercased(_ bytes: UnsafeRawBufferPointer, _ lower: StaticString) -> Bool {
         guard bytes.count == lower.utf8CodeUnitCount else { return false }
-        return lower.withUTF8Buffer { expected in
-            for index in 0..<bytes.count {
-                let byte = bytes[index]
-                let folded = byte >= UInt8(ascii: "A") && byte <= UInt8(ascii: "Z") ? byte | 0x20 : byte
-                guard folded == expected[index] else { return false }
-            }
-            return true
-        }
+        return lower.withUTF8Buffer { equalsLowercased(bytes, $0) }
+    }
+
+    /// The same against any lower-case bytes (a media type's essence).
+    static func equalsLowercased<Bytes: Collection<UInt8>, Lower: Collection<UInt8>>(_ bytes: Bytes, _ lower: Lower)
+        -> Bool {
+        guard bytes.count == lower.count else { return false }
+        return zip(bytes, lower).allSatisfy { lowercased($0) == $1 }
     }
 }

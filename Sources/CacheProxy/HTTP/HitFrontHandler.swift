@@ -146,7 +146,7 @@ final class HitFrontHandler: ChannelDuplexHandler, RemovableChannelHandler {
         // A digest has a colon and a tag cannot: a blob or manifest by
         // digest that was not answered above is not looked at again.
         guard !request.target.containsByte(UInt8(ascii: ":")),
-              let lookup = TagLookup(request, bytes: bytes, router: hits.live.router)
+              let lookup = TagLookup(request, bytes: bytes, router: hits.live.router, tags: hits.tags)
         else { return false }
         let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
         // Set before the lookup starts, the rest of the read included: an

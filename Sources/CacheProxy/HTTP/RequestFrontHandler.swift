@@ -82,7 +82,7 @@ final class RequestFrontHandler: ChannelInboundHandler, RemovableChannelHandler 
                     return
                 }
                 consuming = false
-                if let lookup = TagLookup(head, router: router), resolve(lookup, head: head, context: context) {
+                if let lookup = TagLookup(head, router: router, tags: hits.tags), resolve(lookup, head: head, context: context) {
                     return
                 }
                 if head.headers.contains(name: "expect") {

