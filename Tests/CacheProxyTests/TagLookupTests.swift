@@ -265,6 +265,27 @@ final class TagLookupTests: XCTestCase {
         XCTAssertEqual(upstream.gets.count, gets + 1, "passed through, not answered from the 304")
         XCTAssertEqual(upstream.gets.last?.uri, "/v2/lib/app/manifests/latest")
         await proxy.stop()
+
+        // The async side's own `HEAD` (an upstream with an account of the
+        // proxy's, which the loop does not ask) expects the same way.
+        lying.withLockedValue { $0 = false }
+        let secret = try makeTemporaryFolder("secret") + "/password"
+        try "p\n".write(toFile: secret, atomically: true, encoding: .utf8)
+        let account = try await TestProxy(upstreamsYAML: """
+              - {host: "127.0.0.1", registry: "127.0.0.1", port: \(upstream.port), schema: http,
+                 username: u, password_file: "\(secret)"}
+            """)
+        let before = heads().count
+        for _ in 0..<3 {
+            let pull = try curl("\(account.base)/v2/lib/app/manifests/latest", oci)
+            XCTAssertEqual(pull.code, 200)
+            XCTAssertEqual(pull.body, fake.manifest)
+        }
+        XCTAssertEqual(heads().dropFirst(before).map { $0.headers.first(name: "if-none-match") },
+                       [nil] + Array(repeating: "\"\(fake.digest)\"", count: 2))
+        XCTAssertEqual(try account.metric(#"cacheproxy_upstream_requests_total{upstream="127.0.0.1",method="HEAD",code="304"}"#), 2)
+        XCTAssertEqual(try account.metric("cacheproxy_tag_pulls_on_loop_total"), 0, "the async side's own")
+        await account.stop()
         await upstream.stop()
     }
 

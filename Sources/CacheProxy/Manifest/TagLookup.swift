@@ -54,7 +54,7 @@ struct TagLookup {
                 $0.isAccepted(by: accept)
             }
             : nil
-        if let expected { headers.add(name: "if-none-match", value: "\"\(expected.digest)\"") }
+        if let expected { headers.add(name: "if-none-match", value: expected.entityTag) }
         var ask = ByteBuffer()
         guard UpstreamAnswerHead.writeRequest(uri: "/v2/\(name)/manifests/\(tag)", headers: headers, into: &ask)
         else { return nil }
@@ -112,9 +112,8 @@ struct TagLookup {
             }
         }
         if let expected {
-            ask.writeStaticString("\r\nif-none-match: \"")
-            ask.writeString(expected.digest.description)
-            ask.writeStaticString("\"")
+            ask.writeStaticString("\r\nif-none-match: ")
+            ask.writeString(expected.entityTag)
         }
         ask.writeStaticString("\r\n\r\n")
         self.expected = expected
@@ -138,11 +137,9 @@ struct TagLookup {
             else { return nil }
             return (digest, reply.first(name: "content-type").flatMap(MediaType.init))
         case .notModified:
-            guard let expected else { return nil }
-            if let said = reply.first(name: "docker-content-digest"),
-               (try? Digest(parsing: Substring(said))) != expected.digest {
-                return nil
-            }
+            guard let expected,
+                  expected.isConfirmed(by: reply.status, digestField: reply.first(name: "docker-content-digest"))
+            else { return nil }
             return (expected.digest, expected.mediaType)
         default:
             return nil
@@ -154,12 +151,10 @@ struct TagLookup {
     /// `If-None-Match` becomes the 200 it stands for, naming the expected
     /// manifest and its type.
     func handOff(_ reply: UpstreamAnswerHead) -> TagResolver.Asked {
-        guard reply.status == .notModified, let (digest, mediaType) = named(by: reply) else {
+        guard reply.status == .notModified, let expected, named(by: reply) != nil else {
             return .answered(reply.status, reply.headers)
         }
-        var headers = HTTPHeaders([("docker-content-digest", digest.description)])
-        if let mediaType { headers.add(name: "content-type", value: mediaType.value) }
-        return .answered(.ok, headers)
+        return .answered(.ok, expected.namedHeaders)
     }
 
     /// The repository, tag and upstream of a pull by tag the loop can ask

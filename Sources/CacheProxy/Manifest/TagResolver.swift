@@ -14,6 +14,11 @@ import ProxyMetrics
 /// when there, else fetched by digest through the one fill path, which
 /// verifies it. When the upstream cannot answer, the tag's last digest is
 /// served to a client the upstream allowed before (`offline: serve`).
+///
+/// A `GET` names the manifest the tag named last in the `HEAD`'s
+/// `If-None-Match` (`TagTable.expected`, as `TagLookup` does on the loop):
+/// the upstream's 304 then stands for the 200 naming it, and costs the
+/// registry less (distribution skips reading the manifest).
 struct TagResolver: Sendable {
     let blobs: BlobResponder
     let tags: TagTable
@@ -65,6 +70,10 @@ struct TagResolver: Sendable {
             var ask = HTTPClientRequest(url: "\(upstream.origin)/v2/\(request.name)/manifests/\(request.tag)")
             ask.method = .HEAD
             ask.headers = BlobResponder.upstreamHeaders(request.head.headers, kind: .manifest)
+            let accept = ask.headers["accept"]
+            let expected = request.head.method == .GET
+                ? tags.expected(request.key) { $0.isAccepted(by: accept) } : nil
+            if let expected { ask.headers.add(name: "if-none-match", value: expected.entityTag) }
             let answer: HTTPClientResponse
             do {
                 answer = try await client.send(ask, to: upstream)
@@ -73,7 +82,12 @@ struct TagResolver: Sendable {
                 return try await unreachable(request, error: error, response: response)
             }
             metrics.upstreamAnswered(upstream, method: .HEAD, response: answer)
-            (status, headers) = (answer.status, answer.headers)
+            if let expected,
+               expected.isConfirmed(by: answer.status, digestField: answer.headers.first(name: "docker-content-digest")) {
+                (status, headers) = (.ok, expected.namedHeaders)
+            } else {
+                (status, headers) = (answer.status, answer.headers)
+            }
         }
         switch status.code {
         case 200:

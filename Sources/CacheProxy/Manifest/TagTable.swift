@@ -1,4 +1,5 @@
 import NIOConcurrencyHelpers
+import NIOHTTP1
 
 /// The last digests the upstream named for each tag: what a pull by tag is
 /// answered from while the upstream cannot be asked (DESIGN.md, Offline
@@ -19,6 +20,25 @@ public final class TagTable: Sendable {
     struct Entry: Equatable, Sendable {
         let digest: Digest
         let mediaType: MediaType
+
+        /// `If-None-Match` naming this manifest, for a tag's `HEAD` that
+        /// expects it (`TagLookup.expected`).
+        var entityTag: String { "\"\(digest)\"" }
+
+        /// Whether the upstream's answer to a `HEAD` that expected this
+        /// manifest says the tag still names it: a 304, unless it names
+        /// another digest (contradicting itself, it is not believed).
+        func isConfirmed(by status: HTTPResponseStatus, digestField: String?) -> Bool {
+            guard status == .notModified else { return false }
+            guard let digestField else { return true }
+            return (try? Digest(parsing: Substring(digestField))) == digest
+        }
+
+        /// What a 200 naming this manifest would have said of it: the
+        /// answer the async side takes for a confirming 304.
+        var namedHeaders: HTTPHeaders {
+            HTTPHeaders([("docker-content-digest", digest.description), ("content-type", mediaType.value)])
+        }
     }
 
     /// One tag and its entries, as saved and loaded.
