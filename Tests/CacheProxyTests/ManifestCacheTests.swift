@@ -300,17 +300,22 @@ final class ManifestCacheTests: XCTestCase {
         XCTAssertEqual(table.candidates(key, accept: ["application/vnd.oci.image.index.v1+json;q=0, */*"]).first, single)
         XCTAssertNil(table.candidates(key, accept: ["application/vnd.docker.distribution.manifest.v1+prettyjws"]).first)
         XCTAssertEqual(table.candidates(key, accept: []).first, index)
-        // What a pull by tag expects is the first candidate, both ways of
-        // matching `Accept` (a client's bytes, or its fields).
-        for accept in [containerd, ["application/vnd.docker.distribution.manifest.v2+json"],
-                       ["application/vnd.oci.image.index.v1+json;q=0, */*"], ["application/vnd.oci.image.index.v1+json;Q=0.000"],
-                       ["application/vnd.docker.distribution.manifest.v1+prettyjws"], ["application/*"],
-                       ["application/vnd.oci.image.index.v1+json;q=0.5"]] {
-            let first = table.candidates(key, accept: accept).first
-            XCTAssertEqual(table.expected(key) { $0.isAccepted(by: accept) }, first, "\(accept)")
-            var field = accept[0]
-            XCTAssertEqual(field.withUTF8 { raw in table.expected(key) { $0.isAccepted(byField: UnsafeRawBufferPointer(raw)) } },
-                           first, "\(accept)")
+        // What a pull by tag expects is the first candidate of the types
+        // its client names itself: a wildcard takes any type, but a
+        // registry serves an index or a list only to a client naming it.
+        // The same both ways of reading `Accept` (fields, or the bytes).
+        let named: [([String], TagTable.Entry?)] = [
+            (containerd, index), (["application/vnd.docker.distribution.manifest.v2+json"], single),
+            (["application/vnd.oci.image.index.v1+json;q=0, */*"], nil),
+            (["application/vnd.oci.image.index.v1+json;Q=0.000, application/vnd.docker.distribution.manifest.v2+json"], single),
+            (["application/vnd.docker.distribution.manifest.v1+prettyjws"], nil), (["application/*"], nil),
+            (["*/*"], nil), ([""], nil), ([], nil), ([" \tAPPLICATION/vnd.oci.image.index.v1+json ; q=0.5"], index),
+        ]
+        for (accept, expected) in named {
+            XCTAssertEqual(table.expected(key) { $0.isNamed(by: accept) }, expected, "\(accept)")
+            guard var field = accept.first else { continue }
+            XCTAssertEqual(field.withUTF8 { raw in table.expected(key) { $0.isNamed(byField: UnsafeRawBufferPointer(raw)) } },
+                           expected, "\(accept)")
         }
         XCTAssertNil(table.expected(TagTable.Key(upstream: "u", repository: "lib/app", tag: "v2")) { _ in true })
         // Clients taking turns with the same digests are no news to write.
@@ -319,6 +324,17 @@ final class ManifestCacheTests: XCTestCase {
         table.record(key, digest: single.digest, mediaType: single.mediaType)
         XCTAssertNil(table.snapshot())
         XCTAssertEqual(table.candidates(key, accept: containerd), [index, single], "the next when one cannot be served")
+        // A 200 naming another type than the one a pull expected (the tag
+        // moved from an index to a single manifest): the index is gone.
+        let copy = TagTable(remembered: table.snapshot(always: true) ?? [])
+        let moved = try Digest(parsing: "sha256:" + String(repeating: "4", count: 64))
+        copy.record(key, digest: moved, mediaType: single.mediaType, superseding: index)
+        XCTAssertEqual(copy.expected(key) { $0.isNamed(by: containerd) }?.digest, moved)
+        XCTAssertEqual(copy.candidates(key, accept: containerd).map(\.digest), [moved])
+        // Expected and named again: nothing changes.
+        XCTAssertNotNil(copy.snapshot(), "the move is news")
+        copy.record(key, digest: moved, mediaType: single.mediaType, superseding: copy.expected(key) { _ in true })
+        XCTAssertNil(copy.snapshot(), "a renewal is no news")
         // A 404 to a client that takes only one type ends only that type.
         table.remove(key, accept: ["application/vnd.docker.distribution.manifest.v2+json"])
         XCTAssertEqual(table.candidates(key, accept: containerd), [index])
@@ -408,9 +424,10 @@ final class OfflineTablesUnderFloodTests: XCTestCase {
         XCTAssertEqual(MediaType(type)?.value, type)
         XCTAssertEqual(MediaType(" \t\(type); charset=utf-8 \t")?.value, "\(type); charset=utf-8")
         for bad in ["", " \t ", "json", "application/json\r\nx-evil: 1", "a/b\u{7f}", "a/\u{e9}",
-                    "a/" + String(repeating: "b", count: 254)] {
+                    "a/" + String(repeating: "b", count: 254), ";/", " ;a/b", "json; a/b"] {
             XCTAssertNil(MediaType(bad), bad)
         }
+        XCTAssertEqual(MediaType(" \tApplication/JSON ;q=1")?.essence, "application/json")
         XCTAssertNotNil(MediaType("a/" + String(repeating: "b", count: 253)), "255 bytes is the limit")
     }
 

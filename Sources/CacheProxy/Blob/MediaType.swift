@@ -29,10 +29,13 @@ struct MediaType: Sendable, Equatable {
         let trimmed = bytes[first...last]
         guard trimmed.count <= 255, trimmed.contains(UInt8(ascii: "/")),
               trimmed.allSatisfy({ $0 >= 0x20 && $0 < 0x7f }) else { return nil }
+        // The essence is what comes before any parameter, and it is the
+        // part that must be `type/subtype` (`;/` is not a type).
+        let type = trimmed.prefix { $0 != UInt8(ascii: ";") }
+        guard let end = type.lastIndex(where: { !Self.isBlank($0) }), type[...end].contains(UInt8(ascii: "/"))
+        else { return nil }
         value = first == bytes.startIndex && last == bytes.index(before: bytes.endIndex)
             ? text : String(Substring(trimmed))
-        let type = trimmed.prefix { $0 != UInt8(ascii: ";") }
-        let end = type.lastIndex { !Self.isBlank($0) } ?? type.startIndex
         essence = String(decoding: type[...end].map(HTTPToken.lowercased), as: UTF8.self)
     }
 
@@ -48,7 +51,24 @@ struct MediaType: Sendable, Equatable {
     /// names only other types (an old Docker asking for schema 1) must not
     /// get an index it cannot parse from the offline table.
     func isAccepted(by accept: [String]) -> Bool {
-        var verdict = AcceptVerdict()
+        var verdict = AcceptVerdict(wildcards: true)
+        for field in accept {
+            var field = field
+            field.withUTF8 { verdict.read(UnsafeRawBufferPointer($0), for: self) }
+        }
+        return verdict.accepted
+    }
+
+    /// Whether these `Accept` headers name this type itself (no wildcard,
+    /// not `q=0`): what a registry's negotiation counts. distribution
+    /// serves an index, a list or an OCI manifest only to a client that
+    /// names its type, and answers anyone else with another manifest (a
+    /// list's platform manifest) or a 404, but it compares `If-None-Match`
+    /// before it looks at `Accept`. So a tag's `HEAD` expects a manifest
+    /// only of a type the client names (`TagLookup.expected`): then the 304
+    /// means what a 200 would have said.
+    func isNamed(by accept: [String]) -> Bool {
+        var verdict = AcceptVerdict(wildcards: false)
         for field in accept {
             var field = field
             field.withUTF8 { verdict.read(UnsafeRawBufferPointer($0), for: self) }
@@ -58,8 +78,8 @@ struct MediaType: Sendable, Equatable {
 
     /// The same for one `Accept` field as the client's bytes (a pull by tag
     /// read from them, `TagLookup`): no `String` per range.
-    func isAccepted(byField field: UnsafeRawBufferPointer) -> Bool {
-        var verdict = AcceptVerdict()
+    func isNamed(byField field: UnsafeRawBufferPointer) -> Bool {
+        var verdict = AcceptVerdict(wildcards: false)
         verdict.read(field, for: self)
         return verdict.accepted
     }
@@ -68,11 +88,17 @@ struct MediaType: Sendable, Equatable {
     /// range without its parameters; the type itself with `q=0` is a "not
     /// this", whatever a wildcard says.
     private struct AcceptVerdict {
+        /// Whether `*/*` and `type/*` take the type (what a client takes),
+        /// or only its own name does (what a registry serves it by).
+        let wildcards: Bool
         private var named = false
         private var refused = false
         private var matched = false
 
-        var accepted: Bool { !named || (!refused && matched) }
+        init(wildcards: Bool) { self.wildcards = wildcards }
+
+        /// A client that names nothing takes anything, but names nothing.
+        var accepted: Bool { (wildcards && !named) || (!refused && matched) }
 
         mutating func read(_ field: UnsafeRawBufferPointer, for type: MediaType) {
             for range in field.split(separator: UInt8(ascii: ","), omittingEmptySubsequences: false) {
@@ -86,7 +112,11 @@ struct MediaType: Sendable, Equatable {
                     if isSelf { refused = true }
                     continue
                 }
-                if isSelf || HTTPToken.equalsLowercased(name, "*/*".utf8) {
+                if isSelf {
+                    matched = true
+                } else if !wildcards {
+                    continue
+                } else if HTTPToken.equalsLowercased(name, "*/*".utf8) {
                     matched = true
                 } else if name.count >= 2, name.last == UInt8(ascii: "*"),
                           let slash = essence.firstIndex(of: UInt8(ascii: "/")),

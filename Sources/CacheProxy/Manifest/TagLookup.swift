@@ -51,7 +51,7 @@ struct TagLookup {
         let accept = headers["accept"]
         expected = head.method == .GET
             ? tags?.expected(TagTable.Key(upstream: upstream.host, repository: name, tag: tag)) {
-                $0.isAccepted(by: accept)
+                $0.isNamed(by: accept)
             }
             : nil
         if let expected { headers.add(name: "if-none-match", value: expected.entityTag) }
@@ -80,9 +80,9 @@ struct TagLookup {
         guard authority.utf8.allSatisfy(UpstreamAnswerHead.isFieldByte) else { return nil }
         let expected = tags?.expected(TagTable.Key(upstream: upstream.host, repository: name, tag: tag)) { type in
             bytes.withUnsafeReadableBytes { raw in
-                if let accept = request.accept { return type.isAccepted(byField: UnsafeRawBufferPointer(rebasing: raw[accept])) }
+                if let accept = request.accept { return type.isNamed(byField: UnsafeRawBufferPointer(rebasing: raw[accept])) }
                 var all = MediaType.manifestAccept
-                return all.withUTF8 { type.isAccepted(byField: UnsafeRawBufferPointer($0)) }
+                return all.withUTF8 { type.isNamed(byField: UnsafeRawBufferPointer($0)) }
             }
         }
         var ask = ByteBuffer()
@@ -280,7 +280,8 @@ extension CacheHitResponder {
         guard !get || (entry != nil && store.use(digest) != nil) else { return nil }
         TagResolver.remember(digest, mediaType: mediaType,
                              key: lookup.key, upstream: lookup.upstream, clientHeaders: clientHeaders,
-                             repository: lookup.name, tags: tags, gate: gate, memo: credentials)
+                             repository: lookup.name, tags: tags, gate: gate, memo: credentials,
+                             superseding: lookup.expected)
         metrics.timeToFirstByte(kind: "manifest", seconds: started.duration(to: .now).inSeconds)
         return (digest, entry)
     }

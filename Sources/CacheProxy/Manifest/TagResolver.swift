@@ -61,6 +61,7 @@ struct TagResolver: Sendable {
         let upstream = request.upstream
         let status: HTTPResponseStatus
         let headers: HTTPHeaders
+        var expected: TagTable.Entry?
         switch asked {
         case .answered(let answered, let answeredHeaders)?:
             (status, headers) = (answered, answeredHeaders)
@@ -71,8 +72,8 @@ struct TagResolver: Sendable {
             ask.method = .HEAD
             ask.headers = BlobResponder.upstreamHeaders(request.head.headers, kind: .manifest)
             let accept = ask.headers["accept"]
-            let expected = request.head.method == .GET
-                ? tags.expected(request.key) { $0.isAccepted(by: accept) } : nil
+            expected = request.head.method == .GET
+                ? tags.expected(request.key) { $0.isNamed(by: accept) } : nil
             if let expected { ask.headers.add(name: "if-none-match", value: expected.entityTag) }
             let answer: HTTPClientResponse
             do {
@@ -101,7 +102,7 @@ struct TagResolver: Sendable {
             }
             Self.remember(digest, mediaType: headers.first(name: "content-type").flatMap(MediaType.init),
                           key: request.key, upstream: upstream, clientHeaders: request.head.headers,
-                          repository: request.name, tags: tags, gate: gate)
+                          repository: request.name, tags: tags, gate: gate, superseding: expected)
             if request.head.method == .HEAD {
                 response.answered(.passthrough)
                 // The upstream's own answer: its type, length and digest.
@@ -139,8 +140,9 @@ struct TagResolver: Sendable {
     /// both the event loop's lookup and this one.
     static func remember(_ digest: Digest, mediaType: MediaType?, key: TagTable.Key, upstream: ProxyConfig.Upstream,
                          clientHeaders: HTTPHeaders, repository: String, tags: TagTable,
-                         gate: AccessGate, memo: AccessGate.CredentialMemo? = nil) {
-        if let mediaType { tags.record(key, digest: digest, mediaType: mediaType) }
+                         gate: AccessGate, memo: AccessGate.CredentialMemo? = nil,
+                         superseding expected: TagTable.Entry? = nil) {
+        if let mediaType { tags.record(key, digest: digest, mediaType: mediaType, superseding: expected) }
         // The upstream's yes to this client for this repository, and the
         // manifest's place in it: the body may come from the cache.
         gate.remember(upstream: upstream, headers: clientHeaders, repository: repository, digest: digest,

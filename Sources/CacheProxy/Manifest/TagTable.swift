@@ -67,14 +67,21 @@ public final class TagTable: Sendable {
         self.state = NIOLockedValueBox(state)
     }
 
-    /// The upstream named `digest` for the tag just now.
-    func record(_ key: Key, digest: Digest, mediaType: MediaType) {
+    /// The upstream named `digest` for the tag just now; `superseding`:
+    /// the manifest the pull expected (`expected`), of a type the client
+    /// named. The upstream would have named that one again had the tag
+    /// still named it, so it is gone from the tag: an index left behind
+    /// when a tag moved to a single manifest would otherwise be expected
+    /// (and served offline) first for good.
+    func record(_ key: Key, digest: Digest, mediaType: MediaType, superseding expected: Entry? = nil) {
         let entry = Entry(digest: digest, mediaType: mediaType)
         let capacity = self.capacity
         state.withLockedValue { state in
             var entries = state.tags[key] ?? []
-            guard entries.first != entry else { return }  // a renewal is not worth a write
-            if entries.isEmpty, state.tags.count >= capacity {
+            let stale = expected.flatMap { $0 != entry ? entries.firstIndex(of: $0) : nil }
+            if let stale { entries.remove(at: stale) }
+            guard stale != nil || entries.first != entry else { return }  // a renewal is not worth a write
+            if state.tags[key] == nil, state.tags.count >= capacity {
                 // Full: a quarter goes, in hash order (effectively at
                 // random). A forgotten tag costs an offline pull, never a
                 // wrong answer.
@@ -83,7 +90,7 @@ public final class TagTable: Sendable {
             if let known = entries.firstIndex(where: { $0.mediaType.essence == mediaType.essence }) {
                 // Clients that accept different types take turns: the same
                 // digest again is no news (and no write of the memory).
-                guard entries[known] != entry else { return }
+                guard entries[known] != entry || stale != nil else { return }
                 entries.remove(at: known)
             }
             entries.insert(entry, at: 0)
@@ -125,10 +132,11 @@ public final class TagTable: Sendable {
         return accepted.filter(\.mediaType.isIndex) + accepted.filter { !$0.mediaType.isIndex }
     }
 
-    /// The first of `candidates`, for a client that takes the types
-    /// `accepted` takes: the manifest a pull by tag expects the upstream to
-    /// name again (`TagLookup.expected`). Without the lists `candidates`
-    /// builds: this runs on every pull by tag.
+    /// The first of `candidates` of the types `accepted` takes (for a pull
+    /// by tag: the types its client names, `MediaType.isNamed`): the
+    /// manifest the pull expects the upstream to name again
+    /// (`TagLookup.expected`). Without the lists `candidates` builds: this
+    /// runs on every pull by tag.
     func expected(_ key: Key, accepted: (MediaType) -> Bool) -> Entry? {
         guard let entries = state.withLockedValue({ $0.tags[key] }) else { return nil }
         var recent: Entry?
