@@ -5,7 +5,8 @@ import NIOHTTP1
 /// A manifest pull by tag resolved on the event loop: the tag's upstream
 /// `HEAD` goes out on a kept-alive connection of the client connection's own
 /// loop (`LoopUpstreamPool`), and when the upstream names a manifest held in
-/// memory, the answer is written from there, all without a task hop.
+/// memory (a 200 naming it, or a 304 to the manifest the `HEAD` expected),
+/// the answer is written from there, all without a task hop.
 ///
 /// The decisions are `TagResolver`'s, made in the same order; this only
 /// takes the common case off the async side. Every other answer (a refusal,
@@ -112,8 +113,12 @@ struct TagLookup {
             }
         }
         if let expected {
-            ask.writeStaticString("\r\nif-none-match: ")
-            ask.writeString(expected.entityTag)
+            // `entityTag`'s bytes, without making the string per pull.
+            ask.writeStaticString("\r\nif-none-match: \"")
+            ask.writeString(expected.digest.algorithm.rawValue)
+            ask.writeStaticString(":")
+            ask.writeString(expected.digest.hex)
+            ask.writeStaticString("\"")
         }
         ask.writeStaticString("\r\n\r\n")
         self.expected = expected
@@ -217,7 +222,8 @@ extension CacheHitResponder {
         return asked
     }
 
-    /// The upstream's 200 naming a manifest, answered here: a `HEAD` with
+    /// The upstream's 200 naming a manifest (or 304 to the one expected),
+    /// answered here: a `HEAD` with
     /// the upstream's own headers (as `TagResolver` does), a `GET` from
     /// memory, through NIO's encoder (`RequestFrontHandler`). False, having
     /// written nothing, for anything else.
@@ -266,7 +272,8 @@ extension CacheHitResponder {
         return true
     }
 
-    /// What the loop answers from the upstream's reply: its 200 naming a
+    /// What the loop answers from the upstream's reply: its 200 (or 304,
+    /// `named(by:)`) naming a
     /// manifest, held in memory for a `GET` (and marked used). That is then
     /// remembered as the tag's and as the upstream's yes to this client,
     /// and the wait is counted, as the async side records it for every tag
