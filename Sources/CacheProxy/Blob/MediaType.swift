@@ -51,12 +51,7 @@ struct MediaType: Sendable, Equatable {
     /// names only other types (an old Docker asking for schema 1) must not
     /// get an index it cannot parse from the offline table.
     func isAccepted(by accept: [String]) -> Bool {
-        var verdict = AcceptVerdict(wildcards: true)
-        for field in accept {
-            var field = field
-            field.withUTF8 { verdict.read(UnsafeRawBufferPointer($0), for: self) }
-        }
-        return verdict.accepted
+        verdict(of: accept, wildcards: true)
     }
 
     /// Whether these `Accept` headers name this type itself (no wildcard,
@@ -68,7 +63,11 @@ struct MediaType: Sendable, Equatable {
     /// only of a type the client names (`TagLookup.expected`): then the 304
     /// means what a 200 would have said.
     func isNamed(by accept: [String]) -> Bool {
-        var verdict = AcceptVerdict(wildcards: false)
+        verdict(of: accept, wildcards: false)
+    }
+
+    private func verdict(of accept: [String], wildcards: Bool) -> Bool {
+        var verdict = AcceptVerdict(wildcards: wildcards)
         for field in accept {
             var field = field
             field.withUTF8 { verdict.read(UnsafeRawBufferPointer($0), for: self) }
