@@ -54,6 +54,7 @@ public final class ProxyMetrics: Sendable {
     /// made at start like the two above, not looked up by a hashed name.
     private let manifestFirstByte: DurationHistogram
     public static let accessCheckResults = ["remembered", "allowed", "refused", "offline_served", "offline_refused"]
+    private static let firstByteHelp = "Time from request head to response head."
     private static let accessCheckHelp = "Checks that a client may read a cached blob or join a fill, by result."
 
     /// Series looked up per request are kept here, so the hot path does one
@@ -133,7 +134,7 @@ public final class ProxyMetrics: Sendable {
         let manifestDuration = registry.makeDurationHistogram(descriptor: durationHelp, labels: [("kind", "manifest")],
                                                               buckets: Self.durationBuckets)
         let firstByte = registry.makeDurationHistogram(
-            descriptor: Self.describe("cacheproxy_time_to_first_byte_seconds", "Time from request head to response head."),
+            descriptor: Self.describe("cacheproxy_time_to_first_byte_seconds", Self.firstByteHelp),
             labels: [("kind", "manifest")], buckets: Self.durationBuckets)
         histograms.withLockedValue {
             $0 = [HistogramKey(name: "cacheproxy_request_duration_seconds", kind: "blob"): blobDuration,
@@ -201,7 +202,7 @@ public final class ProxyMetrics: Sendable {
     /// timeout is measured against.
     public func timeToFirstByte(kind: String, seconds: Double) {
         if kind == "manifest" { return manifestFirstByte.record(.nanoseconds(Int64(seconds * 1e9))) }
-        histogram("cacheproxy_time_to_first_byte_seconds", "Time from request head to response head.", kind: kind)
+        histogram("cacheproxy_time_to_first_byte_seconds", Self.firstByteHelp, kind: kind)
             .record(.nanoseconds(Int64(seconds * 1e9)))
     }
 

@@ -211,6 +211,65 @@ final class TagLookupTests: XCTestCase {
         XCTAssertFalse(String(buffer: lookup.ask).contains("if-none-match"))
     }
 
+    /// Clients naming different types pull one tag at once, against an
+    /// upstream that negotiates as distribution does: the tag names a
+    /// Docker manifest list, a client naming the list's type gets the list,
+    /// any other (`*/*` alone, a schema-2 manifest only) the platform
+    /// manifest the list is rewritten to; and `If-None-Match` is compared
+    /// with the tag's digest before that negotiation. However the pulls
+    /// interleave in the tag table, each client gets its own type every
+    /// time, and the list's clients get it after 304s.
+    func testClientsNamingDifferentTypesShareATagAndEachGetsItsOwn() async throws {
+        let listType = "application/vnd.docker.distribution.manifest.list.v2+json"
+        let manifestType = "application/vnd.docker.distribution.manifest.v2+json"
+        let manifest = Data(#"{"schemaVersion":2,"mediaType":"\#(manifestType)","config":{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#.utf8)
+        let manifestDigest = ManifestCacheTests.sha256(manifest)
+        let list = Data(#"{"schemaVersion":2,"mediaType":"\#(listType)","manifests":[{"mediaType":"\#(manifestType)","digest":"\#(manifestDigest)","size":\#(manifest.count),"platform":{"architecture":"amd64","os":"linux"}}]}"#.utf8)
+        let listDigest = ManifestCacheTests.sha256(list)
+        let upstream = try await FakeUpstream { head in
+            let answers = [listDigest: (list, listType), manifestDigest: (manifest, manifestType)]
+            func answer(_ digest: String) -> FakeUpstream.Reply {
+                let (body, type) = answers[digest] ?? (Data(), "")
+                return .init(headers: ["content-type": type, "docker-content-digest": digest], body: Array(body))
+            }
+            if let digest = head.uri.split(separator: "/").last.map(String.init), answers[digest] != nil {
+                return answer(digest)
+            }
+            guard head.uri == "/v2/lib/app/manifests/latest" else { return .init(status: .notFound) }
+            if head.headers["if-none-match"].contains("\"\(listDigest)\"") { return .init(status: .notModified) }
+            return answer(head.headers["accept"].contains { $0.contains(listType) } ? listDigest : manifestDigest)
+        }
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port))
+        let clients: [(accept: String, expected: Data)] = [
+            ("-H 'Accept: \(listType), \(manifestType)'", list), ("-H 'Accept: */*'", manifest),
+            ("-H 'Accept: \(manifestType)'", manifest), ("-H 'Accept:'", list),  // none (curl's own `*/*` removed): the default names lists
+        ]
+        let folder = try makeTemporaryFolder("pulls")
+        var script = ""
+        for round in 0..<6 {
+            for (index, client) in clients.enumerated() {
+                script += "curl -s -o \(folder)/\(round)-\(index) \(client.accept) \(proxy.base)/v2/lib/app/manifests/latest &\n"
+            }
+        }
+        let (status, output) = try shell("bash", ["-c", script + "wait"])
+        XCTAssertEqual(status, 0, output)
+        for round in 0..<6 {
+            for (index, client) in clients.enumerated() {
+                let body = try Data(contentsOf: URL(fileURLWithPath: "\(folder)/\(round)-\(index)"))
+                XCTAssertEqual(body, client.expected, "round \(round), client \(client.accept)")
+            }
+        }
+        // Then one at a time, once each: the table holds both by now.
+        for client in clients {
+            let (_, one) = try shell("bash", ["-c", "curl -s \(client.accept) \(proxy.base)/v2/lib/app/manifests/latest"])
+            XCTAssertEqual(Data(one.utf8), client.expected, client.accept)
+        }
+        XCTAssertGreaterThanOrEqual(
+            try proxy.metric(#"cacheproxy_upstream_requests_total{upstream="127.0.0.1",method="HEAD",code="304"}"#), 2)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
     /// A pull by tag names the manifest the tag named last in its `HEAD`'s
     /// `If-None-Match`; the upstream's 304 is then answered with that
     /// manifest, from memory, both ways (from the bytes, and through the

@@ -100,21 +100,28 @@ struct MediaType: Sendable, Equatable {
         var accepted: Bool { (wildcards && !named) || (!refused && matched) }
 
         mutating func read(_ field: UnsafeRawBufferPointer, for type: MediaType) {
-            for range in field.split(separator: UInt8(ascii: ","), omittingEmptySubsequences: false) {
-                var parts = range.split(separator: UInt8(ascii: ";"), omittingEmptySubsequences: false)
-                    .makeIterator()
-                guard let name = parts.next().map(MediaType.trimmed), !name.isEmpty else { continue }
-                named = true
-                let essence = type.essence.utf8
-                let isSelf = HTTPToken.equalsLowercased(name, essence)
-                if parts.contains(where: { MediaType.isZeroWeight(MediaType.trimmed($0)) }) {
-                    if isSelf { refused = true }
-                    continue
+            let essence = type.essence.utf8
+            // Walked in place: this runs on every pull by tag, and split
+            // arrays cost allocations there.
+            MediaType.forEachPart(of: field[...], separatedBy: UInt8(ascii: ",")) { range in
+                var name: Slice<UnsafeRawBufferPointer>?
+                var zeroWeight = false
+                MediaType.forEachPart(of: range, separatedBy: UInt8(ascii: ";")) { part in
+                    if name == nil {
+                        name = MediaType.trimmed(part)
+                    } else if MediaType.isZeroWeight(MediaType.trimmed(part)) {
+                        zeroWeight = true
+                    }
                 }
-                if isSelf {
+                guard let name, !name.isEmpty else { return }
+                named = true
+                let isSelf = HTTPToken.equalsLowercased(name, essence)
+                if zeroWeight {
+                    if isSelf { refused = true }
+                } else if isSelf {
                     matched = true
                 } else if !wildcards {
-                    continue
+                    return
                 } else if HTTPToken.equalsLowercased(name, "*/*".utf8) {
                     matched = true
                 } else if name.count >= 2, name.last == UInt8(ascii: "*"),
@@ -123,6 +130,19 @@ struct MediaType: Sendable, Equatable {
                     matched = true  // `type/*`
                 }
             }
+        }
+    }
+
+    /// Calls `body` with each part of `bytes` between `separator`s, empty
+    /// ones included.
+    private static func forEachPart(of bytes: Slice<UnsafeRawBufferPointer>, separatedBy separator: UInt8,
+                                    _ body: (Slice<UnsafeRawBufferPointer>) -> Void) {
+        var start = bytes.startIndex
+        while true {
+            let end = bytes[start...].firstIndex(of: separator) ?? bytes.endIndex
+            body(bytes[start..<end])
+            guard end < bytes.endIndex else { return }
+            start = end + 1
         }
     }
 

@@ -95,24 +95,21 @@ struct PlainGetHead: Equatable {
     private enum Field {
         case host, authorization, accept, userAgent, connection, refused, other
 
-        init(_ name: UnsafeRawBufferPointer) {
-            switch name.count {
-            case 4 where HTTPToken.equalsLowercased(name, "host"): self = .host
-            case 13 where HTTPToken.equalsLowercased(name, "authorization"): self = .authorization
-            case 10 where HTTPToken.equalsLowercased(name, "connection"): self = .connection
-            case 6 where HTTPToken.equalsLowercased(name, "accept"): self = .accept
-            case 10 where HTTPToken.equalsLowercased(name, "user-agent"): self = .userAgent
-            case 14 where HTTPToken.equalsLowercased(name, "content-length"): self = .refused
-            case 17 where HTTPToken.equalsLowercased(name, "transfer-encoding"): self = .refused
-            case 6 where HTTPToken.equalsLowercased(name, "expect"): self = .refused
-            case 7 where HTTPToken.equalsLowercased(name, "upgrade"): self = .refused
-            case 5 where HTTPToken.equalsLowercased(name, "range"): self = .refused
-            case 8 where HTTPToken.equalsLowercased(name, "if-range"): self = .refused
-            case 2 where HTTPToken.equalsLowercased(name, "te"): self = .refused
+        /// The names it knows, lower-case. A name of another length is
+        /// passed over by `equalsLowercased`'s length check alone.
+        private static let known: [(name: StaticString, field: Field)] = [
+            ("host", .host), ("authorization", .authorization), ("connection", .connection),
+            ("accept", .accept), ("user-agent", .userAgent),
+            // Anything that frames a body, asks for part of it or changes
+            // the protocol goes to NIO's decoder.
+            ("content-length", .refused), ("transfer-encoding", .refused), ("expect", .refused),
+            ("upgrade", .refused), ("range", .refused), ("if-range", .refused), ("te", .refused),
             // llhttp reads it as `Connection` (and `close` as the last request).
-            case 16 where HTTPToken.equalsLowercased(name, "proxy-connection"): self = .refused
-            default: self = .other
-            }
+            ("proxy-connection", .refused),
+        ]
+
+        init(_ name: UnsafeRawBufferPointer) {
+            self = Self.known.first { HTTPToken.equalsLowercased(name, $0.name) }?.field ?? .other
         }
     }
 }

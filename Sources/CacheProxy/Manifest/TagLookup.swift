@@ -49,13 +49,8 @@ struct TagLookup {
         else { return nil }
         var headers = BlobResponder.upstreamHeaders(head.headers, kind: .manifest)
         headers.replaceOrAdd(name: "host", value: upstream.authority)
-        let accept = headers["accept"]
-        expected = head.method == .GET
-            ? tags?.expected(TagTable.Key(upstream: upstream.host, repository: name, tag: tag)) {
-                $0.isNamed(by: accept)
-            }
-            : nil
-        if let expected { headers.add(name: "if-none-match", value: expected.entityTag) }
+        expected = tags?.expect(TagTable.Key(upstream: upstream.host, repository: name, tag: tag),
+                                method: head.method, headers: &headers)
         var ask = ByteBuffer()
         guard UpstreamAnswerHead.writeRequest(uri: "/v2/\(name)/manifests/\(tag)", headers: headers, into: &ask)
         else { return nil }

@@ -71,10 +71,7 @@ struct TagResolver: Sendable {
             var ask = HTTPClientRequest(url: "\(upstream.origin)/v2/\(request.name)/manifests/\(request.tag)")
             ask.method = .HEAD
             ask.headers = BlobResponder.upstreamHeaders(request.head.headers, kind: .manifest)
-            let accept = ask.headers["accept"]
-            expected = request.head.method == .GET
-                ? tags.expected(request.key) { $0.isNamed(by: accept) } : nil
-            if let expected { ask.headers.add(name: "if-none-match", value: expected.entityTag) }
+            expected = tags.expect(request.key, method: request.head.method, headers: &ask.headers)
             let answer: HTTPClientResponse
             do {
                 answer = try await client.send(ask, to: upstream)

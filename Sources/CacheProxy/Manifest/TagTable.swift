@@ -147,6 +147,20 @@ public final class TagTable: Sendable {
         return recent
     }
 
+    /// The manifest a tag's `HEAD` for a `method` pull expects, asking with
+    /// `headers` (the client's, as they go upstream): `expected` of the
+    /// types their `Accept` names, written into them as `If-None-Match`.
+    /// Nil, adding nothing, for a `HEAD` (its answer is the upstream's own
+    /// headers, which a 304 leaves out). One place for the loop's lookup
+    /// through the decoder and the async side's own `HEAD`.
+    func expect(_ key: Key, method: HTTPMethod, headers: inout HTTPHeaders) -> Entry? {
+        guard method == .GET else { return nil }
+        let accept = headers["accept"]
+        guard let expected = expected(key, accepted: { $0.isNamed(by: accept) }) else { return nil }
+        headers.add(name: "if-none-match", value: expected.entityTag)
+        return expected
+    }
+
     /// The table, when it changed since the last call (or `always`).
     func snapshot(always: Bool = false) -> [Row]? {
         state.withLockedValue { state in
