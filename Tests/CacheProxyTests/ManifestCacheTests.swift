@@ -331,6 +331,13 @@ final class ManifestCacheTests: XCTestCase {
         copy.record(key, digest: moved, mediaType: single.mediaType, superseding: index)
         XCTAssertEqual(copy.expected(key) { $0.isNamed(by: containerd) }?.digest, moved)
         XCTAssertEqual(copy.candidates(key, accept: containerd).map(\.digest), [moved])
+        // A manifest expected before any index was known, and a client
+        // naming both given the index: the manifest is still what clients
+        // that name no index get, and stays.
+        let fresh = TagTable()
+        fresh.record(key, digest: single.digest, mediaType: single.mediaType)
+        fresh.record(key, digest: index.digest, mediaType: index.mediaType, superseding: single)
+        XCTAssertEqual(fresh.candidates(key, accept: containerd), [index, single])
         // Expected and named again: nothing changes.
         XCTAssertNotNil(copy.snapshot(), "the move is news")
         copy.record(key, digest: moved, mediaType: single.mediaType, superseding: copy.expected(key) { _ in true })

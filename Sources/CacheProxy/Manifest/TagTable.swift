@@ -69,16 +69,22 @@ public final class TagTable: Sendable {
 
     /// The upstream named `digest` for the tag just now; `superseding`:
     /// the manifest the pull expected (`expected`), of a type the client
-    /// named. The upstream would have named that one again had the tag
-    /// still named it, so it is gone from the tag: an index left behind
-    /// when a tag moved to a single manifest would otherwise be expected
-    /// (and served offline) first for good.
+    /// named. Unless the answer is an index and the expected was not, the
+    /// upstream would have named that one again had the tag still named
+    /// it, so it is gone from the tag: an index left behind when a tag
+    /// moved to a single manifest would otherwise be expected (and served
+    /// offline) first for good. An index answering a client that named
+    /// both kinds says nothing of the single manifest expected before the
+    /// index was known: clients naming no index still get that one.
     func record(_ key: Key, digest: Digest, mediaType: MediaType, superseding expected: Entry? = nil) {
         let entry = Entry(digest: digest, mediaType: mediaType)
         let capacity = self.capacity
         state.withLockedValue { state in
             var entries = state.tags[key] ?? []
-            let stale = expected.flatMap { $0 != entry ? entries.firstIndex(of: $0) : nil }
+            let stale = expected.flatMap { expected in
+                expected != entry && (expected.mediaType.isIndex || !mediaType.isIndex)
+                    ? entries.firstIndex(of: expected) : nil
+            }
             if let stale { entries.remove(at: stale) }
             guard stale != nil || entries.first != entry else { return }  // a renewal is not worth a write
             if state.tags[key] == nil, state.tags.count >= capacity {
