@@ -211,6 +211,40 @@ final class TagLookupTests: XCTestCase {
         XCTAssertFalse(String(buffer: lookup.ask).contains("if-none-match"))
     }
 
+    /// The 304 below and above `timeouts.upstream` (1 s): one in time is
+    /// answered from memory after it; one later is not waited for, and the
+    /// offline table answers with the same manifest at the timeout.
+    func testA304BelowAndAboveTheUpstreamTimeout() async throws {
+        let fake = ManifestCacheTests.FakeRegistry()
+        let delay = NIOLockedValueBox(TimeAmount.zero)
+        let upstream = try await FakeUpstream { head in
+            if head.method == .HEAD, head.headers.first(name: "if-none-match") == "\"\(fake.digest)\"" {
+                return .init(status: .notModified, headDelay: delay.withLockedValue { $0 })
+            }
+            return fake.reply(head)
+        }
+        let proxy = try await TestProxy(upstreamsYAML: localUpstreamYAML(upstream.port),
+                                        extraYAML: "timeouts: {upstream: 1}")
+        let url = "\(proxy.base)/v2/lib/app/manifests/latest"
+        let oci = ["-H", "Accept: application/vnd.oci.image.manifest.v1+json"]
+        XCTAssertEqual(try curl(url, oci).body, fake.manifest)
+        delay.withLockedValue { $0 = .milliseconds(500) }
+        var started = Date()
+        XCTAssertEqual(try curl(url, oci).body, fake.manifest)
+        XCTAssertGreaterThanOrEqual(Date().timeIntervalSince(started), 0.5, "after the 304")
+        XCTAssertEqual(try proxy.metric(#"cacheproxy_upstream_requests_total{upstream="127.0.0.1",method="HEAD",code="304"}"#), 1)
+        XCTAssertEqual(try proxy.metric("cacheproxy_manifest_offline_total"), 0)
+        delay.withLockedValue { $0 = .seconds(3) }
+        started = Date()
+        let late = try curl(url, oci)
+        XCTAssertEqual(late.code, 200)
+        XCTAssertEqual(late.body, fake.manifest)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 2.5, "the timeout, not the 304")
+        XCTAssertEqual(try proxy.metric("cacheproxy_manifest_offline_total"), 1)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
     /// Clients naming different types pull one tag at once, against an
     /// upstream that negotiates as distribution does: the tag names a
     /// Docker manifest list, a client naming the list's type gets the list,
