@@ -1,4 +1,5 @@
 import Foundation
+import NIOConcurrencyHelpers
 import NIOCore
 import IOURing
 import XCTest
@@ -49,6 +50,52 @@ final class SlowDiskTests: XCTestCase {
             return try await sink.finish().hex
         }
         XCTAssertEqual(hex, digest.hex)
+    }
+
+    /// Writes like `SlowWriter` at once, noting where each batch's bytes were.
+    final class RecordingWriter: BlobWriter, @unchecked Sendable {
+        private let addresses = NIOLockedValueBox<[UInt]>([])
+        var seen: [UInt] { addresses.withLockedValue { $0 } }
+        var backendName: String { "recording" }
+        func open(_ path: String, flags: CInt, mode: mode_t) async throws -> CInt { Glibc.open(path, flags, mode) }
+        func write(_ buffer: ByteBuffer, to fd: CInt, at offset: Int64) async throws {
+            let (written, address) = buffer.withUnsafeReadableBytes {
+                (pwrite(fd, $0.baseAddress, $0.count, off_t(offset)), UInt(bitPattern: $0.baseAddress))
+            }
+            guard written == buffer.readableBytes else { throw StoreError.system("pwrite", errno) }
+            addresses.withLockedValue { $0.append(address) }
+        }
+        func sync(_ fd: CInt) async throws {}
+        func rename(_ from: String, to: String) async throws {}
+        func unlink(_ path: String) async throws {}
+        func close(_ fd: CInt) async { _ = Glibc.close(fd) }
+        func setAttribute(_ name: String, to value: String, on fd: CInt) async throws {}
+        func shutdown() {}
+    }
+
+    /// A fill's memory does not grow with its blob: the sink writes every
+    /// batch from one of two buffers, and the file holds the blob's bytes.
+    func testAFillWritesEveryBatchFromTwoBuffers() async throws {
+        let bytes = FaultInjectionTests.randomBytes(6 * BlobSink.batchSize + 1000)
+        let digest = try Digest(parsing: FaultInjectionTests.digest(of: bytes))
+        let upstream = ProxyConfig.Upstream(host: "h", registry: "127.0.0.1", port: 80, schema: "http", aliases: [])
+        let fill = Fill(digest: digest, upstream: upstream, repository: "r", requestHeaders: [:], holdBack: 0)
+        let folder = try makeTemporaryFolder("two-buffers")
+        let fd = Glibc.open(folder + "/blob", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        defer { Glibc.close(fd) }
+        let writer = RecordingWriter()
+        let hex = try await UpstreamBody.read(idle: .seconds(5)) { clock in
+            var sink = BlobSink(writer: writer, fd: fd, fill: fill, clock: clock, algorithm: .sha256)
+            for start in stride(from: 0, to: bytes.count, by: 64 * 1024) {  // chunks like NIO's reads
+                clock.tick()
+                _ = try await sink.append(ByteBuffer(bytes: bytes[start..<min(bytes.count, start + 64 * 1024)]))
+            }
+            return try await sink.finish().hex
+        }
+        XCTAssertEqual(hex, digest.hex)
+        XCTAssertEqual(writer.seen.count, 7, "six full batches and the rest")
+        XCTAssertLessThanOrEqual(Set(writer.seen).count, 2, "batches reuse the fill's two buffers")
+        XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: folder + "/blob")), Data(bytes))
     }
 
     /// A cached file the kernel no longer holds in its page cache is read on

@@ -10,13 +10,23 @@ import NIOCore
 /// two of the three idle at any moment. Measured on a cold 64 MiB blob:
 /// ~180 ms one chunk at a time, ~120 ms batched and overlapped.
 ///
+/// A batch is 1 MiB: each costs a write's round trip through the backend
+/// (a wake-up of its worker and of the fill's task) and a wake-up and a
+/// `sendfile` per follower, and at 256 KiB those were a fifth of a cold
+/// fill's CPU (`benchmarks/miss.py`: 2.8–3.8 against 2.1–2.6 CPU s/GB). The
+/// two buffers (one filling, one being written) are allocated once per fill
+/// and reused, so a fill holds 2 MiB however large its blob, and the
+/// allocator sees two allocations per fill, not one per batch.
+///
 /// When a write fails (a full disk, an I/O error), or there was no file to
 /// begin with, the sink goes on without the disk: each batch is hashed and
 /// handed to the fill's memory window (`Fill.spill`), which followers read
 /// from and which pushes back on the upstream when full. The hash survives
 /// the switch, so the blob is still verified before its last byte goes out.
 struct BlobSink {
-    static let batchSize = 256 * 1024
+    static let batchSize = 1024 * 1024
+    /// Room for the chunk that carries a batch past `batchSize`.
+    private static let bufferCapacity = batchSize + 64 * 1024
 
     private let writer: any BlobWriter
     /// nil once the disk is out of the picture.
@@ -25,6 +35,8 @@ struct BlobSink {
     private let clock: IdleClock
     private var hasher: DigestHasher
     private var pending = ByteBuffer()
+    /// The buffer of the last finished write, cleared, for the next batch.
+    private var spare: ByteBuffer?
     private var writing: (task: Task<WriteResult, Never>, batch: ByteBuffer, at: Int64)?
     /// Bytes handed on (to writes or to memory) so far.
     private var offset: Int64 = 0
@@ -45,6 +57,7 @@ struct BlobSink {
     /// Takes a chunk. Returns how many bytes have newly become readable by
     /// followers (a batch finished), 0 if none.
     mutating func append(_ chunk: ByteBuffer) async throws -> Int64 {
+        if pending.capacity == 0 { pending.reserveCapacity(Self.bufferCapacity) }
         pending.writeImmutableBuffer(chunk)
         guard pending.readableBytes >= Self.batchSize else { return 0 }
         return try await startBatch()
@@ -73,8 +86,8 @@ struct BlobSink {
         let batch = pending
         let at = offset
         offset += Int64(batch.readableBytes)
-        pending = ByteBuffer()
-        pending.reserveCapacity(Self.batchSize + 64 * 1024)
+        pending = spare ?? ByteBuffer()
+        spare = nil
         guard let fd else {
             hasher.update(batch)
             try await fill.spill(batch, at: at, clock: clock)
@@ -95,21 +108,27 @@ struct BlobSink {
     }
 
     private mutating func awaitWrite() async throws -> Int64 {
-        guard let (task, batch, at) = writing else { return 0 }
+        guard var current = writing else { return 0 }
         writing = nil
         // A slow disk (a long fsync of another fill on a shared thread
         // pool, say) is not a silent upstream: the wait is paused out of
         // `upstream_idle`.
-        let result = await clock.paused { await task.value }
+        let result = await clock.paused { await current.task.value }
         hasher = result.hasher
+        let count = Int64(current.batch.readableBytes)
         if let error = result.error {
             // The file holds everything before this batch; from here on
             // followers read memory.
             fd = nil
-            fill.storageFailed(error, fileEnd: at)
-            try await fill.spill(batch, at: at, clock: clock)
+            fill.storageFailed(error, fileEnd: current.at)
+            try await fill.spill(current.batch, at: current.at, clock: clock)
+        } else {
+            // The task is over and holds the batch no more: its storage is
+            // this buffer's alone, and `clear` keeps it for the next batch.
+            current.batch.clear()
+            spare = current.batch
         }
-        return Int64(batch.readableBytes)
+        return count
     }
 }
 
