@@ -305,7 +305,9 @@ public final class ProxyServer: Service, Sendable {
         }
         defer { remembering.cancel() }  // also when serving ends in an error
         // Freed memory goes back to the kernel between bursts, so the
-        // resident size follows what is in use (FreedMemory says why).
+        // resident size follows what is in use (FreedMemory says why); a
+        // fill's write buffers go back at once.
+        FreedMemory.mapAllocations(from: BlobSink.batchSize)
         let trimming = Task {
             let freed = FreedMemory()
             while true {

@@ -50,6 +50,19 @@ public final class FreedMemory: Sendable {
         return (now, after)
     }
 
+    /// Allocations of `size` bytes or more get pages of their own (`mmap`),
+    /// returned to the kernel on `free`; smaller ones come from the arenas.
+    ///
+    /// glibc starts at 128 KiB but raises the threshold to the size of each
+    /// mapped block freed, so after a fill's first 1 MiB write buffers are
+    /// freed the next fill's come from an arena, and every cooperative
+    /// thread's arena keeps a fill's worth resident (+3 MB of peak RSS over
+    /// a run of cold fills, `benchmarks/cold_ab.sh`). A fixed threshold
+    /// also fixes the arenas' trim threshold at its 128 KiB default.
+    public static func mapAllocations(from size: Int) {
+        _ = mallopt(M_MMAP_THRESHOLD, CInt(size))
+    }
+
     /// Every arena's free pages to the kernel, now.
     public static func returnAll() {
         _ = malloc_trim(0)

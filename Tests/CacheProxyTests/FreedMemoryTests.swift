@@ -46,4 +46,24 @@ final class FreedMemoryTests: XCTestCase {
         let second = try XCTUnwrap(memory.returnIfGrown(), "the second burst made it grow again")
         XCTAssertLessThan(second.after, second.before - (12 << 20), "returned again")
     }
+
+    /// A fill's write buffer has pages of its own: they leave the resident
+    /// set when it is freed, even after a larger block was freed before
+    /// (which, left to glibc, raises the threshold and puts the next
+    /// buffers in an arena that keeps their pages).
+    func testAFillsWriteBufferLeavesTheResidentSetWhenFreed() throws {
+        FreedMemory.mapAllocations(from: 1 << 20)
+        let larger = malloc(4 << 20)
+        if let larger { memset(larger, 1, 4 << 20) }
+        free(larger)
+        FreedMemory.returnAll()
+        let before = try XCTUnwrap(FreedMemory.residentAnonymous())
+        let buffer = try XCTUnwrap(malloc(1 << 20))
+        memset(buffer, 1, 1 << 20)
+        let touched = try XCTUnwrap(FreedMemory.residentAnonymous())
+        XCTAssertGreaterThan(touched, before + (900 << 10), "the buffer's pages")
+        free(buffer)
+        let after = try XCTUnwrap(FreedMemory.residentAnonymous())
+        XCTAssertLessThan(after, touched - (900 << 10), "gone with the free, no trim needed")
+    }
 }

@@ -24,9 +24,9 @@ import NIOCore
 /// from and which pushes back on the upstream when full. The hash survives
 /// the switch, so the blob is still verified before its last byte goes out.
 struct BlobSink {
+    /// A power of two: NIO rounds a buffer's capacity up to one, and a
+    /// chunk that would carry a batch past it is split at the boundary.
     static let batchSize = 1024 * 1024
-    /// Room for the chunk that carries a batch past `batchSize`.
-    private static let bufferCapacity = batchSize + 64 * 1024
 
     private let writer: any BlobWriter
     /// nil once the disk is out of the picture.
@@ -35,7 +35,7 @@ struct BlobSink {
     private let clock: IdleClock
     private var hasher: DigestHasher
     private var pending = ByteBuffer()
-    /// The buffer of the last finished write, cleared, for the next batch.
+    /// The buffer of the last finished write, empty, for the next batch.
     private var spare: ByteBuffer?
     private var writing: (task: Task<WriteResult, Never>, batch: ByteBuffer, at: Int64)?
     /// Bytes handed on (to writes or to memory) so far.
@@ -57,10 +57,22 @@ struct BlobSink {
     /// Takes a chunk. Returns how many bytes have newly become readable by
     /// followers (a batch finished), 0 if none.
     mutating func append(_ chunk: ByteBuffer) async throws -> Int64 {
-        if pending.capacity == 0 { pending.reserveCapacity(Self.bufferCapacity) }
-        pending.writeImmutableBuffer(chunk)
-        guard pending.readableBytes >= Self.batchSize else { return 0 }
-        return try await startBatch()
+        var chunk = chunk
+        var written: Int64 = 0
+        while chunk.readableBytes > 0 {
+            // An empty buffer is recycled here rather than when its write
+            // ended: by now the backend's thread has surely dropped its
+            // reference, so `clear` keeps the storage instead of allocating.
+            if pending.readableBytes == 0 { pending.clear(minimumCapacity: Self.batchSize) }
+            let room = Self.batchSize - pending.readableBytes
+            if chunk.readableBytes <= room {
+                pending.writeBuffer(&chunk)
+            } else if var head = chunk.readSlice(length: room) {
+                pending.writeBuffer(&head)
+            }
+            if pending.readableBytes >= Self.batchSize { written += try await startBatch() }
+        }
+        return written
     }
 
     /// Hands on what is left and waits for it. Returns the bytes that newly
@@ -123,9 +135,9 @@ struct BlobSink {
             fill.storageFailed(error, fileEnd: current.at)
             try await fill.spill(current.batch, at: current.at, clock: clock)
         } else {
-            // The task is over and holds the batch no more: its storage is
-            // this buffer's alone, and `clear` keeps it for the next batch.
-            current.batch.clear()
+            // Kept for the next batch, emptied by moving the reader index
+            // only (no write to the storage the backend may still hold).
+            current.batch.moveReaderIndex(forwardBy: current.batch.readableBytes)
             spare = current.batch
         }
         return count

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# A/B of the cold fill: each binary in turn fetches FILLS uncached 64 MiB
+# blobs one after another (fetch, verify, store, serve to one curl), ROUNDS
+# rounds alternating the binaries, against a local distribution registry as
+# origin. Prints the proxy's CPU seconds per GB filled (/proc ticks) and the
+# peak RSS of each round. Steadier than the harness's cold row, which is one
+# fill of a few clock ticks; compare binaries within one run only.
+#   FILLS=4 ROUNDS=3 benchmarks/cold_ab.sh .build/release/cache-proxy /path/to/other/cache-proxy
+set -euo pipefail
+(($# >= 1)) || { echo "usage: $0 BINARY [BINARY...]" >&2; exit 2; }
+for tool in docker-registry curl sha256sum; do
+  command -v "$tool" >/dev/null || { echo "$0: $tool is missing (apt-get install docker-registry curl)" >&2; exit 2; }
+done
+fills=${FILLS:-4} rounds=${ROUNDS:-3}
+work=$(mktemp -d)
+registry_pid= pid=
+trap '[[ -n $pid ]] && kill $pid 2>/dev/null; [[ -n $registry_pid ]] && kill $registry_pid 2>/dev/null; rm -rf "$work"' EXIT
+origin=5341 proxy=5342
+source "$(dirname "$0")/origin.sh"
+# The same blobs for every binary: each starts on an empty cache folder.
+blobs=()
+for _ in $(seq "$fills"); do head -c $((64 << 20)) /dev/urandom > "$work/m"; blobs+=("$(push "$work/m")"); done
+rm -f "$work/m"
+for d in "${blobs[@]}"; do curl -s -o /dev/null "http://127.0.0.1:$origin/v2/ab/blobs/$d"; done  # the origin's page cache
+cat > "$work/proxy.yml" <<EOT
+api: {hostname: "127.0.0.1", port: $proxy}
+upstreams: [{host: "127.0.0.1:$proxy", registry: "127.0.0.1", port: $origin, schema: "http"}]
+storage: {folder: "$work/cache"}
+EOT
+for round in $(seq "$rounds"); do
+  for binary in "$@"; do
+    rm -rf "$work/cache"
+    "$binary" --config "$work/proxy.yml" > "$work/proxy.log" 2>&1 & pid=$!
+    for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$proxy/healthz" && break; sleep 0.1; done
+    t0=$(awk '{print $14+$15}' /proc/$pid/stat) s0=$(date +%s.%N)
+    for d in "${blobs[@]}"; do
+      code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$proxy/v2/ab/blobs/$d")
+      [[ $code == 200 ]] || { echo "$binary: $d answered $code" >&2; exit 1; }
+    done
+    t1=$(awk '{print $14+$15}' /proc/$pid/stat) s1=$(date +%s.%N)
+    hwm=$(awk '/VmHWM/{print $2}' /proc/$pid/status)
+    kill $pid; wait $pid 2>/dev/null || true; pid=
+    awk -v r="$round" -v b="$binary" -v t=$((t1 - t0)) -v n="$fills" -v w="$(echo "$s1 - $s0" | bc)" -v h="$hwm" \
+      'BEGIN{printf "round %d  %-40s CPU %.2f s/GB  wall %.3f s/fill  VmHWM %.1f MB\n", r, b, t/100/(n*67.108864e-3), w/n, h/1024}'
+  done
+done
