@@ -31,16 +31,18 @@ for round in $(seq "$rounds"); do
   for binary in "$@"; do
     rm -rf "$work/cache"
     "$binary" --config "$work/proxy.yml" > "$work/proxy.log" 2>&1 & pid=$!
-    for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$proxy/healthz" && break; sleep 0.1; done
+    up=
+    for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$proxy/healthz" && up=1 && break; sleep 0.1; done
+    [[ -n $up ]] || { echo "$binary: did not start (log: $work/proxy.log)" >&2; cat "$work/proxy.log" >&2; exit 1; }
     t0=$(awk '{print $14+$15}' /proc/$pid/stat) s0=$(date +%s.%N)
     for d in "${blobs[@]}"; do
-      code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$proxy/v2/ab/blobs/$d")
+      code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$proxy/v2/ab/blobs/$d") || code=000
       [[ $code == 200 ]] || { echo "$binary: $d answered $code" >&2; exit 1; }
     done
     t1=$(awk '{print $14+$15}' /proc/$pid/stat) s1=$(date +%s.%N)
     hwm=$(awk '/VmHWM/{print $2}' /proc/$pid/status)
     kill $pid; wait $pid 2>/dev/null || true; pid=
-    awk -v r="$round" -v b="$binary" -v t=$((t1 - t0)) -v n="$fills" -v w="$(echo "$s1 - $s0" | bc)" -v h="$hwm" \
-      'BEGIN{printf "round %d  %-40s CPU %.2f s/GB  wall %.3f s/fill  VmHWM %.1f MB\n", r, b, t/100/(n*67.108864e-3), w/n, h/1024}'
+    awk -v r="$round" -v b="$binary" -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v n="$fills" -v s0="$s0" -v s1="$s1" -v h="$hwm" \
+      'BEGIN{printf "round %d  %-40s CPU %.2f s/GB  wall %.3f s/fill  VmHWM %.1f MB\n", r, b, t/hz/(n*67.108864e-3), (s1-s0)/n, h/1024}'
   done
 done

@@ -51,7 +51,9 @@ public final class FreedMemory: Sendable {
     }
 
     /// Allocations of `size` bytes or more get pages of their own (`mmap`),
-    /// returned to the kernel on `free`; smaller ones come from the arenas.
+    /// returned to the kernel on `free` (unless an arena happens to hold a
+    /// free chunk that fits: then from there, and the 2 s trim returns it);
+    /// smaller ones come from the arenas.
     ///
     /// glibc starts at 128 KiB but raises the threshold to the size of each
     /// mapped block freed, so after a fill's first 1 MiB write buffers are
@@ -61,6 +63,11 @@ public final class FreedMemory: Sendable {
     /// also fixes the arenas' trim threshold at its 128 KiB default.
     public static func mapAllocations(from size: Int) {
         _ = mallopt(M_MMAP_THRESHOLD, CInt(size))
+    }
+
+    /// Bytes in blocks that have pages of their own (`mallinfo2().hblkhd`).
+    public static func mappedBytes() -> Int {
+        Int(mallinfo2().hblkhd)
     }
 
     /// Every arena's free pages to the kernel, now.

@@ -54,8 +54,8 @@ final class SlowDiskTests: XCTestCase {
 
     /// Writes like `SlowWriter` at once, noting where each batch's bytes were.
     final class RecordingWriter: BlobWriter, @unchecked Sendable {
-        private let writes = NIOLockedValueBox<[(address: UInt, count: Int)]>([])
-        var seen: [(address: UInt, count: Int)] { writes.withLockedValue { $0 } }
+        private let writes = NIOLockedValueBox<[(address: UInt, count: Int, capacity: Int)]>([])
+        var seen: [(address: UInt, count: Int, capacity: Int)] { writes.withLockedValue { $0 } }
         var backendName: String { "recording" }
         func open(_ path: String, flags: CInt, mode: mode_t) async throws -> CInt { Glibc.open(path, flags, mode) }
         func write(_ buffer: ByteBuffer, to fd: CInt, at offset: Int64) async throws {
@@ -63,7 +63,7 @@ final class SlowDiskTests: XCTestCase {
                 (pwrite(fd, $0.baseAddress, $0.count, off_t(offset)), UInt(bitPattern: $0.baseAddress))
             }
             guard written == buffer.readableBytes else { throw StoreError.system("pwrite", errno) }
-            writes.withLockedValue { $0.append((address, buffer.readableBytes)) }
+            writes.withLockedValue { $0.append((address, buffer.readableBytes, buffer.capacity)) }
         }
         func sync(_ fd: CInt) async throws {}
         func rename(_ from: String, to: String) async throws {}
@@ -83,10 +83,13 @@ final class SlowDiskTests: XCTestCase {
         let fill = Fill(digest: digest, upstream: upstream, repository: "r", requestHeaders: [:], holdBack: 0)
         let folder = try makeTemporaryFolder("two-buffers")
         let fd = Glibc.open(folder + "/blob", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        XCTAssertGreaterThanOrEqual(fd, 0)
         defer { Glibc.close(fd) }
         let writer = RecordingWriter()
         let hex = try await UpstreamBody.read(idle: .seconds(5)) { clock in
-            var sink = BlobSink(writer: writer, fd: fd, fill: fill, clock: clock, algorithm: .sha256)
+            // No unfilled batch for a slow moment of the test's machine.
+            var sink = BlobSink(writer: writer, fd: fd, fill: fill, clock: clock, algorithm: .sha256,
+                                flushAfter: .seconds(3600))
             for start in stride(from: 0, to: bytes.count, by: 100_000) {  // not a divisor of a batch
                 clock.tick()
                 _ = try await sink.append(ByteBuffer(bytes: bytes[start..<min(bytes.count, start + 100_000)]))
@@ -98,6 +101,35 @@ final class SlowDiskTests: XCTestCase {
                        "six full batches and the rest")
         XCTAssertLessThanOrEqual(Set(writer.seen.map(\.address)).count, 2, "batches reuse the fill's two buffers")
         XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: folder + "/blob")), Data(bytes))
+    }
+
+    /// A small blob of known length (a manifest, a config) is gathered in a
+    /// buffer of its size, not in a whole batch's megabyte.
+    func testASmallBlobOfKnownLengthGetsABufferOfItsSize() async throws {
+        let bytes = FaultInjectionTests.randomBytes(2000)
+        let digest = try Digest(parsing: FaultInjectionTests.digest(of: bytes))
+        let upstream = ProxyConfig.Upstream(host: "h", registry: "127.0.0.1", port: 80, schema: "http", aliases: [])
+        let folder = try makeTemporaryFolder("small-buffer")
+        for length in [nil, Int64(bytes.count)] {
+            let fill = Fill(digest: digest, upstream: upstream, repository: "r", requestHeaders: [:], holdBack: 0)
+            let fd = Glibc.open(folder + "/blob", O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            XCTAssertGreaterThanOrEqual(fd, 0)
+            defer { Glibc.close(fd) }
+            let writer = RecordingWriter()
+            let hex = try await UpstreamBody.read(idle: .seconds(5)) { clock in
+                var sink = BlobSink(writer: writer, fd: fd, fill: fill, clock: clock, algorithm: .sha256,
+                                    expectedLength: length)
+                _ = try await sink.append(ByteBuffer(bytes: bytes))
+                return try await sink.finish().hex
+            }
+            XCTAssertEqual(hex, digest.hex)
+            XCTAssertEqual(writer.seen.map(\.count), [bytes.count])
+            if length == nil {
+                XCTAssertEqual(writer.seen.first?.capacity, BlobSink.batchSize, "unknown length: a whole batch")
+            } else {
+                XCTAssertLessThan(writer.seen.first?.capacity ?? .max, 4096, "its own size")
+            }
+        }
     }
 
     /// A cached file the kernel no longer holds in its page cache is read on

@@ -16,7 +16,15 @@ import NIOCore
 /// fill's CPU (`benchmarks/miss.py`: 2.8–3.8 against 2.1–2.6 CPU s/GB). The
 /// two buffers (one filling, one being written) are allocated once per fill
 /// and reused, so a fill holds 2 MiB however large its blob, and the
-/// allocator sees two allocations per fill, not one per batch.
+/// allocator sees two allocations per fill, not one per batch. A blob whose
+/// length the upstream gave gets buffers no larger than what is left of it
+/// (a 2 KB manifest, 2 KB).
+///
+/// A batch that has been gathering for `flushAfter` goes out unfilled with
+/// the next chunk: the clients of an upstream that trickles get its bytes as
+/// they come, not a megabyte at a time (at 20 KB/s, every 50 s). What an
+/// upstream sent before it stalls waits for its next chunk (or for the idle
+/// timeout's cut), at most a batch of it.
 ///
 /// When a write fails (a full disk, an I/O error), or there was no file to
 /// begin with, the sink goes on without the disk: each batch is hashed and
@@ -27,6 +35,7 @@ struct BlobSink {
     /// A power of two: NIO rounds a buffer's capacity up to one, and a
     /// chunk that would carry a batch past it is split at the boundary.
     static let batchSize = 1024 * 1024
+    static let flushAfter: Duration = .milliseconds(50)
 
     private let writer: any BlobWriter
     /// nil once the disk is out of the picture.
@@ -35,6 +44,11 @@ struct BlobSink {
     private let clock: IdleClock
     private var hasher: DigestHasher
     private var pending = ByteBuffer()
+    /// When `pending` took its first byte.
+    private var pendingSince = ContinuousClock.now
+    /// The body's length, when the upstream said it.
+    private let expectedLength: Int64?
+    private let flushAfter: Duration
     /// The buffer of the last finished write, empty, for the next batch.
     private var spare: ByteBuffer?
     private var writing: (task: Task<WriteResult, Never>, batch: ByteBuffer, at: Int64)?
@@ -46,7 +60,10 @@ struct BlobSink {
         var error: (any Error)?
     }
 
-    init(writer: any BlobWriter, fd: CInt?, fill: Fill, clock: IdleClock, algorithm: Digest.Algorithm) {
+    init(writer: any BlobWriter, fd: CInt?, fill: Fill, clock: IdleClock, algorithm: Digest.Algorithm,
+         expectedLength: Int64? = nil, flushAfter: Duration = BlobSink.flushAfter) {
+        self.expectedLength = expectedLength
+        self.flushAfter = flushAfter
         self.writer = writer
         self.fd = fd
         self.fill = fill
@@ -63,7 +80,10 @@ struct BlobSink {
             // An empty buffer is recycled here rather than when its write
             // ended: by now the backend's thread has surely dropped its
             // reference, so `clear` keeps the storage instead of allocating.
-            if pending.readableBytes == 0 { pending.clear(minimumCapacity: Self.batchSize) }
+            if pending.readableBytes == 0 {
+                pending.clear(minimumCapacity: bufferCapacity)
+                pendingSince = .now
+            }
             let room = Self.batchSize - pending.readableBytes
             if chunk.readableBytes <= room {
                 pending.writeBuffer(&chunk)
@@ -72,7 +92,18 @@ struct BlobSink {
             }
             if pending.readableBytes >= Self.batchSize { written += try await startBatch() }
         }
+        if pending.readableBytes > 0, ContinuousClock.now - pendingSince >= flushAfter {
+            written += try await startBatch()
+        }
         return written
+    }
+
+    /// A batch's room: a whole batch, or what is left of a body of known
+    /// length (a longer body than said grows the buffer; AsyncHTTPClient
+    /// refuses one anyway).
+    private var bufferCapacity: Int {
+        guard let expectedLength else { return Self.batchSize }
+        return Int(max(0, min(Int64(Self.batchSize), expectedLength - offset)))
     }
 
     /// Hands on what is left and waits for it. Returns the bytes that newly

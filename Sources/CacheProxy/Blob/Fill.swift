@@ -430,7 +430,7 @@ public final class Fill: Sendable {
             let (body, writer, fileFD) = (response.body, context.writer, file?.fd)
             let hex = try await UpstreamBody.read(idle: context.client.idleTimeout) { clock in
                 var sink = BlobSink(writer: writer, fd: fileFD, fill: self, clock: clock,
-                                    algorithm: self.digest.algorithm)
+                                    algorithm: self.digest.algorithm, expectedLength: length)
                 do {
                     for try await chunk in body {
                         clock.tick()
