@@ -1,5 +1,6 @@
 @testable import CacheProxy
 import Foundation
+import NIOCore
 import NIOHTTP1
 import XCTest
 
@@ -45,6 +46,33 @@ final class DiskFullTests: XCTestCase {
         let connection = close ? "Connection: close\r\n" : ""
         XCTAssertTrue(reader.send("GET /v2/a/blobs/\(digest) HTTP/1.1\r\nHost: 127.0.0.1\r\n\(connection)\r\n"))
         return reader
+    }
+
+    /// Without a disk, a trickling upstream's batches go to the memory
+    /// window unfilled (each flushed after a short wait). The window's bound
+    /// counts bytes, so it must not keep each one's whole buffer: 20 batches
+    /// of 10 KB gathered in 1 MiB buffers would be 20 MiB behind a "200 KB".
+    func testPartialBatchesInTheMemoryWindowKeepOnlyTheirBytes() async throws {
+        let bytes = F.randomBytes(200_000)
+        let digest = try Digest(parsing: F.digest(of: bytes))
+        let upstream = ProxyConfig.Upstream(host: "h", registry: "127.0.0.1", port: 80, schema: "http", aliases: [])
+        let fill = Fill(digest: digest, upstream: upstream, repository: "r", requestHeaders: [:], holdBack: 0)
+        let writer = SlowDiskTests.RecordingWriter()
+        let hex = try await UpstreamBody.read(idle: .seconds(5)) { clock in
+            // No file (the disk failed at once); every chunk flushed.
+            var sink = BlobSink(writer: writer, fd: nil, fill: fill, clock: clock, algorithm: .sha256,
+                                flushAfter: .zero)
+            for start in stride(from: 0, to: bytes.count, by: 10_000) {
+                clock.tick()
+                _ = try await sink.append(ByteBuffer(bytes: bytes[start..<(start + 10_000)]))
+            }
+            return try await sink.finish().hex
+        }
+        XCTAssertEqual(hex, digest.hex)
+        XCTAssertTrue(writer.seen.isEmpty, "nothing went to a file")
+        let (held, retained) = fill.windowMemory
+        XCTAssertEqual(held, bytes.count, "no follower came: the window holds every byte")
+        XCTAssertLessThanOrEqual(retained, 2 * held, "and not much more memory than that")
     }
 
     /// 12 MB through a 4 MiB disk, to three clients at once: each gets every

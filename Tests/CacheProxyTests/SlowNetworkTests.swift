@@ -381,21 +381,23 @@ final class SlowNetworkTests: XCTestCase {
         await stop(upstream, proxy)
     }
 
-    /// An upstream that trickles (here ~330 KB/s, 20 KB every 60 ms, each
-    /// gap below `upstream_idle`) reaches its client as it comes, not a
-    /// write batch (1 MiB, more than this blob) at a time.
+    /// An upstream that trickles (100 KB every 500 ms, each gap below
+    /// `upstream_idle`) reaches its client chunk by chunk, not a write batch
+    /// (1 MiB, more than this blob) at a time, nor a chunk or two late: the
+    /// first 300 KB the client may have (all but the 64 KiB held back until
+    /// the digest) are there by the fourth chunk (1.5 s), not the fifth.
     func testATricklingUpstreamReachesItsClientAsItComes() async throws {
         let bytes = F.randomBytes(600_000)
         let (upstream, proxy) = try await start { _ in
-            .init(body: bytes, chunkSize: 20_000, delay: .milliseconds(60))
+            .init(body: bytes, chunkSize: 100_000, delay: .milliseconds(500))
         }
         let socket = try RawSocket(port: proxy.port, receiveTimeout: 5)
         let started = Date()
         XCTAssertTrue(socket.send("GET /v2/a/blobs/\(F.digest(of: bytes)) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
         XCTAssertTrue(socket.receiveHead().hasPrefix("HTTP/1.1 200"))
-        let early = socket.receive(limit: 150_000)
-        XCTAssertGreaterThanOrEqual(early.count, 150_000)
-        XCTAssertLessThan(Date().timeIntervalSince(started), 1.2, "the first 150 KB while the upstream still sends (~1.8 s)")
+        let early = socket.receive(limit: 300_000)
+        XCTAssertGreaterThanOrEqual(early.count, 300_000)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 1.8, "300 KB by the fourth chunk (1.5 s), not the fifth (2 s)")
         let rest = socket.receive(limit: bytes.count - early.count)
         XCTAssertTrue(early + rest == bytes, "every byte, verified")
         socket.close()

@@ -20,11 +20,13 @@ import NIOCore
 /// length the upstream gave gets buffers no larger than what is left of it
 /// (a 2 KB manifest, 2 KB).
 ///
-/// A batch that has been gathering for `flushAfter` goes out unfilled with
-/// the next chunk: the clients of an upstream that trickles get its bytes as
-/// they come, not a megabyte at a time (at 20 KB/s, every 50 s). What an
-/// upstream sent before it stalls waits for its next chunk (or for the idle
-/// timeout's cut), at most a batch of it.
+/// A chunk that comes `flushAfter` or more after the last batch was handed
+/// on goes out at once, in an unfilled batch, and is waited for: the
+/// clients of an upstream that trickles get its bytes as they come, not a
+/// megabyte at a time (at 20 KB/s, every 50 s). A fast upstream fills a
+/// batch well within that and is never flushed. What an upstream sent just
+/// before it stalls (less than `flushAfter`'s worth after a hand-on) waits
+/// for its next chunk or for the idle timeout's cut.
 ///
 /// When a write fails (a full disk, an I/O error), or there was no file to
 /// begin with, the sink goes on without the disk: each batch is hashed and
@@ -44,8 +46,8 @@ struct BlobSink {
     private let clock: IdleClock
     private var hasher: DigestHasher
     private var pending = ByteBuffer()
-    /// When `pending` took its first byte.
-    private var pendingSince = ContinuousClock.now
+    /// When the last batch was handed on (or the sink began).
+    private var handedOn = ContinuousClock.now
     /// The body's length, when the upstream said it.
     private let expectedLength: Int64?
     private let flushAfter: Duration
@@ -80,10 +82,7 @@ struct BlobSink {
             // An empty buffer is recycled here rather than when its write
             // ended: by now the backend's thread has surely dropped its
             // reference, so `clear` keeps the storage instead of allocating.
-            if pending.readableBytes == 0 {
-                pending.clear(minimumCapacity: bufferCapacity)
-                pendingSince = .now
-            }
+            if pending.readableBytes == 0 { pending.clear(minimumCapacity: bufferCapacity) }
             let room = Self.batchSize - pending.readableBytes
             if chunk.readableBytes <= room {
                 pending.writeBuffer(&chunk)
@@ -92,8 +91,9 @@ struct BlobSink {
             }
             if pending.readableBytes >= Self.batchSize { written += try await startBatch() }
         }
-        if pending.readableBytes > 0, ContinuousClock.now - pendingSince >= flushAfter {
+        if pending.readableBytes > 0, ContinuousClock.now - handedOn >= flushAfter {
             written += try await startBatch()
+            written += try await awaitWrite()
         }
         return written
     }
@@ -127,6 +127,7 @@ struct BlobSink {
         let written = try await awaitWrite()
         guard pending.readableBytes > 0 else { return written }
         let batch = pending
+        handedOn = .now
         let at = offset
         offset += Int64(batch.readableBytes)
         pending = spare ?? ByteBuffer()

@@ -231,6 +231,11 @@ public final class Fill: Sendable {
         inner.withLockedValue { $0.window.bytes(from: offset, upTo: end) }
     }
 
+    /// The memory window's bytes, and the memory its buffers take.
+    var windowMemory: (bytes: Int, retained: Int) {
+        inner.withLockedValue { ($0.window.bytes, $0.window.retained) }
+    }
+
     /// Whether a new request may follow this fill from its first byte: not
     /// once bytes that never reached the disk have left the memory window.
     var isJoinable: Bool {

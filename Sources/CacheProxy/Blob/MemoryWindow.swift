@@ -15,11 +15,21 @@ struct MemoryWindow {
     /// The end of the furthest batch that left: a request starting below it
     /// would miss bytes.
     private(set) var droppedEnd: Int64 = 0
+    /// The memory the batches' buffers take (their capacity).
+    var retained: Int { batches.reduce(0) { $0 + $1.bytes.capacity } }
     var droppedAny: Bool { droppedEnd > 0 }
 
     mutating func append(_ batch: ByteBuffer, at offset: Int64) {
         guard batch.readableBytes > 0 else { return }
-        batches.append((offset, batch))
+        var kept = batch
+        // A partial batch (a trickling upstream's, flushed) in a whole
+        // batch's buffer: the bound counts bytes, so the window keeps a copy
+        // of the bytes' size rather than the megabyte around them.
+        if batch.capacity > 2 * batch.readableBytes {
+            kept = ByteBufferAllocator().buffer(capacity: batch.readableBytes)
+            kept.writeImmutableBuffer(batch)
+        }
+        batches.append((offset, kept))
         bytes += batch.readableBytes
     }
 
