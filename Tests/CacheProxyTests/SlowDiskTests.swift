@@ -12,24 +12,6 @@ import Glibc
 /// writes are slow (a long fsync of another fill on a shared thread pool,
 /// say) must not fail as "upstream idle" while its upstream is prompt.
 final class SlowDiskTests: XCTestCase {
-    /// Writes like the thread-pool backend, each after `delay`.
-    struct SlowWriter: BlobWriter {
-        let delay: Duration
-        var backendName: String { "slow" }
-        func open(_ path: String, flags: CInt, mode: mode_t) async throws -> CInt { Glibc.open(path, flags, mode) }
-        func write(_ buffer: ByteBuffer, to fd: CInt, at offset: Int64) async throws {
-            try await Task.sleep(for: delay)
-            let written = buffer.withUnsafeReadableBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(offset)) }
-            guard written == buffer.readableBytes else { throw StoreError.system("pwrite", errno) }
-        }
-        func sync(_ fd: CInt) async throws {}
-        func rename(_ from: String, to: String) async throws {}
-        func unlink(_ path: String) async throws {}
-        func close(_ fd: CInt) async { _ = Glibc.close(fd) }
-        func setAttribute(_ name: String, to value: String, on fd: CInt) async throws {}
-        func shutdown() {}
-    }
-
     func testWaitingOnASlowDiskIsNotCountedAsASilentUpstream() async throws {
         let bytes = FaultInjectionTests.randomBytes(3 * BlobSink.batchSize)
         let digest = try Digest(parsing: FaultInjectionTests.digest(of: bytes))
@@ -41,7 +23,7 @@ final class SlowDiskTests: XCTestCase {
         // The upstream hands over a batch at once each time it is asked;
         // each write takes three times the idle limit.
         let hex = try await UpstreamBody.read(idle: .milliseconds(200)) { clock in
-            var sink = BlobSink(writer: SlowWriter(delay: .milliseconds(600)), fd: fd, fill: fill, clock: clock,
+            var sink = BlobSink(writer: RecordingWriter(delay: .milliseconds(600)), fd: fd, fill: fill, clock: clock,
                                 algorithm: .sha256)
             for start in stride(from: 0, to: bytes.count, by: BlobSink.batchSize) {
                 clock.tick()
@@ -52,13 +34,17 @@ final class SlowDiskTests: XCTestCase {
         XCTAssertEqual(hex, digest.hex)
     }
 
-    /// Writes like `SlowWriter` at once, noting where each batch's bytes were.
-    final class RecordingWriter: BlobWriter, @unchecked Sendable {
+    /// Writes like the thread-pool backend, each after `delay`, noting where
+    /// each batch's bytes were.
+    final class RecordingWriter: BlobWriter, Sendable {
+        let delay: Duration
         private let writes = NIOLockedValueBox<[(address: UInt, count: Int, capacity: Int)]>([])
         var seen: [(address: UInt, count: Int, capacity: Int)] { writes.withLockedValue { $0 } }
         var backendName: String { "recording" }
+        init(delay: Duration = .zero) { self.delay = delay }
         func open(_ path: String, flags: CInt, mode: mode_t) async throws -> CInt { Glibc.open(path, flags, mode) }
         func write(_ buffer: ByteBuffer, to fd: CInt, at offset: Int64) async throws {
+            if delay > .zero { try await Task.sleep(for: delay) }
             let (written, address) = buffer.withUnsafeReadableBytes {
                 (pwrite(fd, $0.baseAddress, $0.count, off_t(offset)), UInt(bitPattern: $0.baseAddress))
             }
