@@ -7,7 +7,7 @@ import NIOConcurrencyHelpers
 /// Gives memory the process freed back to the kernel, between bursts.
 ///
 /// glibc keeps what a thread frees in that thread's arena for the next
-/// `malloc`: a fill's 256 KiB write batches on a cooperative thread, a
+/// `malloc`: a fill's upstream buffers on a cooperative thread, a
 /// herd's buffers, 64 connections' pipelines on the event loops each leave
 /// their arena's high-water mark resident, and the marks add up (7 MiB over
 /// the shared harness's scenarios, though no two needed theirs at once).

@@ -24,19 +24,15 @@ struct MediaType: Sendable, Equatable {
     /// character-set machinery cost ~5% of that path's CPU.
     init?(_ text: String) {
         let bytes = text.utf8
-        guard let first = bytes.firstIndex(where: { !Self.isBlank($0) }),
-              let last = bytes.lastIndex(where: { !Self.isBlank($0) }) else { return nil }
-        let trimmed = bytes[first...last]
-        guard trimmed.count <= 255, trimmed.contains(UInt8(ascii: "/")),
+        let trimmed = Self.trimmed(bytes)
+        guard !trimmed.isEmpty, trimmed.count <= 255, trimmed.contains(UInt8(ascii: "/")),
               trimmed.allSatisfy({ $0 >= 0x20 && $0 < 0x7f }) else { return nil }
         // The essence is what comes before any parameter, and it is the
         // part that must be `type/subtype` (`;/` is not a type).
-        let type = trimmed.prefix { $0 != UInt8(ascii: ";") }
-        guard let end = type.lastIndex(where: { !Self.isBlank($0) }), type[...end].contains(UInt8(ascii: "/"))
-        else { return nil }
-        value = first == bytes.startIndex && last == bytes.index(before: bytes.endIndex)
-            ? text : String(Substring(trimmed))
-        essence = String(decoding: type[...end].map(HTTPToken.lowercased), as: UTF8.self)
+        let type = Self.trimmed(trimmed.prefix { $0 != UInt8(ascii: ";") })
+        guard type.contains(UInt8(ascii: "/")) else { return nil }
+        value = trimmed.count == bytes.count ? text : String(Substring(trimmed))
+        essence = String(decoding: type.map(HTTPToken.lowercased), as: UTF8.self)
     }
 
     private static func isBlank(_ byte: UInt8) -> Bool { byte == 0x20 || byte == 0x09 }
@@ -146,7 +142,8 @@ struct MediaType: Sendable, Equatable {
         }
     }
 
-    private static func trimmed(_ bytes: Slice<UnsafeRawBufferPointer>) -> Slice<UnsafeRawBufferPointer> {
+    /// `bytes` without the spaces and tabs around them (empty if that is all).
+    private static func trimmed<Bytes: BidirectionalCollection<UInt8>>(_ bytes: Bytes) -> Bytes.SubSequence {
         guard let first = bytes.firstIndex(where: { !isBlank($0) }),
               let last = bytes.lastIndex(where: { !isBlank($0) }) else { return bytes[bytes.endIndex...] }
         return bytes[first...last]

@@ -32,7 +32,9 @@ struct TagLookup {
     /// which a 304 leaves out.
     let expected: TagTable.Entry?
 
-    var key: TagTable.Key { TagTable.Key(upstream: upstream.host, repository: name, tag: tag) }
+    /// The tag's place in the tag table, made once: the expectation reads
+    /// it, and the answer records under it.
+    let key: TagTable.Key
 
     /// The lookup for `head`, when the event loop can make it: a `GET`
     /// (whole) or `HEAD` of a manifest by tag, for an upstream that
@@ -49,8 +51,8 @@ struct TagLookup {
         else { return nil }
         var headers = BlobResponder.upstreamHeaders(head.headers, kind: .manifest)
         headers.replaceOrAdd(name: "host", value: upstream.authority)
-        expected = tags?.expect(TagTable.Key(upstream: upstream.host, repository: name, tag: tag),
-                                method: head.method, headers: &headers)
+        key = TagTable.Key(upstream: upstream.host, repository: name, tag: tag)
+        expected = tags?.expect(key, method: head.method, headers: &headers)
         var ask = ByteBuffer()
         guard UpstreamAnswerHead.writeRequest(uri: "/v2/\(name)/manifests/\(tag)", headers: headers, into: &ask)
         else { return nil }
@@ -74,7 +76,8 @@ struct TagLookup {
         else { return nil }
         let authority = upstream.authority  // made on each call
         guard authority.utf8.allSatisfy(UpstreamAnswerHead.isFieldByte) else { return nil }
-        let expected = tags?.expected(TagTable.Key(upstream: upstream.host, repository: name, tag: tag)) { type in
+        let key = TagTable.Key(upstream: upstream.host, repository: name, tag: tag)
+        let expected = tags?.expected(key) { type in
             bytes.withUnsafeReadableBytes { raw in
                 if let accept = request.accept { return type.isNamed(byField: UnsafeRawBufferPointer(rebasing: raw[accept])) }
                 var all = MediaType.manifestAccept
@@ -117,6 +120,7 @@ struct TagLookup {
         }
         ask.writeStaticString("\r\n\r\n")
         self.expected = expected
+        self.key = key
         self.name = name
         self.tag = tag
         self.upstream = upstream
