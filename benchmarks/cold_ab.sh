@@ -5,7 +5,11 @@
 # origin. Prints the proxy's CPU seconds per GB filled (/proc ticks) and the
 # peak RSS of each round. Steadier than the harness's cold row, which is one
 # fill of a few clock ticks; compare binaries within one run only.
+# The word `nginx` in place of a binary runs nginx with the shared
+# harness's nginx-cache configuration (../shared/bench/conf), its master
+# and workers counted together, so the two systems alternate in one run.
 #   FILLS=4 ROUNDS=3 benchmarks/cold_ab.sh .build/release/cache-proxy /path/to/other/cache-proxy
+#   FILLS=4 ROUNDS=3 benchmarks/cold_ab.sh .build/release/cache-proxy nginx
 set -euo pipefail
 (($# >= 1)) || { echo "usage: $0 BINARY [BINARY...]" >&2; exit 2; }
 for tool in docker-registry curl sha256sum; do
@@ -27,20 +31,38 @@ api: {hostname: "127.0.0.1", port: $proxy}
 upstreams: [{host: "127.0.0.1:$proxy", registry: "127.0.0.1", port: $origin, schema: "http"}]
 storage: {folder: "$work/cache"}
 EOT
+nginx_conf=$(dirname "$0")/../../shared/bench/conf/nginx-cache.conf
+# utime+stime ticks of a process and its children (nginx's workers).
+ticks() {
+  local total=0 p
+  for p in $1 $(pgrep -P "$1" || true); do total=$((total + $(awk '{print $14+$15}' /proc/$p/stat))); done
+  echo $total
+}
 for round in $(seq "$rounds"); do
   for binary in "$@"; do
-    rm -rf "$work/cache"
-    "$binary" --config "$work/proxy.yml" > "$work/proxy.log" 2>&1 & pid=$!
+    rm -rf "$work/cache" "$work/nginx"
+    if [[ $binary == nginx ]]; then
+      [[ -r $nginx_conf ]] || { echo "$0: $nginx_conf is missing" >&2; exit 2; }
+      mkdir -p "$work/nginx/cache"
+      sed -e "s|@@DIR@@|$work/nginx|g" -e "s|@@CACHE@@|$work/nginx/cache|g" \
+          -e "s|@@PORT@@|$proxy|g" -e "s|@@ORIGIN_PORT@@|$origin|g" "$nginx_conf" > "$work/nginx/nginx.conf"
+      nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" > "$work/proxy.log" 2>&1 & pid=$!
+    else
+      "$binary" --config "$work/proxy.yml" > "$work/proxy.log" 2>&1 & pid=$!
+    fi
     up=
-    for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$proxy/healthz" && up=1 && break; sleep 0.1; done
+    for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$proxy/v2/" && up=1 && break; sleep 0.1; done
     [[ -n $up ]] || { echo "$binary: did not start (log: $work/proxy.log)" >&2; cat "$work/proxy.log" >&2; exit 1; }
-    t0=$(awk '{print $14+$15}' /proc/$pid/stat) s0=$(date +%s.%N)
+    t0=$(ticks $pid) s0=$(date +%s.%N)
     for d in "${blobs[@]}"; do
       code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$proxy/v2/ab/blobs/$d") || code=000
       [[ $code == 200 ]] || { echo "$binary: $d answered $code" >&2; exit 1; }
     done
-    t1=$(awk '{print $14+$15}' /proc/$pid/stat) s1=$(date +%s.%N)
-    hwm=$(awk '/VmHWM/{print $2}' /proc/$pid/status)
+    s1=$(date +%s.%N)
+    sleep 0.3  # a fill may still be publishing
+    t1=$(ticks $pid)
+    hwm=0
+    for p in $pid $(pgrep -P $pid || true); do hwm=$((hwm + $(awk '/VmHWM/{print $2}' /proc/$p/status))); done
     kill $pid; wait $pid 2>/dev/null || true; pid=
     awk -v r="$round" -v b="$binary" -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v n="$fills" -v s0="$s0" -v s1="$s1" -v h="$hwm" \
       'BEGIN{printf "round %d  %-40s CPU %.2f s/GB  wall %.3f s/fill  VmHWM %.1f MB\n", r, b, t/hz/(n*67.108864e-3), (s1-s0)/n, h/1024}'

@@ -86,6 +86,33 @@ final class FaultInjectionTests: XCTestCase {
         await upstream.stop()
     }
 
+    /// An upstream that cuts a fill followed by many clients: every one
+    /// of them is cut (none gets a body that looks whole), and nothing of
+    /// the fill is kept.
+    func testEveryClientOfACutFillIsCutAndNothingIsKept() async throws {
+        let bytes = Self.randomBytes(2_000_000)
+        let digest = Self.digest(of: bytes)
+        // ~1 s of streaming before the cut: all eight clients join the fill.
+        let upstream = try await FakeUpstream { _ in
+            .init(body: bytes, chunkSize: 50_000, delay: .milliseconds(50), cutAfter: 1_000_000)
+        }
+        let proxy = try await TestProxy(upstreamsYAML: upstreamYAML(upstream.port))
+        let results = try curlAtOnce("\(proxy.base)/v2/a/blobs/\(digest)", count: 8)
+        XCTAssertEqual(results.count, 8)
+        for (exit, body, _) in results {
+            XCTAssertNotEqual(exit, 0, "a cut, never a complete-looking body")
+            XCTAssertLessThanOrEqual(body.count, 1_000_000)
+            XCTAssertEqual(Array(body), Array(bytes.prefix(body.count)), "what came before the cut is the blob's")
+        }
+        XCTAssertEqual(upstream.gets.count, 1, "one fill for all clients")
+        try await Task.sleep(for: .milliseconds(200))
+        XCTAssertEqual(proxy.files(in: "blobs"), [])
+        XCTAssertEqual(proxy.files(in: "tmp"), [])
+        XCTAssertEqual(try proxy.metric("cacheproxy_fill_failures_total"), 1)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
     func testRedirectToAnotherHostDoesNotGetAuthorization() async throws {
         let bytes = Self.randomBytes(50_000)
         let digest = Self.digest(of: bytes)

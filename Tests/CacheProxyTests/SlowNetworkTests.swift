@@ -404,6 +404,36 @@ final class SlowNetworkTests: XCTestCase {
         await stop(upstream, proxy)
     }
 
+    /// Each flushed batch of a trickling fill wakes every follower: none of
+    /// eight clients waits for a whole batch, and each gets every byte.
+    func testEveryClientOfATricklingFillGetsItsBytesAsTheyCome() async throws {
+        let bytes = F.randomBytes(600_000)
+        let (upstream, proxy) = try await start { _ in
+            .init(body: bytes, chunkSize: 100_000, delay: .milliseconds(500))
+        }
+        let sockets = try (0..<8).map { _ in try RawSocket(port: proxy.port, receiveTimeout: 5) }
+        let started = Date()
+        for socket in sockets {
+            XCTAssertTrue(socket.send("GET /v2/a/blobs/\(F.digest(of: bytes)) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
+        }
+        // One after another: a client read later finds what the proxy sent
+        // it meanwhile, so each must hold 300 KB by the fourth chunk.
+        var early: [[UInt8]] = []
+        for socket in sockets {
+            XCTAssertTrue(socket.receiveHead().hasPrefix("HTTP/1.1 200"))
+            early.append(socket.receive(limit: 300_000))
+        }
+        XCTAssertLessThan(Date().timeIntervalSince(started), 1.8, "300 KB to all by the fourth chunk (1.5 s)")
+        for (socket, first) in zip(sockets, early) {
+            XCTAssertGreaterThanOrEqual(first.count, 300_000)
+            let rest = socket.receive(limit: bytes.count - first.count)
+            XCTAssertTrue(first + rest == bytes, "every byte, verified")
+            socket.close()
+        }
+        XCTAssertEqual(upstream.gets.count, 1, "one fill for all clients")
+        await stop(upstream, proxy)
+    }
+
     func testAnUpstreamThatStallsLongerThanTheIdleTimeoutIsCut() async throws {
         let bytes = F.randomBytes(1_000_000)
         let (upstream, proxy) = try await start { _ in
