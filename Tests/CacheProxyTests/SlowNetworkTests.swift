@@ -404,6 +404,50 @@ final class SlowNetworkTests: XCTestCase {
         await stop(upstream, proxy)
     }
 
+    /// An upstream that sends a burst per pause (200 KB every 800 ms, which
+    /// the socket delivers in several reads): each whole burst reaches the
+    /// client before the next, not its first read only.
+    func testATricklingUpstreamsWholeBurstReachesTheClientBeforeTheNext() async throws {
+        let bytes = F.randomBytes(1_000_000)
+        let timeouts = Self.shortTimeouts.replacingOccurrences(of: "upstream_idle: 1", with: "upstream_idle: 3")
+        let (upstream, proxy) = try await start(timeouts: timeouts) { _ in
+            .init(body: bytes, chunkSize: 200_000, delay: .milliseconds(800))
+        }
+        let socket = try RawSocket(port: proxy.port, receiveTimeout: 5)
+        let started = Date()
+        XCTAssertTrue(socket.send("GET /v2/a/blobs/\(F.digest(of: bytes)) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
+        XCTAssertTrue(socket.receiveHead().hasPrefix("HTTP/1.1 200"))
+        let early = socket.receive(limit: 600_000)
+        XCTAssertGreaterThanOrEqual(early.count, 600_000)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 2.1, "the third burst (1.6 s) whole, before the fourth (2.4 s)")
+        let rest = socket.receive(limit: bytes.count - early.count)
+        XCTAssertTrue(early + rest == bytes, "every byte, verified")
+        socket.close()
+        await stop(upstream, proxy)
+    }
+
+    /// A batch is readable as soon as its write completes: an upstream that
+    /// sends more than a batch and then pauses has that batch reach its
+    /// client during the pause, not when the next bytes come.
+    func testAWrittenBatchReachesTheClientWhileTheUpstreamPauses() async throws {
+        let bytes = F.randomBytes(1_500_000)
+        let timeouts = Self.shortTimeouts.replacingOccurrences(of: "upstream_idle: 1", with: "upstream_idle: 3")
+        let (upstream, proxy) = try await start(timeouts: timeouts) { _ in
+            .init(body: bytes, chunkSize: 100_000, stallAfter: 1_200_000, stallFor: .milliseconds(1500))
+        }
+        let socket = try RawSocket(port: proxy.port, receiveTimeout: 5)
+        let started = Date()
+        XCTAssertTrue(socket.send("GET /v2/a/blobs/\(F.digest(of: bytes)) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
+        XCTAssertTrue(socket.receiveHead().hasPrefix("HTTP/1.1 200"))
+        let first = socket.receive(limit: BlobSink.batchSize)
+        XCTAssertGreaterThanOrEqual(first.count, BlobSink.batchSize)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 1.0, "the first batch during the 1.5 s pause, not after it")
+        let rest = socket.receive(limit: bytes.count - first.count)
+        XCTAssertTrue(first + rest == bytes, "every byte, verified")
+        socket.close()
+        await stop(upstream, proxy)
+    }
+
     /// Each flushed batch of a trickling fill wakes every follower: none of
     /// eight clients waits for a whole batch, and each gets every byte.
     func testEveryClientOfATricklingFillGetsItsBytesAsTheyCome() async throws {

@@ -23,10 +23,18 @@ import NIOCore
 /// A chunk that comes `flushAfter` or more after the last batch was handed
 /// on goes out at once, in an unfilled batch, and is waited for: the
 /// clients of an upstream that trickles get its bytes as they come, not a
-/// megabyte at a time (at 20 KB/s, every 50 s). A fast upstream fills a
-/// batch well within that and is never flushed. What an upstream sent just
-/// before it stalls (less than `flushAfter`'s worth after a hand-on) waits
-/// for its next chunk or for the idle timeout's cut.
+/// megabyte at a time (at 20 KB/s, every 50 s). So do the chunks after it,
+/// until a batch's worth has come that way: an upstream writes a burst
+/// after a pause (a window's worth per round trip), which the socket
+/// delivers in several reads, and the burst's tail must not wait for the
+/// next pause to end. A fast upstream fills a batch well within
+/// `flushAfter` and is never flushed; one that paused once costs a
+/// megabyte of small writes, then batches again.
+///
+/// A batch becomes readable by followers as soon as its write completes
+/// (the write's task tells the fill), not when the sink next looks: an
+/// upstream that sends a megabyte and then pauses has that megabyte reach
+/// its clients during the pause.
 ///
 /// When a write fails (a full disk, an I/O error), or there was no file to
 /// begin with, the sink goes on without the disk: each batch is hashed and
@@ -56,10 +64,17 @@ struct BlobSink {
     private var writing: (task: Task<WriteResult, Never>, batch: ByteBuffer, at: Int64)?
     /// Bytes handed on (to writes or to memory) so far.
     private var offset: Int64 = 0
+    /// Bytes handed on chunk by chunk since the upstream last paused; nil
+    /// while batching.
+    private var sincePause: Int?
 
     private struct WriteResult: Sendable {
         var hasher: DigestHasher
+        /// The disk's error: the batch goes to memory instead.
         var error: (any Error)?
+        /// The fill's verdict on the batch's bytes (a body longer than
+        /// said): the fill fails.
+        var failure: (any Error)?
     }
 
     init(writer: any BlobWriter, fd: CInt?, fill: Fill, clock: IdleClock, algorithm: Digest.Algorithm,
@@ -73,11 +88,9 @@ struct BlobSink {
         self.hasher = DigestHasher(algorithm)
     }
 
-    /// Takes a chunk. Returns how many bytes have newly become readable by
-    /// followers (a batch finished), 0 if none.
-    mutating func append(_ chunk: ByteBuffer) async throws -> Int64 {
+    /// Takes a chunk.
+    mutating func append(_ chunk: ByteBuffer) async throws {
         var chunk = chunk
-        var written: Int64 = 0
         while chunk.readableBytes > 0 {
             // An empty buffer is recycled here rather than when its write
             // ended: by now the backend's thread has surely dropped its
@@ -89,13 +102,16 @@ struct BlobSink {
             } else if var head = chunk.readSlice(length: room) {
                 pending.writeBuffer(&head)
             }
-            if pending.readableBytes >= Self.batchSize { written += try await startBatch() }
+            if pending.readableBytes >= Self.batchSize { try await startBatch() }
         }
-        if pending.readableBytes > 0, ContinuousClock.now - handedOn >= flushAfter {
-            written += try await startBatch()
-            written += try await awaitWrite()
+        guard pending.readableBytes > 0 else { return }
+        if ContinuousClock.now - handedOn >= flushAfter { sincePause = 0 }
+        if let handed = sincePause {
+            let count = pending.readableBytes
+            try await startBatch()
+            try await awaitWrite()
+            sincePause = handed + count >= Self.batchSize ? nil : handed + count
         }
-        return written
     }
 
     /// A batch's room: a whole batch, or what is left of a body of known
@@ -106,12 +122,11 @@ struct BlobSink {
         return Int(max(0, min(Int64(Self.batchSize), expectedLength - offset)))
     }
 
-    /// Hands on what is left and waits for it. Returns the bytes that newly
-    /// became readable, and the digest's hex.
-    mutating func finish() async throws -> (written: Int64, hex: String) {
-        var written = try await startBatch()
-        written += try await awaitWrite()
-        return (written, hasher.finalizeHex())
+    /// Hands on what is left and waits for it. Returns the digest's hex.
+    mutating func finish() async throws -> String {
+        try await startBatch()
+        try await awaitWrite()
+        return hasher.finalizeHex()
     }
 
     /// Waits for a write in progress, ignoring its outcome: the descriptor is
@@ -123,9 +138,9 @@ struct BlobSink {
 
     /// Waits for the previous batch, then starts the pending one: a write
     /// that overlaps the next read, or, without a disk, a hash and a spill.
-    private mutating func startBatch() async throws -> Int64 {
-        let written = try await awaitWrite()
-        guard pending.readableBytes > 0 else { return written }
+    private mutating func startBatch() async throws {
+        try await awaitWrite()
+        guard pending.readableBytes > 0 else { return }
         let batch = pending
         handedOn = .now
         let at = offset
@@ -135,44 +150,49 @@ struct BlobSink {
         guard let fd else {
             hasher.update(batch)
             try await fill.spill(batch, at: at, clock: clock)
-            return written + Int64(batch.readableBytes)
+            try fill.written(Int64(batch.readableBytes))
+            return
         }
-        let (writer, state) = (writer, hasher)
+        let (writer, state, fill) = (writer, hasher, fill)
         writing = (Task {
             var state = state
             state.update(batch)
             do {
                 try await writer.write(batch, to: fd, at: at)
-                return WriteResult(hasher: state)
             } catch {
                 return WriteResult(hasher: state, error: error)
             }
+            do {
+                try fill.written(Int64(batch.readableBytes))
+                return WriteResult(hasher: state)
+            } catch {
+                return WriteResult(hasher: state, failure: error)
+            }
         }, batch, at)
-        return written
     }
 
-    private mutating func awaitWrite() async throws -> Int64 {
-        guard var current = writing else { return 0 }
+    private mutating func awaitWrite() async throws {
+        guard var current = writing else { return }
         writing = nil
         // A slow disk (a long fsync of another fill on a shared thread
         // pool, say) is not a silent upstream: the wait is paused out of
         // `upstream_idle`.
         let result = await clock.paused { await current.task.value }
         hasher = result.hasher
-        let count = Int64(current.batch.readableBytes)
+        if let failure = result.failure { throw failure }
         if let error = result.error {
             // The file holds everything before this batch; from here on
             // followers read memory.
             fd = nil
             fill.storageFailed(error, fileEnd: current.at)
             try await fill.spill(current.batch, at: current.at, clock: clock)
+            try fill.written(Int64(current.batch.readableBytes))
         } else {
             // Kept for the next batch, emptied by moving the reader index
             // only (no write to the storage the backend may still hold).
             current.batch.moveReaderIndex(forwardBy: current.batch.readableBytes)
             spare = current.batch
         }
-        return count
     }
 }
 

@@ -440,14 +440,9 @@ public final class Fill: Sendable {
                     for try await chunk in body {
                         clock.tick()
                         try self.yieldIfUnwanted(slots)
-                        let written = try await sink.append(chunk)
-                        if written > 0, case .discard(let failure) = self.transition({ $0.bytesWritten(written) }) {
-                            throw failure
-                        }
+                        try await sink.append(chunk)
                     }
-                    let finished = try await sink.finish()
-                    if case .discard(let failure) = self.transition({ $0.bytesWritten(finished.written) }) { throw failure }
-                    return finished.hex
+                    return try await sink.finish()
                 } catch {
                     await sink.abandon()
                     throw error
@@ -516,6 +511,14 @@ public final class Fill: Sendable {
                 context.logger.warning("fill failed", metadata: ["digest": "\(digest)", "error": "\(failure)"])
             }
         }
+    }
+
+    /// `count` more bytes of the body are readable by followers: a batch's
+    /// write completed, or it went to the memory window. Throws the fill's
+    /// failure when the body is longer than the upstream said. Called by
+    /// `BlobSink` in the body's order: one write is in flight at a time.
+    func written(_ count: Int64) throws {
+        if case .discard(let failure) = transition({ $0.bytesWritten(count) }) { throw failure }
     }
 
     // MARK: without the disk
