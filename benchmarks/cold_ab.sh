@@ -12,10 +12,16 @@
 #   FILLS=4 ROUNDS=3 benchmarks/cold_ab.sh .build/release/cache-proxy nginx
 # HASH=1: the client pipes each body through sha256sum and checks it (a
 # client that hashes what it reads, as containerd and the harness do).
+# FSYNC=false: the proxy does not fsync its files (`storage.fsync`), as
+# nginx never does; by default it does, and its CPU includes the fsync's
+# write-back, which nginx's leaves to the kernel's flusher.
+# nginx's VmHWM is summed over its processes, shared pages counted in each.
 set -euo pipefail
 (($# >= 1)) || { echo "usage: $0 BINARY [BINARY...]" >&2; exit 2; }
-for tool in docker-registry curl sha256sum; do
-  command -v "$tool" >/dev/null || { echo "$0: $tool is missing (apt-get install docker-registry curl)" >&2; exit 2; }
+tools=(docker-registry curl sha256sum)
+for binary in "$@"; do [[ $binary == nginx ]] && tools+=(nginx pgrep); done
+for tool in "${tools[@]}"; do
+  command -v "$tool" >/dev/null || { echo "$0: $tool is missing (apt-get install docker-registry curl nginx procps)" >&2; exit 2; }
 done
 fills=${FILLS:-4} rounds=${ROUNDS:-3}
 work=$(mktemp -d)
@@ -31,13 +37,15 @@ for d in "${blobs[@]}"; do curl -s -o /dev/null "http://127.0.0.1:$origin/v2/ab/
 cat > "$work/proxy.yml" <<EOT
 api: {hostname: "127.0.0.1", port: $proxy}
 upstreams: [{host: "127.0.0.1:$proxy", registry: "127.0.0.1", port: $origin, schema: "http"}]
-storage: {folder: "$work/cache"}
+storage: {folder: "$work/cache", fsync: ${FSYNC:-true}}
 EOT
 nginx_conf=$(dirname "$0")/../../shared/bench/conf/nginx-cache.conf
 # utime+stime ticks of a process and its children (nginx's workers).
 ticks() {
   local total=0 p
-  for p in $1 $(pgrep -P "$1" || true); do total=$((total + $(awk '{print $14+$15}' /proc/$p/stat))); done
+  # A child gone between the listing and the read counts 0 (its ticks
+  # went to the master's cutime, which is not read).
+  for p in $1 $(pgrep -P "$1" || true); do total=$((total + $(awk '{print $14+$15}' /proc/$p/stat 2>/dev/null || echo 0))); done
   echo $total
 }
 for round in $(seq "$rounds"); do
@@ -53,25 +61,31 @@ for round in $(seq "$rounds"); do
       "$binary" --config "$work/proxy.yml" > "$work/proxy.log" 2>&1 & pid=$!
     fi
     up=
-    for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$proxy/v2/" && up=1 && break; sleep 0.1; done
+    # Up: the process started here is alive and the port answers (a
+    # leftover server on the port would answer too, hence both).
+    for _ in $(seq 50); do
+      kill -0 $pid 2>/dev/null || break
+      curl -s -o /dev/null "http://127.0.0.1:$proxy/v2/" && up=1 && break
+      sleep 0.1
+    done
     [[ -n $up ]] || { echo "$binary: did not start (log: $work/proxy.log)" >&2; cat "$work/proxy.log" >&2; exit 1; }
     t0=$(ticks $pid) s0=$(date +%s.%N)
     for d in "${blobs[@]}"; do
       if [[ -n ${HASH:-} ]]; then
         # A client that hashes what it reads (as containerd and the
         # harness do), slower than one writing to /dev/null.
-        got=$(curl -sf "http://127.0.0.1:$proxy/v2/ab/blobs/$d" | sha256sum | cut -d' ' -f1)
+        got=$( (curl -sf --max-time 60 "http://127.0.0.1:$proxy/v2/ab/blobs/$d" || echo "curl failed: $?" >&2) | sha256sum | cut -d' ' -f1)
         [[ sha256:$got == "$d" ]] || { echo "$binary: $d came as sha256:$got" >&2; exit 1; }
       else
-        code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$proxy/v2/ab/blobs/$d") || code=000
+        code=$(curl -s --max-time 60 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$proxy/v2/ab/blobs/$d") || code=000
         [[ $code == 200 ]] || { echo "$binary: $d answered $code" >&2; exit 1; }
       fi
     done
     s1=$(date +%s.%N)
-    sleep 0.3  # a fill may still be publishing
+    sleep 1  # a fill may still be syncing and publishing (idle costs nothing)
     t1=$(ticks $pid)
     hwm=0
-    for p in $pid $(pgrep -P $pid || true); do hwm=$((hwm + $(awk '/VmHWM/{print $2}' /proc/$p/status))); done
+    for p in $pid $(pgrep -P $pid || true); do hwm=$((hwm + $(awk '/VmHWM/{print $2}' /proc/$p/status 2>/dev/null || echo 0))); done
     kill $pid; wait $pid 2>/dev/null || true; pid=
     awk -v r="$round" -v b="$binary" -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v n="$fills" -v s0="$s0" -v s1="$s1" -v h="$hwm" \
       'BEGIN{printf "round %d  %-40s CPU %.2f s/GB  wall %.3f s/fill  VmHWM %.1f MB\n", r, b, t/hz/(n*67.108864e-3), (s1-s0)/n, h/1024}'
