@@ -75,7 +75,7 @@ final class SlowDiskTests: XCTestCase {
         let hex = try await UpstreamBody.read(idle: .seconds(5)) { clock in
             // No unfilled batch for a slow moment of the test's machine.
             var sink = BlobSink(writer: writer, fd: fd, fill: fill, clock: clock, algorithm: .sha256,
-                                flushAfter: .seconds(3600))
+                                flushAfter: .seconds(3600), startChunkByChunk: false)
             for start in stride(from: 0, to: bytes.count, by: 100_000) {  // not a divisor of a batch
                 clock.tick()
                 try await sink.append(ByteBuffer(bytes: bytes[start..<min(bytes.count, start + 100_000)]))
@@ -116,6 +116,41 @@ final class SlowDiskTests: XCTestCase {
                 XCTAssertLessThan(writer.seen.first?.capacity ?? .max, 4096, "its own size")
             }
         }
+    }
+
+    /// Only a pause puts the sink back to handing chunks on one by one: an
+    /// upstream that streams steadily, slower than a batch per `flushAfter`,
+    /// gets the body's first megabyte chunk by chunk, then a partial batch
+    /// per `flushAfter`, not a write per chunk for the rest of the blob.
+    func testASteadyUpstreamIsHandedOnInBatchesAfterItsFirstMegabyte() async throws {
+        let chunk = 64 * 1024
+        let bytes = FaultInjectionTests.randomBytes(48 * chunk)
+        let digest = try Digest(parsing: FaultInjectionTests.digest(of: bytes))
+        let upstream = ProxyConfig.Upstream(host: "h", registry: "127.0.0.1", port: 80, schema: "http", aliases: [])
+        let fill = Fill(digest: digest, upstream: upstream, repository: "r", requestHeaders: [:], holdBack: 0)
+        let folder = try makeTemporaryFolder("steady")
+        let fd = Glibc.open(folder + "/blob", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        defer { Glibc.close(fd) }
+        let writer = RecordingWriter()
+        let hex = try await UpstreamBody.read(idle: .seconds(5)) { clock in
+            // 64 KiB every 20 ms (3.2 MB/s): ten chunks per `flushAfter`,
+            // and no gap near it, even on a loaded machine.
+            var sink = BlobSink(writer: writer, fd: fd, fill: fill, clock: clock, algorithm: .sha256,
+                                flushAfter: .milliseconds(200))
+            for start in stride(from: 0, to: bytes.count, by: chunk) {
+                clock.tick()
+                try await sink.append(ByteBuffer(bytes: bytes[start..<(start + chunk)]))
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            return try await sink.finish()
+        }
+        XCTAssertEqual(hex, digest.hex)
+        let sizes = writer.seen.map(\.count)
+        XCTAssertEqual(Array(sizes.prefix(16)), Array(repeating: chunk, count: 16), "the first megabyte as it comes")
+        // 32 chunks in 640 ms: a partial batch every ~10 chunks, not 32 writes.
+        XCTAssertLessThanOrEqual(sizes.count - 16, 8, "then batches: \(sizes.dropFirst(16))")
+        XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: folder + "/blob")), Data(bytes))
     }
 
     /// A cached file the kernel no longer holds in its page cache is read on

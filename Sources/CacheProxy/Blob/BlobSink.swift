@@ -20,16 +20,20 @@ import NIOCore
 /// length the upstream gave gets buffers no larger than what is left of it
 /// (a 2 KB manifest, 2 KB).
 ///
-/// A chunk that comes `flushAfter` or more after the last batch was handed
-/// on goes out at once, in an unfilled batch, and is waited for: the
-/// clients of an upstream that trickles get its bytes as they come, not a
-/// megabyte at a time (at 20 KB/s, every 50 s). So do the chunks after it,
-/// until a batch's worth has come that way: an upstream writes a burst
-/// after a pause (a window's worth per round trip), which the socket
-/// delivers in several reads, and the burst's tail must not wait for the
-/// next pause to end. A fast upstream fills a batch well within
-/// `flushAfter` and is never flushed; one that paused once costs a
-/// megabyte of small writes, then batches again.
+/// Bytes do not wait long for a batch to fill:
+/// - A chunk that comes `flushAfter` or more after the last batch was
+///   handed on goes out at once, in an unfilled batch, and is waited for:
+///   the clients of an upstream that trickles get its bytes as they come,
+///   not a megabyte at a time (at 20 KB/s, every 50 s).
+/// - After the upstream paused (`flushAfter` or more between the sink
+///   being ready and the next chunk; time spent on its own writes is not a
+///   pause), and from the body's start, chunks go out one by one until a
+///   batch's worth has gone that way. An upstream writes a burst after a
+///   pause (a window's worth per round trip), which the socket delivers in
+///   several reads, and the burst's tail must not wait for the next pause.
+/// A fast upstream pays a megabyte of small writes at its start, then
+/// fills a batch well within `flushAfter` and is never flushed. What is
+/// left of a burst longer than a batch still waits for the next chunk.
 ///
 /// A batch becomes readable by followers as soon as its write completes
 /// (the write's task tells the fill), not when the sink next looks: an
@@ -64,9 +68,12 @@ struct BlobSink {
     private var writing: (task: Task<WriteResult, Never>, batch: ByteBuffer, at: Int64)?
     /// Bytes handed on (to writes or to memory) so far.
     private var offset: Int64 = 0
-    /// Bytes handed on chunk by chunk since the upstream last paused; nil
-    /// while batching.
+    /// Bytes handed on chunk by chunk since the upstream last paused (or
+    /// the body began); nil while batching.
     private var sincePause: Int?
+    /// When the sink was last ready for a chunk: after the writes it
+    /// waited for, so that a slow disk is not taken for a pause.
+    private var readyAt = ContinuousClock.now
 
     private struct WriteResult: Sendable {
         var hasher: DigestHasher
@@ -78,7 +85,8 @@ struct BlobSink {
     }
 
     init(writer: any BlobWriter, fd: CInt?, fill: Fill, clock: IdleClock, algorithm: Digest.Algorithm,
-         expectedLength: Int64? = nil, flushAfter: Duration = BlobSink.flushAfter) {
+         expectedLength: Int64? = nil, flushAfter: Duration = BlobSink.flushAfter, startChunkByChunk: Bool = true) {
+        self.sincePause = startChunkByChunk ? 0 : nil
         self.expectedLength = expectedLength
         self.flushAfter = flushAfter
         self.writer = writer
@@ -90,6 +98,9 @@ struct BlobSink {
 
     /// Takes a chunk.
     mutating func append(_ chunk: ByteBuffer) async throws {
+        let arrived = ContinuousClock.now
+        if arrived - readyAt >= flushAfter { sincePause = 0 }
+        defer { readyAt = .now }
         var chunk = chunk
         while chunk.readableBytes > 0 {
             // An empty buffer is recycled here rather than when its write
@@ -105,13 +116,22 @@ struct BlobSink {
             if pending.readableBytes >= Self.batchSize { try await startBatch() }
         }
         guard pending.readableBytes > 0 else { return }
-        if ContinuousClock.now - handedOn >= flushAfter { sincePause = 0 }
         if let handed = sincePause {
             let count = pending.readableBytes
-            try await startBatch()
-            try await awaitWrite()
+            try await flush()
             sincePause = handed + count >= Self.batchSize ? nil : handed + count
+        } else if arrived - handedOn >= flushAfter {
+            try await flush()
         }
+    }
+
+    /// Hands the unfilled batch on and waits for it. The hand-on counts
+    /// from the write's end: a write slower than `flushAfter` must not make
+    /// every next chunk look late.
+    private mutating func flush() async throws {
+        try await startBatch()
+        try await awaitWrite()
+        handedOn = .now
     }
 
     /// A batch's room: a whole batch, or what is left of a body of known
