@@ -64,12 +64,7 @@ final class SlowDiskTests: XCTestCase {
     /// a batch's end is split), and the file holds the blob's bytes.
     func testAFillWritesEveryBatchFromTwoBuffers() async throws {
         let bytes = FaultInjectionTests.randomBytes(6 * BlobSink.batchSize + 1000)
-        let digest = try Digest(parsing: FaultInjectionTests.digest(of: bytes))
-        let upstream = ProxyConfig.Upstream(host: "h", registry: "127.0.0.1", port: 80, schema: "http", aliases: [])
-        let fill = Fill(digest: digest, upstream: upstream, repository: "r", requestHeaders: [:], holdBack: 0)
-        let folder = try makeTemporaryFolder("two-buffers")
-        let fd = Glibc.open(folder + "/blob", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-        XCTAssertGreaterThanOrEqual(fd, 0)
+        let (digest, fill, file, fd) = try sinkTarget("two-buffers", for: bytes)
         defer { Glibc.close(fd) }
         let writer = RecordingWriter()
         let hex = try await UpstreamBody.read(idle: .seconds(5)) { clock in
@@ -86,7 +81,18 @@ final class SlowDiskTests: XCTestCase {
         XCTAssertEqual(writer.seen.map(\.count), Array(repeating: BlobSink.batchSize, count: 6) + [1000],
                        "six full batches and the rest")
         XCTAssertLessThanOrEqual(Set(writer.seen.map(\.address)).count, 2, "batches reuse the fill's two buffers")
-        XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: folder + "/blob")), Data(bytes))
+        XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: file)), Data(bytes))
+    }
+
+    /// A fill of `bytes` for a sink to pour into, and the open file it writes.
+    private func sinkTarget(_ name: String, for bytes: [UInt8]) throws -> (Digest, Fill, path: String, fd: CInt) {
+        let digest = try Digest(parsing: FaultInjectionTests.digest(of: bytes))
+        let upstream = ProxyConfig.Upstream(host: "h", registry: "127.0.0.1", port: 80, schema: "http", aliases: [])
+        let fill = Fill(digest: digest, upstream: upstream, repository: "r", requestHeaders: [:], holdBack: 0)
+        let path = try makeTemporaryFolder(name) + "/blob"
+        let fd = Glibc.open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        return (digest, fill, path, fd)
     }
 
     /// A small blob of known length (a manifest, a config) is gathered in a
@@ -125,12 +131,7 @@ final class SlowDiskTests: XCTestCase {
     func testASteadyUpstreamIsHandedOnInBatchesAfterItsFirstMegabyte() async throws {
         let chunk = 64 * 1024
         let bytes = FaultInjectionTests.randomBytes(48 * chunk)
-        let digest = try Digest(parsing: FaultInjectionTests.digest(of: bytes))
-        let upstream = ProxyConfig.Upstream(host: "h", registry: "127.0.0.1", port: 80, schema: "http", aliases: [])
-        let fill = Fill(digest: digest, upstream: upstream, repository: "r", requestHeaders: [:], holdBack: 0)
-        let folder = try makeTemporaryFolder("steady")
-        let fd = Glibc.open(folder + "/blob", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-        XCTAssertGreaterThanOrEqual(fd, 0)
+        let (digest, fill, file, fd) = try sinkTarget("steady", for: bytes)
         defer { Glibc.close(fd) }
         let writer = RecordingWriter()
         let hex = try await UpstreamBody.read(idle: .seconds(5)) { clock in
@@ -150,7 +151,7 @@ final class SlowDiskTests: XCTestCase {
         XCTAssertEqual(Array(sizes.prefix(16)), Array(repeating: chunk, count: 16), "the first megabyte as it comes")
         // 32 chunks in 640 ms: a partial batch every ~10 chunks, not 32 writes.
         XCTAssertLessThanOrEqual(sizes.count - 16, 8, "then batches: \(sizes.dropFirst(16))")
-        XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: folder + "/blob")), Data(bytes))
+        XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: file)), Data(bytes))
     }
 
     /// A cached file the kernel no longer holds in its page cache is read on

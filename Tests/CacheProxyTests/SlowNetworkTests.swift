@@ -388,42 +388,39 @@ final class SlowNetworkTests: XCTestCase {
     /// the digest) are there by the fourth chunk (1.5 s), not the fifth.
     func testATricklingUpstreamReachesItsClientAsItComes() async throws {
         let bytes = F.randomBytes(600_000)
-        let (upstream, proxy) = try await start { _ in
-            .init(body: bytes, chunkSize: 100_000, delay: .milliseconds(500))
-        }
+        try await expectEarly(300_000, of: bytes, within: 1.8, "300 KB by the fourth chunk (1.5 s), not the fifth (2 s)",
+                              from: .init(body: bytes, chunkSize: 100_000, delay: .milliseconds(500)))
+    }
+
+    /// Fetches `bytes` from an upstream answering `reply`: the client must
+    /// hold `count` bytes within `seconds` of asking (`why`), then every byte.
+    private func expectEarly(_ count: Int, of bytes: [UInt8], within seconds: TimeInterval, _ why: String,
+                             timeouts: String = shortTimeouts, from reply: FakeUpstream.Reply) async throws {
+        let (upstream, proxy) = try await start(timeouts: timeouts) { _ in reply }
         let socket = try RawSocket(port: proxy.port, receiveTimeout: 5)
         let started = Date()
         XCTAssertTrue(socket.send("GET /v2/a/blobs/\(F.digest(of: bytes)) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
         XCTAssertTrue(socket.receiveHead().hasPrefix("HTTP/1.1 200"))
-        let early = socket.receive(limit: 300_000)
-        XCTAssertGreaterThanOrEqual(early.count, 300_000)
-        XCTAssertLessThan(Date().timeIntervalSince(started), 1.8, "300 KB by the fourth chunk (1.5 s), not the fifth (2 s)")
+        let early = socket.receive(limit: count)
+        XCTAssertGreaterThanOrEqual(early.count, count)
+        XCTAssertLessThan(Date().timeIntervalSince(started), seconds, why)
         let rest = socket.receive(limit: bytes.count - early.count)
         XCTAssertTrue(early + rest == bytes, "every byte, verified")
         socket.close()
         await stop(upstream, proxy)
     }
 
+    /// For an upstream that pauses longer than `upstream_idle: 1` allows.
+    static let patientTimeouts = shortTimeouts.replacingOccurrences(of: "upstream_idle: 1", with: "upstream_idle: 3")
+
     /// An upstream that sends a burst per pause (200 KB every 800 ms, which
     /// the socket delivers in several reads): each whole burst reaches the
     /// client before the next, not its first read only.
     func testATricklingUpstreamsWholeBurstReachesTheClientBeforeTheNext() async throws {
         let bytes = F.randomBytes(1_000_000)
-        let timeouts = Self.shortTimeouts.replacingOccurrences(of: "upstream_idle: 1", with: "upstream_idle: 3")
-        let (upstream, proxy) = try await start(timeouts: timeouts) { _ in
-            .init(body: bytes, chunkSize: 200_000, delay: .milliseconds(800))
-        }
-        let socket = try RawSocket(port: proxy.port, receiveTimeout: 5)
-        let started = Date()
-        XCTAssertTrue(socket.send("GET /v2/a/blobs/\(F.digest(of: bytes)) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
-        XCTAssertTrue(socket.receiveHead().hasPrefix("HTTP/1.1 200"))
-        let early = socket.receive(limit: 600_000)
-        XCTAssertGreaterThanOrEqual(early.count, 600_000)
-        XCTAssertLessThan(Date().timeIntervalSince(started), 2.1, "the third burst (1.6 s) whole, before the fourth (2.4 s)")
-        let rest = socket.receive(limit: bytes.count - early.count)
-        XCTAssertTrue(early + rest == bytes, "every byte, verified")
-        socket.close()
-        await stop(upstream, proxy)
+        try await expectEarly(600_000, of: bytes, within: 2.1, "the third burst (1.6 s) whole, before the fourth (2.4 s)",
+                              timeouts: Self.patientTimeouts,
+                              from: .init(body: bytes, chunkSize: 200_000, delay: .milliseconds(800)))
     }
 
     /// A batch is readable as soon as its write completes: an upstream that
@@ -433,21 +430,10 @@ final class SlowNetworkTests: XCTestCase {
     /// here is the second.)
     func testAWrittenBatchReachesTheClientWhileTheUpstreamPauses() async throws {
         let bytes = F.randomBytes(2_500_000)
-        let timeouts = Self.shortTimeouts.replacingOccurrences(of: "upstream_idle: 1", with: "upstream_idle: 3")
-        let (upstream, proxy) = try await start(timeouts: timeouts) { _ in
-            .init(body: bytes, chunkSize: 100_000, stallAfter: 2_200_000, stallFor: .milliseconds(1500))
-        }
-        let socket = try RawSocket(port: proxy.port, receiveTimeout: 5)
-        let started = Date()
-        XCTAssertTrue(socket.send("GET /v2/a/blobs/\(F.digest(of: bytes)) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
-        XCTAssertTrue(socket.receiveHead().hasPrefix("HTTP/1.1 200"))
-        let first = socket.receive(limit: 2 * BlobSink.batchSize)
-        XCTAssertGreaterThanOrEqual(first.count, 2 * BlobSink.batchSize)
-        XCTAssertLessThan(Date().timeIntervalSince(started), 1.0, "the second batch during the 1.5 s pause, not after it")
-        let rest = socket.receive(limit: bytes.count - first.count)
-        XCTAssertTrue(first + rest == bytes, "every byte, verified")
-        socket.close()
-        await stop(upstream, proxy)
+        try await expectEarly(2 * BlobSink.batchSize, of: bytes, within: 1.0,
+                              "the second batch during the 1.5 s pause, not after it", timeouts: Self.patientTimeouts,
+                              from: .init(body: bytes, chunkSize: 100_000, stallAfter: 2_200_000,
+                                          stallFor: .milliseconds(1500)))
     }
 
     /// Each flushed batch of a trickling fill wakes every follower: none of
