@@ -40,14 +40,15 @@ upstreams: [{host: "127.0.0.1:$proxy", registry: "127.0.0.1", port: $origin, sch
 storage: {folder: "$work/cache", fsync: ${FSYNC:-true}}
 EOT
 nginx_conf=$(dirname "$0")/../../shared/bench/conf/nginx-cache.conf
-# utime+stime ticks of a process and its children (nginx's workers).
-ticks() {
+# The sum of what AWK prints from /proc/PID/FILE over a process and its
+# children (nginx's workers). A child gone between the listing and the read
+# counts 0 (its ticks went to the master's cutime, which is not read).
+tree_sum() {
   local total=0 p
-  # A child gone between the listing and the read counts 0 (its ticks
-  # went to the master's cutime, which is not read).
-  for p in $1 $(pgrep -P "$1" || true); do total=$((total + $(awk '{print $14+$15}' /proc/$p/stat 2>/dev/null || echo 0))); done
+  for p in $1 $(pgrep -P "$1" || true); do total=$((total + $(awk "$3" /proc/$p/$2 2>/dev/null || echo 0))); done
   echo $total
 }
+ticks() { tree_sum "$1" stat '{print $14+$15}'; }
 for round in $(seq "$rounds"); do
   for binary in "$@"; do
     rm -rf "$work/cache" "$work/nginx"
@@ -84,8 +85,7 @@ for round in $(seq "$rounds"); do
     s1=$(date +%s.%N)
     sleep 1  # a fill may still be syncing and publishing (idle costs nothing)
     t1=$(ticks $pid)
-    hwm=0
-    for p in $pid $(pgrep -P $pid || true); do hwm=$((hwm + $(awk '/VmHWM/{print $2}' /proc/$p/status 2>/dev/null || echo 0))); done
+    hwm=$(tree_sum $pid status '/VmHWM/{print $2}')
     kill $pid; wait $pid 2>/dev/null || true; pid=
     awk -v r="$round" -v b="$binary" -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v n="$fills" -v s0="$s0" -v s1="$s1" -v h="$hwm" \
       'BEGIN{printf "round %d  %-40s CPU %.2f s/GB  wall %.3f s/fill  VmHWM %.1f MB\n", r, b, t/hz/(n*67.108864e-3), (s1-s0)/n, h/1024}'

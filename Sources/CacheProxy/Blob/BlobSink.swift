@@ -170,24 +170,15 @@ struct BlobSink {
         guard let fd else {
             hasher.update(batch)
             try await fill.spill(batch, at: at, clock: clock)
-            try fill.written(Int64(batch.readableBytes))
             return
         }
         let (writer, state, fill) = (writer, hasher, fill)
         writing = (Task {
             var state = state
             state.update(batch)
-            do {
-                try await writer.write(batch, to: fd, at: at)
-            } catch {
-                return WriteResult(hasher: state, error: error)
-            }
-            do {
-                try fill.written(Int64(batch.readableBytes))
-                return WriteResult(hasher: state)
-            } catch {
-                return WriteResult(hasher: state, failure: error)
-            }
+            do { try await writer.write(batch, to: fd, at: at) } catch { return WriteResult(hasher: state, error: error) }
+            do { try fill.written(Int64(batch.readableBytes)) } catch { return WriteResult(hasher: state, failure: error) }
+            return WriteResult(hasher: state)
         }, batch, at)
     }
 
@@ -206,7 +197,6 @@ struct BlobSink {
             fd = nil
             fill.storageFailed(error, fileEnd: current.at)
             try await fill.spill(current.batch, at: current.at, clock: clock)
-            try fill.written(Int64(current.batch.readableBytes))
         } else {
             // Kept for the next batch, emptied by moving the reader index
             // only (no write to the storage the backend may still hold).

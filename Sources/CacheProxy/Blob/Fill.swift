@@ -556,7 +556,8 @@ public final class Fill: Sendable {
     }
 
     /// Keeps a batch that did not reach the disk in the memory window, for
-    /// followers to read. Waits while the window is full: the upstream is
+    /// followers to read, and makes it readable (`written`) once there is
+    /// room. Waits while the window is full: the upstream is
     /// then read only as fast as the slowest follower takes bytes, so memory
     /// stays bounded whatever the blob's size. The wait is the followers',
     /// not the upstream's: `clock` is paused meanwhile. A slow follower is
@@ -595,5 +596,6 @@ public final class Fill: Sendable {
                 }
             }
         }
+        try written(Int64(batch.readableBytes))
     }
 }
