@@ -37,7 +37,7 @@ for d in "${blobs[@]}"; do curl -s -o /dev/null "http://127.0.0.1:$origin/v2/ab/
 cat > "$work/proxy.yml" <<EOT
 api: {hostname: "127.0.0.1", port: $proxy}
 upstreams: [{host: "127.0.0.1:$proxy", registry: "127.0.0.1", port: $origin, schema: "http"}]
-storage: {folder: "$work/cache", fsync: ${FSYNC:-true}}
+storage: {folder: "$work/cache", fsync: ${FSYNC:-true}, io_backend: ${BACKEND:-auto}}
 EOT
 nginx_conf=$(dirname "$0")/../../shared/bench/conf/nginx-cache.conf
 # The sum of what AWK prints from /proc/PID/FILE over a process and its
@@ -70,7 +70,7 @@ for round in $(seq "$rounds"); do
       sleep 0.1
     done
     [[ -n $up ]] || { echo "$binary: did not start (log: $work/proxy.log)" >&2; cat "$work/proxy.log" >&2; exit 1; }
-    t0=$(ticks $pid) s0=$(date +%s.%N)
+    t0=$(ticks $pid) o0=$(ticks $registry_pid) s0=$(date +%s.%N)
     for d in "${blobs[@]}"; do
       if [[ -n ${HASH:-} ]]; then
         # A client that hashes what it reads (as containerd and the
@@ -84,10 +84,10 @@ for round in $(seq "$rounds"); do
     done
     s1=$(date +%s.%N)
     sleep 1  # a fill may still be syncing and publishing (idle costs nothing)
-    t1=$(ticks $pid)
+    t1=$(ticks $pid) o1=$(ticks $registry_pid)
     hwm=$(tree_sum $pid status '/VmHWM/{print $2}')
     kill $pid; wait $pid 2>/dev/null || true; pid=
-    awk -v r="$round" -v b="$binary" -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v n="$fills" -v s0="$s0" -v s1="$s1" -v h="$hwm" \
-      'BEGIN{printf "round %d  %-40s CPU %.2f s/GB  wall %.3f s/fill  VmHWM %.1f MB\n", r, b, t/hz/(n*67.108864e-3), (s1-s0)/n, h/1024}'
+    awk -v r="$round" -v b="$binary" -v t=$((t1 - t0)) -v o=$((o1 - o0)) -v hz="$(getconf CLK_TCK)" -v n="$fills" -v s0="$s0" -v s1="$s1" -v h="$hwm" \
+      'BEGIN{gb = n*67.108864e-3; printf "round %d  %-40s CPU %.2f s/GB  origin %.2f  wall %.3f s/fill  VmHWM %.1f MB\n", r, b, t/hz/gb, o/hz/gb, (s1-s0)/n, h/1024}'
   done
 done
