@@ -10,6 +10,10 @@
 # and workers counted together, so the two systems alternate in one run.
 #   FILLS=4 ROUNDS=3 benchmarks/cold_ab.sh .build/release/cache-proxy /path/to/other/cache-proxy
 #   FILLS=4 ROUNDS=3 benchmarks/cold_ab.sh .build/release/cache-proxy nginx
+# The word `floor` runs benchmarks/fill-floor (built here): the least a
+# SwiftNIO server does for the same fill, on one event loop, reads of up to
+# 1 MiB, SHA-256 and 1 MiB writes on the loop, `sendfile` to the client;
+# FLOOR_HASH=0, FLOOR_READ_KIB, FLOOR_LOWAT_KIB vary it (see its main.swift).
 # HASH=1: the client pipes each body through sha256sum and checks it (a
 # client that hashes what it reads, as containerd and the harness do).
 # FSYNC=false: the proxy does not fsync its files (`storage.fsync`), as
@@ -19,7 +23,13 @@
 set -euo pipefail
 (($# >= 1)) || { echo "usage: $0 BINARY [BINARY...]" >&2; exit 2; }
 tools=(docker-registry curl sha256sum)
-for binary in "$@"; do [[ $binary == nginx ]] && tools+=(nginx pgrep); done
+here=$(cd "$(dirname "$0")" && pwd)
+for binary in "$@"; do
+  [[ $binary == nginx ]] && tools+=(nginx pgrep)
+  if [[ $binary == floor ]]; then
+    (cd "$here/fill-floor" && swift build -c release > /dev/null) || { echo "$0: fill-floor does not build" >&2; exit 2; }
+  fi
+done
 for tool in "${tools[@]}"; do
   command -v "$tool" >/dev/null || { echo "$0: $tool is missing (apt-get install docker-registry curl nginx procps)" >&2; exit 2; }
 done
@@ -28,7 +38,7 @@ work=$(mktemp -d)
 registry_pid= pid=
 trap '[[ -n $pid ]] && kill $pid 2>/dev/null; [[ -n $registry_pid ]] && kill $registry_pid 2>/dev/null; rm -rf "$work"' EXIT
 origin=5341 proxy=5342
-source "$(dirname "$0")/origin.sh"
+source "$here/origin.sh"
 # The same blobs for every binary: each starts on an empty cache folder.
 blobs=()
 for _ in $(seq "$fills"); do head -c $((64 << 20)) /dev/urandom > "$work/m"; blobs+=("$(push "$work/m")"); done
@@ -39,7 +49,7 @@ api: {hostname: "127.0.0.1", port: $proxy}
 upstreams: [{host: "127.0.0.1:$proxy", registry: "127.0.0.1", port: $origin, schema: "http"}]
 storage: {folder: "$work/cache", fsync: ${FSYNC:-true}, io_backend: ${BACKEND:-auto}}
 EOT
-nginx_conf=$(dirname "$0")/../../shared/bench/conf/nginx-cache.conf
+nginx_conf=$here/../../shared/bench/conf/nginx-cache.conf
 # The sum of what AWK prints from /proc/PID/FILE over a process and its
 # children (nginx's workers). A child gone between the listing and the read
 # counts 0 (its ticks went to the master's cutime, which is not read).
@@ -58,6 +68,9 @@ for round in $(seq "$rounds"); do
       sed -e "s|@@DIR@@|$work/nginx|g" -e "s|@@CACHE@@|$work/nginx/cache|g" \
           -e "s|@@PORT@@|$proxy|g" -e "s|@@ORIGIN_PORT@@|$origin|g" "$nginx_conf" > "$work/nginx/nginx.conf"
       nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" > "$work/proxy.log" 2>&1 & pid=$!
+    elif [[ $binary == floor ]]; then
+      mkdir -p "$work/cache"
+      "$here/fill-floor/.build/release/fill-floor" $proxy $origin "$work/cache" > "$work/proxy.log" 2>&1 & pid=$!
     else
       "$binary" --config "$work/proxy.yml" > "$work/proxy.log" 2>&1 & pid=$!
     fi

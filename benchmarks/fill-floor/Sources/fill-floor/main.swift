@@ -1,0 +1,142 @@
+// The least a SwiftNIO server can do for a cold fill, to show where the
+// floor of the proxy's miss path lies on this machine: for each client
+// request, a GET of the same path on a new upstream connection of the same
+// event loop, whose body is read in up to READ_KIB pieces (the socket wakes
+// the loop only once LOWAT_KIB are there, `SO_RCVLOWAT`), hashed
+// (SHA-256) and written to a file on the loop in 1 MiB batches, each batch
+// then sent to the client by `sendfile`. One thread does it all, as one
+// nginx worker does. No parsing beyond the answer's Content-Length, no
+// checks, no backpressure, no errors handled: a measuring tool for one
+// curl at a time, never a server.
+//
+//   fill-floor LISTEN_PORT ORIGIN_PORT FOLDER
+// Environment: FLOOR_READ_KIB (1024), FLOOR_LOWAT_KIB (256; 0: not set),
+// FLOOR_HASH (1; 0: no SHA-256, the floor of the IO alone).
+import Crypto
+import Foundation
+import NIOCore
+import NIOPosix
+
+let arguments = CommandLine.arguments
+guard arguments.count == 4, let port = Int(arguments[1]), let originPort = Int(arguments[2]) else {
+    print("usage: fill-floor LISTEN_PORT ORIGIN_PORT FOLDER")
+    exit(2)
+}
+enum Settings { static let origin = Int(CommandLine.arguments[2]) ?? 0 }
+let folder = arguments[3]
+let environment = ProcessInfo.processInfo.environment
+let readSize = (Int(environment["FLOOR_READ_KIB"] ?? "") ?? 1024) * 1024
+let lowWater = (Int(environment["FLOOR_LOWAT_KIB"] ?? "") ?? 256) * 1024
+let hashing = environment["FLOOR_HASH"] != "0"
+let batchSize = 1 << 20
+
+/// One fill: the upstream's answer, its body into a file and on to the client.
+final class FillHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    let client: any Channel
+    var head = ByteBuffer()
+    var remaining = -1
+    var batch = ByteBuffer()
+    var written: Int64 = 0
+    var hasher = SHA256()
+    var file: NIOFileHandle?
+    var fd: CInt = -1
+    var count = 0
+
+    init(client: any Channel) { self.client = client }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var buffer = unwrapInboundIn(data)
+        if remaining < 0 {
+            head.writeBuffer(&buffer)
+            guard let text = head.getString(at: head.readerIndex, length: head.readableBytes),
+                  let end = text.range(of: "\r\n\r\n") else { return }
+            let headText = text[..<end.lowerBound].lowercased()
+            let length = headText.split(separator: "\r\n").first { $0.hasPrefix("content-length:") }
+                .flatMap { Int($0.dropFirst("content-length:".count).trimmingCharacters(in: .whitespaces)) } ?? 0
+            let headBytes = text.utf8.distance(from: text.startIndex, to: end.upperBound)
+            head.moveReaderIndex(forwardBy: headBytes)
+            buffer = head
+            remaining = length
+            let path = "\(folder)/fill.\(ObjectIdentifier(self).hashValue)"
+            fd = open(path, O_CREAT | O_TRUNC | O_WRONLY, 0o644)
+            file = try? NIOFileHandle(_deprecatedPath: path)
+            unlink(path)
+            var out = client.allocator.buffer(capacity: 128)
+            out.writeString("HTTP/1.1 200 OK\r\nContent-Length: \(length)\r\nConnection: close\r\n\r\n")
+            client.write(out, promise: nil)
+        }
+        remaining -= buffer.readableBytes
+        if hashing { buffer.withUnsafeReadableBytes { hasher.update(bufferPointer: $0) } }
+        if batch.readableBytes == 0 && buffer.readableBytes >= batchSize {
+            flush(buffer)
+        } else {
+            batch.writeBuffer(&buffer)
+            if batch.readableBytes >= batchSize || remaining <= 0 {
+                flush(batch)
+                batch.clear()
+            }
+        }
+        if remaining <= 0 {
+            if hashing { _ = hasher.finalize() }
+            client.close(mode: .output, promise: nil)
+            close(fd)
+            let file = self.file
+            client.closeFuture.whenComplete { _ in try? file?.close() }
+            context.close(promise: nil)
+        } else {
+            setLowWater(context.channel, min(lowWater, remaining))
+        }
+    }
+
+    /// Writes the batch at the file's end and sends that range from the file.
+    func flush(_ bytes: ByteBuffer) {
+        let length = bytes.readableBytes
+        guard length > 0, let file else { return }
+        bytes.withUnsafeReadableBytes { _ = pwrite(fd, $0.baseAddress, $0.count, off_t(written)) }
+        let region = FileRegion(fileHandle: file, readerIndex: Int(written), endIndex: Int(written) + length)
+        written += Int64(length)
+        client.writeAndFlush(region, promise: nil)
+    }
+}
+
+func setLowWater(_ channel: any Channel, _ bytes: Int) {
+    guard lowWater > 0 else { return }
+    _ = (channel as? any SocketOptionProvider)?.unsafeSetSocketOption(level: .socket, name: .init(rawValue: SO_RCVLOWAT),
+                                                                       value: CInt(max(1, bytes)))
+}
+
+/// The client side: one read is one request.
+final class ClientHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let request = unwrapInboundIn(data)
+        guard let line = request.getString(at: request.readerIndex, length: request.readableBytes)?
+            .split(separator: "\r\n").first else { return }
+        let path = line.split(separator: " ").dropFirst().first.map(String.init) ?? "/"
+        let client = context.channel
+        ClientBootstrap(group: context.eventLoop)
+            .channelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64 * 1024, initial: readSize, maximum: readSize))
+            .channelOption(.maxMessagesPerRead, value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(FillHandler(client: client)) }
+            }
+            .connect(host: "127.0.0.1", port: Settings.origin)
+            .whenSuccess { upstream in
+                var ask = upstream.allocator.buffer(capacity: 256)
+                ask.writeString("GET \(path) HTTP/1.1\r\nHost: 127.0.0.1:\(Settings.origin)\r\nConnection: close\r\n\r\n")
+                upstream.writeAndFlush(ask, promise: nil)
+            }
+    }
+}
+
+let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+let server = try ServerBootstrap(group: group)
+    .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+    .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+    .childChannelInitializer { channel in
+        channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(ClientHandler()) }
+    }
+    .bind(host: "127.0.0.1", port: port).wait()
+try server.closeFuture.wait()
