@@ -11,7 +11,10 @@
 //
 //   fill-floor LISTEN_PORT ORIGIN_PORT FOLDER
 // Environment: FLOOR_READ_KIB (1024), FLOOR_LOWAT_KIB (256; 0: not set),
-// FLOOR_HASH (1; 0: no SHA-256, the floor of the IO alone).
+// FLOOR_HASH (1; 0: no SHA-256, the floor of the IO alone), FLOOR_HANDOFF
+// (0; 1: each 1 MiB batch is handed to a task, which hashes and writes it
+// and asks the loop to send it: one hop each way per batch, as a fill that
+// keeps its hashing and writing off the loop would).
 import Crypto
 import Foundation
 import NIOCore
@@ -28,6 +31,7 @@ let environment = ProcessInfo.processInfo.environment
 let readSize = (Int(environment["FLOOR_READ_KIB"] ?? "") ?? 1024) * 1024
 let lowWater = (Int(environment["FLOOR_LOWAT_KIB"] ?? "") ?? 256) * 1024
 let hashing = environment["FLOOR_HASH"] != "0"
+let handOff = environment["FLOOR_HANDOFF"] == "1"
 let batchSize = 1 << 20
 
 /// One fill: the upstream's answer, its body into a file and on to the client.
@@ -67,17 +71,20 @@ final class FillHandler: ChannelInboundHandler {
             client.write(out, promise: nil)
         }
         remaining -= buffer.readableBytes
-        if hashing { buffer.withUnsafeReadableBytes { hasher.update(bufferPointer: $0) } }
+        if hashing && !handOff { buffer.withUnsafeReadableBytes { hasher.update(bufferPointer: $0) } }
         if batch.readableBytes == 0 && buffer.readableBytes >= batchSize {
             flush(buffer)
         } else {
             batch.writeBuffer(&buffer)
             if batch.readableBytes >= batchSize || remaining <= 0 {
                 flush(batch)
-                batch.clear()
+                // A batch handed to the task is its now: a new one here, not
+                // a copy of the old on the next write.
+                if handOff { batch = client.allocator.buffer(capacity: batchSize) } else { batch.clear() }
             }
         }
         if remaining <= 0 {
+            if handOff { batches?.finish(); return context.close(promise: nil) }
             if hashing { _ = hasher.finalize() }
             client.close(mode: .output, promise: nil)
             close(fd)
@@ -89,8 +96,42 @@ final class FillHandler: ChannelInboundHandler {
         }
     }
 
+    /// The hand-off mode's batches, and the task that takes them.
+    var batches: AsyncStream<ByteBuffer>.Continuation?
+
+    func startTask() {
+        let (stream, continuation) = AsyncStream<ByteBuffer>.makeStream()
+        batches = continuation
+        let (client, fd, file) = (self.client, self.fd, self.file)
+        Task {
+            var hasher = SHA256()
+            var written: Int64 = 0
+            for await batch in stream {
+                batch.withUnsafeReadableBytes { bytes in
+                    if hashing { hasher.update(bufferPointer: bytes) }
+                    _ = pwrite(fd, bytes.baseAddress, bytes.count, off_t(written))
+                }
+                guard let file else { continue }
+                let region = FileRegion(fileHandle: file, readerIndex: Int(written), endIndex: Int(written) + batch.readableBytes)
+                written += Int64(batch.readableBytes)
+                client.eventLoop.execute { client.writeAndFlush(region, promise: nil) }
+            }
+            if hashing { _ = hasher.finalize() }
+            close(fd)
+            client.eventLoop.execute {
+                client.close(mode: .output, promise: nil)
+                client.closeFuture.whenComplete { _ in try? file?.close() }
+            }
+        }
+    }
+
     /// Writes the batch at the file's end and sends that range from the file.
     func flush(_ bytes: ByteBuffer) {
+        if handOff {
+            if batches == nil { startTask() }
+            batches?.yield(bytes)
+            return
+        }
         let length = bytes.readableBytes
         guard length > 0, let file else { return }
         bytes.withUnsafeReadableBytes { _ = pwrite(fd, $0.baseAddress, $0.count, off_t(written)) }
