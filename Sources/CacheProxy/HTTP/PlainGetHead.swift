@@ -39,11 +39,11 @@ struct PlainGetHead: Equatable {
         var index = 4
         while index < end, bytes[index] > 0x20, bytes[index] < 0x7f, bytes[index] != UInt8(ascii: "#") { index += 1 }
         let targetEnd = index
-        let version = " HTTP/1.1\r\n".utf8
-        guard index + version.count <= end,
-              zip(bytes[index..<(index + version.count)], version).allSatisfy({ $0 == $1 })
+        let version: StaticString = " HTTP/1.1\r\n"
+        guard index + version.utf8CodeUnitCount <= end,
+              version.withUTF8Buffer({ expected in expected.indices.allSatisfy { bytes[index + $0] == expected[$0] } })
         else { return nil }
-        index += version.count
+        index += version.utf8CodeUnitCount
         var head = PlainGetHead(target: String(decoding: bytes[4..<targetEnd], as: UTF8.self))
         while true {
             guard index + 1 < end else { return nil }  // no end of head within the bytes

@@ -44,24 +44,30 @@ public struct Digest: Hashable, Sendable, CustomStringConvertible {
     }
 
     public init(parsing text: Substring) throws(ParseError) {
-        // Byte by byte, not by `Character`: this runs on every request for
-        // content, hits included, and a digest is ASCII or refused.
-        guard let colon = text.firstIndex(ofByte: UInt8(ascii: ":")) else { throw .missingSeparator }
-        let algorithmName = text.utf8[..<colon]
+        // Byte by byte, not by `Character`: a digest is ASCII or refused.
+        let parsed = text.utf8.withContiguousStorageIfAvailable(Self.parse)
+            ?? Array(text.utf8).withUnsafeBufferPointer(Self.parse)
+        self = try parsed.get()
+    }
+
+    /// A digest read from its text's bytes: what `init(parsing:)` does,
+    /// for a caller that holds the bytes already (`RequestTarget`).
+    static func parse(_ text: UnsafeBufferPointer<UInt8>) -> Result<Digest, ParseError> {
+        guard let colon = text.firstIndex(of: UInt8(ascii: ":")) else { return .failure(.missingSeparator) }
+        let algorithmName = UnsafeBufferPointer(rebasing: text[..<colon])
         let algorithm: Algorithm
-        if algorithmName.elementsEqual("sha256".utf8) {
+        if algorithmName.hasBytes("sha256") {
             algorithm = .sha256
-        } else if algorithmName.elementsEqual("sha512".utf8) {
+        } else if algorithmName.hasBytes("sha512") {
             algorithm = .sha512
         } else {
-            throw .unsupportedAlgorithm(String(Substring(algorithmName).prefix(32)))
+            return .failure(.unsupportedAlgorithm(String(String(decoding: algorithmName, as: UTF8.self).prefix(32))))
         }
-        let hex = text[text.utf8.index(after: colon)...]
-        guard hex.utf8.count == algorithm.hexLength,
-              hex.allBytes({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) })
-        else { throw .badEncoding }
-        self.algorithm = algorithm
-        self.hex = String(hex)
+        let hex = text[(colon + 1)...]
+        guard hex.count == algorithm.hexLength,
+              hex.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) })
+        else { return .failure(.badEncoding) }
+        return .success(Digest(algorithm: algorithm, hex: String(decoding: hex, as: UTF8.self)))
     }
 
     public init(parsing text: String) throws(ParseError) {

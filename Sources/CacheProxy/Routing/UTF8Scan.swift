@@ -52,3 +52,15 @@ extension String {
     /// Whether the UTF-8 holds `byte`.
     func containsByte(_ byte: UInt8) -> Bool { firstIndex(ofByte: byte) != nil }
 }
+
+extension UnsafeBufferPointer<UInt8> {
+    /// Whether the bytes are exactly `bytes`.
+    func hasBytes(_ bytes: StaticString) -> Bool {
+        bytes.withUTF8Buffer { elementsEqual($0) }
+    }
+
+    /// Whether the bytes start with `bytes`.
+    func hasPrefixBytes(_ bytes: StaticString) -> Bool {
+        bytes.withUTF8Buffer { starts(with: $0) }
+    }
+}

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Instructions per request, counted by callgrind: a figure this shared VM's
+# noise does not move (it has no hardware counters for `perf stat`). The
+# release binary runs under valgrind (a copy without its DWARF, which
+# valgrind 3.19 cannot read; the symbols stay), request logs at info,
+# access checks on, against a local distribution registry as origin. Per
+# path, after a warm-up, the counters are zeroed, REQUESTS requests go one
+# after another on one kept-alive connection, and the dump's total is
+# divided by them: every thread of the process is counted, the event loops'
+# waits and the kernel's work are not (callgrind counts user space only).
+#   benchmarks/callgrind.sh [BINARY...]       (REQUESTS=2000)
+# KEEP=FOLDER keeps each dump there (FOLDER/N.PATH.out, N the binary's
+# place) for `callgrind_annotate --inclusive=yes FILE`.
+# Paths: hit4k (a cached 4 KiB blob, from memory), digest (a cached
+# manifest by digest), manifest (a pull by tag: the upstream HEAD, the
+# body from memory).
+set -euo pipefail
+binaries=("$@"); ((${#binaries[@]})) || binaries=(.build/release/cache-proxy)
+for tool in docker-registry valgrind callgrind_control curl python3 objcopy sha256sum; do
+  command -v "$tool" >/dev/null || { echo "$0: $tool is missing (apt-get install docker-registry valgrind curl python3 binutils)" >&2; exit 2; }
+done
+requests=${REQUESTS:-2000}
+here=$(cd "$(dirname "$0")" && pwd)
+work=$(mktemp -d)
+registry_pid= pid=
+trap '[[ -n $pid ]] && kill $pid 2>/dev/null; [[ -n $registry_pid ]] && kill $registry_pid 2>/dev/null; rm -rf "$work"' EXIT
+origin=5381 proxy=5382
+source "$here/origin.sh"
+head -c 4096 /dev/urandom > "$work/blob"; blob=$(push "$work/blob")
+echo '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}' > "$work/config"; config=$(push "$work/config")
+printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%d},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"%s","size":4096}]}' \
+  "$config" "$(stat -c %s "$work/config")" "$blob" > "$work/manifest"
+mtype=application/vnd.oci.image.manifest.v1+json
+curl -s -o /dev/null -X PUT -H "Content-Type: $mtype" --data-binary @"$work/manifest" "http://127.0.0.1:$origin/v2/ab/manifests/latest"
+mdigest=sha256:$(sha256sum "$work/manifest" | cut -d' ' -f1)
+cat > "$work/proxy.yml" <<EOT
+api: {hostname: "127.0.0.1", port: $proxy}
+upstreams: [{host: "127.0.0.1:$proxy", registry: "127.0.0.1", port: $origin, schema: "http"}]
+storage: {folder: "$work/cache", io_backend: threadpool}
+EOT
+# N GETs of PATH on one kept-alive connection; fails on any answer but 200.
+cat > "$work/client.py" <<'EOT'
+import http.client, sys
+port, path, count, accept = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+for _ in range(count):
+    connection.request("GET", path, headers={"Accept": accept})
+    answer = connection.getresponse()
+    answer.read()
+    if answer.status != 200:
+        sys.exit(f"GET {path}: {answer.status}")
+EOT
+index=0
+for binary in "${binaries[@]}"; do
+  index=$((index + 1))
+  rm -rf "$work/cache"
+  # valgrind 3.19 cannot read the DWARF 5 of a Swift 6 build; the symbol
+  # table is enough for counting.
+  objcopy --strip-debug "$binary" "$work/proxy-bin"
+  valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" "$work/proxy-bin" --config "$work/proxy.yml" \
+    > "$work/proxy.log" 2>&1 & pid=$!
+  for _ in $(seq 300); do curl -s -o /dev/null "http://127.0.0.1:$proxy/healthz" && break; sleep 0.2; done
+  for path in hit4k digest manifest; do
+    case $path in
+      hit4k) target=/v2/ab/blobs/$blob ;;
+      digest) target=/v2/ab/manifests/$mdigest ;;
+      manifest) target=/v2/ab/manifests/latest ;;
+    esac
+    python3 "$work/client.py" $proxy "$target" 50 "$mtype"   # warm: filled, in memory, access known
+    callgrind_control -z $pid > /dev/null 2>&1
+    python3 "$work/client.py" $proxy "$target" "$requests" "$mtype"
+    rm -f "$work"/cg.$pid.*
+    callgrind_control -d $pid > /dev/null 2>&1
+    sleep 1
+    dump=$(ls -t "$work"/cg.$pid.* | head -1)
+    [[ -n ${KEEP:-} ]] && mkdir -p "$KEEP" && cp "$dump" "$KEEP/$index.$path.out"
+    total=$(awk '/^(summary|totals):/{print $2; exit}' "$dump")
+    printf '%-40s %-9s %8.0f instructions per request\n' "$binary" "$path" "$(awk -v t="$total" -v n="$requests" 'BEGIN{print t/n}')"
+  done
+  kill $pid; wait $pid 2>/dev/null || true; pid=
+done
