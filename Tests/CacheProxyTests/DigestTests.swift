@@ -47,6 +47,29 @@ final class DigestTests: XCTestCase {
         XCTAssertEqual(try? Digest(parsing: Substring("x sha256:\(hex64)").dropFirst(2)).hex, hex64)
     }
 
+    /// A digest is hashed by its bits (SHA-256) or its text (SHA-512):
+    /// equal digests hash alike however made, and a digest differing in
+    /// any one hex digit is another key.
+    func testEqualDigestsAreOneKeyAndEveryDigitCounts() throws {
+        let empty256 = try Digest(parsing: "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+        XCTAssertEqual(Digest.empty(.sha256), empty256)
+        XCTAssertEqual(Digest.empty(.sha256).hashValue, empty256.hashValue)
+        let empty512 = try Digest(parsing: "sha512:cf83e1357eefb8bdf1542850d66d8007d620e4050b5715dc83f4a921d36ce9ce"
+            + "47d0d13c5d85f2b0ff8318d2877eec2f63b931bd47417a81a538327af927da3e")
+        XCTAssertEqual(Digest.empty(.sha512), empty512)
+        XCTAssertEqual(Digest.empty(.sha512).hex, empty512.hex)
+        var keys: Set<Digest> = [try Digest(parsing: "sha256:\(hex64)")]
+        for position in 0..<64 {
+            var hex = Array(hex64.utf8)
+            hex[position] = UInt8(ascii: "0")
+            let other = try Digest(parsing: "sha256:" + String(decoding: hex, as: UTF8.self))
+            XCTAssertNotEqual(other, try Digest(parsing: "sha256:\(hex64)"), "digit \(position)")
+            keys.insert(other)
+        }
+        XCTAssertEqual(keys.count, 65)
+        XCTAssertTrue(keys.contains(try Digest(parsing: Substring("x sha256:\(hex64)").dropFirst(2))))
+    }
+
     func testStorePathIsBuiltFromTheDigestOnly() throws {
         let folder = try makeTemporaryFolder("digest")
         let store = try makeStore(folder)

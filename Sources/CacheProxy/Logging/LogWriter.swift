@@ -60,20 +60,22 @@ public enum LogWriter {
     private static func isTokenByte(_ byte: UInt8) -> Bool { byte > 0x20 && byte < 0x7f && byte != UInt8(ascii: "\"") }
 
     /// `token`, appended as bytes: clean bytes as they are, anything else
-    /// (a space, a quote, a control byte, non-ASCII) as `_`.
-    static func appendToken(_ text: Substring.UTF8View, to line: inout [UInt8]) {
-        guard !text.isEmpty else { return line.append(UInt8(ascii: "-")) }
-        // Through the string's own buffer when it has one (strings from the
-        // network do): one check and one copy of the bytes, where the view's
-        // generic walk cost a few percent of a 4 KiB hit.
-        let clean: Bool? = text.withContiguousStorageIfAvailable { bytes in
-            guard bytes.allSatisfy(isTokenByte) else { return false }
-            line.append(contentsOf: bytes)
-            return true
-        }
-        if clean == true { return }
-        if clean == nil, text.allSatisfy(isTokenByte) { return line.append(contentsOf: text) }
-        line.append(contentsOf: token(String(Substring(text))).utf8)
+    /// (a space, a quote, a control byte, non-ASCII) as `_`; nothing or
+    /// nil as `-`.
+    static func appendToken(_ text: String?, to line: inout [UInt8]) {
+        guard var text else { return line.append(UInt8(ascii: "-")) }
+        // Through the string's own buffer (strings from the network have
+        // one): one check and one copy of the bytes, where the UTF-8 view's
+        // generic walk, and then a substring's storage look-up, cost ~450
+        // instructions a field (`benchmarks/callgrind.sh`).
+        text.withUTF8 { appendToken($0, to: &line) }
+    }
+
+    /// The same for bytes already at hand.
+    static func appendToken(_ bytes: UnsafeBufferPointer<UInt8>, to line: inout [UInt8]) {
+        guard !bytes.isEmpty else { return line.append(UInt8(ascii: "-")) }
+        if bytes.allSatisfy(isTokenByte) { return line.append(contentsOf: bytes) }
+        line.append(contentsOf: token(String(decoding: bytes, as: UTF8.self)).utf8)
     }
 
     /// A non-negative integer in decimal, zero-padded to `width`.

@@ -63,20 +63,24 @@ public struct RequestLog: Sendable {
     /// A text line's bytes, appended piece by piece into one array: this
     /// runs per request, hits included, so no `String` is made on the way.
     static func textLine(_ entry: Entry, time: Date) -> [UInt8] {
-        let path = RequestURI.path(of: entry.uri)
         var line: [UInt8] = []
-        line.reserveCapacity(192 + path.utf8.count)
+        line.reserveCapacity(192 + entry.uri.utf8.count)
         LogWriter.appendTimestamp(time, to: &line)
         line.append(UInt8(ascii: " "))
-        LogWriter.appendToken(entry.client.map { $0.utf8[...] } ?? "".utf8[...], to: &line)
+        LogWriter.appendToken(entry.client, to: &line)
         line.append(UInt8(ascii: " "))
-        LogWriter.appendToken(entry.method.utf8[...], to: &line)
+        LogWriter.appendToken(entry.method, to: &line)
         line.append(UInt8(ascii: " "))
-        LogWriter.appendToken(path.utf8, to: &line)
+        var uri = entry.uri
+        uri.withUTF8 { target in
+            // The path: the target up to its query.
+            let end = target.firstIndex(of: UInt8(ascii: "?")) ?? target.endIndex
+            LogWriter.appendToken(UnsafeBufferPointer(rebasing: target[..<end]), to: &line)
+        }
         line.append(contentsOf: " host=".utf8)
-        LogWriter.appendToken(entry.host.map { $0.utf8[...] } ?? "".utf8[...], to: &line)
+        LogWriter.appendToken(entry.host, to: &line)
         line.append(contentsOf: " upstream=".utf8)
-        LogWriter.appendToken(entry.upstream.map { $0.utf8[...] } ?? "".utf8[...], to: &line)
+        LogWriter.appendToken(entry.upstream, to: &line)
         line.append(contentsOf: " status=".utf8)
         LogWriter.appendDecimal(Int64(entry.status), to: &line)
         line.append(contentsOf: " bytes=".utf8)
