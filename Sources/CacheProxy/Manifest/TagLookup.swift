@@ -13,7 +13,12 @@ import NIOHTTP1
 /// a 5xx, no answer, a manifest not in memory) is handed to `TagResolver`
 /// with what the upstream said (`TagResolver.Asked`), so the upstream is
 /// asked once per request either way.
-struct TagLookup {
+///
+/// A class, not a struct: a lookup is handed from the front handler to the
+/// pool's exchange and its answer's closures, and each copy of a struct
+/// retained its dozen strings (the upstream's settings among them), ~40
+/// retains a pull (`benchmarks/callgrind.sh`).
+final class TagLookup {
     let name: String
     let tag: String
     let upstream: ProxyConfig.Upstream

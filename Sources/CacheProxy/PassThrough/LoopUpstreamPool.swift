@@ -87,8 +87,10 @@ final class LoopUpstreamPool: Sendable {
         return true
     }
 
-    /// One request on its way, whichever connection carries it.
-    private struct Exchange {
+    /// One request on its way, whichever connection carries it. A class:
+    /// it rides in the connection's callbacks, and a struct's copies each
+    /// retained the upstream's settings field by field.
+    private final class Exchange {
         let request: ByteBuffer
         let upstream: ProxyConfig.Upstream
         let address: Connections.Address
@@ -97,6 +99,13 @@ final class LoopUpstreamPool: Sendable {
         let answer: TimeAmount
         let loop: any EventLoop
         let completion: (Result<UpstreamAnswerHead, any Error>) -> Void
+
+        init(request: ByteBuffer, upstream: ProxyConfig.Upstream, address: Connections.Address, tls: NIOSSLContext?,
+             connections: Connections, answer: TimeAmount, loop: any EventLoop,
+             completion: @escaping (Result<UpstreamAnswerHead, any Error>) -> Void) {
+            (self.request, self.upstream, self.address, self.tls) = (request, upstream, address, tls)
+            (self.connections, self.answer, self.loop, self.completion) = (connections, answer, loop, completion)
+        }
 
         /// The exchange is over: counted out, then its answer or failure
         /// handed on.
