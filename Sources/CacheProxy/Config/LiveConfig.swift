@@ -21,6 +21,10 @@ public final class LiveConfig: Sendable {
     }
 
     public var config: ProxyConfig { current.withLockedValue { $0.config } }
+    /// One value of the configuration, read without copying the rest (a
+    /// copy retains every string and list in it: on every pull by tag,
+    /// that was ~100 instructions for one number).
+    func read<T>(_ value: (ProxyConfig) -> T) -> T { current.withLockedValue { value($0.config) } }
     var router: Router { current.withLockedValue { $0.router } }
 
     func replace(with config: ProxyConfig) {

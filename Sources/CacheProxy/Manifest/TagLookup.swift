@@ -190,7 +190,7 @@ extension CacheHitResponder {
                  then: @escaping (TagHandOff.Handed?) -> Void) -> Bool {
         let channel = context.channel
         let started = ContinuousClock.now
-        let answerWithin = TimeAmount.fromSeconds(live.config.timeouts.upstreamSeconds)
+        let answerWithin = TimeAmount.fromSeconds(live.read { $0.timeouts.upstreamSeconds })
         // Busy while the upstream is asked, as any request in progress;
         // marked first, as a failure may be handed on within `ask`.
         tracker.setIdle(channel, false)
