@@ -23,7 +23,8 @@ public final class LiveConfig: Sendable {
     public var config: ProxyConfig { current.withLockedValue { $0.config } }
     /// One value of the configuration, read without copying the rest (a
     /// copy retains every string and list in it: on every pull by tag,
-    /// that was ~100 instructions for one number).
+    /// that was ~100 instructions for one number). `value` runs under the
+    /// configuration's lock: it must not read the live configuration again.
     func read<T>(_ value: (ProxyConfig) -> T) -> T { current.withLockedValue { value($0.config) } }
     var router: Router { current.withLockedValue { $0.router } }
 

@@ -21,11 +21,16 @@ public enum ManifestReference: Equatable, Sendable {
 
     /// The OCI distribution spec's tag grammar: `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.
     static func isValidTag(_ tag: Substring) -> Bool {
-        guard let first = tag.utf8.first, tag.utf8.count <= 128 else { return false }
+        isValidTag(tag.utf8)
+    }
+
+    /// The same over a tag's UTF-8.
+    static func isValidTag<Bytes: Collection<UInt8>>(_ tag: Bytes) -> Bool {
+        guard let first = tag.first, tag.count <= 128 else { return false }
         func isWord(_ byte: UInt8) -> Bool {
             (byte >= 0x61 && byte <= 0x7a) || (byte >= 0x41 && byte <= 0x5a) || (byte >= 0x30 && byte <= 0x39)
                 || byte == 0x5f
         }
-        return isWord(first) && tag.utf8.dropFirst().allSatisfy { isWord($0) || $0 == 0x2e || $0 == 0x2d }
+        return isWord(first) && tag.dropFirst().allSatisfy { isWord($0) || $0 == 0x2e || $0 == 0x2d }
     }
 }

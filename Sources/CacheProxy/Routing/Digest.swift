@@ -19,48 +19,15 @@ public struct Digest: Hashable, Sendable, CustomStringConvertible {
 
     public let algorithm: Algorithm
     public let hex: String
-    /// A SHA-256 digest's 256 bits, read from its hex once: what it is
-    /// hashed by (zero for SHA-512, which is hashed by its text).
-    private let words: SIMD4<UInt64>
 
     /// `hex`: lower-case hex of the algorithm's length (checked by the caller).
     private init(algorithm: Algorithm, hex: UnsafeBufferPointer<UInt8>) {
         self.algorithm = algorithm
         self.hex = String(decoding: hex, as: UTF8.self)
-        self.words = algorithm == .sha256 ? Self.words(hex) : SIMD4()
     }
 
     private init(algorithm: Algorithm, hex: StaticString) {
         self = hex.withUTF8Buffer { Digest(algorithm: algorithm, hex: $0) }
-    }
-
-    /// 64 hex digits as four 64-bit words.
-    private static func words(_ hex: UnsafeBufferPointer<UInt8>) -> SIMD4<UInt64> {
-        func word(_ start: Int) -> UInt64 {
-            var value: UInt64 = 0
-            for byte in hex[start..<(start + 16)] { value = value << 4 | UInt64(byte <= 0x39 ? byte - 0x30 : byte - 0x57) }
-            return value
-        }
-        return SIMD4(word(0), word(16), word(32), word(48))
-    }
-
-    /// Equal digests are equal text (the words follow from it).
-    public static func == (left: Digest, right: Digest) -> Bool {
-        left.words == right.words && left.algorithm == right.algorithm && left.hex == right.hex
-    }
-
-    /// A SHA-256 digest is hashed as its 32 bytes, not its 64 characters:
-    /// a hit looks its digest up in several tables (the index, small
-    /// blobs, access links), and hashing the text was the larger part of
-    /// ~3,000 instructions a hit spent in `Hasher` (`benchmarks/callgrind.sh`).
-    /// Still every bit, through the seeded hasher: a client can name any
-    /// digest it likes, so no part of one may be left out of its hash.
-    public func hash(into hasher: inout Hasher) {
-        if algorithm == .sha256 {
-            hasher.combine(words)
-        } else {
-            hasher.combine(hex)
-        }
     }
 
     /// The digest of zero bytes: the one blob an empty file can be.

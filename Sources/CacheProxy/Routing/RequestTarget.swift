@@ -66,9 +66,10 @@ public enum RequestTarget: Equatable, Sendable {
                 }
             }
             // Anything that is not a tag is the upstream's to refuse.
-            let tag = String(decoding: reference, as: UTF8.self)
-            guard ManifestReference.isValidTag(tag[...]) else { return .success(.passThrough) }
-            return repositoryName(in: path, before: manifests).map { .manifest(name: $0, reference: .tag(tag)) }
+            guard ManifestReference.isValidTag(reference) else { return .success(.passThrough) }
+            return repositoryName(in: path, before: manifests).map {
+                .manifest(name: $0, reference: .tag(String(decoding: reference, as: UTF8.self)))
+            }
         }
         return .success(.passThrough)
     }
