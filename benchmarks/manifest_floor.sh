@@ -25,13 +25,8 @@ registry_pid= pid=
 trap '[[ -n $pid ]] && kill $pid 2>/dev/null; [[ -n $registry_pid ]] && kill $registry_pid 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 origin=5331 port=5332
 source "$here/origin.sh"
-echo '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}' > "$work/config"; config=$(push "$work/config")
 head -c 4096 /dev/urandom > "$work/blob"; blob=$(push "$work/blob")
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%d},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"%s","size":4096}]}' \
-  "$config" "$(stat -c %s "$work/config")" "$blob" > "$work/manifest"
-mtype=application/vnd.oci.image.manifest.v1+json
-curl -s -o /dev/null -X PUT -H "Content-Type: $mtype" --data-binary @"$work/manifest" "http://127.0.0.1:$origin/v2/ab/manifests/latest"
-mdigest=sha256:$(sha256sum "$work/manifest" | cut -d' ' -f1)
+push_image "$blob"
 mkdir -p "$work/nginx"
 cat > "$work/nginx.conf" <<EOT
 daemon off; master_process on; worker_processes auto; pid $work/nginx/nginx.pid;

@@ -32,12 +32,7 @@ if [[ $scenario == miss ]]; then
   for i in 1 2 3 4 5 6 7 8; do head -c $((64 << 20)) /dev/urandom > "$work/m"; misses+=("$(push "$work/m")"); done
   rm -f "$work/m"
 fi
-echo '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}' > "$work/config"; config=$(push "$work/config")
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%d},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"%s","size":4096}]}' \
-  "$config" "$(stat -c %s "$work/config")" "$blob" > "$work/manifest"
-mtype=application/vnd.oci.image.manifest.v1+json
-curl -s -o /dev/null -X PUT -H "Content-Type: $mtype" --data-binary @"$work/manifest" "http://127.0.0.1:$origin/v2/ab/manifests/latest"
-mdigest=sha256:$(sha256sum "$work/manifest" | cut -d' ' -f1)
+push_image "$blob"
 cat > "$work/proxy.yml" <<EOT
 api: {hostname: "127.0.0.1", port: $proxy}
 upstreams: [{host: "127.0.0.1:$proxy", registry: "127.0.0.1", port: $origin, schema: "http"}]
