@@ -39,7 +39,7 @@ bench: deps-build release
 	benchmarks/run.sh
 
 # The parsers that read client, upstream and operator input, under libFuzzer
-# for FUZZ_SECONDS each (default 60): see scripts/fuzz and Fuzz/README.md.
+# for FUZZ_SECONDS each (default 60): see scripts/fuzz and docs/testing.md.
 fuzz: deps-build
 	scripts/fuzz
 

@@ -820,7 +820,7 @@ final class TagLookupTests: XCTestCase {
     /// once, and each stalled client gets its 504 after one answer wait,
     /// none left hanging.
     func testManyStalledTagsTakeNothingFromOtherClients() async throws {
-        let (upstream, proxy, stuck, started) = try await stalledTags(
+        let (upstream, proxy, stuck, started, fake) = try await stalledTags(
             80, timeouts: "timeouts: {upstream: 2, upstream_idle: 2}", otherPullsWithin: 1.5, connection: "Connection: close\r\n")
         // Never seen, so nothing offline to give: each gets the 504, once.
         for socket in stuck {
@@ -828,6 +828,11 @@ final class TagLookupTests: XCTestCase {
             XCTAssertTrue(answer.hasPrefix("HTTP/1.1 504"), String(answer.prefix(40)))
         }
         XCTAssertLessThan(Date().timeIntervalSince(started), 6, "one answer wait each, not two")
+        // Every stalled exchange was counted back out: the loops, full
+        // while the tags stalled, answer pulls themselves again.
+        let before = try proxy.metric("cacheproxy_tag_pulls_on_loop_total")
+        _ = try pulls(6, of: proxy, fake, within: 3, "after the stall")
+        XCTAssertEqual(try proxy.metric("cacheproxy_tag_pulls_on_loop_total") - before, 6, "answered on the loops")
         await proxy.stop()
         await upstream.stop()
     }
@@ -923,7 +928,7 @@ final class TagLookupTests: XCTestCase {
     /// at once meanwhile, each stalled client gets its 504 after one answer
     /// wait, and its connection then serves the next pull.
     func testStalledTagsTakenFromTheBytesGiveWayAndTheirConnectionsGoOn() async throws {
-        let (upstream, proxy, stuck, started) = try await stalledTags(
+        let (upstream, proxy, stuck, started, _) = try await stalledTags(
             40, timeouts: "timeouts: {upstream: 1, upstream_idle: 1}", otherPullsWithin: 0.8)
         let host = "Host: 127.0.0.1:\(proxy.port)\r\n"
         for socket in stuck {
@@ -950,7 +955,7 @@ final class TagLookupTests: XCTestCase {
     /// loops' upstream exchanges, and take nothing from the others. Returns
     /// the stalled clients and when the five pulls began.
     private func stalledTags(_ count: Int, timeouts: String, otherPullsWithin limit: Double, connection: String = "")
-        async throws -> (FakeUpstream, TestProxy, [RawSocket], Date) {
+        async throws -> (FakeUpstream, TestProxy, [RawSocket], Date, ManifestCacheTests.FakeRegistry) {
         let fake = ManifestCacheTests.FakeRegistry()
         let upstream = try await FakeUpstream { head in
             if head.uri.contains("/stuck/"), head.method == .HEAD { return .init(silent: true) }
@@ -967,7 +972,7 @@ final class TagLookupTests: XCTestCase {
         }
         try await Task.sleep(for: .milliseconds(300))
         let started = try pulls(5, of: proxy, fake, within: limit, "not held behind the stalled tags")
-        return (upstream, proxy, stuck, started)
+        return (upstream, proxy, stuck, started, fake)
     }
 
     /// `count` pulls of `lib/app:latest`, one after another, each answered

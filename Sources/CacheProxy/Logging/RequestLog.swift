@@ -72,11 +72,7 @@ public struct RequestLog: Sendable {
         LogWriter.appendToken(entry.method, to: &line)
         line.append(UInt8(ascii: " "))
         var uri = entry.uri
-        uri.withUTF8 { target in
-            // The path: the target up to its query.
-            let end = target.firstIndex(of: UInt8(ascii: "?")) ?? target.endIndex
-            LogWriter.appendToken(UnsafeBufferPointer(rebasing: target[..<end]), to: &line)
-        }
+        uri.withUTF8 { LogWriter.appendToken(RequestURI.path(of: $0), to: &line) }
         line.append(contentsOf: " host=".utf8)
         LogWriter.appendToken(entry.host, to: &line)
         line.append(contentsOf: " upstream=".utf8)

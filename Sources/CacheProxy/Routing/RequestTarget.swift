@@ -39,7 +39,7 @@ public enum RequestTarget: Equatable, Sendable {
     /// as `String`s: equal paths are equal bytes (no Unicode equivalence).
     private static func classify(method: String, target: UnsafeBufferPointer<UInt8>)
         -> Result<RequestTarget, Rejection> {
-        let path = UnsafeBufferPointer(rebasing: target[..<(target.firstIndex(of: UInt8(ascii: "?")) ?? target.endIndex)])
+        let path = RequestURI.path(of: target)
         if path.hasBytes("/metrics") { return .success(.metrics) }
         if path.hasBytes("/healthz") { return .success(.healthz) }
         if path.hasBytes("/readyz") { return .success(.readyz) }
@@ -87,11 +87,10 @@ public enum RequestTarget: Equatable, Sendable {
     }
 
     /// The refusal of `.`/`..` segments and encoded dots, slashes and
-    /// backslashes anywhere in the path, or nil. No registry path needs them, and refusing them
-    /// here means no later stage has to reason about what an upstream (or a
-    /// file system) would make of them.
-    private static func findTraversal<Bytes: RandomAccessCollection>(_ bytes: Bytes) -> Rejection?
-    where Bytes.Element == UInt8, Bytes.Index == Int {
+    /// backslashes anywhere in the path, or nil. No registry path needs
+    /// them, and refusing them here means no later stage has to reason about
+    /// what an upstream (or a file system) would make of them.
+    private static func findTraversal(_ bytes: UnsafeBufferPointer<UInt8>) -> Rejection? {
         var segmentStart = bytes.startIndex
         var index = bytes.startIndex
         while index <= bytes.endIndex {
@@ -140,6 +139,11 @@ public enum RequestURI {
     public static func path(of uri: String) -> Substring {
         if let q = uri.firstIndex(ofByte: UInt8(ascii: "?")) { return uri[..<q] }
         return Substring(uri)
+    }
+
+    /// The same over a target's bytes.
+    static func path(of uri: UnsafeBufferPointer<UInt8>) -> UnsafeBufferPointer<UInt8> {
+        UnsafeBufferPointer(rebasing: uri[..<(uri.firstIndex(of: UInt8(ascii: "?")) ?? uri.endIndex)])
     }
 
     /// The percent-decoded value of the first `key=value` pair with that key

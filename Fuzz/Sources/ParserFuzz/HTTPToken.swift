@@ -1,0 +1,1 @@
+../../../Sources/CacheProxy/HTTP/HTTPToken.swift

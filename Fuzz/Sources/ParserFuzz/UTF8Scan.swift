@@ -1,0 +1,1 @@
+../../../Sources/CacheProxy/Routing/UTF8Scan.swift
