@@ -19,6 +19,7 @@
 # FSYNC=false: the proxy does not fsync its files (`storage.fsync`), as
 # nginx never does; by default it does, and its CPU includes the fsync's
 # write-back, which nginx's leaves to the kernel's flusher.
+# WARM=MB: write and free MB of memory before each system's fills (see below).
 # nginx's VmHWM is summed over its processes, shared pages counted in each.
 set -euo pipefail
 (($# >= 1)) || { echo "usage: $0 BINARY [BINARY...]" >&2; exit 2; }
@@ -59,6 +60,16 @@ tree_sum() {
   echo $total
 }
 ticks() { tree_sum "$1" stat '{print $14+$15}'; }
+user_ticks() { tree_sum "$1" stat '{print $14}'; }
+faults() { tree_sum "$1" stat '{print $10}'; }
+# Context switches over every thread of a process and its children.
+switches() {
+  local total=0 p
+  for p in $1 $(pgrep -P "$1" || true); do
+    total=$((total + $(cat /proc/$p/task/*/status 2>/dev/null | awk '/ctxt_switches/{n += $2} END{print n + 0}')))
+  done
+  echo $total
+}
 for round in $(seq "$rounds"); do
   for binary in "$@"; do
     rm -rf "$work/cache" "$work/nginx"
@@ -83,7 +94,12 @@ for round in $(seq "$rounds"); do
       sleep 0.1
     done
     [[ -n $up ]] || { echo "$binary: did not start (log: $work/proxy.log)" >&2; cat "$work/proxy.log" >&2; exit 1; }
-    t0=$(ticks $pid) o0=$(ticks $registry_pid) s0=$(date +%s.%N)
+    # WARM=MB: write and free that much memory first, so that every system
+    # fills into recently freed pages; pages free for longer cost this VM
+    # 2-10x more to write into (benchmarks/fresh_pages.py), which otherwise
+    # swings a round by more than the systems differ.
+    [[ -n ${WARM:-} ]] && python3 -c "b = b'\x01' * ($WARM << 20)"
+    t0=$(ticks $pid) u0=$(user_ticks $pid) c0=$(switches $pid) f0=$(faults $pid) o0=$(ticks $registry_pid) s0=$(date +%s.%N)
     for d in "${blobs[@]}"; do
       if [[ -n ${HASH:-} ]]; then
         # A client that hashes what it reads (as containerd and the
@@ -97,10 +113,10 @@ for round in $(seq "$rounds"); do
     done
     s1=$(date +%s.%N)
     sleep 1  # a fill may still be syncing and publishing (idle costs nothing)
-    t1=$(ticks $pid) o1=$(ticks $registry_pid)
+    t1=$(ticks $pid) u1=$(user_ticks $pid) c1=$(switches $pid) f1=$(faults $pid) o1=$(ticks $registry_pid)
     hwm=$(tree_sum $pid status '/VmHWM/{print $2}')
     kill $pid; wait $pid 2>/dev/null || true; pid=
-    awk -v r="$round" -v b="$binary" -v t=$((t1 - t0)) -v o=$((o1 - o0)) -v hz="$(getconf CLK_TCK)" -v n="$fills" -v s0="$s0" -v s1="$s1" -v h="$hwm" \
-      'BEGIN{gb = n*67.108864e-3; printf "round %d  %-40s CPU %.2f s/GB  origin %.2f  wall %.3f s/fill  VmHWM %.1f MB\n", r, b, t/hz/gb, o/hz/gb, (s1-s0)/n, h/1024}'
+    awk -v r="$round" -v b="$binary" -v t=$((t1 - t0)) -v u=$((u1 - u0)) -v c=$((c1 - c0)) -v f=$((f1 - f0)) -v o=$((o1 - o0)) -v hz="$(getconf CLK_TCK)" -v n="$fills" -v s0="$s0" -v s1="$s1" -v h="$hwm" \
+      'BEGIN{gb = n*67.108864e-3; printf "round %d  %-28s CPU %.2f s/GB (user %.2f)  switches %5d  faults %6d /fill  origin %.2f  wall %.3f s/fill  VmHWM %.1f MB\n", r, b, t/hz/gb, u/hz/gb, c/n, f/n, o/hz/gb, (s1-s0)/n, h/1024}'
   done
 done

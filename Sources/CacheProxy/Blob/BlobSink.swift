@@ -32,8 +32,12 @@ import NIOCore
 ///   pause (a window's worth per round trip), which the socket delivers in
 ///   several reads, and the burst's tail must not wait for the next pause.
 /// A fast upstream pays a megabyte of small writes at its start, then
-/// fills a batch well within `flushAfter` and is never flushed. What is
-/// left of a burst longer than a batch still waits for the next chunk.
+/// fills a batch well within `flushAfter` and is never flushed.
+/// - An empty chunk says the upstream paused: `FillDownload` sends one
+///   when no bytes came for `flushAfter`, and what is left of a burst
+///   longer than a batch goes out then. (Through AsyncHTTPClient, which
+///   says nothing of pauses, only a redirected download, that tail waits
+///   for the next chunk.)
 ///
 /// A batch becomes readable by followers as soon as its write completes
 /// (the write's task tells the fill), not when the sink next looks: an
@@ -99,7 +103,9 @@ struct BlobSink {
     /// Takes a chunk.
     mutating func append(_ chunk: ByteBuffer) async throws {
         let arrived = ContinuousClock.now
-        if arrived - readyAt >= flushAfter { sincePause = 0 }
+        // An empty chunk is a pause told (`FillDownload`): it may come
+        // late here if the disk held the sink, but it is a pause all the same.
+        if chunk.readableBytes == 0 || arrived - readyAt >= flushAfter { sincePause = 0 }
         defer { readyAt = .now }
         var chunk = chunk
         while chunk.readableBytes > 0 {

@@ -438,7 +438,9 @@ public final class Fill: Sendable {
                                     algorithm: self.digest.algorithm, expectedLength: length)
                 do {
                     for try await chunk in body {
-                        clock.tick()
+                        // An empty part is `FillDownload` telling of a
+                        // pause: no byte came, so the clock does not move.
+                        if chunk.readableBytes > 0 { clock.tick() }
                         try self.yieldIfUnwanted(slots)
                         try await sink.append(chunk)
                     }

@@ -116,48 +116,10 @@ final class LoopUpstreamPool: Sendable {
     }
 
     private func connect(_ exchange: Exchange) {
-        // A registry written as an IPv6 literal (`[::1]`) is connected to
-        // without its brackets, as AsyncHTTPClient does.
-        var host = Substring(exchange.upstream.registry)
-        if host.hasPrefix("["), host.hasSuffix("]") { host = host.dropFirst().dropLast() }
-        let (address, tls) = (String(host), exchange.tls)
-        // The name a certificate must carry, also sent as SNI; an address
-        // is checked against the certificate's IP entries instead (SNI
-        // carries no address), as AsyncHTTPClient does.
-        let serverName = (try? SocketAddress(ipAddress: address, port: 0)) == nil ? address : nil
-        // The TLS handshake is part of connecting, under the same deadline
-        // (AsyncHTTPClient's too): an upstream that takes the connection and
-        // never speaks TLS is unreachable after `connect`, not silent until
-        // the answer's wait ends.
-        let deadline = NIODeadline.now() + connectTimeout
-        let connect = ClientBootstrap(group: exchange.loop)
-            .connectTimeout(connectTimeout)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    if let tls {
-                        try channel.pipeline.syncOperations.addHandler(
-                            NIOSSLClientHandler(context: tls, serverHostname: serverName))
-                        try channel.pipeline.syncOperations.addHandler(
-                            TLSHandshakeWait(channel.eventLoop.makePromise()))
-                    }
-                    try channel.pipeline.syncOperations.addHandler(UpstreamExchangeHandler(eventLoop: channel.eventLoop))
-                }
-            }
-            .connect(host: address, port: exchange.upstream.port)
-            .flatMap { channel in
-                guard let wait = try? channel.pipeline.syncOperations.handler(type: TLSHandshakeWait.self) else {
-                    return channel.eventLoop.makeSucceededFuture(channel)
-                }
-                let done = wait.done
-                let timeout = channel.eventLoop.scheduleTask(deadline: deadline) {
-                    done.fail(TLSHandshakeWait.TimedOut())
-                }
-                return done.futureResult.map { channel }.flatMapErrorThrowing { error in
-                    channel.close(promise: nil)
-                    throw error
-                }.always { _ in timeout.cancel() }
-            }
+        let connect = Self.connect(to: exchange.upstream, tls: exchange.tls, on: exchange.loop,
+                                   timeout: connectTimeout) { channel in
+            try channel.pipeline.syncOperations.addHandler(UpstreamExchangeHandler(eventLoop: channel.eventLoop))
+        }
         // The connection is made on the loop the pool belongs to.
         connect.assumeIsolated().whenComplete { result in
             switch result {
@@ -173,6 +135,57 @@ final class LoopUpstreamPool: Sendable {
                 self.send(exchange, on: Connections.Kept(channel: channel, handler: handler), retry: nil)
             }
         }
+    }
+
+    /// A connection to `upstream` made on `loop`, through TLS when `tls`
+    /// is given, and usable once the handshake is done: `addHandlers` puts
+    /// the connection's own handlers after TLS. Shared with the fills' own
+    /// connections (`FillDownload`).
+    static func connect(to upstream: ProxyConfig.Upstream, tls: NIOSSLContext?, on loop: any EventLoop,
+                        timeout: TimeAmount,
+                        addHandlers: @escaping @Sendable (any Channel) throws -> Void) -> EventLoopFuture<any Channel> {
+        // A registry written as an IPv6 literal (`[::1]`) is connected to
+        // without its brackets, as AsyncHTTPClient does.
+        var host = Substring(upstream.registry)
+        if host.hasPrefix("["), host.hasSuffix("]") { host = host.dropFirst().dropLast() }
+        let address = String(host)
+        // The name a certificate must carry, also sent as SNI; an address
+        // is checked against the certificate's IP entries instead (SNI
+        // carries no address), as AsyncHTTPClient does.
+        let serverName = (try? SocketAddress(ipAddress: address, port: 0)) == nil ? address : nil
+        // The TLS handshake is part of connecting, under the same deadline
+        // (AsyncHTTPClient's too): an upstream that takes the connection and
+        // never speaks TLS is unreachable after `connect`, not silent until
+        // the answer's wait ends.
+        let deadline = NIODeadline.now() + timeout
+        return ClientBootstrap(group: loop)
+            .connectTimeout(timeout)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    if let tls {
+                        try channel.pipeline.syncOperations.addHandler(
+                            NIOSSLClientHandler(context: tls, serverHostname: serverName))
+                        try channel.pipeline.syncOperations.addHandler(
+                            TLSHandshakeWait(channel.eventLoop.makePromise()))
+                    }
+                    try addHandlers(channel)
+                }
+            }
+            .connect(host: address, port: upstream.port)
+            .flatMap { channel in
+                guard let wait = try? channel.pipeline.syncOperations.handler(type: TLSHandshakeWait.self) else {
+                    return channel.eventLoop.makeSucceededFuture(channel)
+                }
+                let done = wait.done
+                let timeout = channel.eventLoop.scheduleTask(deadline: deadline) {
+                    done.fail(TLSHandshakeWait.TimedOut())
+                }
+                return done.futureResult.map { channel }.flatMapErrorThrowing { error in
+                    channel.close(promise: nil)
+                    throw error
+                }.always { _ in timeout.cancel() }
+            }
     }
 
     /// Sends on `kept`; `retry` runs instead of failing when the connection

@@ -68,6 +68,8 @@ public final class UpstreamClient: Sendable {
 
     let http: HTTPClient
     private let fillHTTP: HTTPClient
+    /// Where a fill's own connection (`FillDownload`) is made.
+    private let group: any EventLoopGroup
     private let live: NIOLockedValueBox<Live>
     /// Where redirect targets lead (`AddressScope`).
     let resolver: any HostResolver
@@ -83,6 +85,7 @@ public final class UpstreamClient: Sendable {
                 logger: Logger) throws {
         self.logger = logger
         self.resolver = resolver
+        self.group = eventLoopGroup
         let sessions = try Self.sessions(for: upstreams, keeping: [:])
         var configuration = HTTPClient.Configuration()
         configuration.redirectConfiguration = .disallow
@@ -296,9 +299,17 @@ public final class UpstreamClient: Sendable {
             var request = HTTPClientRequest(url: current)
             request.method = .GET
             request.headers = headers
-            // The upstream's own credentials go to the upstream only, never
-            // to where it redirects.
-            let response = try await send(request, to: upstream, authorize: current == url, pool: .fills)
+            let response: HTTPClientResponse
+            if hop == 0, let own = ownConnection(for: url, upstream: upstream) {
+                response = try await FillDownload.get(path: own.path, headers: headers, upstream: upstream,
+                                                      tls: own.tls, on: group.next(),
+                                                      connectTimeout: TimeAmount(connectTimeout),
+                                                      answerTimeout: TimeAmount(answerTimeout))
+            } else {
+                // The upstream's own credentials go to the upstream only,
+                // never to where it redirects.
+                response = try await send(request, to: upstream, authorize: current == url, pool: .fills)
+            }
             guard [301, 302, 303, 307, 308].contains(response.status.code),
                   let location = response.headers.first(name: "location")
             else { return BlobAnswer(response: response, vouches: vouches && response.status == .ok) }
@@ -316,6 +327,18 @@ public final class UpstreamClient: Sendable {
             current = next.url
         }
         throw UpstreamFailure.tooManyRedirects
+    }
+
+    /// The path and TLS context for a fill's first request on a connection
+    /// of its own (`FillDownload`), when the event loops can reach the
+    /// upstream themselves: plaintext or TLS with the session in force, and
+    /// no account of the proxy's (whose token exchange is `send`'s). Nil
+    /// sends it through AsyncHTTPClient, as every redirect it leads to.
+    private func ownConnection(for url: String, upstream: ProxyConfig.Upstream) -> (path: String, tls: NIOSSLContext?)? {
+        guard LoopUpstreamPool.serves(upstream), url.hasPrefix(upstream.origin + "/") else { return nil }
+        guard upstream.schema == "https" else { return (String(url.dropFirst(upstream.origin.count)), nil) }
+        guard let context = loopTLS(for: upstream)?.context else { return nil }
+        return (String(url.dropFirst(upstream.origin.count)), context)
     }
 
     /// Whether a redirect of `upstream` may lead to `target` (`AddressScope`).

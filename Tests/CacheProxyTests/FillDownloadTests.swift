@@ -1,0 +1,74 @@
+import NIOCore
+import NIOHTTP1
+import XCTest
+@testable import CacheProxy
+
+/// The fill's own upstream connection (`FillDownload`): its state machine
+/// alone, then against fake upstreams whose faults a registry cannot make.
+final class FillDownloadTests: XCTestCase {
+    private typealias Machine = FillDownloadStateMachine
+
+    private func head(_ code: UInt) -> HTTPResponseHead {
+        HTTPResponseHead(version: .http1_1, status: HTTPResponseStatus(statusCode: Int(code)))
+    }
+
+    private func sizes(_ action: Machine.Action) -> [Int]? {
+        guard case .yield(let parts, _) = action else { return nil }
+        return parts.map(\.readableBytes)
+    }
+
+    func testABodyGoesOnOneReadBurstAtATimeAndReadsStopWhileTheConsumerIsFull() {
+        var m = Machine()
+        guard case .read = m.readComplete() else { return XCTFail("reads on while the head is awaited") }
+        guard case .answer(let answered) = m.receivedHead(head(200)) else { return XCTFail("the head is handed on") }
+        XCTAssertEqual(answered.status, .ok)
+        guard case .none = m.receivedBody(ByteBuffer(repeating: 1, count: 10)) else { return XCTFail() }
+        guard case .none = m.receivedBody(ByteBuffer(repeating: 2, count: 20)) else { return XCTFail() }
+        XCTAssertEqual(sizes(m.readComplete()), [10, 20], "one burst's parts go on together, at its end")
+        guard case .none = m.yielded(more: false) else { return XCTFail("a full consumer stops the reads") }
+        guard case .none = m.readComplete() else { return XCTFail("an empty burst asks nothing while full") }
+        guard case .read = m.demanded() else { return XCTFail("the consumer's demand asks for the next read") }
+        guard case .none = m.demanded() else { return XCTFail("a second demand reads nothing more") }
+        guard case .none = m.receivedBody(ByteBuffer(repeating: 3, count: 5)) else { return XCTFail() }
+        guard case .yield(let last, end: true) = m.receivedEnd() else { return XCTFail("the end hands on the rest") }
+        XCTAssertEqual(last.map(\.readableBytes), [5])
+        guard case .close = m.failed(transport: true) else { return XCTFail("a close after the end is no failure") }
+    }
+
+    func testAnInterimAnswerIsSkippedAndTheDeadlineOnlyCountsBeforeTheHead() {
+        var m = Machine()
+        guard case .none = m.quiet() else { return XCTFail("no pause before the head") }
+        guard case .read = m.receivedHead(head(100)) else { return XCTFail("100 Continue is read past") }
+        guard case .answer = m.receivedHead(head(404)) else { return XCTFail("the real answer, whatever its status") }
+        guard case .none = m.timedOut() else { return XCTFail("the answer deadline ends at the head") }
+        XCTAssertEqual(sizes(m.quiet()), [0], "a pause is told as an empty part")
+    }
+
+    func testACutBeforeTheHeadFailsTheWaitAndACutAfterItFailsTheBody() {
+        var before = Machine()
+        guard case .fail(.cut, let none, headAnswered: false) = before.failed(transport: true) else { return XCTFail() }
+        XCTAssertTrue(none.isEmpty)
+        var timedOut = Machine()
+        guard case .fail(.timedOut, _, headAnswered: false) = timedOut.timedOut() else { return XCTFail() }
+        guard case .close = timedOut.failed(transport: true) else { return XCTFail("one failure only") }
+
+        var after = Machine()
+        _ = after.receivedHead(head(200))
+        _ = after.receivedBody(ByteBuffer(repeating: 1, count: 7))
+        guard case .fail(.cut, let parts, headAnswered: true) = after.failed(transport: true) else { return XCTFail() }
+        XCTAssertEqual(parts.map(\.readableBytes), [7], "bytes read before the cut still go on, then the failure")
+        var garbled = Machine()
+        _ = garbled.receivedHead(head(200))
+        guard case .fail(.malformed, _, headAnswered: true) = garbled.failed(transport: false) else { return XCTFail() }
+    }
+
+    func testAConsumerThatLeavesClosesTheConnectionAndNothingFollows() {
+        var m = Machine()
+        _ = m.receivedHead(head(200))
+        guard case .close = m.consumerLeft() else { return XCTFail() }
+        guard case .none = m.readComplete() else { return XCTFail("nothing read once it left") }
+        guard case .none = m.demanded() else { return XCTFail() }
+        guard case .none = m.quiet() else { return XCTFail() }
+        guard case .close = m.receivedBody(ByteBuffer(repeating: 1, count: 1)) else { return XCTFail() }
+    }
+}
