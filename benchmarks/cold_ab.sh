@@ -19,7 +19,6 @@
 # FSYNC=false: the proxy does not fsync its files (`storage.fsync`), as
 # nginx never does; by default it does, and its CPU includes the fsync's
 # write-back, which nginx's leaves to the kernel's flusher.
-# WARM=MB: write and free MB of memory before each system's fills (see below).
 # nginx's VmHWM is summed over its processes, shared pages counted in each.
 set -euo pipefail
 (($# >= 1)) || { echo "usage: $0 BINARY [BINARY...]" >&2; exit 2; }
@@ -94,11 +93,6 @@ for round in $(seq "$rounds"); do
       sleep 0.1
     done
     [[ -n $up ]] || { echo "$binary: did not start (log: $work/proxy.log)" >&2; cat "$work/proxy.log" >&2; exit 1; }
-    # WARM=MB: write and free that much memory first, so that every system
-    # fills into recently freed pages; pages free for longer cost this VM
-    # 2-10x more to write into (benchmarks/fresh_pages.py), which otherwise
-    # swings a round by more than the systems differ.
-    [[ -n ${WARM:-} ]] && python3 -c "b = b'\x01' * ($WARM << 20)"
     t0=$(ticks $pid) u0=$(user_ticks $pid) c0=$(switches $pid) f0=$(faults $pid) o0=$(ticks $registry_pid) s0=$(date +%s.%N)
     for d in "${blobs[@]}"; do
       if [[ -n ${HASH:-} ]]; then

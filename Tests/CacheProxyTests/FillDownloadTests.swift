@@ -7,6 +7,7 @@ import XCTest
 /// alone, then against fake upstreams whose faults a registry cannot make.
 final class FillDownloadTests: XCTestCase {
     private typealias Machine = FillDownloadStateMachine
+    typealias F = FaultInjectionTests
 
     private func head(_ code: UInt) -> HTTPResponseHead {
         HTTPResponseHead(version: .http1_1, status: HTTPResponseStatus(statusCode: Int(code)))
@@ -70,5 +71,34 @@ final class FillDownloadTests: XCTestCase {
         guard case .none = m.demanded() else { return XCTFail() }
         guard case .none = m.quiet() else { return XCTFail() }
         guard case .close = m.receivedBody(ByteBuffer(repeating: 1, count: 1)) else { return XCTFail() }
+    }
+
+    // MARK: against a fake upstream
+
+    /// An upstream that sends more than its `Content-Length`: the bytes past
+    /// it are never served nor stored, and the blob the length covers is.
+    /// The request the fill sent names the registry as `Host` and asks to
+    /// close, whatever the client sent.
+    func testBytesPastTheContentLengthAreNeverServedAndTheRequestIsTheProxysOwn() async throws {
+        let blob = F.randomBytes(300_000)
+        let digest = F.digest(of: blob)
+        let upstream = try await FakeUpstream { _ in
+            .init(headers: ["content-length": String(blob.count)], body: blob + Array("HTTP/1.1 200 OK\r\n\r\nsmuggled".utf8))
+        }
+        let proxy = try await TestProxy(
+            upstreamsYAML: "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}")
+        let first = try curl("\(proxy.base)/v2/a/blobs/\(digest)", ["-H", "Connection: keep-alive, x-secret",
+                                                                     "-H", "X-Secret: 1"])
+        XCTAssertEqual(first.code, 200)
+        XCTAssertEqual(Array(first.body), blob, "the declared bytes, and not one more")
+        let again = try curl("\(proxy.base)/v2/a/blobs/\(digest)")
+        XCTAssertEqual(Array(again.body), blob, "kept as verified")
+        XCTAssertEqual(upstream.gets.count, 1)
+        let sent = try XCTUnwrap(upstream.gets.first)
+        XCTAssertEqual(sent.headers["host"], ["127.0.0.1:\(upstream.port)"])
+        XCTAssertEqual(sent.headers["connection"], ["close"])
+        XCTAssertFalse(sent.headers.contains(name: "x-secret"), "the client's hop-by-hop fields stay with it")
+        await proxy.stop()
+        await upstream.stop()
     }
 }

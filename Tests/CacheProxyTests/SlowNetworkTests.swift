@@ -436,6 +436,17 @@ final class SlowNetworkTests: XCTestCase {
                                           stallFor: .milliseconds(1500)))
     }
 
+    /// The tail of a burst longer than a batch goes out when the upstream
+    /// pauses, not when its next bytes come: the fill's own connection
+    /// tells the sink of the pause (`FillDownload`, an empty part).
+    func testTheTailOfABurstReachesTheClientDuringThePauseAfterIt() async throws {
+        let bytes = F.randomBytes(3_000_000)
+        try await expectEarly(1_600_000, of: bytes, within: 1.0,
+                              "the burst's last 550 KB during the 1.5 s pause, not after it", timeouts: Self.patientTimeouts,
+                              from: .init(body: bytes, chunkSize: 100_000, stallAfter: 1_600_000,
+                                          stallFor: .milliseconds(1500)))
+    }
+
     /// Each flushed batch of a trickling fill wakes every follower: none of
     /// eight clients waits for a whole batch, and each gets every byte.
     func testEveryClientOfATricklingFillGetsItsBytesAsTheyCome() async throws {
