@@ -385,7 +385,8 @@ public final class Fill: Sendable {
             let url = "\(upstream.origin)/v2/\(repository)/\(kind.pathSegment)/\(digest)"
             let answer: UpstreamClient.BlobAnswer
             do {
-                answer = try await context.client.getBlob(url: url, headers: headers, upstream: upstream, digest: digest)
+                answer = try await context.client.getBlob(url: url, headers: headers, upstream: upstream, digest: digest,
+                                                          ownConnection: kind == .blob)
             } catch {
                 context.metrics.upstreamAnswered(upstream, method: .GET, response: nil)
                 throw error

@@ -1,4 +1,5 @@
 import AsyncHTTPClient
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOSSL
@@ -17,12 +18,16 @@ import NIOSSL
 /// Measured on 64 MiB cold fills (`benchmarks/cold_ab.sh`): ~1,000 context
 /// switches per fill instead of ~1,600, and 0.1-0.3 s/GB less CPU.
 ///
-/// One connection per download, closed at its end (`connection: close`):
-/// a fill is long, and a connection that carried one has no use a pool
-/// would gain much from. The download's waits are the same as
-/// AsyncHTTPClient's here: the connect timeout (with the TLS handshake), the
-/// answer timeout from the request's end to the head, and the body's idle
-/// timeout, which the fill times (`UpstreamBody`).
+/// One connection per download, closed after its body: a blob download is
+/// long, and a connection that carried one has no use a pool would gain
+/// much from. What a pool would save (a TCP and TLS handshake, HTTP/2 to a
+/// TLS upstream that offers it) matters for short answers, so manifests and
+/// upstreams that redirect their blobs (to a CDN, whose hops
+/// AsyncHTTPClient makes anyway) keep AsyncHTTPClient's kept-alive
+/// connections (`UpstreamClient.ownConnection`). The download's waits are
+/// AsyncHTTPClient's: the connect timeout (with the TLS handshake), the
+/// answer timeout from the start to the head, and the body's idle timeout,
+/// which the fill times (`UpstreamBody`).
 enum FillDownload {
     /// How many read bursts may wait for the fill's task while it works on
     /// the one before. One: the read ahead overlaps the hashing, and a
@@ -43,18 +48,35 @@ enum FillDownload {
                     answerTimeout: TimeAmount) async throws -> HTTPClientResponse {
         var headers = headers
         headers.replaceOrAdd(name: "host", value: upstream.authority)
-        headers.replaceOrAdd(name: "connection", value: "close")
+        // No `connection: close`, though the connection carries one request:
+        // an upstream that closes after its last byte makes NIO read all the
+        // socket holds at once, past the body's back-pressure (its EOF read
+        // ignores `autoRead`). The handler closes it after the body instead.
         let request = HTTPRequestHead(version: .http1_1, method: .GET, uri: path, headers: headers)
         let answer = loop.makePromise(of: HTTPClientResponse.self)
+        // Given up (cancelled, or no answer in time): a connection made
+        // after that is closed without sending the request.
+        let givenUp = NIOLockedValueBox(false)
         let connected = LoopUpstreamPool.connect(to: upstream, tls: tls, on: loop, timeout: connectTimeout) { channel in
             try channel.pipeline.syncOperations.addHTTPClientHandlers(leftOverBytesStrategy: .dropBytes)
             try channel.pipeline.syncOperations.addHandler(FillDownloadHandler(answer: answer))
         }
+        let giveUp: @Sendable (any Error) -> Void = { error in
+            givenUp.withLockedValue { $0 = true }
+            answer.fail(error)
+            connected.whenSuccess { $0.close(promise: nil) }
+        }
+        // The answer timeout runs from the start, connecting included, as
+        // it does for AsyncHTTPClient's requests (`UpstreamClient.execute`):
+        // an upstream slow to connect gets the same 504 in the same time.
+        let deadline = loop.scheduleTask(in: answerTimeout) { giveUp(UpstreamFailure.answer) }
+        answer.futureResult.whenComplete { _ in deadline.cancel() }
         connected.whenComplete { result in
             switch result {
             case .failure(let error):
                 answer.fail(error)
             case .success(let channel):
+                guard !givenUp.withLockedValue({ $0 }) else { return channel.close(promise: nil) }
                 // Reads are asked for by the handler from here on, as the
                 // fill's task makes room; set after the TLS handshake, which
                 // needs reads of its own.
@@ -67,7 +89,7 @@ enum FillDownload {
                     try channel.syncOptions?.setOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(
                         minimum: 64 * 1024, initial: largestRead, maximum: largestRead))
                     let handler = try channel.pipeline.syncOperations.handler(type: FillDownloadHandler.self)
-                    handler.send(request, answerWithin: answerTimeout)
+                    handler.send(request)
                 } catch {
                     answer.fail(error)
                     channel.close(promise: nil)
@@ -77,8 +99,7 @@ enum FillDownload {
         return try await withTaskCancellationHandler {
             try await answer.futureResult.get()
         } onCancel: {
-            answer.fail(CancellationError())
-            connected.whenSuccess { $0.close(promise: nil) }
+            giveUp(CancellationError())
         }
     }
 }
@@ -94,14 +115,18 @@ final class FillDownloadHandler: ChannelInboundHandler {
         ByteBuffer, any Error, NIOAsyncSequenceProducerBackPressureStrategies.HighLowWatermark, Demand>
 
     private var machine = FillDownloadStateMachine()
-    private let answer: EventLoopPromise<HTTPClientResponse>
+    /// Until the head is handed on, or the wait fails. Not kept after: the
+    /// answer holds the body, whose delegate holds this handler, and a body
+    /// dropped unread (a redirect's) must free them all and close the
+    /// connection (`Demand.didTerminate`), not keep them in a cycle.
+    private var answer: EventLoopPromise<HTTPClientResponse>?
     private var context: ChannelHandlerContext?
     private var source: Body.Source?
-    private var deadline: Scheduled<Void>?
-    /// When bytes were last handed on, and whether the quiet spell since
-    /// has been told (`FillDownloadStateMachine.quiet`). One timer, re-armed
-    /// from where it fires rather than per read.
-    private var lastHandOn = NIODeadline.now()
+    /// Since when the download has waited for the upstream's bytes with
+    /// room for them (the last hand-on, or the consumer's demand), and
+    /// whether that quiet spell has been told (`FillDownloadStateMachine.quiet`).
+    /// One timer, re-armed from where it fires rather than per read.
+    private var waitingSince = NIODeadline.now()
     private var quietTold = true
     private var quietTimer: Scheduled<Void>?
 
@@ -117,15 +142,12 @@ final class FillDownloadHandler: ChannelInboundHandler {
         self.context = nil
     }
 
-    func send(_ request: HTTPRequestHead, answerWithin timeout: TimeAmount) {
+    /// Writes the request and reads for its answer (whose deadline
+    /// `FillDownload.get` keeps).
+    func send(_ request: HTTPRequestHead) {
         guard let context else { return act(machine.failed(transport: true)) }
         context.write(wrapOutboundOut(.head(request)), promise: nil)
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
-        let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
-        deadline = context.eventLoop.scheduleTask(in: timeout) {
-            let handler = loopBound.value
-            handler.act(handler.machine.timedOut())
-        }
         context.read()
     }
 
@@ -147,7 +169,19 @@ final class FillDownloadHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        act(machine.failed(transport: !(error is HTTPParserError)))
+        switch error {
+        case NIOSSLError.uncleanShutdown:
+            // A TLS upstream that closes without `close_notify`: the close
+            // that follows says whether the body was whole (the decoder
+            // fails a body short of its length; one delimited by the close
+            // ends there, and its digest is checked like any other).
+            return
+        case HTTPParserError.invalidEOFState:
+            // The connection closed inside the answer: a cut, not garbage.
+            act(machine.failed(transport: true))
+        default:
+            act(machine.failed(transport: !(error is HTTPParserError)))
+        }
     }
 
     private func act(_ action: FillDownloadStateMachine.Action) {
@@ -157,9 +191,8 @@ final class FillDownloadHandler: ChannelInboundHandler {
         case .read:
             context?.read()
         case .answer(let head):
-            deadline?.cancel()
-            deadline = nil
-            guard let context else { return }
+            guard let context, let answer else { return }
+            self.answer = nil
             let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
             let body = Body.makeSequence(
                 backPressureStrategy: .init(lowWatermark: 1, highWatermark: FillDownload.bufferedBursts),
@@ -172,13 +205,10 @@ final class FillDownloadHandler: ChannelInboundHandler {
         case .yield(let parts, let end):
             guard let source else { return }
             let result = parts.isEmpty ? .produceMore : source.yield(contentsOf: parts)
-            if parts.contains(where: { $0.readableBytes > 0 }) {
-                lastHandOn = .now()
-                quietTold = false
-                armQuietTimer()
-            }
+            if parts.contains(where: { $0.readableBytes > 0 }) { startWaiting() }
             if end {
                 source.finish()
+                self.source = nil
                 close()
             } else if case .dropped = result {
                 act(machine.consumerLeft())
@@ -186,13 +216,13 @@ final class FillDownloadHandler: ChannelInboundHandler {
                 act(machine.yielded(more: result == .produceMore))
             }
         case .fail(let failure, let parts, let headAnswered):
-            deadline?.cancel()
-            deadline = nil
             if headAnswered {
                 if !parts.isEmpty { _ = source?.yield(contentsOf: parts) }
                 source?.finish(failure)
+                source = nil
             } else {
-                answer.fail(failure == .timedOut ? UpstreamFailure.answer : failure)
+                answer?.fail(failure)
+                answer = nil
             }
             close()
         case .close:
@@ -200,17 +230,28 @@ final class FillDownloadHandler: ChannelInboundHandler {
         }
     }
 
-    /// Fires `BlobSink.flushAfter` after the last hand-on, once per quiet
-    /// spell; while bytes keep coming it moves on without a word.
+    /// The download waits for the upstream from now: a quiet spell of
+    /// `BlobSink.flushAfter` from here is a pause.
+    private func startWaiting() {
+        waitingSince = .now()
+        quietTold = false
+        armQuietTimer()
+    }
+
+    /// Fires `BlobSink.flushAfter` after the wait began, once per quiet
+    /// spell; while bytes keep coming it moves on without a word. A wait
+    /// for the consumer (reads stopped while it is full: a slow disk, a
+    /// slow follower) is not the upstream's pause: the machine says nothing
+    /// then, and the consumer's demand starts a new wait.
     private func armQuietTimer() {
         guard quietTimer == nil, let context else { return }
         let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
         let after = TimeAmount(BlobSink.flushAfter)
-        quietTimer = context.eventLoop.scheduleTask(deadline: lastHandOn + after) {
+        quietTimer = context.eventLoop.scheduleTask(deadline: waitingSince + after) {
             let handler = loopBound.value
             handler.quietTimer = nil
             guard !handler.quietTold else { return }
-            if NIODeadline.now() - handler.lastHandOn >= after {
+            if NIODeadline.now() - handler.waitingSince >= after {
                 handler.quietTold = true
                 handler.act(handler.machine.quiet())
             } else {
@@ -235,7 +276,9 @@ final class FillDownloadHandler: ChannelInboundHandler {
         func produceMore() {
             loop.execute {
                 let handler = handler.value
-                handler.act(handler.machine.demanded())
+                let action = handler.machine.demanded()
+                if case .read = action { handler.startWaiting() }
+                handler.act(action)
             }
         }
 

@@ -8,8 +8,8 @@ import NIOHTTP1
 /// A pure state machine: `FillDownloadHandler` feeds it the channel's
 /// events and the body consumer's demand, and does what the returned action
 /// says (AsyncHTTPClient's pattern). Every way a download ends (the body's
-/// end, a cut, a reset, the answer deadline, a consumer that left) is one
-/// transition here.
+/// end, a cut, a reset, garbage, a consumer that left) is one transition
+/// here.
 struct FillDownloadStateMachine {
     enum State {
         /// The request is written; no answer head yet.
@@ -22,18 +22,17 @@ struct FillDownloadStateMachine {
         case done
     }
 
+    /// (No answer in time is `FillDownload.get`'s to tell: its deadline
+    /// runs from before the connection is made.)
     enum Failure: Error, Equatable, CustomStringConvertible {
         /// The connection closed (or was reset) before the answer's end.
         case cut
-        /// No answer head within the answer timeout.
-        case timedOut
         /// An answer this could not read as HTTP.
         case malformed
 
         var description: String {
             switch self {
-            case .cut: "the upstream closed the connection before the blob's end"
-            case .timedOut: "the upstream did not answer in time"
+            case .cut: "the upstream closed the connection before its answer's end"
             case .malformed: "the upstream's answer was not HTTP"
             }
         }
@@ -56,9 +55,8 @@ struct FillDownloadStateMachine {
     private(set) var state: State = .awaitingHead
 
     mutating func receivedHead(_ head: HTTPResponseHead) -> Action {
+        // (Interim 1xx answers never come here: NIO's decoder drops them.)
         guard case .awaitingHead = state else { return fail(.malformed) }
-        // A 100 Continue (never asked for, but allowed) precedes the answer.
-        if head.status.code >= 100, head.status.code < 200, head.status != .switchingProtocols { return .read }
         state = .streaming(parts: [], wantsMore: true)
         return .answer(head)
     }
@@ -91,7 +89,8 @@ struct FillDownloadStateMachine {
     /// fill the upstream paused, so that what it holds of an unfilled batch
     /// goes to its clients now, not when the next bytes come.
     mutating func quiet() -> Action {
-        guard case .streaming = state else { return .none }
+        // Only while reads go on: stopped, the wait is the consumer's.
+        guard case .streaming(_, wantsMore: true) = state else { return .none }
         return .yield([ByteBuffer()], end: false)
     }
 
@@ -119,11 +118,6 @@ struct FillDownloadStateMachine {
     /// The connection closed or reset; `transport` false for the decoder's
     /// error (an answer that is not HTTP).
     mutating func failed(transport: Bool) -> Action { fail(transport ? .cut : .malformed) }
-
-    mutating func timedOut() -> Action {
-        guard case .awaitingHead = state else { return .none }
-        return fail(.timedOut)
-    }
 
     /// The consumer is gone (it finished, failed or was cancelled).
     mutating func consumerLeft() -> Action {

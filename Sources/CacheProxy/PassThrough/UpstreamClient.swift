@@ -70,6 +70,10 @@ public final class UpstreamClient: Sendable {
     private let fillHTTP: HTTPClient
     /// Where a fill's own connection (`FillDownload`) is made.
     private let group: any EventLoopGroup
+    /// Upstreams (by `host`) that answered a blob's first request with a
+    /// redirect: their fills go through AsyncHTTPClient's kept-alive
+    /// connections (`ownConnection`).
+    private let redirecting = NIOLockedValueBox<Set<String>>([])
     private let live: NIOLockedValueBox<Live>
     /// Where redirect targets lead (`AddressScope`).
     let resolver: any HostResolver
@@ -289,8 +293,10 @@ public final class UpstreamClient: Sendable {
     /// went: a redirect that changes scheme, host or port (a CDN with a
     /// signed URL, say) gets none. Only http and https are followed, and
     /// only to addresses `AddressScope` allows for this upstream.
+    /// `ownConnection`: the first request may go on a connection of its
+    /// own (`FillDownload`): for a blob, whose body is long.
     func getBlob(url: String, headers: HTTPHeaders, upstream: ProxyConfig.Upstream, digest: Digest,
-                 limit: Int = 5) async throws -> BlobAnswer {
+                 ownConnection: Bool = false, limit: Int = 5) async throws -> BlobAnswer {
         var current = url
         var headers = headers
         var vouches = true
@@ -300,11 +306,14 @@ public final class UpstreamClient: Sendable {
             request.method = .GET
             request.headers = headers
             let response: HTTPClientResponse
-            if hop == 0, let own = ownConnection(for: url, upstream: upstream) {
+            if hop == 0, ownConnection, let own = self.ownConnection(for: url, upstream: upstream) {
                 response = try await FillDownload.get(path: own.path, headers: headers, upstream: upstream,
                                                       tls: own.tls, on: group.next(),
                                                       connectTimeout: TimeAmount(connectTimeout),
                                                       answerTimeout: TimeAmount(answerTimeout))
+                if (300..<400).contains(response.status.code) {
+                    redirecting.withLockedValue { _ = $0.insert(upstream.host) }
+                }
             } else {
                 // The upstream's own credentials go to the upstream only,
                 // never to where it redirects.
@@ -333,9 +342,12 @@ public final class UpstreamClient: Sendable {
     /// of its own (`FillDownload`), when the event loops can reach the
     /// upstream themselves: plaintext or TLS with the session in force, and
     /// no account of the proxy's (whose token exchange is `send`'s). Nil
-    /// sends it through AsyncHTTPClient, as every redirect it leads to.
+    /// sends it through AsyncHTTPClient, as every redirect it leads to, and
+    /// every request to an upstream that redirected one before: the body
+    /// comes from elsewhere, and the first answer is short.
     private func ownConnection(for url: String, upstream: ProxyConfig.Upstream) -> (path: String, tls: NIOSSLContext?)? {
-        guard LoopUpstreamPool.serves(upstream), url.hasPrefix(upstream.origin + "/") else { return nil }
+        guard LoopUpstreamPool.serves(upstream), url.hasPrefix(upstream.origin + "/"),
+              !redirecting.withLockedValue({ $0.contains(upstream.host) }) else { return nil }
         guard upstream.schema == "https" else { return (String(url.dropFirst(upstream.origin.count)), nil) }
         guard let context = loopTLS(for: upstream)?.context else { return nil }
         return (String(url.dropFirst(upstream.origin.count)), context)
