@@ -80,8 +80,9 @@ final class FillDownloadTests: XCTestCase {
 
     /// An upstream that sends more than its `Content-Length`: the bytes past
     /// it are never served nor stored, and the blob the length covers is.
-    /// The request the fill sent names the registry as `Host` and asks to
-    /// close, whatever the client sent.
+    /// The request the fill sent names the registry as `Host` and carries
+    /// none of the client's hop-by-hop fields; each blob fill has a
+    /// connection of its own.
     func testBytesPastTheContentLengthAreNeverServedAndTheRequestIsTheProxysOwn() async throws {
         let blob = F.randomBytes(300_000)
         let digest = F.digest(of: blob)
@@ -102,6 +103,9 @@ final class FillDownloadTests: XCTestCase {
         XCTAssertFalse(sent.headers.contains(name: "connection"),
                        "no close asked: an upstream's close after the body would be read past back-pressure")
         XCTAssertFalse(sent.headers.contains(name: "x-secret"), "the client's hop-by-hop fields stay with it")
+        let other = F.randomBytes(1000)
+        _ = try curl("\(proxy.base)/v2/a/blobs/\(F.digest(of: other))")
+        XCTAssertEqual(upstream.connections, 2, "a connection per blob fill, not AsyncHTTPClient's kept-alive one")
         await proxy.stop()
         await upstream.stop()
     }
@@ -159,14 +163,34 @@ final class FillDownloadTests: XCTestCase {
         await other.stop()
     }
 
-    /// This process's TCP connections to `port` on 127.0.0.1 still
-    /// established (`/proc/net/tcp`: the remote port, state 01).
+    /// A registry named by a host name with several addresses: NIO tries
+    /// them (Happy Eyeballs), and an attempt that fails (`::1`, where the
+    /// upstream does not listen) must not fail the fill the next one
+    /// carries. Where `localhost` is `::1` and `127.0.0.1` (Debian's
+    /// default `/etc/hosts`); where it is `127.0.0.1` alone, a plain pull.
+    func testAFailedConnectAttemptDoesNotFailTheFillOfTheNext() async throws {
+        let blob = F.randomBytes(100_000)
+        let upstream = try await FakeUpstream(host: "127.0.0.1") { _ in .init(body: blob) }
+        let proxy = try await TestProxy(
+            upstreamsYAML: "  - {host: \"127.0.0.1\", registry: \"localhost\", port: \(upstream.port), schema: \"http\"}")
+        for _ in 0..<3 {
+            let result = try curl("\(proxy.base)/v2/a/blobs/\(F.digest(of: blob))")
+            XCTAssertEqual(result.code, 200)
+            XCTAssertEqual(Array(result.body), blob)
+            try FileManager.default.removeItem(atPath: proxy.folder + "/blobs")
+        }
+        await proxy.stop()
+        await upstream.stop()
+    }
+
+    /// TCP connections to 127.0.0.1:`port` still established in this
+    /// network namespace (`/proc/net/tcp`: the remote address, state 01).
     static func establishedConnections(to port: Int) -> Int {
         guard let table = try? String(contentsOfFile: "/proc/net/tcp", encoding: .utf8) else { return -1 }
-        let remote = String(format: ":%04X", port)
+        let remote = String(format: "0100007F:%04X", port)
         return table.split(separator: "\n").dropFirst().filter { line in
             let fields = line.split(separator: " ")
-            return fields.count > 3 && fields[2].hasSuffix(remote) && fields[3] == "01"
+            return fields.count > 3 && fields[2] == remote && fields[3] == "01"
         }.count
     }
 }

@@ -29,10 +29,12 @@ import NIOSSL
 /// answer timeout from the start to the head, and the body's idle timeout,
 /// which the fill times (`UpstreamBody`).
 enum FillDownload {
-    /// How many read bursts may wait for the fill's task while it works on
-    /// the one before. One: the read ahead overlaps the hashing, and a
-    /// download holds ~2 MiB of bursts at most besides the fill's batches,
-    /// whatever the blob's size (more bought no CPU and cost peak RSS).
+    /// How many reads may wait for the fill's task (the producer's high
+    /// watermark counts parts, one per read): reads stop once a burst is
+    /// handed on, and the next burst is read while the task works on its
+    /// last part. A download holds ~1 MiB of reads at most besides the
+    /// fill's batches, whatever the blob's size (more read-ahead bought no
+    /// CPU here and cost peak RSS).
     static let bufferedBursts = 1
     /// The receive buffer grows to this when reads fill it. Below glibc's
     /// mapping threshold (`FreedMemory.mapAllocations`): a buffer NIO could
@@ -59,7 +61,9 @@ enum FillDownload {
         let givenUp = NIOLockedValueBox(false)
         let connected = LoopUpstreamPool.connect(to: upstream, tls: tls, on: loop, timeout: connectTimeout) { channel in
             try channel.pipeline.syncOperations.addHTTPClientHandlers(leftOverBytesStrategy: .dropBytes)
-            try channel.pipeline.syncOperations.addHandler(FillDownloadHandler(answer: answer))
+            // Once per connection attempt (NIO races a name's addresses):
+            // only the attempt that wins is given the answer to complete.
+            try channel.pipeline.syncOperations.addHandler(FillDownloadHandler())
         }
         let giveUp: @Sendable (any Error) -> Void = { error in
             givenUp.withLockedValue { $0 = true }
@@ -89,7 +93,7 @@ enum FillDownload {
                     try channel.syncOptions?.setOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(
                         minimum: 64 * 1024, initial: largestRead, maximum: largestRead))
                     let handler = try channel.pipeline.syncOperations.handler(type: FillDownloadHandler.self)
-                    handler.send(request)
+                    handler.send(request, answer: answer)
                 } catch {
                     answer.fail(error)
                     channel.close(promise: nil)
@@ -115,7 +119,9 @@ final class FillDownloadHandler: ChannelInboundHandler {
         ByteBuffer, any Error, NIOAsyncSequenceProducerBackPressureStrategies.HighLowWatermark, Demand>
 
     private var machine = FillDownloadStateMachine()
-    /// Until the head is handed on, or the wait fails. Not kept after: the
+    /// From the request's send until the head is handed on, or the wait
+    /// fails: an attempt NIO gave up (another address of the name won)
+    /// has none to fail. Not kept after: the
     /// answer holds the body, whose delegate holds this handler, and a body
     /// dropped unread (a redirect's) must free them all and close the
     /// connection (`Demand.didTerminate`), not keep them in a cycle.
@@ -130,10 +136,6 @@ final class FillDownloadHandler: ChannelInboundHandler {
     private var quietTold = true
     private var quietTimer: Scheduled<Void>?
 
-    init(answer: EventLoopPromise<HTTPClientResponse>) {
-        self.answer = answer
-    }
-
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
     /// A connect that failed removes the handlers without `channelInactive`.
@@ -142,9 +144,10 @@ final class FillDownloadHandler: ChannelInboundHandler {
         self.context = nil
     }
 
-    /// Writes the request and reads for its answer (whose deadline
-    /// `FillDownload.get` keeps).
-    func send(_ request: HTTPRequestHead) {
+    /// Writes the request and reads for its answer, which completes
+    /// `answer` (its deadline is `FillDownload.get`'s).
+    func send(_ request: HTTPRequestHead, answer: EventLoopPromise<HTTPClientResponse>) {
+        self.answer = answer
         guard let context else { return act(machine.failed(transport: true)) }
         context.write(wrapOutboundOut(.head(request)), promise: nil)
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
@@ -264,6 +267,10 @@ final class FillDownloadHandler: ChannelInboundHandler {
         quietTimer?.cancel()
         quietTimer = nil
         guard let context, context.channel.isActive else { return }
+        // Reads on: a TLS close waits for the upstream's `close_notify`,
+        // which nothing would read with reads asked for one at a time (the
+        // connection would linger until NIOSSL's shutdown timeout).
+        try? context.channel.syncOptions?.setOption(.autoRead, value: true)
         context.close(promise: nil)
     }
 
