@@ -345,7 +345,7 @@ public final class UpstreamClient: Sendable {
     /// sends it through AsyncHTTPClient, as every redirect it leads to, and
     /// every request to an upstream that redirected one before: the body
     /// comes from elsewhere, and the first answer is short.
-    private func ownConnection(for url: String, upstream: ProxyConfig.Upstream) -> (path: String, tls: NIOSSLContext?)? {
+    func ownConnection(for url: String, upstream: ProxyConfig.Upstream) -> (path: String, tls: NIOSSLContext?)? {
         guard LoopUpstreamPool.serves(upstream), url.hasPrefix(upstream.origin + "/"),
               !redirecting.withLockedValue({ $0.contains(upstream.host) }) else { return nil }
         guard upstream.schema == "https" else { return (String(url.dropFirst(upstream.origin.count)), nil) }
