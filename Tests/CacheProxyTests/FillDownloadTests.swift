@@ -173,6 +173,31 @@ final class FillDownloadTests: XCTestCase {
         await other.stop()
     }
 
+    /// A registry written as an IPv6 literal: connected to without its
+    /// brackets, named with them in `Host`, each blob on its own connection.
+    func testABlobFromAnIPv6RegistryIsFilledOnItsOwnConnection() async throws {
+        let blobs = [F.randomBytes(200_000), F.randomBytes(1_000)]
+        let upstream: FakeUpstream
+        do {
+            upstream = try await FakeUpstream(host: "::1") { head in
+                .init(body: blobs.first { head.uri.hasSuffix(F.digest(of: $0)) } ?? [])
+            }
+        } catch {
+            throw XCTSkip("no IPv6 loopback here: \(error)")
+        }
+        let proxy = try await TestProxy(
+            upstreamsYAML: "  - {host: \"127.0.0.1\", registry: \"[::1]\", port: \(upstream.port), schema: \"http\"}")
+        for blob in blobs {
+            let result = try curl("\(proxy.base)/v2/a/blobs/\(F.digest(of: blob))")
+            XCTAssertEqual(result.code, 200)
+            XCTAssertEqual(Array(result.body), blob)
+        }
+        XCTAssertEqual(upstream.gets.first?.headers["host"], ["[::1]:\(upstream.port)"])
+        XCTAssertEqual(upstream.connections, 2)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
     /// A registry named by a host name with several addresses: NIO tries
     /// them (Happy Eyeballs), and an attempt that fails (`::1`, where the
     /// upstream does not listen) must not fail the fill the next one
