@@ -173,6 +173,30 @@ final class FillDownloadTests: XCTestCase {
         await other.stop()
     }
 
+    /// The answer timeout on the fill's own connection (1 s here, counted
+    /// from the start): a head that comes within it is waited for, one that
+    /// comes after it is a 504 in about that time, and nothing is kept.
+    func testAHeadSlowerThanTheAnswerTimeoutIs504AndOneWithinItIsWaitedFor() async throws {
+        let (slow, late) = (F.randomBytes(50_000), F.randomBytes(50_000))
+        let upstream = try await FakeUpstream { head in
+            head.uri.hasSuffix(F.digest(of: slow)) ? .init(body: slow, headDelay: .milliseconds(500))
+                                                   : .init(body: late, headDelay: .milliseconds(2500))
+        }
+        let proxy = try await TestProxy(
+            upstreamsYAML: "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}",
+            extraYAML: "timeouts: {upstream: 1}")
+        let within = try curl("\(proxy.base)/v2/a/blobs/\(F.digest(of: slow))")
+        XCTAssertEqual(within.code, 200)
+        XCTAssertEqual(Array(within.body), slow)
+        let started = Date()
+        let after = try curl("\(proxy.base)/v2/a/blobs/\(F.digest(of: late))")
+        XCTAssertEqual(after.code, 504)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 2.2, "the answer timeout, not the head's 2.5 s")
+        XCTAssertEqual(proxy.files(in: "tmp"), [])
+        await proxy.stop()
+        await upstream.stop()
+    }
+
     /// A registry written as an IPv6 literal: connected to without its
     /// brackets, named with them in `Host`, each blob on its own connection.
     func testABlobFromAnIPv6RegistryIsFilledOnItsOwnConnection() async throws {

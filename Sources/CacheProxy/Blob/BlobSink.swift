@@ -4,7 +4,8 @@ import NIOCore
 /// Where a fill pours the upstream body: gathers it into batches, and hashes
 /// and writes one batch while the caller reads the next.
 ///
-/// Chunks arrive as the socket delivers them (tens of KiB). Writing each one
+/// Chunks arrive as the upstream connection delivers them: a read burst of
+/// up to 1 MiB from `FillDownload`, tens of KiB from AsyncHTTPClient. Writing each one
 /// would cost a hop to the storage backend and a wake-up of every follower
 /// per chunk; taking turns between reading, hashing and writing would leave
 /// two of the three idle at any moment. Measured on a cold 64 MiB blob:
@@ -35,9 +36,10 @@ import NIOCore
 /// fills a batch well within `flushAfter` and is never flushed.
 /// - An empty chunk says the upstream paused: `FillDownload` sends one
 ///   when no bytes came for `flushAfter`, and what is left of a burst
-///   longer than a batch goes out then. (Through AsyncHTTPClient, which
-///   says nothing of pauses, only a redirected download, that tail waits
-///   for the next chunk.)
+///   longer than a batch goes out then. (A download without a connection
+///   of its own goes through AsyncHTTPClient, which says nothing of
+///   pauses: a redirected one, or one from an upstream with an account;
+///   there that tail waits for the next chunk.)
 ///
 /// A batch becomes readable by followers as soon as its write completes
 /// (the write's task tells the fill), not when the sink next looks: an
@@ -141,8 +143,8 @@ struct BlobSink {
     }
 
     /// A batch's room: a whole batch, or what is left of a body of known
-    /// length (a longer body than said grows the buffer; AsyncHTTPClient
-    /// refuses one anyway).
+    /// length (a longer body than said grows the buffer; neither HTTP
+    /// client hands on bytes past the `Content-Length` anyway).
     private var bufferCapacity: Int {
         guard let expectedLength else { return Self.batchSize }
         return Int(max(0, min(Int64(Self.batchSize), expectedLength - offset)))

@@ -32,8 +32,9 @@ enum FillDownload {
     /// How many reads may wait for the fill's task (the producer's high
     /// watermark counts parts, one per read): reads stop once a burst is
     /// handed on, and the next burst is read while the task works on its
-    /// last part. A download holds ~1 MiB of reads at most besides the
-    /// fill's batches, whatever the blob's size (more read-ahead bought no
+    /// last part. A download holds ~2 MiB of reads at most (the burst
+    /// handed on and the one being read) besides the fill's batches,
+    /// whatever the blob's size (more read-ahead bought no
     /// CPU here and cost peak RSS).
     static let bufferedBursts = 1
     /// The receive buffer grows to this when reads fill it. Below glibc's
@@ -88,7 +89,8 @@ enum FillDownload {
                     try channel.syncOptions?.setOption(.autoRead, value: false)
                     // NIO keeps one receive buffer per read of a burst and
                     // reuses it once the fill's task has let go of its
-                    // bytes: four, for a burst and the one before it.
+                    // bytes: four, one burst's worth (a buffer still held
+                    // when the next burst is read is replaced by a new one).
                     try channel.syncOptions?.setOption(.maxMessagesPerRead, value: 4)
                     try channel.syncOptions?.setOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(
                         minimum: 64 * 1024, initial: largestRead, maximum: largestRead))

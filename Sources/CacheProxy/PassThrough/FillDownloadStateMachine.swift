@@ -121,7 +121,6 @@ struct FillDownloadStateMachine {
 
     /// The consumer is gone (it finished, failed or was cancelled).
     mutating func consumerLeft() -> Action {
-        if case .done = state { return .close }
         state = .done
         return .close
     }

@@ -293,6 +293,9 @@ public final class UpstreamClient: Sendable {
     /// went: a redirect that changes scheme, host or port (a CDN with a
     /// signed URL, say) gets none. Only http and https are followed, and
     /// only to addresses `AddressScope` allows for this upstream.
+    /// The answers `getBlob` follows (with a `Location`).
+    private static let redirects: Set<UInt> = [301, 302, 303, 307, 308]
+
     /// `ownConnection`: the first request may go on a connection of its
     /// own (`FillDownload`): for a blob, whose body is long.
     func getBlob(url: String, headers: HTTPHeaders, upstream: ProxyConfig.Upstream, digest: Digest,
@@ -302,24 +305,24 @@ public final class UpstreamClient: Sendable {
         var vouches = true
         guard let original = RedirectTarget(url) else { throw UpstreamFailure.badRedirect }
         for hop in 0...limit {
-            var request = HTTPClientRequest(url: current)
-            request.method = .GET
-            request.headers = headers
             let response: HTTPClientResponse
             if hop == 0, ownConnection, let own = self.ownConnection(for: url, upstream: upstream) {
                 response = try await FillDownload.get(path: own.path, headers: headers, upstream: upstream,
                                                       tls: own.tls, on: group.next(),
                                                       connectTimeout: TimeAmount(connectTimeout),
                                                       answerTimeout: TimeAmount(answerTimeout))
-                if (300..<400).contains(response.status.code) {
+                if Self.redirects.contains(response.status.code) {
                     redirecting.withLockedValue { _ = $0.insert(upstream.host) }
                 }
             } else {
+                var request = HTTPClientRequest(url: current)
+                request.method = .GET
+                request.headers = headers
                 // The upstream's own credentials go to the upstream only,
                 // never to where it redirects.
                 response = try await send(request, to: upstream, authorize: current == url, pool: .fills)
             }
-            guard [301, 302, 303, 307, 308].contains(response.status.code),
+            guard Self.redirects.contains(response.status.code),
                   let location = response.headers.first(name: "location")
             else { return BlobAnswer(response: response, vouches: vouches && response.status == .ok) }
             if hop == 0 { vouches = AccessGate.isBlobRedirect(location, digest: digest) }
@@ -346,11 +349,13 @@ public final class UpstreamClient: Sendable {
     /// every request to an upstream that redirected one before: the body
     /// comes from elsewhere, and the first answer is short.
     func ownConnection(for url: String, upstream: ProxyConfig.Upstream) -> (path: String, tls: NIOSSLContext?)? {
-        guard LoopUpstreamPool.serves(upstream), url.hasPrefix(upstream.origin + "/"),
+        let origin = upstream.origin
+        guard LoopUpstreamPool.serves(upstream), url.hasPrefix(origin + "/"),
               !redirecting.withLockedValue({ $0.contains(upstream.host) }) else { return nil }
-        guard upstream.schema == "https" else { return (String(url.dropFirst(upstream.origin.count)), nil) }
+        let path = String(url.dropFirst(origin.count))
+        guard upstream.schema == "https" else { return (path, nil) }
         guard let context = loopTLS(for: upstream)?.context else { return nil }
-        return (String(url.dropFirst(upstream.origin.count)), context)
+        return (path, context)
     }
 
     /// Whether a redirect of `upstream` may lead to `target` (`AddressScope`).

@@ -52,8 +52,7 @@ public enum RequestTarget: Equatable, Sendable {
             let digestPart = UnsafeBufferPointer(rebasing: path[blobs.upperBound...])
             if !digestPart.hasBytes("uploads"), !digestPart.contains(UInt8(ascii: "/")) {
                 return repositoryName(in: path, before: blobs).flatMap { name in
-                    Digest.parse(digestPart).map { .blob(name: name, digest: $0) }
-                        .mapError { .digestInvalid($0.description) }
+                    digest(digestPart).map { .blob(name: name, digest: $0) }
                 }
             }
         }
@@ -61,8 +60,7 @@ public enum RequestTarget: Equatable, Sendable {
             let reference = UnsafeBufferPointer(rebasing: path[manifests.upperBound...])
             if reference.contains(UInt8(ascii: ":")) {
                 return repositoryName(in: path, before: manifests).flatMap { name in
-                    Digest.parse(reference).map { .manifest(name: name, reference: .digest($0)) }
-                        .mapError { .digestInvalid($0.description) }
+                    digest(reference).map { .manifest(name: name, reference: .digest($0)) }
                 }
             }
             // Anything that is not a tag is the upstream's to refuse.
@@ -84,6 +82,11 @@ public enum RequestTarget: Equatable, Sendable {
         let name = path[nameStart..<segment.lowerBound]
         guard RepositoryName.isValid(name) else { return .failure(.nameInvalid("invalid repository name")) }
         return .success(String(decoding: name, as: UTF8.self))
+    }
+
+    /// The digest a blob's or a manifest's last segment names, or why not.
+    private static func digest(_ bytes: UnsafeBufferPointer<UInt8>) -> Result<Digest, Rejection> {
+        Digest.parse(bytes).mapError { .digestInvalid($0.description) }
     }
 
     /// The refusal of `.`/`..` segments and encoded dots, slashes and

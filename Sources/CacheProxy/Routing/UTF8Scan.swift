@@ -6,9 +6,8 @@
 /// tenth of the proxy's own CPU (benchmarks/RESULTS.md). Strings read from
 /// the network are native UTF-8, so the scan runs over a plain buffer; a
 /// bridged or foreign string falls back to the generic walk, with the same
-/// answer. Code that reads a target through (`RequestTarget.classify`, the
-/// request line) borrows its bytes once instead and uses the buffer
-/// helpers below.
+/// answer. `RequestTarget.classify` borrows a target's bytes once instead
+/// and uses the buffer helpers below.
 extension Substring {
     /// The index of the first `byte` in the UTF-8, or nil.
     func firstIndex(ofByte byte: UInt8) -> Index? {
