@@ -1,6 +1,15 @@
 // swift-tools-version:6.0
 import PackageDescription
 
+/// The project's own modules keep Swift's run-time exclusivity checks in
+/// every build. `make release` turns them off for the dependencies only
+/// (`-Xswiftc -enforce-exclusivity=unchecked`, which this setting, passed to
+/// the frontend after it, overrides here): SwiftNIO's channel machinery made
+/// ~90% of the checks on a hit, ~9,000 instructions of a pull by tag
+/// (benchmarks/RESULTS.md, 2026-12-06 "exclusivity"). Debug and test builds
+/// check everything.
+let ownCode: [SwiftSetting] = [.unsafeFlags(["-Xfrontend", "-enforce-exclusivity=checked"])]
+
 let package = Package(
     name: "cache-proxy",
     platforms: [.macOS(.v14)],
@@ -30,7 +39,8 @@ let package = Package(
         .target(
             name: "IOURing",
             dependencies: ["CURing", .product(name: "NIOConcurrencyHelpers", package: "swift-nio")],
-            path: "Sources/IOURing"
+            path: "Sources/IOURing",
+            swiftSettings: ownCode
         ),
         .target(
             name: "ProxyMetrics",
@@ -38,7 +48,8 @@ let package = Package(
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
-            path: "Sources/Metrics"
+            path: "Sources/Metrics",
+            swiftSettings: ownCode
         ),
         .target(
             name: "CacheProxy",
@@ -60,7 +71,8 @@ let package = Package(
                 .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
                 .product(name: "DequeModule", package: "swift-collections"),
             ],
-            path: "Sources/CacheProxy"
+            path: "Sources/CacheProxy",
+            swiftSettings: ownCode
         ),
         .executableTarget(
             name: "cache-proxy",
@@ -73,7 +85,8 @@ let package = Package(
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
             ],
-            path: "Sources/CacheProxyMain"
+            path: "Sources/CacheProxyMain",
+            swiftSettings: ownCode
         ),
         .testTarget(
             name: "CacheProxyTests",

@@ -118,6 +118,19 @@ final class TagLookupTests: XCTestCase {
         XCTAssertEqual(named.headers.map(\.name), ["Docker-Content-Digest", "DOCKER-CONTENT-DIGEST", "docker-content-digest",
                                                   "Docker-Content-Digesx", "X-Content-Type-Options"])
         XCTAssertEqual(named.headers["docker-content-digest"], ["a", "b", "c"])
+        // The fields found on the parse's own walk are the ones a look-up
+        // by name finds: the first of the name, any case, trimmed.
+        XCTAssertEqual(named.digestField, "a")
+        XCTAssertNil(named.contentType, "X-Content-Type-Options is not Content-Type")
+        XCTAssertEqual(head.digestField, head.first(name: "docker-content-digest"))
+        XCTAssertEqual(head.contentType, "application/vnd.oci.image.manifest.v1+json")
+        XCTAssertNil(head.rateLimitRemaining)
+        let limited = Self.answer("HTTP/1.1 200 OK\r\nRATELIMIT-REMAINING:\t 99;w=21600 \r\n"
+            + "Content-Type:  a/b  \r\nratelimit-remaining: 1\r\nDocker-Content-Digest:\r\n\r\n")
+        XCTAssertEqual(limited.rateLimitRemaining, "99;w=21600")
+        XCTAssertEqual(limited.contentType, "a/b")
+        XCTAssertEqual(limited.digestField, "", "present and empty, as first(name:) says")
+        XCTAssertEqual(limited.digestField, limited.first(name: "docker-content-digest"))
         for cut in 0..<text.utf8.count {
             XCTAssertEqual(parse(String(decoding: Array(text.utf8)[..<cut], as: UTF8.self)), .incomplete, "cut at \(cut)")
         }

@@ -73,22 +73,23 @@ public struct RequestLog: Sendable {
         line.append(UInt8(ascii: " "))
         var uri = entry.uri
         uri.withUTF8 { LogWriter.appendToken(RequestURI.path(of: $0), to: &line) }
-        line.append(contentsOf: " host=".utf8)
+        LogWriter.appendLiteral(" host=", to: &line)
         LogWriter.appendToken(entry.host, to: &line)
-        line.append(contentsOf: " upstream=".utf8)
+        LogWriter.appendLiteral(" upstream=", to: &line)
         LogWriter.appendToken(entry.upstream, to: &line)
-        line.append(contentsOf: " status=".utf8)
+        LogWriter.appendLiteral(" status=", to: &line)
         LogWriter.appendDecimal(Int64(entry.status), to: &line)
-        line.append(contentsOf: " bytes=".utf8)
+        LogWriter.appendLiteral(" bytes=", to: &line)
         LogWriter.appendDecimal(entry.bytes, to: &line)
-        line.append(contentsOf: " duration=".utf8)
+        LogWriter.appendLiteral(" duration=", to: &line)
         let micros = Int64((max(0, entry.seconds) * 1_000_000).rounded())
         LogWriter.appendDecimal(micros / 1_000_000, to: &line)
         line.append(UInt8(ascii: "."))
         LogWriter.appendDecimal(micros % 1_000_000, width: 6, to: &line)
-        line.append(contentsOf: " answer=".utf8)
-        line.append(contentsOf: entry.answer.rawValue.utf8)
-        if entry.cut { line.append(contentsOf: " cut".utf8) }
+        LogWriter.appendLiteral(" answer=", to: &line)
+        var answer = entry.answer.rawValue
+        answer.withUTF8 { line.append(contentsOf: $0) }
+        if entry.cut { LogWriter.appendLiteral(" cut", to: &line) }
         line.append(UInt8(ascii: "\n"))
         return line
     }
