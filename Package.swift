@@ -5,9 +5,12 @@ import PackageDescription
 /// every build. `make release` turns them off for the dependencies only
 /// (`-Xswiftc -enforce-exclusivity=unchecked`, which this setting, passed to
 /// the frontend after it, overrides here): SwiftNIO's channel machinery made
-/// ~90% of the checks on a hit, ~9,000 instructions of a pull by tag
-/// (benchmarks/RESULTS.md, 2026-12-06 "exclusivity"). Debug and test builds
-/// check everything.
+/// ~90% of the checks on a hit, ~9% of the instructions of a hit and ~12%
+/// of a pull by tag (benchmarks/RESULTS.md, "2026-12-06 (night): the dependencies'
+/// exclusivity checks"). What stays checked is access to storage the
+/// project declares; a dependency's inlinable accessor (`NIOLoopBoundBox`'s
+/// `value`, say) comes without its checks even where it is inlined here.
+/// Debug and test builds (`make test`) check everything.
 let ownCode: [SwiftSetting] = [.unsafeFlags(["-Xfrontend", "-enforce-exclusivity=checked"])]
 
 let package = Package(

@@ -236,6 +236,10 @@ final class FillDownloadTests: XCTestCase {
             let result = try curl("\(proxy.base)/v2/a/blobs/\(F.digest(of: blob))")
             XCTAssertEqual(result.code, 200)
             XCTAssertEqual(Array(result.body), blob)
+            // The client may have its last byte before the fill has put the
+            // file in place (the thread pool backend's rename comes after):
+            // wait for it, so the next pull is a miss again.
+            XCTAssertTrue(eventually { proxy.files(in: "blobs").count == 1 }, "the fill was published")
             try FileManager.default.removeItem(atPath: proxy.folder + "/blobs")
         }
         await proxy.stop()

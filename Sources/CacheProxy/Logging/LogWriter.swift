@@ -105,8 +105,8 @@ public enum LogWriter {
             if value < 0 { line.append(UInt8(ascii: "-")) }
             // As typed bytes: a slice of raw ones was copied through a
             // generic walk, ~240 instructions a number.
-            let digits = buffer.bindMemory(to: UInt8.self)
-            line.append(contentsOf: UnsafeBufferPointer(rebasing: digits[(20 - count)...]))
+            let bytes = buffer.assumingMemoryBound(to: UInt8.self)
+            line.append(contentsOf: UnsafeBufferPointer(rebasing: bytes[(20 - count)...]))
         }
     }
 
