@@ -447,6 +447,19 @@ final class SlowNetworkTests: XCTestCase {
                                           stallFor: .milliseconds(1500)))
     }
 
+    /// A trickle of 10 KB pieces, closer together than a pause
+    /// (`BlobSink.flushAfter`, 50 ms): what the fill gathers still reaches
+    /// the client about a pause later, not once a read burst's worth
+    /// (256 KiB, ~0.8 s here) or a batch has added up. (A download that
+    /// held its bytes until 256 KiB, without a timer to hand them on,
+    /// failed this: 0.86 s.)
+    func testATrickleSmallerThanAHandOnReachesTheClientAsItComes() async throws {
+        let bytes = F.randomBytes(600_000)
+        try await expectEarly(100_000, of: bytes, within: 0.6, "100 KB (upstream's by 0.3 s) well before 256 KiB (0.8 s)",
+                              timeouts: Self.patientTimeouts,
+                              from: .init(body: bytes, chunkSize: 10_000, delay: .milliseconds(30)))
+    }
+
     /// Each flushed batch of a trickling fill wakes every follower: none of
     /// eight clients waits for a whole batch, and each gets every byte.
     func testEveryClientOfATricklingFillGetsItsBytesAsTheyCome() async throws {
