@@ -237,7 +237,10 @@ public final class ProxyServer: Service, Sendable {
             // most of a second. Accepted connections then wait for their
             // task in a buffer of up to `highWatermark`, not in the kernel.
             .serverChannelOption(.maxMessagesPerRead, value: 64)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            // At the TCP level (`tcpOption`): `socketOption(.tcp_nodelay)`
+            // set SO_DEBUG, which only root may, so the proxy could not
+            // start as the unprivileged user its systemd unit runs it as.
+            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 4)
             // A write the socket took only part of waits for the kernel to
             // say it has room (a third of the send buffer), as nginx does.

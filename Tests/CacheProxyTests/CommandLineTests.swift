@@ -29,6 +29,28 @@ final class CommandLineTests: XCTestCase {
         XCTAssertTrue(output.contains("missing.yaml"), output)
     }
 
+    /// The systemd unit runs the proxy as a dynamic user with no
+    /// capabilities: as such a user it starts, and fills a blob on the event
+    /// loop's own upstream connection. (TCP_NODELAY was set at the socket
+    /// level, where its number is SO_DEBUG, which needs CAP_NET_ADMIN: the
+    /// daemon exited at start with "Permission denied".)
+    func testAnUnprivilegedUserRunsTheProxy() async throws {
+        guard getuid() == 0 else { throw XCTSkip("needs root, to run the proxy as another user") }
+        let folder = try makeTemporaryFolder("unprivileged")
+        XCTAssertEqual(chmod(folder, 0o777), 0)
+        let blob = FaultInjectionTests.randomBytes(300_000)
+        let upstream = try await FakeUpstream(host: "127.0.0.1") { _ in .init(body: blob) }
+        let (daemon, port) = try startProxyProcess(folder: folder, config: """
+            upstreams: [{host: "127.0.0.1", registry: "127.0.0.1", port: \(upstream.port), schema: "http"}]
+            storage: {folder: "\(folder)/cache"}
+            """, command: ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+        let result = try curl("http://127.0.0.1:\(port)/v2/a/blobs/\(FaultInjectionTests.digest(of: blob))")
+        XCTAssertEqual(result.code, 200, daemon.log)
+        XCTAssertTrue(Array(result.body) == blob, "the blob, verified")
+        daemon.stop()
+        await upstream.stop()
+    }
+
     func testFlagsOverrideAndSIGTERMExitsCleanly() throws {
         let folder = try makeTemporaryFolder("cli")
         try """

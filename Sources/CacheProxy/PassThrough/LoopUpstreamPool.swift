@@ -160,7 +160,10 @@ final class LoopUpstreamPool: Sendable {
         let deadline = NIODeadline.now() + timeout
         return ClientBootstrap(group: loop)
             .connectTimeout(timeout)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            // `tcpOption`, not `socketOption`: the latter sets the name at
+            // `SOL_SOCKET`, where TCP_NODELAY's number is SO_DEBUG, which
+            // needs CAP_NET_ADMIN: as any user but root every connect failed.
+            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     if let tls {
