@@ -38,12 +38,17 @@ final class CommandLineTests: XCTestCase {
         guard getuid() == 0 else { throw XCTSkip("needs root, to run the proxy as another user") }
         let folder = try makeTemporaryFolder("unprivileged")
         XCTAssertEqual(chmod(folder, 0o777), 0)
+        // A copy the user can reach wherever the checkout lives (its
+        // libraries come from the toolchain's folder, by its run path).
+        let binary = folder + "/cache-proxy"
+        try FileManager.default.copyItem(atPath: proxyBinary(), toPath: binary)
+        XCTAssertEqual(chmod(binary, 0o755), 0)
         let blob = FaultInjectionTests.randomBytes(300_000)
         let upstream = try await FakeUpstream(host: "127.0.0.1") { _ in .init(body: blob) }
         let (daemon, port) = try startProxyProcess(folder: folder, config: """
             upstreams: [{host: "127.0.0.1", registry: "127.0.0.1", port: \(upstream.port), schema: "http"}]
             storage: {folder: "\(folder)/cache"}
-            """, command: ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+            """, command: ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"], binary: binary)
         let result = try curl("http://127.0.0.1:\(port)/v2/a/blobs/\(FaultInjectionTests.digest(of: blob))")
         XCTAssertEqual(result.code, 200, daemon.log)
         XCTAssertTrue(Array(result.body) == blob, "the blob, verified")

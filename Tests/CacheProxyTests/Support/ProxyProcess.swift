@@ -14,11 +14,12 @@ func proxyBinary() -> String {
 /// The proxy as a real process on a free port, with `config` (YAML after
 /// the `api:` line) written to `folder/c.yaml`.
 func startProxyProcess(folder: String, config: String, arguments: [String] = [],
-                       command: [String] = [], api: String = "") throws -> (daemon: Daemon, port: Int) {
+                       command: [String] = [], api: String = "", binary: String = proxyBinary()) throws
+    -> (daemon: Daemon, port: Int) {
     let port = try freePort()
     try "api: {hostname: \"127.0.0.1\", port: \(port)\(api)}\n\(config)"
         .write(toFile: folder + "/c.yaml", atomically: true, encoding: .utf8)
-    let argv = command + [proxyBinary(), "--config", folder + "/c.yaml"] + arguments
+    let argv = command + [binary, "--config", folder + "/c.yaml"] + arguments
     let daemon = try Daemon(argv[0], Array(argv.dropFirst()), logPath: folder + "/log-\(port)")
     try waitForPort(port)
     return (daemon, port)
