@@ -32,15 +32,13 @@ enum HTTPToken {
         guard bytes.count == lower.utf8CodeUnitCount else { return false }
         // Indexed, not the generic one's `zip`: this is on every request's
         // field names (`PlainGetHead`), the hit path.
-        return lower.withUTF8Buffer { expected in
-            for index in 0..<bytes.count where lowercased(bytes[index]) != expected[index] { return false }
-            return true
-        }
+        return lower.withUTF8Buffer { equalsLowercased(bytes[...], $0) }
     }
 
-    /// The same for a range of a field against a media type's essence:
-    /// indexed over both buffers, where the generic one's `zip` cost ~500
-    /// instructions a range on a pull by tag (`benchmarks/callgrind.sh`).
+    /// The same for a range of bytes against lower-case bytes (a literal's,
+    /// a media type's essence): indexed over both buffers, where the
+    /// generic one's `zip` cost ~500 instructions a range on a pull by tag
+    /// (`benchmarks/callgrind.sh`).
     static func equalsLowercased(_ bytes: Slice<UnsafeRawBufferPointer>, _ lower: UnsafeBufferPointer<UInt8>) -> Bool {
         guard bytes.count == lower.count else { return false }
         let base = bytes.startIndex

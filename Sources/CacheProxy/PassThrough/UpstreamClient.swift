@@ -288,14 +288,14 @@ public final class UpstreamClient: Sendable {
         let vouches: Bool
     }
 
+    /// The answers `getBlob` follows (with a `Location`).
+    private static let redirects: Set<UInt> = [301, 302, 303, 307, 308]
+
     /// A GET of a blob that follows up to `limit` redirects, on the fills'
     /// pool. `Authorization` and cookies go only where the original request
     /// went: a redirect that changes scheme, host or port (a CDN with a
     /// signed URL, say) gets none. Only http and https are followed, and
     /// only to addresses `AddressScope` allows for this upstream.
-    /// The answers `getBlob` follows (with a `Location`).
-    private static let redirects: Set<UInt> = [301, 302, 303, 307, 308]
-
     /// `ownConnection`: the first request may go on a connection of its
     /// own (`FillDownload`): for a blob, whose body is long.
     func getBlob(url: String, headers: HTTPHeaders, upstream: ProxyConfig.Upstream, digest: Digest,
