@@ -20,6 +20,9 @@
 # nginx never does; by default it does, and its CPU includes the fsync's
 # write-back, which nginx's leaves to the kernel's flusher.
 # nginx's VmHWM is summed over its processes, shared pages counted in each.
+# `busy` is the whole machine's CPU over the fills (every process: the
+# origin, curl and sha256sum too), in cores: near the core count, the fill
+# is bound by CPU, and its wall time moves with the sum of everyone's CPU.
 set -euo pipefail
 (($# >= 1)) || { echo "usage: $0 BINARY [BINARY...]" >&2; exit 2; }
 tools=(docker-registry curl sha256sum)
@@ -69,6 +72,8 @@ switches() {
   done
   echo $total
 }
+# Busy ticks of the whole machine (user, nice, system, irq, softirq, steal).
+machine_busy() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9}' /proc/stat; }
 for round in $(seq "$rounds"); do
   for binary in "$@"; do
     rm -rf "$work/cache" "$work/nginx"
@@ -93,7 +98,7 @@ for round in $(seq "$rounds"); do
       sleep 0.1
     done
     [[ -n $up ]] || { echo "$binary: did not start (log: $work/proxy.log)" >&2; cat "$work/proxy.log" >&2; exit 1; }
-    t0=$(ticks $pid) u0=$(user_ticks $pid) c0=$(switches $pid) f0=$(faults $pid) o0=$(ticks $registry_pid) s0=$(date +%s.%N)
+    t0=$(ticks $pid) u0=$(user_ticks $pid) c0=$(switches $pid) f0=$(faults $pid) o0=$(ticks $registry_pid) m0=$(machine_busy) s0=$(date +%s.%N)
     for d in "${blobs[@]}"; do
       if [[ -n ${HASH:-} ]]; then
         # A client that hashes what it reads (as containerd and the
@@ -105,12 +110,12 @@ for round in $(seq "$rounds"); do
         [[ $code == 200 ]] || { echo "$binary: $d answered $code" >&2; exit 1; }
       fi
     done
-    s1=$(date +%s.%N)
+    s1=$(date +%s.%N) m1=$(machine_busy)
     sleep 1  # a fill may still be syncing and publishing (idle costs nothing)
     t1=$(ticks $pid) u1=$(user_ticks $pid) c1=$(switches $pid) f1=$(faults $pid) o1=$(ticks $registry_pid)
     hwm=$(tree_sum $pid status '/VmHWM/{print $2}')
     kill $pid; wait $pid 2>/dev/null || true; pid=
-    awk -v r="$round" -v b="$binary" -v t=$((t1 - t0)) -v u=$((u1 - u0)) -v c=$((c1 - c0)) -v f=$((f1 - f0)) -v o=$((o1 - o0)) -v hz="$(getconf CLK_TCK)" -v n="$fills" -v s0="$s0" -v s1="$s1" -v h="$hwm" \
-      'BEGIN{gb = n*67.108864e-3; printf "round %d  %-28s CPU %.2f s/GB (user %.2f)  switches %5d  faults %6d /fill  origin %.2f  wall %.3f s/fill  VmHWM %.1f MB\n", r, b, t/hz/gb, u/hz/gb, c/n, f/n, o/hz/gb, (s1-s0)/n, h/1024}'
+    awk -v r="$round" -v b="$binary" -v t=$((t1 - t0)) -v u=$((u1 - u0)) -v c=$((c1 - c0)) -v f=$((f1 - f0)) -v o=$((o1 - o0)) -v hz="$(getconf CLK_TCK)" -v n="$fills" -v s0="$s0" -v s1="$s1" -v h="$hwm" -v m=$((m1 - m0)) \
+      'BEGIN{gb = n*67.108864e-3; printf "round %d  %-28s CPU %.2f s/GB (user %.2f)  switches %5d  faults %6d /fill  origin %.2f  wall %.3f s/fill  busy %.2f cores  VmHWM %.1f MB\n", r, b, t/hz/gb, u/hz/gb, c/n, f/n, o/hz/gb, (s1-s0)/n, m/hz/(s1-s0), h/1024}'
   done
 done
