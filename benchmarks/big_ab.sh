@@ -31,7 +31,15 @@ EOT
 for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$proxy/healthz" && break; sleep 0.1; done
 proxy_url="http://127.0.0.1:$proxy/v2/ab/blobs/$big"
 curl -s -o /dev/null "$proxy_url"; sync
-file=$(find "$work/cache/blobs" -type f -size +$((mib - 1))M | head -1)
+# The client can have its last byte before the fill renames the file into
+# place: wait for it (at most 5 s).
+file=
+for _ in $(seq 50); do
+  file=$(find "$work/cache/blobs" -type f -size +$((mib - 1))M 2>/dev/null | head -1)
+  [[ -n $file ]] && break
+  sleep 0.1
+done
+[[ -n $file ]] || { echo "$0: the proxy did not publish the blob (log: $work/proxy.log)" >&2; cat "$work/proxy.log" >&2; exit 1; }
 mkdir -p "$work/root/v2/ab/blobs" "$work/nginx"; ln "$file" "$work/root/v2/ab/blobs/$big"
 sed -e "s|@@DIR@@|$work/nginx|g" -e "s|@@PORT@@|$nginx_port|g" -e "s|@@DATA@@|$work/root|g" \
   "$here/../../shared/bench/conf/nginx-static.conf" > "$work/nginx.conf"
