@@ -246,6 +246,30 @@ final class FillDownloadTests: XCTestCase {
         await upstream.stop()
     }
 
+    /// An upstream that answers a `GET` with `101 Switching Protocols`
+    /// (NIO's decoder passes a 101 on as the answer, unlike other interim
+    /// answers) has not answered it: the client gets a 502, not a 101
+    /// whose framing would leave its connection in limbo. A blob (the
+    /// fill's own connection), a manifest by digest (AsyncHTTPClient), by
+    /// tag (the loop's `HEAD`) and a pass-through.
+    func testAnUpstreamSwitchingProtocolsIsA502() async throws {
+        let upstream = try await ScriptedUpstream { _ in
+            ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n", false)
+        }
+        let proxy = try await TestProxy(
+            upstreamsYAML: "  - {host: \"127.0.0.1\", registry: \"127.0.0.1\", port: \(upstream.port), schema: \"http\"}",
+            extraYAML: "timeouts: {upstream: 2}")
+        let digest = F.digest(of: F.randomBytes(1000))
+        for path in ["blobs/\(digest)", "manifests/\(digest)", "manifests/v1", "tags/list"] {
+            let answer = try curl("\(proxy.base)/v2/a/\(path)", ["--max-time", "10"])
+            XCTAssertEqual(answer.code, 502, path)
+            XCTAssertTrue(String(decoding: answer.body, as: UTF8.self).contains(#""code":"UNAVAILABLE""#), path)
+        }
+        XCTAssertTrue(proxy.files(in: "blobs").isEmpty)
+        await proxy.stop()
+        await upstream.stop()
+    }
+
     /// TCP connections to 127.0.0.1:`port` still established in this
     /// network namespace (`/proc/net/tcp`: the remote address, state 01).
     static func establishedConnections(to port: Int) -> Int {

@@ -55,7 +55,8 @@ struct FillDownloadStateMachine {
     private(set) var state: State = .awaitingHead
 
     mutating func receivedHead(_ head: HTTPResponseHead) -> Action {
-        // (Interim 1xx answers never come here: NIO's decoder drops them.)
+        // (NIO's decoder drops interim 1xx answers, except a 101, which
+        // comes here as the answer and `UpstreamClient.getBlob` refuses.)
         guard case .awaitingHead = state else { return fail(.malformed) }
         state = .streaming(parts: [], wantsMore: true)
         return .answer(head)

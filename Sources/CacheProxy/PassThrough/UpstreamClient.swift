@@ -208,7 +208,9 @@ public final class UpstreamClient: Sendable {
             }
             defer { group.cancelAll() }
             while let response = try await group.next() {
-                if let response { return response }
+                guard let response else { continue }
+                guard response.status.code >= 200 else { throw UpstreamFailure.interim }
+                return response
             }
             throw UpstreamFailure.answer
         }
@@ -311,6 +313,7 @@ public final class UpstreamClient: Sendable {
                                                       tls: own.tls, on: group.next(),
                                                       connectTimeout: TimeAmount(connectTimeout),
                                                       answerTimeout: TimeAmount(answerTimeout))
+                guard response.status.code >= 200 else { throw UpstreamFailure.interim }
                 if Self.redirects.contains(response.status.code) {
                     redirecting.withLockedValue { _ = $0.insert(upstream.host) }
                 }
@@ -419,6 +422,8 @@ public final class UpstreamClient: Sendable {
             return OCIError(.badGateway, .unavailable, "the upstream registry redirected to an address the proxy does not follow")
         case UpstreamFailure.busy:
             return OCIError(.serviceUnavailable, .unavailable, "too many downloads from this upstream registry; retry shortly")
+        case UpstreamFailure.interim:
+            return OCIError(.badGateway, .unavailable, "the upstream registry answered with an interim status, not an answer")
         default:
             break
         }
@@ -470,6 +475,11 @@ enum UpstreamFailure: Error, Equatable {
     case innerRedirect
     /// No download slot for this upstream (`FillSlots`): 503.
     case busy
+    /// A 1xx status as the answer: NIO's decoders drop interim answers
+    /// but pass a `101 Switching Protocols` on as the final one, and a
+    /// client given a 101 to its `GET` would wait for a protocol that
+    /// never comes.
+    case interim
 }
 
 /// A redirect target the proxy is willing to follow: http or https only,
