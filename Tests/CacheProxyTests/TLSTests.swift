@@ -185,6 +185,77 @@ final class TLSTests: XCTestCase {
         await insecure.stop()
     }
 
+    /// A fill given up while its TLS upstream is still sending (its client
+    /// left and another download waits for the slot) closes its connection
+    /// at once. It does not first wait for the upstream's `close_notify`: in
+    /// TLS 1.3 an upstream may go on sending after ours (Go's servers do,
+    /// to the body's end), and that wait read everything that came for
+    /// NIOSSL's 5 s shutdown timeout, past the fill bound. The upstream
+    /// here (Python's `ssl`) writes an endless body and never reads again.
+    func testAFillGivenUpOverTLSClosesItsConnectionAtOnce() async throws {
+        let certificates = try TestCertificates.make()
+        let port = try freePort()
+        let script = """
+            import signal, socket, ssl, sys, threading, time
+            # The test process may block SIGTERM; its children inherit that.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(sys.argv[2], sys.argv[3])
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", int(sys.argv[1])))
+            listener.listen(8)
+            def serve(raw):
+                try:
+                    conn = context.wrap_socket(raw, server_side=True)
+                    head = b""
+                    while b"\\r\\n\\r\\n" not in head:
+                        head += conn.recv(4096)
+                    path = head.split(b" ")[1].decode()
+                    print("get", path, time.monotonic(), flush=True)
+                    conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 100000000000\\r\\n\\r\\n")
+                    chunk = b"x" * 65536
+                    while True:
+                        conn.sendall(chunk)
+                except Exception:
+                    print("end", path, time.monotonic(), flush=True)
+            while True:
+                raw, _ = listener.accept()
+                threading.Thread(target=serve, args=(raw,), daemon=True).start()
+            """
+        let upstreamLog = try makeTemporaryFolder("endless") + "/log"
+        let upstream = try Daemon("python3", ["-c", script, String(port), certificates.serverCert,
+                                              certificates.serverKey], logPath: upstreamLog)
+        defer { upstream.stop() }
+        try waitForPort(port)
+        let proxy = try await TestProxy(upstreamsYAML: """
+              - {host: "127.0.0.1", registry: "127.0.0.1", port: \(port), schema: https, ca_file: "\(certificates.caCert)", max_fills: 1}
+            """, extraYAML: "timeouts: {upstream: 10, shutdown: 1}")
+        let (first, second) = (String(repeating: "1", count: 64), String(repeating: "2", count: 64))
+        // The first client leaves; its download goes on (a client could join).
+        _ = try curl("\(proxy.base)/v2/a/blobs/sha256:\(first)", ["--max-time", "1"])
+        // The second waits for the slot, which the unwanted download yields.
+        let waiting = Task.detached {
+            try curl("\(proxy.base)/v2/a/blobs/sha256:\(second)", ["--max-time", "2", "-o", "/dev/null"])
+        }
+        /// When the upstream saw `event` ("get", "end") for `digest`.
+        func time(_ event: String, _ digest: String) -> Double? {
+            for line in upstream.log.split(separator: "\n") {
+                let fields = line.split(separator: " ")
+                guard fields.count == 3, fields[0] == event, fields[1].hasSuffix(digest) else { continue }
+                return Double(fields[2])
+            }
+            return nil
+        }
+        XCTAssertTrue(eventually(within: 5) { time("get", second) != nil }, "the waiting download got the slot")
+        XCTAssertTrue(eventually(within: 8) { time("end", first) != nil }, "the given-up connection was closed")
+        if let asked = time("get", second), let ended = time("end", first) {
+            XCTAssertLessThan(ended - asked, 1.5, "the given-up download's connection was read on after its slot went")
+        }
+        _ = try await waiting.value
+        await proxy.stop()
+    }
+
     /// The real registry asking for a client certificate signed by the CA.
     func testUpstreamClientCertificate() async throws {
         let certificates = try TestCertificates.make()

@@ -35,7 +35,11 @@ enum FillDownload {
     /// last part. A download holds ~2 MiB of reads at most (the burst
     /// handed on and the one being read) besides the fill's batches,
     /// whatever the blob's size (more read-ahead bought no
-    /// CPU here and cost peak RSS).
+    /// CPU here and cost peak RSS). One exception: an upstream that closes
+    /// after its body anyway (HTTP/1.0, its own `Connection: close`) makes
+    /// NIO read all the socket holds once it sees the close, back-pressure
+    /// or not: up to the socket's receive buffer (`net.ipv4.tcp_rmem`'s
+    /// largest, 6 MiB by default) more, for the rest of that body.
     static let bufferedBursts = 1
     /// The receive buffer grows to this when reads fill it. Below glibc's
     /// mapping threshold (`FreedMemory.mapAllocations`): a buffer NIO could
@@ -269,11 +273,19 @@ final class FillDownloadHandler: ChannelInboundHandler {
         quietTimer?.cancel()
         quietTimer = nil
         guard let context, context.channel.isActive else { return }
-        // Reads on: a TLS close waits for the upstream's `close_notify`,
-        // which nothing would read with reads asked for one at a time (the
-        // connection would linger until NIOSSL's shutdown timeout).
-        try? context.channel.syncOptions?.setOption(.autoRead, value: true)
-        context.close(promise: nil)
+        // Over TLS, closed below the TLS handler: no `close_notify`
+        // exchange. NIOSSL's own close waits for the upstream's, and in
+        // TLS 1.3 an upstream may go on sending the body after ours (Go's
+        // servers write to its end): a download given up mid-body would be
+        // read on at full speed until NIOSSL's 5 s shutdown timeout, its
+        // slot already another's. Nothing after the body (or after giving
+        // it up) is wanted from this connection, so a clean TLS close buys
+        // nothing.
+        if let tls = try? context.pipeline.syncOperations.context(handlerType: NIOSSLClientHandler.self) {
+            tls.close(promise: nil)
+        } else {
+            context.close(promise: nil)
+        }
     }
 
     /// The body consumer's side: more wanted, or gone. Called from its
