@@ -73,7 +73,7 @@ enum FillDownload {
         let giveUp: @Sendable (any Error) -> Void = { error in
             givenUp.withLockedValue { $0 = true }
             answer.fail(error)
-            connected.whenSuccess { $0.close(promise: nil) }
+            connected.whenSuccess { channel in channel.eventLoop.execute { closeBelowTLS(channel) } }
         }
         // The answer timeout runs from the start, connecting included, as
         // it does for AsyncHTTPClient's requests (`UpstreamClient.execute`):
@@ -110,6 +110,26 @@ enum FillDownload {
             try await answer.futureResult.get()
         } onCancel: {
             giveUp(CancellationError())
+        }
+    }
+}
+
+extension FillDownload {
+    /// Closes a download's connection below its TLS handler, if it has one:
+    /// no `close_notify` exchange. NIOSSL's own close waits for the
+    /// upstream's, and in TLS 1.3 an upstream may go on sending the body
+    /// after ours (Go's servers write to its end): a download given up
+    /// mid-body would be read on at full speed until NIOSSL's 5 s shutdown
+    /// timeout, its slot already another's (or, reads asked for one at a
+    /// time, linger that long). Nothing after the body, or after giving it
+    /// up, is wanted from this connection, so a clean TLS close buys
+    /// nothing. On the channel's event loop.
+    static func closeBelowTLS(_ channel: any Channel) {
+        guard channel.isActive else { return }
+        if let tls = try? channel.pipeline.syncOperations.context(handlerType: NIOSSLClientHandler.self) {
+            tls.close(promise: nil)
+        } else {
+            channel.close(promise: nil)
         }
     }
 }
@@ -273,19 +293,7 @@ final class FillDownloadHandler: ChannelInboundHandler {
         quietTimer?.cancel()
         quietTimer = nil
         guard let context, context.channel.isActive else { return }
-        // Over TLS, closed below the TLS handler: no `close_notify`
-        // exchange. NIOSSL's own close waits for the upstream's, and in
-        // TLS 1.3 an upstream may go on sending the body after ours (Go's
-        // servers write to its end): a download given up mid-body would be
-        // read on at full speed until NIOSSL's 5 s shutdown timeout, its
-        // slot already another's. Nothing after the body (or after giving
-        // it up) is wanted from this connection, so a clean TLS close buys
-        // nothing.
-        if let tls = try? context.pipeline.syncOperations.context(handlerType: NIOSSLClientHandler.self) {
-            tls.close(promise: nil)
-        } else {
-            context.close(promise: nil)
-        }
+        FillDownload.closeBelowTLS(context.channel)
     }
 
     /// The body consumer's side: more wanted, or gone. Called from its
