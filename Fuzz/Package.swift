@@ -11,11 +11,18 @@ let package = Package(
     name: "cache-proxy-fuzz",
     dependencies: [
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
+        // For the upstream answer's head (`UpstreamAnswerHead` reads a
+        // `ByteBuffer` and gives NIO's HTTP types).
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.3"),
     ],
     targets: [
         .executableTarget(
             name: "ParserFuzz",
-            dependencies: [.product(name: "Yams", package: "Yams")],
+            dependencies: [
+                .product(name: "Yams", package: "Yams"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
             path: "Sources/ParserFuzz"
         ),
     ],

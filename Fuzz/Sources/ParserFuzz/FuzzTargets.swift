@@ -1,4 +1,6 @@
 import Foundation
+import NIOCore
+import NIOHTTP1
 
 /// libFuzzer's entry point. One binary holds every target; `FUZZ_TARGET`
 /// picks one (`make fuzz` runs each in turn). Each target checks a property
@@ -15,8 +17,9 @@ public func fuzzOneInput(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     case "ns": FuzzTarget.namespace(text)
     case "www-authenticate": FuzzTarget.authenticate(text)
     case "config": FuzzTarget.config(text)
+    case "answer-head": FuzzTarget.answerHead(bytes)
     default:
-        FileHandle.standardError.write(Data("FUZZ_TARGET must be one of: route digest range ns www-authenticate config\n".utf8))
+        FileHandle.standardError.write(Data("FUZZ_TARGET must be one of: route digest range ns www-authenticate config answer-head\n".utf8))
         exit(2)
     }
     return 0
@@ -92,6 +95,42 @@ enum FuzzTarget {
             check(!error.key.isEmpty, "error without a key: \(error)")
         } catch {
             check(false, "not a ConfigError: \(error)")
+        }
+    }
+
+    /// Input: the bytes an upstream answers a tag's `HEAD` with, read on
+    /// the event loop without NIO's decoder (`UpstreamAnswerHead`). A head
+    /// it accepts ends at the input's first blank line, within the limit;
+    /// a shorter prefix of it is never a head; every field it gives has a
+    /// token for a name and a value without line ends or edge spaces; and
+    /// the fields it noted on its walk are the ones a lookup by name finds.
+    static func answerHead(_ bytes: [UInt8]) {
+        let limit = 1024
+        let blankLine = bytes.indices.first { index in
+            index + 4 <= bytes.count && bytes[index..<index + 4].elementsEqual([13, 10, 13, 10])
+        }.map { $0 + 4 }
+        switch UpstreamAnswerHead.parse(ByteBuffer(bytes: bytes), limit: limit) {
+        case .incomplete:
+            check(blankLine == nil, "incomplete, though a blank line ends the head")
+            check(bytes.count < limit, "incomplete past the limit")
+        case .malformed:
+            break
+        case .head(let head, let length):
+            check(length == blankLine && length <= limit, "head of \(length) bytes, blank line at \(String(describing: blankLine))")
+            check((100...999).contains(head.status.code), "status \(head.status.code)")
+            check(head.version == .http1_1 || head.version == .http1_0, "version \(head.version)")
+            for field in head.headers {
+                check(!field.name.isEmpty && field.name.utf8.allSatisfy(HTTPToken.isCharacter), "field name \(field.name)")
+                check(!field.value.utf8.contains(13) && !field.value.utf8.contains(10), "line end in \(field.value)")
+                check(field.value.first != " " && field.value.first != "\t" && field.value.last != " "
+                          && field.value.last != "\t", "untrimmed value \(field.value)")
+            }
+            check(head.digestField == head.first(name: "docker-content-digest"), "digest field noted apart from lookup")
+            check(head.contentType == head.first(name: "content-type"), "content type noted apart from lookup")
+            check(head.rateLimitRemaining == head.first(name: "ratelimit-remaining"), "rate limit noted apart from lookup")
+            if case .head = UpstreamAnswerHead.parse(ByteBuffer(bytes: bytes[..<(length - 1)]), limit: limit) {
+                check(false, "a prefix of the head is a head")
+            }
         }
     }
 

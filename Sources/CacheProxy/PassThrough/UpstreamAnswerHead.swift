@@ -131,12 +131,12 @@ struct UpstreamAnswerHead: Equatable {
         let startsLikeStatusLine = prefix.withUTF8Buffer { expected in
             (0..<min(bytes.count, expected.count)).allSatisfy { bytes[$0] == expected[$0] }
         }
-        guard end >= prefix.utf8CodeUnitCount + 5 else {
-            // Whatever came must at least start like a status line.
-            return startsLikeStatusLine ? short() : .malformed
-        }
+        // Each byte is checked as it comes: a head cut short is
+        // `incomplete` only while what came could still begin a status line
+        // (`HTTP/1.` then a blank line is malformed at once, not waited on).
         guard startsLikeStatusLine else { return .malformed }
         var index = prefix.utf8CodeUnitCount
+        guard index < end else { return short() }
         let minor: Int
         switch bytes[index] {
         case UInt8(ascii: "0"): minor = 0
@@ -144,11 +144,12 @@ struct UpstreamAnswerHead: Equatable {
         default: return .malformed
         }
         index += 1
+        guard index < end else { return short() }
         guard bytes[index] == UInt8(ascii: " ") else { return .malformed }
         index += 1
-        guard index + 3 <= end else { return short() }
         var code = 0
         for _ in 0..<3 {
+            guard index < end else { return short() }
             let digit = bytes[index]
             guard digit >= UInt8(ascii: "0"), digit <= UInt8(ascii: "9") else { return .malformed }
             code = code * 10 + Int(digit - UInt8(ascii: "0"))

@@ -1,0 +1,1 @@
+../../../Sources/CacheProxy/PassThrough/UpstreamAnswerHead.swift
