@@ -8,7 +8,11 @@
 # receive work lands on whichever side runs when a packet arrives, so the
 # server's figure alone does not rank two servers; the sum does.
 # Needs docker-registry, nginx, wrk, curl, python3 (root for nginx's user).
-#   benchmarks/big_ab.sh [BINARY]     CONNS=1 RUNS=3 SECONDS_PER_RUN=4 MIB=512
+# FLOOR=1 also runs benchmarks/fill-floor (built here) with FLOOR_SERVE on
+# the same file: the least a SwiftNIO server does for it (4 MiB regions
+# queued at once, two event loops). THREADS sets wrk's threads (default 1;
+# the shared harness runs its eight connections with 2).
+#   benchmarks/big_ab.sh [BINARY]     CONNS=1 RUNS=3 SECONDS_PER_RUN=4 MIB=512 FLOOR= THREADS=1
 set -euo pipefail
 binary=${1:-.build/release/cache-proxy}
 conns=${CONNS:-1} runs=${RUNS:-3} seconds=${SECONDS_PER_RUN:-4} mib=${MIB:-512}
@@ -17,8 +21,11 @@ for tool in docker-registry nginx wrk curl sha256sum python3; do
   command -v "$tool" >/dev/null || { echo "$0: $tool is missing" >&2; exit 2; }
 done
 work=$(mktemp -d)
-registry_pid= pid= nginx_pid=
-trap '[[ -n $pid ]] && kill $pid 2>/dev/null; [[ -n $nginx_pid ]] && kill $nginx_pid 2>/dev/null; [[ -n $registry_pid ]] && kill $registry_pid 2>/dev/null; rm -rf "$work"' EXIT
+registry_pid= pid= nginx_pid= floor_pid=
+trap '[[ -n $pid ]] && kill $pid 2>/dev/null; [[ -n $nginx_pid ]] && kill $nginx_pid 2>/dev/null; [[ -n $floor_pid ]] && kill $floor_pid 2>/dev/null; [[ -n $registry_pid ]] && kill $registry_pid 2>/dev/null; rm -rf "$work"' EXIT
+if [[ -n ${FLOOR:-} ]]; then
+  (cd "$here/fill-floor" && swift build -c release > /dev/null) || { echo "$0: fill-floor does not build" >&2; exit 2; }
+fi
 origin=5341 proxy=5342 nginx_port=5343
 source "$here/origin.sh"
 head -c $((mib << 20)) /dev/urandom > "$work/big"; big=$(push "$work/big"); rm -f "$work/big"
@@ -46,6 +53,11 @@ sed -e "s|@@DIR@@|$work/nginx|g" -e "s|@@PORT@@|$nginx_port|g" -e "s|@@DATA@@|$w
 nginx -c "$work/nginx.conf" -p "$work/nginx" > /dev/null 2>&1 & nginx_pid=$!
 nginx_url="http://127.0.0.1:$nginx_port/v2/ab/blobs/$big"
 for _ in $(seq 50); do curl -s -o /dev/null "$nginx_url" && break; sleep 0.1; done
+if [[ -n ${FLOOR:-} ]]; then
+  FLOOR_SERVE=$file "$here/fill-floor/.build/release/fill-floor" 5344 0 "$work" > "$work/floor.log" 2>&1 & floor_pid=$!
+  floor_url="http://127.0.0.1:5344/v2/ab/blobs/$big"
+  for _ in $(seq 50); do curl -s -o /dev/null "$floor_url" && break; sleep 0.1; done
+fi
 
 ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo "$t"; }
 cold() { curl -s "http://127.0.0.1:$proxy/metrics" | awk '/^cacheproxy_cold_read_bytes_total/{print $2}'; }
@@ -53,7 +65,7 @@ cold() { curl -s "http://127.0.0.1:$proxy/metrics" | awk '/^cacheproxy_cold_read
 drive() {
   python3 - "$1" <<'EOT'
 import resource, re, subprocess, sys, os
-out = subprocess.run(["wrk", "-t1", "-c" + os.environ["CONNS_"], "-d" + os.environ["SECS_"] + "s", sys.argv[1]],
+out = subprocess.run(["wrk", "-t" + os.environ.get("THREADS", "1"), "-c" + os.environ["CONNS_"], "-d" + os.environ["SECS_"] + "s", sys.argv[1]],
                      capture_output=True, text=True).stdout
 m = re.search(r"Transfer/sec:\s+([\d.]+)([KMG]B)", out)
 rate = float(m.group(1)) * {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}[m.group(2)]
@@ -72,4 +84,5 @@ measure() { # name url pids...
 for _ in $(seq "$runs"); do
   measure nginx "$nginx_url" $nginx_pid $(pgrep -P $nginx_pid)
   measure proxy "$proxy_url" $pid
+  if [[ -n ${FLOOR:-} ]]; then measure floor "$floor_url" $floor_pid; fi
 done

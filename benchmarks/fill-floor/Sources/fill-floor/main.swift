@@ -15,6 +15,11 @@
 // (0; 1: each 1 MiB batch is handed to a task, which hashes and writes it
 // and asks the loop to send it: one hop each way per batch, as a fill that
 // keeps its hashing and writing off the loop would).
+// FLOOR_SERVE=FILE: no upstream at all; every request on a kept-alive
+// connection is answered with FILE, its head and then 4 MiB `FileRegion`s
+// queued at once (NIO's `sendfile` path and nothing else), on two event
+// loops: the least a SwiftNIO server does for a large cached blob
+// (`benchmarks/big_ab.sh` with FLOOR=1).
 import Crypto
 import Foundation
 import NIOCore
@@ -33,6 +38,7 @@ let lowWater = (Int(environment["FLOOR_LOWAT_KIB"] ?? "") ?? 256) * 1024
 let hashing = environment["FLOOR_HASH"] != "0"
 let handOff = environment["FLOOR_HANDOFF"] == "1"
 let batchSize = 1 << 20
+let serveFile = environment["FLOOR_SERVE"]
 
 /// One fill: the upstream's answer, its body into a file and on to the client.
 final class FillHandler: ChannelInboundHandler {
@@ -151,8 +157,17 @@ func setLowWater(_ channel: any Channel, _ bytes: Int) {
 final class ClientHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
 
+    /// FLOOR_SERVE's file, opened once per connection.
+    var served: NIOFileHandle?
+
+    func channelInactive(context: ChannelHandlerContext) {
+        try? served?.close()
+        served = nil
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let request = unwrapInboundIn(data)
+        if let serveFile { return serve(serveFile, context: context) }
         guard let line = request.getString(at: request.readerIndex, length: request.readableBytes)?
             .split(separator: "\r\n").first else { return }
         let path = line.split(separator: " ").dropFirst().first.map(String.init) ?? "/"
@@ -172,7 +187,27 @@ final class ClientHandler: ChannelInboundHandler {
     }
 }
 
-let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+extension ClientHandler {
+    func serve(_ path: String, context: ChannelHandlerContext) {
+        if served == nil { served = try? NIOFileHandle(_deprecatedPath: path) }
+        guard let served, let size = (try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? Int else {
+            return context.close(promise: nil)
+        }
+        var head = context.channel.allocator.buffer(capacity: 64)
+        head.writeString("HTTP/1.1 200 OK\r\nContent-Length: \(size)\r\n\r\n")
+        context.write(NIOAny(IOData.byteBuffer(head)), promise: nil)
+        var offset = 0
+        while offset < size {
+            let end = min(size, offset + 4 << 20)
+            context.write(NIOAny(IOData.fileRegion(FileRegion(fileHandle: served, readerIndex: offset, endIndex: end))),
+                          promise: nil)
+            offset = end
+        }
+        context.flush()
+    }
+}
+
+let group = MultiThreadedEventLoopGroup(numberOfThreads: serveFile == nil ? 1 : 2)
 let server = try ServerBootstrap(group: group)
     .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
     .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
