@@ -143,8 +143,9 @@ final class TagLookupTests: XCTestCase {
             "HTTP/1.1 200 OK\r\nA: b\r\n folded\r\n\r\n", "HTTP/1.1 200 OK\r\nA : b\r\n\r\n",
             "HTTP/1.1 200 OK\r\n: b\r\n\r\n", "HTTP/1.1 200 OK\r\nA: b\u{1}c\r\n\r\n", "HTTP/1.1 200 OK\r\nA\r\n\r\n",
             "HTTP/1.1 200 OK\r\nA: b\rc\r\n\r\n", "<html>",
-            // Cut short of a status line, yet ended (`make fuzz`'s
-            // answer-head found these waited on as incomplete).
+            // Cut short of a status line, yet ended: `make fuzz`'s
+            // answer-head found the first waited on as incomplete; the rest
+            // end the same way at each later place of the line.
             "HTTP/1.\r\n\r\n", "HTTP/1.1\r\n\r\n", "HTTP/1.1 2\r\n\r\n", "HTTP/1.1 20\r\n",
         ]
         for bad in refused { XCTAssertEqual(parse(bad), .malformed, bad.debugDescription) }
@@ -616,7 +617,8 @@ final class TagLookupTests: XCTestCase {
 
     /// A TLS upstream that takes the connection and never answers the
     /// handshake is unreachable after the connect timeout (502, as the
-    /// async side says of it), not silent until the answer's wait ends; one
+    /// async side says of it), not silent until the answer's wait ends,
+    /// for a tag's `HEAD` and for a blob fill's own connection alike; one
     /// that refuses the connection is unreachable at once.
     func testATLSHandshakeThatNeverEndsIsBoundByTheConnectTimeout() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
@@ -632,6 +634,10 @@ final class TagLookupTests: XCTestCase {
         XCTAssertEqual(pull.code, 502, String(decoding: pull.body, as: UTF8.self))
         XCTAssertTrue(String(decoding: pull.body, as: UTF8.self).contains("UNAVAILABLE"))
         XCTAssertLessThan(took, 4, "the connect timeout (1 s), not the answer's (6 s)")
+        let blobStarted = Date()
+        let blob = try curl("\(proxy.base)/v2/team/app/blobs/sha256:\(String(repeating: "a", count: 64))")
+        XCTAssertEqual(blob.code, 502, String(decoding: blob.body, as: UTF8.self))
+        XCTAssertLessThan(Date().timeIntervalSince(blobStarted), 4, "a fill's handshake: the connect timeout too")
         await proxy.stop()
         try await silent.close()
 

@@ -73,7 +73,8 @@ enum FillDownload {
         let giveUp: @Sendable (any Error) -> Void = { error in
             givenUp.withLockedValue { $0 = true }
             answer.fail(error)
-            connected.whenSuccess { channel in channel.eventLoop.execute { closeBelowTLS(channel) } }
+            // On the channel's loop already: `connected` is its bootstrap's.
+            connected.whenSuccess { closeBelowTLS($0) }
         }
         // The answer timeout runs from the start, connecting included, as
         // it does for AsyncHTTPClient's requests (`UpstreamClient.execute`):
