@@ -60,6 +60,9 @@ if [[ -n ${FLOOR:-} ]]; then
 fi
 
 ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo "$t"; }
+# User-space ticks alone: the server's own code, which loopback's receive
+# work (kernel time, landing on whoever runs) does not blur.
+uticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14}' "/proc/$p/stat"))); done; echo "$t"; }
 cold() { curl -s "http://127.0.0.1:$proxy/metrics" | awk '/^cacheproxy_cold_read_bytes_total/{print $2}'; }
 # wrk's own CPU from its rusage; prints "bytes/s client-cpu-seconds".
 drive() {
@@ -76,10 +79,10 @@ EOT
 export CONNS_=$conns SECS_=$seconds
 measure() { # name url pids...
   local name=$1 url=$2; shift 2
-  local t0 t1 rate client cold0
-  cold0=$(cold); t0=$(ticks "$@"); read -r rate client < <(drive "$url"); t1=$(ticks "$@")
-  awk -v n="$name" -v r="$rate" -v s="$seconds" -v d=$((t1 - t0)) -v c="$client" -v cb=$(( $(cold) - cold0 )) -v k="$conns" \
-    'BEGIN { gb = r * s / 1e9; printf "%-6s c%s %6.0f MB/s  server %.3f  wrk %.3f  sum %.3f CPU s/GB  (pool reads %d MiB)\n", n, k, r / 1e6, d / 100 / gb, c / gb, (d / 100 + c) / gb, cb / 1048576 }'
+  local t0 t1 u0 u1 rate client cold0
+  cold0=$(cold); t0=$(ticks "$@"); u0=$(uticks "$@"); read -r rate client < <(drive "$url"); t1=$(ticks "$@"); u1=$(uticks "$@")
+  awk -v n="$name" -v r="$rate" -v s="$seconds" -v d=$((t1 - t0)) -v u=$((u1 - u0)) -v c="$client" -v cb=$(( $(cold) - cold0 )) -v k="$conns" \
+    'BEGIN { gb = r * s / 1e9; printf "%-6s c%s %6.0f MB/s  server %.3f (user %.4f)  wrk %.3f  sum %.3f CPU s/GB  (pool reads %d MiB)\n", n, k, r / 1e6, d / 100 / gb, u / 100 / gb, c / gb, (d / 100 + c) / gb, cb / 1048576 }'
 }
 for _ in $(seq "$runs"); do
   measure nginx "$nginx_url" $nginx_pid $(pgrep -P $nginx_pid)

@@ -13,7 +13,9 @@
 # place) for `callgrind_annotate --inclusive=yes FILE`.
 # Paths: hit4k (a cached 4 KiB blob, from memory), digest (a cached
 # manifest by digest), manifest (a pull by tag: the upstream HEAD, the
-# body from memory).
+# body from memory); PATHS="big" (or "hit4k big", ...) also counts a cached
+# 64 MiB blob sent with `sendfile` (16 requests; the figure is per MiB: the
+# per-region work of a large hit, where /proc's ticks are too coarse).
 set -euo pipefail
 binaries=("$@"); ((${#binaries[@]})) || binaries=(.build/release/cache-proxy)
 for tool in docker-registry valgrind callgrind_control curl python3 objcopy sha256sum; do
@@ -28,6 +30,8 @@ origin=5381 proxy=5382
 source "$here/origin.sh"
 head -c 4096 /dev/urandom > "$work/blob"; blob=$(push "$work/blob")
 push_image "$blob"
+paths=${PATHS:-hit4k digest manifest}
+if [[ " $paths " == *" big "* ]]; then head -c $((64 << 20)) /dev/urandom > "$work/big"; big=$(push "$work/big"); rm -f "$work/big"; fi
 cat > "$work/proxy.yml" <<EOT
 api: {hostname: "127.0.0.1", port: $proxy}
 upstreams: [{host: "127.0.0.1:$proxy", registry: "127.0.0.1", port: $origin, schema: "http"}]
@@ -55,22 +59,26 @@ for binary in "${binaries[@]}"; do
   valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" "$work/proxy-bin" --config "$work/proxy.yml" \
     > "$work/proxy.log" 2>&1 & pid=$!
   for _ in $(seq 300); do curl -s -o /dev/null "http://127.0.0.1:$proxy/healthz" && break; sleep 0.2; done
-  for path in hit4k digest manifest; do
+  for path in $paths; do
+    count=$requests unit=request per=1
     case $path in
       hit4k) target=/v2/ab/blobs/$blob ;;
       digest) target=/v2/ab/manifests/$mdigest ;;
       manifest) target=/v2/ab/manifests/latest ;;
+      big) target=/v2/ab/blobs/$big count=16 unit=MiB per=64 ;;
+      *) echo "$0: unknown path $path" >&2; exit 2 ;;
     esac
-    python3 "$work/client.py" $proxy "$target" 50 "$mtype"   # warm: filled, in memory, access known
+    # warm: filled, in memory, access known
+    python3 "$work/client.py" $proxy "$target" $(( count < 50 ? 2 : 50 )) "$mtype"
     callgrind_control -z $pid > /dev/null 2>&1
-    python3 "$work/client.py" $proxy "$target" "$requests" "$mtype"
+    python3 "$work/client.py" $proxy "$target" "$count" "$mtype"
     rm -f "$work"/cg.$pid.*
     callgrind_control -d $pid > /dev/null 2>&1
     sleep 1
     dump=$(ls -t "$work"/cg.$pid.* | head -1)
     [[ -n ${KEEP:-} ]] && mkdir -p "$KEEP" && cp "$dump" "$KEEP/$index.$path.out"
     total=$(awk '/^(summary|totals):/{print $2; exit}' "$dump")
-    printf '%-40s %-9s %8.0f instructions per request\n' "$binary" "$path" "$(awk -v t="$total" -v n="$requests" 'BEGIN{print t/n}')"
+    printf '%-40s %-9s %8.0f instructions per %s\n' "$binary" "$path" "$(awk -v t="$total" -v n=$((count * per)) 'BEGIN{print t/n}')" "$unit"
   done
   kill $pid; wait $pid 2>/dev/null || true; pid=
 done

@@ -61,7 +61,7 @@ if [[ -n ${ALLOCS:-} ]]; then
     perf stat -e probe_libc:malloc -x, -o "$work/stat.txt" -p "$pid" -- sleep "$seconds" &
   fi
 else
-  perf record -q -e cpu-clock -F 2000 -g -p "$pid" -o "$work/perf.data" -- sleep "$seconds" > /dev/null 2>&1 &
+  perf record -q -e ${EVENT:-cpu-clock} -F ${FREQ:-2000} -g -p "$pid" -o "$work/perf.data" -- sleep "$seconds" > /dev/null 2>&1 &
 fi
 perf_pid=$!
 if [[ $scenario == miss ]]; then

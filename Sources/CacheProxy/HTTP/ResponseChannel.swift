@@ -178,7 +178,7 @@ struct ResponseChannel: Sendable {
         let responder = self
         eventLoop.execute {
             ResidentRegions(responder: responder, handle: handle, range: range, checked: checked, stopped: stopped)
-                .writeNext()
+                .start()
         }
         return try await stopped.futureResult.get()
     }
@@ -186,11 +186,31 @@ struct ResponseChannel: Sendable {
     /// The loop's side of `sendResident`: one region written at a time. It
     /// answers only once its last write is over, so the caller may close
     /// the file as soon as it hears.
+    ///
+    /// Each region costs NIO's write path (the pipeline's handlers, a
+    /// promise) however it is sent; two costs per region are cut here, as
+    /// they were about a fifth of the proxy's user time on a large cached
+    /// blob at eight connections (`perf record -e cpu-clock:u`, RESULTS.md
+    /// 2026-12-07):
+    /// - the channel's writability flipping twice per region (a 4 MiB
+    ///   region is far above the usual high water mark, and every flip
+    ///   walks the pipeline and the async writer's lock): while the file
+    ///   goes out, the high mark is raised above two regions. Nothing else
+    ///   is written on the connection meanwhile, and a region holds no
+    ///   memory, so the mark bounds nothing then; the usual marks are put
+    ///   back before the caller hears.
+    /// - a cut-file watch (an object and a timer set and cancelled) per
+    ///   region: one repeating watch serves the whole answer, looking at
+    ///   the region out at the moment.
     private final class ResidentRegions {
         /// The pause after a region the socket took whole: long enough that
         /// the loop polls its selector before the next, short beside the
         /// millisecond or more that `sendfile` takes for 4 MiB.
         static let pause = TimeAmount.microseconds(50)
+        /// The high water mark while the file goes out: above a region and
+        /// the head written before it.
+        static let sendingMarks = ChannelOptions.Types.WriteBufferWaterMark(
+            low: 32 * 1024, high: Int(2 * ResponseChannel.maxRegion))
         let responder: ResponseChannel
         let handle: NIOFileHandle
         let range: Range<Int64>
@@ -198,6 +218,13 @@ struct ResponseChannel: Sendable {
         let stopped: EventLoopPromise<Int64>
         /// The start of the next region to write.
         var next: Int64
+        /// The region being written, for the cut-file watch.
+        var writing: FileRegion?
+        var watch: Scheduled<Void>?
+        /// The marks to put back; nil until raised (or when the channel
+        /// has no synchronous options).
+        var usualMarks: ChannelOptions.Types.WriteBufferWaterMark?
+        var finished = false
 
         init(responder: ResponseChannel, handle: NIOFileHandle, range: Range<Int64>, checked: Bool,
              stopped: EventLoopPromise<Int64>) {
@@ -209,29 +236,68 @@ struct ResponseChannel: Sendable {
             self.next = range.lowerBound
         }
 
-        func writeNext() {
+        func start() {
+            if let options = responder.channel.syncOptions,
+               let marks = try? options.getOption(ChannelOptions.writeBufferWaterMark),
+               (try? options.setOption(ChannelOptions.writeBufferWaterMark, value: Self.sendingMarks)) != nil {
+                usualMarks = marks
+            }
+            writeNext()
+        }
+
+        private func stop(_ result: Result<Int64, any Error>) {
+            finished = true
+            watch?.cancel()
+            watch = nil
+            writing = nil
+            if let usualMarks {
+                try? responder.channel.syncOptions?.setOption(ChannelOptions.writeBufferWaterMark, value: usualMarks)
+            }
+            stopped.completeWith(result)
+        }
+
+        private func writeNext() {
             let end = min(range.upperBound, next + ResponseChannel.maxRegion)
             guard next < range.upperBound, !checked || responder.isResident(handle, next..<end) else {
-                return stopped.succeed(next)
+                return stop(.success(next))
             }
             let region = FileRegion(fileHandle: handle, readerIndex: Int(next), endIndex: Int(end))
-            let eventLoop = responder.channel.eventLoop.assumeIsolated()
-            var writing = true
-            CutFileWatch.send(region, on: responder.channel).assumeIsolated().whenComplete { [self] result in
-                switch result {
-                case .success:
-                    responder.sent(region.readableBytes)
-                    next = end
-                    if writing {
-                        eventLoop.scheduleTask(in: Self.pause) { self.writeNext() }
-                    } else {
-                        eventLoop.execute { self.writeNext() }
+            let channel = responder.channel
+            let eventLoop = channel.eventLoop.assumeIsolated()
+            var inWrite = true
+            writing = region
+            channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region))).assumeIsolated()
+                .whenComplete { [self] result in
+                    writing = nil
+                    switch result {
+                    case .success:
+                        responder.sent(region.readableBytes)
+                        next = end
+                        if inWrite {
+                            eventLoop.scheduleTask(in: Self.pause) { self.writeNext() }
+                        } else {
+                            eventLoop.execute { self.writeNext() }
+                        }
+                    case .failure(let error):
+                        stop(.failure(error))
                     }
-                case .failure(let error):
-                    stopped.fail(error)
+                }
+            inWrite = false
+            if writing != nil, watch == nil { armWatch() }
+        }
+
+        /// Every half second while the answer goes out: a region cut short
+        /// under its send resets the connection (see `CutFileWatch`).
+        private func armWatch() {
+            watch = responder.channel.eventLoop.assumeIsolated().scheduleTask(in: CutFileWatch.interval) { [self] in
+                watch = nil
+                guard !finished else { return }
+                if let writing, CutFileWatch.isCut(writing) {
+                    ResponseChannel.reset(responder.channel)
+                } else {
+                    armWatch()
                 }
             }
-            writing = false
         }
     }
 
@@ -282,17 +348,23 @@ struct ResponseChannel: Sendable {
             timer = channel.eventLoop.assumeIsolated().scheduleTask(in: Self.interval) { [self] in
                 timer = nil
                 guard !done else { return }
-                // The region's write still holds the descriptor open.
-                let size = try? region.fileHandle.withUnsafeFileDescriptor { fd -> Int64 in
-                    var status = stat()
-                    return fstat(fd, &status) == 0 ? Int64(status.st_size) : -1
-                }
-                if let size, size >= 0, size < region.endIndex {
+                if Self.isCut(region) {
                     ResponseChannel.reset(channel)
                 } else {
                     arm()
                 }
             }
+        }
+
+        /// Whether the file no longer reaches the end of `region`, whose
+        /// write still holds the descriptor open (`fstat`: no disk wait).
+        static func isCut(_ region: FileRegion) -> Bool {
+            let size = try? region.fileHandle.withUnsafeFileDescriptor { fd -> Int64 in
+                var status = stat()
+                return fstat(fd, &status) == 0 ? Int64(status.st_size) : -1
+            }
+            if let size, size >= 0, size < region.endIndex { return true }
+            return false
         }
     }
 
