@@ -8,6 +8,8 @@
 # miss: eight uncached 64 MiB blobs fetched one after another (fill, verify,
 # store, serve), CPU per GB.
 # Prints the top symbols by self time and the CPU per request from /proc.
+# EVENT and FREQ set perf's event and rate (cpu-clock at 2000 Hz):
+# EVENT=cpu-clock:u FREQ=20000 samples the proxy's user space alone.
 # ALLOCS=1: instead of sampling, counts glibc malloc calls through a uprobe
 # (perf probe, set up here) and prints allocations per request: a figure
 # this shared VM's noise does not move (the machine has no hardware
