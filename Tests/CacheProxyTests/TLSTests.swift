@@ -7,6 +7,8 @@ import XCTest
 /// that are the real registry serving TLS, with and without asking for a
 /// client certificate.
 final class TLSTests: XCTestCase {
+    typealias F = FaultInjectionTests
+
     private func https(_ url: String, _ certificates: TestCertificates, _ extra: [String] = [])
         throws -> (exit: Int32, body: Data, code: Int) {
         try curl(url, ["--cacert", certificates.caCert] + extra)
@@ -259,6 +261,91 @@ final class TLSTests: XCTestCase {
         }
         _ = try await waiting.value
         await proxy.stop()
+    }
+
+    /// A TLS upstream that pauses mid-body, on the fill's own connection:
+    /// a pause shorter than `upstream_idle` is waited for (the blob whole,
+    /// right and kept), a longer one cuts the fill at the idle timeout, not
+    /// at the pause's end (the client's answer visibly short, nothing
+    /// kept), and the next request fetches the blob whole. Python's `ssl`
+    /// serves it: the first GET of each upstream pauses halfway.
+    func testATLSUpstreamPausingMidBodyIsWaitedForBelowTheIdleTimeoutAndCutAbove() async throws {
+        let certificates = try TestCertificates.make()
+        let folder = try makeTemporaryFolder("tls-pause")
+        let bytes = F.randomBytes(2_000_000)
+        let digest = F.digest(of: bytes)
+        try Data(bytes).write(to: URL(fileURLWithPath: folder + "/blob"))
+        let script = """
+            import signal, socket, ssl, sys, threading, time
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(sys.argv[2], sys.argv[3])
+            body = open(sys.argv[4], "rb").read()
+            pause = float(sys.argv[5])
+            gets = [0]
+            lock = threading.Lock()
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", int(sys.argv[1])))
+            listener.listen(8)
+            def serve(raw):
+                try:
+                    conn = context.wrap_socket(raw, server_side=True)
+                    while True:
+                        head = b""
+                        while b"\\r\\n\\r\\n" not in head:
+                            data = conn.recv(4096)
+                            if not data:
+                                return
+                            head += data
+                        conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body))
+                        if head.startswith(b"HEAD"):
+                            continue
+                        with lock:
+                            gets[0] += 1
+                            first = gets[0] == 1
+                        conn.sendall(body[:len(body) // 2])
+                        if first:
+                            time.sleep(pause)
+                        conn.sendall(body[len(body) // 2:])
+                except Exception:
+                    pass
+            while True:
+                raw, _ = listener.accept()
+                threading.Thread(target=serve, args=(raw,), daemon=True).start()
+            """
+        for (pause, cut) in [(0.4, false), (2.5, true)] {
+            let port = try freePort()
+            let upstream = try Daemon("python3", ["-c", script, String(port), certificates.serverCert,
+                                                  certificates.serverKey, folder + "/blob", String(pause)],
+                                      logPath: folder + "/log-\(port)")
+            defer { upstream.stop() }
+            try waitForPort(port)
+            let proxy = try await TestProxy(upstreamsYAML: """
+                  - {host: "127.0.0.1", registry: "127.0.0.1", port: \(port), schema: https, ca_file: "\(certificates.caCert)"}
+                """, extraYAML: "timeouts: {upstream: 2, upstream_idle: 1, shutdown: 1}")
+            let url = "\(proxy.base)/v2/a/blobs/\(digest)"
+            let started = Date()
+            let answer = try curl(url, ["--max-time", "10"])
+            let took = Date().timeIntervalSince(started)
+            if cut {
+                XCTAssertTrue(answer.exit != 0 || answer.body.count < bytes.count, "visibly short, not whole-looking")
+                XCTAssertLessThan(answer.body.count, bytes.count)
+                XCTAssertLessThan(took, pause, "cut at the idle timeout, not at the pause's end")
+                XCTAssertTrue(eventually { proxy.files(in: "blobs").isEmpty }, "nothing kept of a cut fill")
+                let again = try curl(url, ["--max-time", "10"])
+                XCTAssertEqual(again.exit, 0)
+                XCTAssertEqual(again.code, 200)
+                XCTAssertEqual(F.digest(of: [UInt8](again.body)), digest, "the next fill whole and right")
+            } else {
+                XCTAssertEqual(answer.exit, 0)
+                XCTAssertEqual(answer.code, 200)
+                XCTAssertEqual(F.digest(of: [UInt8](answer.body)), digest, "waited for, whole and right")
+                XCTAssertGreaterThanOrEqual(took, pause)
+                XCTAssertTrue(eventually { proxy.files(in: "blobs").count == 1 }, "kept")
+            }
+            await proxy.stop()
+        }
     }
 
     /// The real registry asking for a client certificate signed by the CA.
