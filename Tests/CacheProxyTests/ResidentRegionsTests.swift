@@ -54,11 +54,12 @@ final class ResidentRegionsTests: XCTestCase {
                             let response = ResponseChannel(channel: channel, keepAlive: true, version: .http1_1,
                                                            closeWatch: CloseWatch(channel))
                             let fd = open(path, O_RDONLY)
+                            guard fd >= 0 else { throw IOError(errnoCode: errno, reason: "open") }
                             let handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: fd)
+                            defer { try? handle.close() }
                             response.head(.ok, ["content-length": String(size)])
                             try await response.file(handle, range: 0..<Int64(size))
                             try await response.end()
-                            try handle.close()
                             let after = try await channel.getOption(ChannelOptions.writeBufferWaterMark).get()
                             marks.withLockedValue { $0 = (before, after) }
                         } catch {

@@ -348,6 +348,36 @@ final class TLSTests: XCTestCase {
         }
     }
 
+    /// Many fills from one TLS upstream (the real registry) at once, more
+    /// than its fill slots: every layer asked by three clients at once, six
+    /// layers, two slots. Each client gets its layer whole and right, each
+    /// layer is fetched once (the waiting clients join its fill), and every
+    /// layer is kept.
+    func testManyFillsFromOneTLSUpstreamShareItsSlotsAndEachIsRight() async throws {
+        let certificates = try TestCertificates.make()
+        let registry = try Registry(tls: certificates)
+        let image = try TestImage.make(layerSizes: [600_000, 800_000, 1_000_000, 1_200_000, 1_400_000, 1_600_000])
+        try image.push(to: "\(registry.address)/team/app:v1")
+        let proxy = try await TestProxy(upstreamsYAML: """
+              - {host: "127.0.0.1", registry: "127.0.0.1", port: \(registry.port), schema: https, ca_file: "\(certificates.caCert)", max_fills: 2}
+            """)
+        let layers = image.layers.flatMap { Array(repeating: $0, count: 3) }
+        let answers = try zip(layers, curlAtOnce(layers.map { "\(proxy.base)/v2/team/app/blobs/\($0)" })).map {
+            ($0, $1.exit, $1.code, TestImage.digest($1.body))
+        }
+        XCTAssertEqual(answers.count, 18)
+        for (layer, exit, code, digest) in answers {
+            XCTAssertEqual(exit, 0, layer)
+            XCTAssertEqual(code, 200, layer)
+            XCTAssertEqual(digest, layer, "whole and right")
+        }
+        for layer in image.layers {
+            XCTAssertEqual(registry.blobGets(layer), 1, "\(layer) fetched once")
+        }
+        XCTAssertTrue(eventually { proxy.files(in: "blobs").count == image.layers.count }, "every layer kept")
+        await proxy.stop()
+    }
+
     /// The real registry asking for a client certificate signed by the CA.
     func testUpstreamClientCertificate() async throws {
         let certificates = try TestCertificates.make()

@@ -194,8 +194,9 @@ struct ResponseChannel: Sendable {
     /// 2026-12-07):
     /// - the channel's writability flipping twice per region (a 4 MiB
     ///   region is far above the usual high water mark, and every flip
-    ///   walks the pipeline and the async writer's lock): while the file
-    ///   goes out, the high mark is raised above two regions. Nothing else
+    ///   walks the pipeline and the async writer's lock): while a file of
+    ///   more than one region goes out, the high mark is raised above two
+    ///   regions. Nothing else
     ///   is written on the connection meanwhile, and a region holds no
     ///   memory, so the mark bounds nothing then; the usual marks are put
     ///   back before the caller hears.
@@ -208,9 +209,8 @@ struct ResponseChannel: Sendable {
         /// millisecond or more that `sendfile` takes for 4 MiB.
         static let pause = TimeAmount.microseconds(50)
         /// The high water mark while the file goes out: above a region and
-        /// the head written before it.
-        static let sendingMarks = ChannelOptions.Types.WriteBufferWaterMark(
-            low: 32 * 1024, high: Int(2 * ResponseChannel.maxRegion))
+        /// the head written before it (the low one stays).
+        static let sendingHigh = Int(2 * ResponseChannel.maxRegion)
         let responder: ResponseChannel
         let handle: NIOFileHandle
         let range: Range<Int64>
@@ -237,9 +237,14 @@ struct ResponseChannel: Sendable {
         }
 
         func start() {
-            if let options = responder.channel.syncOptions,
-               let marks = try? options.getOption(ChannelOptions.writeBufferWaterMark),
-               (try? options.setOption(ChannelOptions.writeBufferWaterMark, value: Self.sendingMarks)) != nil {
+            // One region flips writability at most once each way: raising
+            // the mark for it (three option calls, each a chain of dynamic
+            // casts in NIO) would cost more than it saves. A follower of a
+            // fill sends the file a batch at a time.
+            if range.count > ResponseChannel.maxRegion, let options = responder.channel.syncOptions,
+               let marks = try? options.getOption(ChannelOptions.writeBufferWaterMark), marks.high < Self.sendingHigh,
+               (try? options.setOption(ChannelOptions.writeBufferWaterMark,
+                                       value: .init(low: marks.low, high: Self.sendingHigh))) != nil {
                 usualMarks = marks
             }
             writeNext()

@@ -123,7 +123,14 @@ func curl(_ url: String, _ extra: [String] = []) throws -> (exit: Int32, body: D
 /// `count` curl processes started together (so they really overlap, whatever
 /// the test runner's thread pool), then waited for.
 func curlAtOnce(_ url: String, count: Int, _ extra: [String] = []) throws -> [(exit: Int32, body: Data, code: Int)] {
-    let started = try (0..<count).map { _ -> (Process, String, Pipe) in
+    try curlAtOnce(Array(repeating: url, count: count), extra)
+}
+
+/// One curl process per URL, started together, then waited for, answers in
+/// the URLs' order. (Not one task per curl: a curl waited for on a task
+/// blocks a thread of the pool the in-process proxy needs.)
+func curlAtOnce(_ urls: [String], _ extra: [String] = []) throws -> [(exit: Int32, body: Data, code: Int)] {
+    let started = try urls.map { url -> (Process, String, Pipe) in
         let out = NSTemporaryDirectory() + "curl-\(UUID().uuidString)"
         let process = Process()
         process.executableURL = URL(fileURLWithPath: try which("curl"))
