@@ -33,9 +33,9 @@ for binary in "$@"; do
   echo "$binary"
   for _ in 1 2 3; do
     t0=$(awk '{print $14+$15}' /proc/$pid/stat)
-    out=$(wrk -t2 -c64 -d4s "$url")
+    out=$(wrk -t2 -c64 -d4s --latency "$url")
     t1=$(awk '{print $14+$15}' /proc/$pid/stat)
-    awk -v t=$((t1 - t0)) '/requests in/{r=$1} /Requests\/sec/{printf "  req/s %s  CPU µs/req %.1f\n", $2, t*10000/r}' <<<"$out"
+    awk -v t=$((t1 - t0)) '/requests in/{r=$1} / 99%/{p=$2} /Requests\/sec/{q=$2} END{printf "  req/s %s  p99 %s  CPU µs/req %.1f\n", q, p, t*10000/r}' <<<"$out"
   done
   kill $pid; wait $pid 2>/dev/null || true
 done
