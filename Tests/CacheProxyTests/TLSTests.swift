@@ -9,6 +9,27 @@ import XCTest
 final class TLSTests: XCTestCase {
     typealias F = FaultInjectionTests
 
+    /// A Python `ssl` upstream: arguments port, certificate, key (then the
+    /// test's own); `serve` defines `serve(raw)` for each accepted socket,
+    /// run on a thread of its own, with `context` the server's TLS context.
+    static func pythonTLSUpstream(serve: String) -> String {
+        """
+        import signal, socket, ssl, sys, threading, time
+        # The test process may block SIGTERM; its children inherit that.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(sys.argv[2], sys.argv[3])
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", int(sys.argv[1])))
+        listener.listen(8)
+        \(serve)
+        while True:
+            raw, _ = listener.accept()
+            threading.Thread(target=serve, args=(raw,), daemon=True).start()
+        """
+    }
+
     private func https(_ url: String, _ certificates: TestCertificates, _ extra: [String] = [])
         throws -> (exit: Int32, body: Data, code: Int) {
         try curl(url, ["--cacert", certificates.caCert] + extra)
@@ -197,16 +218,7 @@ final class TLSTests: XCTestCase {
     func testAFillGivenUpOverTLSClosesItsConnectionAtOnce() async throws {
         let certificates = try TestCertificates.make()
         let port = try freePort()
-        let script = """
-            import signal, socket, ssl, sys, threading, time
-            # The test process may block SIGTERM; its children inherit that.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(sys.argv[2], sys.argv[3])
-            listener = socket.socket()
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(("127.0.0.1", int(sys.argv[1])))
-            listener.listen(8)
+        let script = Self.pythonTLSUpstream(serve: """
             def serve(raw):
                 try:
                     conn = context.wrap_socket(raw, server_side=True)
@@ -221,10 +233,7 @@ final class TLSTests: XCTestCase {
                         conn.sendall(chunk)
                 except Exception:
                     print("end", path, time.monotonic(), flush=True)
-            while True:
-                raw, _ = listener.accept()
-                threading.Thread(target=serve, args=(raw,), daemon=True).start()
-            """
+            """)
         let upstreamLog = try makeTemporaryFolder("endless") + "/log"
         let upstream = try Daemon("python3", ["-c", script, String(port), certificates.serverCert,
                                               certificates.serverKey], logPath: upstreamLog)
@@ -275,19 +284,11 @@ final class TLSTests: XCTestCase {
         let bytes = F.randomBytes(2_000_000)
         let digest = F.digest(of: bytes)
         try Data(bytes).write(to: URL(fileURLWithPath: folder + "/blob"))
-        let script = """
-            import signal, socket, ssl, sys, threading, time
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(sys.argv[2], sys.argv[3])
+        let script = Self.pythonTLSUpstream(serve: """
             body = open(sys.argv[4], "rb").read()
             pause = float(sys.argv[5])
             gets = [0]
             lock = threading.Lock()
-            listener = socket.socket()
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(("127.0.0.1", int(sys.argv[1])))
-            listener.listen(8)
             def serve(raw):
                 try:
                     conn = context.wrap_socket(raw, server_side=True)
@@ -310,10 +311,7 @@ final class TLSTests: XCTestCase {
                         conn.sendall(body[len(body) // 2:])
                 except Exception:
                     pass
-            while True:
-                raw, _ = listener.accept()
-                threading.Thread(target=serve, args=(raw,), daemon=True).start()
-            """
+            """)
         for (pause, cut) in [(0.4, false), (2.5, true)] {
             let port = try freePort()
             let upstream = try Daemon("python3", ["-c", script, String(port), certificates.serverCert,
