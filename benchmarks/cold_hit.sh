@@ -47,10 +47,15 @@ for binary in "$@"; do
   big_loop control & loop_pid=$!
   echo "  beside drop_caches + cat of the ${big_mib} MiB file (no proxy: the floor):  p99 / req/s  $(p99)"
   kill $loop_pid; wait $loop_pid 2>/dev/null || true
+  # Cold hits alone, one after another: the proxy's CPU per GB of them.
+  t0=$(awk '{print $14+$15}' /proc/$pid/stat)
+  for _ in 1 2 3 4; do sync; echo 3 > /proc/sys/vm/drop_caches; curl -s -o /dev/null "$big_url"; done
+  t1=$(awk '{print $14+$15}' /proc/$pid/stat)
+  echo "  cold ${big_mib} MiB hits alone (4): proxy CPU $(awk -v t=$((t1 - t0)) -v m=$big_mib 'BEGIN{printf "%.3f", t/100/(4*m*1048576/1e9)}') s per GB"
   big_loop cold & loop_pid=$!
   echo "  beside cold ${big_mib} MiB hits:  p99 / req/s  $(p99)"
   kill $loop_pid; wait $loop_pid 2>/dev/null || true; loop_pid=
-  echo "  proxy major page faults (its own code and data read back from disk): $(awk '{print $12}' /proc/$pid/stat)"
+  echo "  proxy major page faults (its own code and data read back from disk, and cold regions it brought into the page cache): $(awk '{print $12}' /proc/$pid/stat)"
   echo "  cold bytes read on the pool: $(curl -s "http://127.0.0.1:$proxy/metrics" | awk '/^cacheproxy_cold_read_bytes_total/{print $2}')"
   kill $pid; wait $pid 2>/dev/null || true; pid=
 done

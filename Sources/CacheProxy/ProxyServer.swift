@@ -336,7 +336,8 @@ public final class ProxyServer: Service, Sendable {
                                         await ClientConnection(channel: connection.channel,
                                                                handOff: connection.handOff, handler: self.handler,
                                                                tracker: self.tracker,
-                                                               fileIO: fileIO, tls: tls).serve()
+                                                               fileIO: fileIO, pool: self.threadPool,
+                                                               tls: tls).serve()
                                         metrics.connectedClients.decrement()
                                     }
                                 }
