@@ -55,7 +55,7 @@ for binary in "$@"; do
   big_loop cold & loop_pid=$!
   echo "  beside cold ${big_mib} MiB hits:  p99 / req/s  $(p99)"
   kill $loop_pid; wait $loop_pid 2>/dev/null || true; loop_pid=
-  echo "  proxy major page faults (its own code and data read back from disk, and cold regions it brought into the page cache): $(awk '{print $12}' /proc/$pid/stat)"
+  echo "  proxy major page faults (its own code and data read back from disk): $(awk '{print $12}' /proc/$pid/stat)"
   echo "  cold bytes read on the pool: $(curl -s "http://127.0.0.1:$proxy/metrics" | awk '/^cacheproxy_cold_read_bytes_total/{print $2}')"
   kill $pid; wait $pid 2>/dev/null || true; pid=
 done

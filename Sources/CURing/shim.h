@@ -69,25 +69,3 @@ static inline int cacheproxy_resident(int fd, uint64_t off, uint64_t len) {
     munmap(map, span);
     return result;
 }
-
-#ifndef MADV_POPULATE_READ
-#define MADV_POPULATE_READ 22  /* Linux 5.14 */
-#endif
-
-// Reads [off, off+len) of fd into the page cache and returns once it is
-// there, copying nothing into this process: a read-only mapping populated
-// with MADV_POPULATE_READ, which waits for the disk like a read and answers
-// an error (not a SIGBUS) past the file's end. 0, or -errno (EINVAL on a
-// kernel before 5.14: the caller then reads the range itself).
-static inline int cacheproxy_populate(int fd, uint64_t off, uint64_t len) {
-    if (len == 0) return 0;
-    long page = sysconf(_SC_PAGESIZE);
-    if (page <= 0) return -EINVAL;
-    uint64_t start = off - off % (uint64_t)page;
-    size_t span = (size_t)(off + len - start);
-    void *map = mmap(NULL, span, PROT_READ, MAP_SHARED, fd, (off_t)start);
-    if (map == MAP_FAILED) return -errno;
-    int result = madvise(map, span, MADV_POPULATE_READ) == 0 ? 0 : -errno;
-    munmap(map, span);
-    return result;
-}

@@ -336,8 +336,7 @@ public final class ProxyServer: Service, Sendable {
                                         await ClientConnection(channel: connection.channel,
                                                                handOff: connection.handOff, handler: self.handler,
                                                                tracker: self.tracker,
-                                                               fileIO: fileIO, pool: self.threadPool,
-                                                               tls: tls).serve()
+                                                               fileIO: fileIO, tls: tls).serve()
                                         metrics.connectedClients.decrement()
                                     }
                                 }

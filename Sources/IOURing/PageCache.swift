@@ -15,16 +15,4 @@ public enum PageCache {
         guard offset >= 0, length >= 0 else { return false }
         return cacheproxy_resident(fd, UInt64(offset), UInt64(length)) == 1
     }
-
-    /// Brings the range into the page cache and waits until it is there,
-    /// without copying it anywhere (`MADV_POPULATE_READ`, Linux 5.14): a
-    /// blocking call, for a thread pool. A region filled so can then go by
-    /// `sendfile` from an event loop, zero-copy, where reading it on the
-    /// pool and writing it from memory copies every byte twice. False when
-    /// it could not (an older kernel, the file cut short): the caller reads
-    /// the range itself.
-    public static func populate(fd: Int32, offset: Int64, length: Int64) -> Bool {
-        guard offset >= 0, length >= 0 else { return false }
-        return cacheproxy_populate(fd, UInt64(offset), UInt64(length)) == 0
-    }
 }

@@ -20,8 +20,6 @@ struct ClientConnection {
     let tracker: ConnectionTracker
     /// Reads file regions not in the page cache (every region on TLS).
     let fileIO: NonBlockingFileIO?
-    /// The pool behind `fileIO`: brings a cold region into the page cache.
-    let pool: NIOThreadPool?
     /// A TLS connection: file bytes are read and encrypted, not sent with
     /// sendfile.
     let tls: Bool
@@ -44,7 +42,7 @@ struct ClientConnection {
                     if handed == nil { tracker.setIdle(raw, false) }
                     let keepAlive = head.isKeepAlive && !tracker.isDraining
                     let response = ResponseChannel(channel: raw, keepAlive: keepAlive, version: head.version,
-                                                   closeWatch: closeWatch, fileIO: fileIO, pool: pool, tls: tls,
+                                                   closeWatch: closeWatch, fileIO: fileIO, tls: tls,
                                                    coldReads: handler.metrics.coldReadBytes)
                     let origin = PassThrough.Origin(head: head, clientAddress: remoteAddress,
                                                     listenerScheme: tls ? "https" : "http",

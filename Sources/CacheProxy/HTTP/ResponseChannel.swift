@@ -24,11 +24,6 @@ struct ResponseChannel: Sendable {
     /// region not wholly in the page cache, so a `sendfile` never waits for
     /// the disk on the event loop.
     var fileIO: NonBlockingFileIO? = nil
-    /// The thread pool behind `fileIO`, where a cold region of a plaintext
-    /// answer is brought into the page cache (`PageCache.populate`) before
-    /// it goes by `sendfile`. Without it, such a region is read and written
-    /// from memory.
-    var pool: NIOThreadPool? = nil
     /// A TLS connection: no sendfile at all.
     var tls = false
     /// Counts the bytes read on the pool for lack of the page cache.
@@ -122,9 +117,8 @@ struct ResponseChannel: Sendable {
     }
 
     /// Sends `range` of the file with `sendfile`, in bounded regions; a
-    /// region not wholly in the page cache is first brought into it on the
-    /// thread pool, or, where that fails, read there and written from
-    /// memory (over TLS: every region is read and written).
+    /// region not wholly in the page cache is read on the thread pool and
+    /// written from memory instead (over TLS: every region is).
     func file(_ handle: NIOFileHandle, range: Range<Int64>) async throws {
         if tls, let fileIO { return try await readAndSend(handle, range: range, fileIO: fileIO) }
         // A warm file goes all the way from the event loop.
@@ -135,14 +129,9 @@ struct ResponseChannel: Sendable {
         // the pool set off readahead. Pages the readahead has in flight
         // count as cached but a `sendfile` of them would wait for the disk
         // on the loop, so only a region cached then (and still) goes by
-        // `sendfile` at once. Any other waits on the pool until its pages
-        // are in (`populate`, which waits for the readahead in flight too),
-        // and then goes by `sendfile` if it is wholly cached still: a cold
-        // hit costs the disk and the socket, not two copies through user
-        // space (0.43-0.49 against 0.42-0.58 CPU s per GB of 256 MiB cold
-        // hits, `benchmarks/cold_hit.sh`: this VM's disk reads move it
-        // more than the copies do), and the 4 KiB hits beside cold ones
-        // wait as they wait beside warm ones.
+        // `sendfile`: a few pages reclaimed from a warm file (proactive
+        // reclaim takes idle-looking ones) cost their regions, a cold file
+        // stays on the pool to its end.
         let firstCold = offset
         let cachedAtFirstCold = stride(from: offset, to: range.upperBound, by: Int(Self.maxRegion)).map {
             isResident(handle, $0..<min(range.upperBound, $0 + Self.maxRegion))
@@ -157,14 +146,7 @@ struct ResponseChannel: Sendable {
                 sent(Int(end - offset))
             } else {
                 coldReads?.increment(by: end - offset)
-                if try await populate(handle, offset..<end), isResident(handle, offset..<end) {
-                    let region = FileRegion(fileHandle: handle, readerIndex: Int(offset), endIndex: Int(end))
-                    let channel = self.channel
-                    try await channel.eventLoop.flatSubmit { CutFileWatch.send(region, on: channel) }.get()
-                    sent(Int(end - offset))
-                } else {
-                    try await readAndSend(handle, range: offset..<end, fileIO: fileIO)
-                }
+                try await readAndSend(handle, range: offset..<end, fileIO: fileIO)
             }
             offset = end
         }
@@ -398,20 +380,6 @@ struct ResponseChannel: Sendable {
         let buffer = try? await fileIO.read(fileHandle: handle, fromOffset: 0, byteCount: Int(size),
                                             allocator: channel.allocator, eventLoop: channel.eventLoop).get()
         return buffer?.readableBytes == Int(size) ? buffer : nil
-    }
-
-    /// Brings a cold range into the page cache on the thread pool, copying
-    /// nothing, so that it can go by `sendfile` (checked resident again
-    /// just before, on the caller's side): a cold hit costs the disk read
-    /// and the socket's work, not two copies through user space. False
-    /// without a pool, or when it could not.
-    private func populate(_ handle: NIOFileHandle, _ range: Range<Int64>) async throws -> Bool {
-        guard let pool else { return false }
-        return try await pool.runIfActive(eventLoop: channel.eventLoop) {
-            (try? handle.withUnsafeFileDescriptor {
-                PageCache.populate(fd: $0, offset: range.lowerBound, length: Int64(range.count))
-            }) ?? false
-        }.get()
     }
 
     /// Whether a `sendfile` of the range would be served from memory.
