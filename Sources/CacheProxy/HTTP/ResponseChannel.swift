@@ -218,13 +218,11 @@ struct ResponseChannel: Sendable {
         let stopped: EventLoopPromise<Int64>
         /// The start of the next region to write.
         var next: Int64
-        /// The region being written, for the cut-file watch.
-        var writing: FileRegion?
-        var watch: Scheduled<Void>?
+        /// Watches whichever region is out, for the whole answer.
+        let cutWatch: CutFileWatch
         /// The marks to put back; nil until raised (or when the channel
         /// has no synchronous options).
         var usualMarks: ChannelOptions.Types.WriteBufferWaterMark?
-        var finished = false
 
         init(responder: ResponseChannel, handle: NIOFileHandle, range: Range<Int64>, checked: Bool,
              stopped: EventLoopPromise<Int64>) {
@@ -234,6 +232,7 @@ struct ResponseChannel: Sendable {
             self.checked = checked
             self.stopped = stopped
             self.next = range.lowerBound
+            self.cutWatch = CutFileWatch(channel: responder.channel)
         }
 
         func start() {
@@ -251,10 +250,7 @@ struct ResponseChannel: Sendable {
         }
 
         private func stop(_ result: Result<Int64, any Error>) {
-            finished = true
-            watch?.cancel()
-            watch = nil
-            writing = nil
+            cutWatch.stop()
             if let usualMarks {
                 try? responder.channel.syncOptions?.setOption(ChannelOptions.writeBufferWaterMark, value: usualMarks)
             }
@@ -270,10 +266,11 @@ struct ResponseChannel: Sendable {
             let channel = responder.channel
             let eventLoop = channel.eventLoop.assumeIsolated()
             var inWrite = true
-            writing = region
+            var over = false
             channel.writeAndFlush(HTTPServerResponsePart.body(.fileRegion(region))).assumeIsolated()
                 .whenComplete { [self] result in
-                    writing = nil
+                    over = true
+                    cutWatch.regionDone()
                     switch result {
                     case .success:
                         responder.sent(region.readableBytes)
@@ -288,21 +285,7 @@ struct ResponseChannel: Sendable {
                     }
                 }
             inWrite = false
-            if writing != nil, watch == nil { armWatch() }
-        }
-
-        /// Every half second while the answer goes out: a region cut short
-        /// under its send resets the connection (see `CutFileWatch`).
-        private func armWatch() {
-            watch = responder.channel.eventLoop.assumeIsolated().scheduleTask(in: CutFileWatch.interval) { [self] in
-                watch = nil
-                guard !finished else { return }
-                if let writing, CutFileWatch.isCut(writing) {
-                    ResponseChannel.reset(responder.channel)
-                } else {
-                    armWatch()
-                }
-            }
+            if !over { cutWatch.watch(region) }
         }
     }
 
@@ -316,20 +299,21 @@ struct ResponseChannel: Sendable {
     /// size is looked at (`fstat`, no disk wait) and the connection reset
     /// once the file no longer reaches the region's end (a reset, as
     /// `abort` does: an answer without a length must not end as if whole).
-    /// A region written within its flush (a small one) costs an object and
-    /// a callback; one the socket takes in several goes (most 4 MiB
-    /// regions) also a timer, microseconds beside its `sendfile`s.
+    /// One watch serves a whole answer sent region by region
+    /// (`ResidentRegions`): its timer runs while some region is out, and a
+    /// region written within its flush (a small one) costs no timer at all,
+    /// one the socket takes in several goes (most 4 MiB regions) a timer
+    /// every half second, microseconds beside its `sendfile`s.
     /// On the channel's event loop.
     private final class CutFileWatch {
         static let interval = TimeAmount.milliseconds(500)
         let channel: any Channel
-        let region: FileRegion
-        var done = false
-        var timer: Scheduled<Void>?
+        /// The region out now; nil between regions and after the last.
+        private var region: FileRegion?
+        private var timer: Scheduled<Void>?
 
-        private init(channel: any Channel, region: FileRegion) {
+        init(channel: any Channel) {
             self.channel = channel
-            self.region = region
         }
 
         /// Writes and flushes `region` as a body part, watched.
@@ -339,20 +323,41 @@ struct ResponseChannel: Sendable {
             return written
         }
 
-        /// Watches `region`, written (and flushed) as `written`.
+        /// Watches `region`, written (and flushed) as `written`, with a
+        /// watch of its own.
         static func watch(_ written: EventLoopFuture<Void>, region: FileRegion, on channel: any Channel) {
-            let watch = CutFileWatch(channel: channel, region: region)
+            let watch = CutFileWatch(channel: channel)
+            var over = false
             written.assumeIsolated().whenComplete { _ in
-                watch.done = true
-                watch.timer?.cancel()
+                over = true
+                watch.stop()
             }
-            if !watch.done { watch.arm() }
+            if !over { watch.watch(region) }
+        }
+
+        /// `region` is out from now until `regionDone` (or `stop`).
+        func watch(_ region: FileRegion) {
+            self.region = region
+            if timer == nil { arm() }
+        }
+
+        /// The region out is written; the timer lapses at its next turn
+        /// unless another region goes out by then.
+        func regionDone() {
+            region = nil
+        }
+
+        /// Nothing more goes out.
+        func stop() {
+            region = nil
+            timer?.cancel()
+            timer = nil
         }
 
         private func arm() {
             timer = channel.eventLoop.assumeIsolated().scheduleTask(in: Self.interval) { [self] in
                 timer = nil
-                guard !done else { return }
+                guard let region else { return }
                 if Self.isCut(region) {
                     ResponseChannel.reset(channel)
                 } else {
